@@ -1,0 +1,561 @@
+//! One TCP connection on the WebSocket port: its state machine, its read side and its
+//! [`OutQueue`]. It never touches other connections, the `Poll` or the hub; it returns
+//! verdicts and the reactor acts on them.
+//!
+//! ```text
+//!  accept ─► Request ──(101)──► WebSocket ──(close: any side, error, timeout)──► Draining ─► dropped
+//!               └──(HTTP response or refusal)──────────────────────────────────────┘
+//! ```
+//! - `Request`: bytes accumulate until httparse sees a complete head (capped at
+//!   `max_header_size`).
+//! - `WebSocket`: tungstenite's `WebSocketContext` parses frames straight from the socket and
+//!   writes its own frames (pongs, close, replies) into the `OutQueue` through [`WsIo`], so the
+//!   queue is the single owner of outbound byte order. Pre-encoded event frames are appended
+//!   directly.
+//! - `Draining`: nothing more is parsed or queued. Once the queue is flushed the write side is
+//!   shut (FIN) and input is discarded until the peer closes, so the final bytes (a close frame
+//!   or an HTTP response) are not destroyed by a reset. A deadline bounds this state.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+
+use bytes::Bytes;
+use mio::net::TcpStream;
+use tungstenite::Message;
+use tungstenite::error::{Error as WsError, ProtocolError};
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+
+use crate::http::{self, Refusal, Route};
+use crate::hub::ChannelId;
+use crate::metrics::DisconnectReason;
+use crate::timer::{Tick, TimerKey};
+use crate::wire::Reply;
+
+/// Identifies a connection across slab-key reuse: `generation` is unique per accepted
+/// connection, so a stale id (in a timer or subscriber list) is detectable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    /// The key in the client slab.
+    pub key: u32,
+    /// Unique per accepted connection.
+    pub generation: u32,
+}
+
+/// Most chunks handed to one `write_vectored` call (Linux's `UIO_MAXIOV` is 1024).
+const MAX_IOVECS: usize = 64;
+
+/// Bytes waiting to be written to one socket, in order. Chunks are shared, reference-counted
+/// buffers: an event frame queued to 10k connections exists once in memory.
+#[derive(Default)]
+pub struct OutQueue {
+    chunks: VecDeque<Bytes>,
+    /// Bytes of the front chunk already written.
+    offset: usize,
+    /// Unsent bytes in total.
+    len: usize,
+}
+
+impl OutQueue {
+    /// Appends a chunk.
+    pub fn push(&mut self, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.len += chunk.len();
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    /// Unsent bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when everything was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes as much as the socket takes, several chunks per `write_vectored` call. Returns
+    /// the bytes written; `WouldBlock` is not an error, it just leaves bytes queued.
+    ///
+    /// # Errors
+    /// Any other I/O error, or a zero-length write.
+    pub fn write_to(&mut self, sink: &mut impl Write) -> io::Result<usize> {
+        let mut written = 0;
+        while !self.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut count = 0;
+            for (i, chunk) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
+                let start = if i == 0 { self.offset } else { 0 };
+                slices[i] = IoSlice::new(&chunk[start..]);
+                count += 1;
+            }
+            match sink.write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    written += n;
+                    self.consume(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(written)
+    }
+
+    /// Drops every chunk not yet started, keeping a partially written one so that the byte
+    /// stream stays valid frame by frame.
+    pub fn keep_partial_only(&mut self) {
+        let keep = usize::from(self.offset > 0);
+        self.chunks.truncate(keep);
+        self.len = self.chunks.front().map_or(0, |c| c.len() - self.offset);
+        if keep == 0 {
+            self.offset = 0;
+        }
+    }
+
+    fn consume(&mut self, mut n: usize) {
+        self.len -= n;
+        while n > 0 {
+            let front = self
+                .chunks
+                .front()
+                .expect("consumed more than queued")
+                .len();
+            let left = front - self.offset;
+            if n < left {
+                self.offset += n;
+                return;
+            }
+            n -= left;
+            self.offset = 0;
+            self.chunks.pop_front();
+        }
+    }
+}
+
+/// The stream tungstenite sees: reads come from the socket, writes go to the `OutQueue`
+/// (and so never block).
+struct WsIo<'a> {
+    socket: &'a mut TcpStream,
+    out: &'a mut OutQueue,
+}
+
+impl Read for WsIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.read(buf)
+    }
+}
+
+impl Write for WsIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.push(Bytes::copy_from_slice(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An open WebSocket.
+struct Session {
+    ws: WebSocketContext,
+    subscriptions: Vec<ChannelId>,
+    last_seen: Tick,
+}
+
+enum Phase {
+    Request { head: Vec<u8> },
+    WebSocket(Box<Session>),
+    Draining,
+}
+
+/// What the client sent, handed to the reactor.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A text message.
+    Text(tungstenite::Utf8Bytes),
+    /// A binary message (refused with an error reply).
+    Binary,
+}
+
+/// How a request head ended.
+#[derive(Debug)]
+pub enum RequestOutcome {
+    /// More bytes are needed.
+    Incomplete,
+    /// A complete, routable request; `rest` is what followed the head.
+    Routed {
+        /// Where the request goes.
+        route: Route,
+        /// Bytes after the head (the start of the WebSocket stream).
+        rest: Vec<u8>,
+    },
+    /// A request to refuse with an HTTP status.
+    Refused(Refusal),
+    /// The peer closed or reset before completing the head.
+    Gone,
+}
+
+/// Why reading a WebSocket stopped for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadEnd {
+    /// The close handshake completed; the close reply is queued.
+    Closed,
+    /// The peer vanished without a close handshake (EOF or reset).
+    Reset,
+    /// The peer broke RFC 6455 or a limit: close with this code.
+    Violation(CloseCode, &'static str, DisconnectReason),
+}
+
+/// One TCP connection on the WebSocket port.
+pub struct ClientConn {
+    /// This connection's identity.
+    pub id: ConnId,
+    /// The peer's address, for logs.
+    pub peer: SocketAddr,
+    /// The timer currently armed for this connection: handshake deadline, heartbeat, or drain
+    /// deadline, depending on the phase.
+    pub timer: Option<TimerKey>,
+    /// True while the connection sits in the reactor's dirty list.
+    pub is_dirty: bool,
+    /// True while WRITABLE interest is registered (only while a write would block).
+    pub wants_writable: bool,
+    /// Why the connection is being closed, once that is decided.
+    pub close_reason: Option<DisconnectReason>,
+    socket: TcpStream,
+    phase: Phase,
+    out: OutQueue,
+    write_shut: bool,
+}
+
+impl ClientConn {
+    /// A freshly accepted connection, waiting for its request head.
+    pub fn new(id: ConnId, socket: TcpStream, peer: SocketAddr) -> ClientConn {
+        ClientConn {
+            id,
+            peer,
+            timer: None,
+            is_dirty: false,
+            wants_writable: false,
+            close_reason: None,
+            socket,
+            phase: Phase::Request { head: Vec::new() },
+            out: OutQueue::default(),
+            write_shut: false,
+        }
+    }
+
+    /// The socket, for (re)registration.
+    pub fn socket(&mut self) -> &mut TcpStream {
+        &mut self.socket
+    }
+
+    /// True while the WebSocket is open and accepts frames.
+    pub fn is_open(&self) -> bool {
+        matches!(&self.phase, Phase::WebSocket(s) if s.ws.can_write())
+    }
+
+    /// True once the connection only drains.
+    pub fn is_draining(&self) -> bool {
+        matches!(self.phase, Phase::Draining)
+    }
+
+    /// Unsent bytes queued.
+    pub fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    /// When a frame was last received, for an open WebSocket.
+    pub fn last_seen(&self) -> Option<Tick> {
+        match &self.phase {
+            Phase::WebSocket(s) => Some(s.last_seen),
+            _ => None,
+        }
+    }
+
+    /// The channels this WebSocket is subscribed to.
+    pub fn subscriptions_mut(&mut self) -> Option<&mut Vec<ChannelId>> {
+        match &mut self.phase {
+            Phase::WebSocket(s) => Some(&mut s.subscriptions),
+            _ => None,
+        }
+    }
+
+    /// Reads the request head until it is complete, refused, or the socket is drained.
+    pub fn read_request(&mut self, max_header_size: usize) -> RequestOutcome {
+        let Phase::Request { head } = &mut self.phase else {
+            return RequestOutcome::Incomplete;
+        };
+        let mut chunk = [0u8; 2048];
+        loop {
+            match self.socket.read(&mut chunk) {
+                Ok(0) => return RequestOutcome::Gone,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return RequestOutcome::Incomplete;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return RequestOutcome::Gone,
+            }
+            match http::parse_request(head, max_header_size) {
+                Ok(None) => {}
+                Ok(Some((route, head_len))) => {
+                    let rest = head.split_off(head_len);
+                    return RequestOutcome::Routed { route, rest };
+                }
+                Err(refusal) => return RequestOutcome::Refused(refusal),
+            }
+        }
+    }
+
+    /// Queues a complete HTTP response and closes once it is written.
+    pub fn respond(&mut self, response: Vec<u8>) {
+        self.out.push(Bytes::from(response));
+        self.phase = Phase::Draining;
+    }
+
+    /// Queues the 101 response and opens the WebSocket; `rest` holds bytes the client sent
+    /// after its request head.
+    pub fn upgrade(&mut self, accept_key: &str, rest: Vec<u8>, config: WebSocketConfig, now: Tick) {
+        self.out
+            .push(Bytes::from(http::switching_protocols(accept_key)));
+        let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(config));
+        self.phase = Phase::WebSocket(Box::new(Session {
+            ws,
+            subscriptions: Vec::new(),
+            last_seen: now,
+        }));
+    }
+
+    /// Reads every complete message into `inbox` until the socket would block.
+    ///
+    /// # Errors
+    /// How reading ended for good; the reactor closes the connection accordingly.
+    pub fn read_messages(&mut self, now: Tick, inbox: &mut Vec<Inbound>) -> Result<(), ReadEnd> {
+        let Phase::WebSocket(session) = &mut self.phase else {
+            return Ok(());
+        };
+        let mut io = WsIo {
+            socket: &mut self.socket,
+            out: &mut self.out,
+        };
+        loop {
+            let message = match session.ws.read(&mut io) {
+                Ok(message) => message,
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(read_end(e)),
+            };
+            // Any frame counts as life (RFC 6455 pings, pongs, data).
+            session.last_seen = now;
+            match message {
+                Message::Text(text) => inbox.push(Inbound::Text(text)),
+                Message::Binary(_) => inbox.push(Inbound::Binary),
+                // Pongs to pings are queued by tungstenite; a close is answered on the next read.
+                Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
+            }
+        }
+    }
+
+    /// Queues a reply, if the WebSocket still accepts frames.
+    pub fn send_reply(&mut self, reply: &Reply<'_>) {
+        self.send_message(Message::text(reply.to_json()));
+    }
+
+    /// Queues a protocol-level Ping.
+    pub fn send_ping(&mut self) {
+        self.send_message(Message::Ping(Bytes::new()));
+    }
+
+    fn send_message(&mut self, message: Message) {
+        if let Phase::WebSocket(session) = &mut self.phase
+            && session.ws.can_write()
+        {
+            let mut io = WsIo {
+                socket: &mut self.socket,
+                out: &mut self.out,
+            };
+            // Cannot fail: the state allows writing and WsIo never errors.
+            let sent = session.ws.write(&mut io, message);
+            debug_assert!(sent.is_ok(), "{sent:?}");
+        }
+    }
+
+    /// Queues a shared, pre-encoded frame. Returns false when the WebSocket no longer accepts
+    /// frames.
+    pub fn send_frame(&mut self, frame: Bytes) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        self.out.push(frame);
+        true
+    }
+
+    /// Queues a Close frame, if the WebSocket can still send one. Nothing may follow it.
+    pub fn send_close(&mut self, code: CloseCode, reason: &'static str) {
+        if let Phase::WebSocket(session) = &mut self.phase
+            && session.ws.can_write()
+        {
+            let mut io = WsIo {
+                socket: &mut self.socket,
+                out: &mut self.out,
+            };
+            let frame = CloseFrame {
+                code,
+                reason: reason.into(),
+            };
+            let sent = session.ws.close(&mut io, Some(frame));
+            debug_assert!(sent.is_ok(), "{sent:?}");
+        }
+    }
+
+    /// Moves to `Draining`. Returns the subscriptions to remove from the hub when the
+    /// connection was an open WebSocket, `None` otherwise.
+    pub fn end_session(&mut self) -> Option<Vec<ChannelId>> {
+        match std::mem::replace(&mut self.phase, Phase::Draining) {
+            Phase::WebSocket(session) => Some(session.subscriptions),
+            Phase::Request { .. } | Phase::Draining => None,
+        }
+    }
+
+    /// Drops queued frames that have not started to leave (slow consumer), keeping the byte
+    /// stream valid.
+    pub fn discard_output(&mut self) {
+        self.out.keep_partial_only();
+    }
+
+    /// Writes queued output. When draining and everything is written, shuts the write side.
+    /// Returns the bytes written.
+    ///
+    /// # Errors
+    /// A fatal socket error; the connection must be dropped.
+    pub fn flush(&mut self) -> io::Result<usize> {
+        let written = self.out.write_to(&mut self.socket)?;
+        if self.out.is_empty() && self.is_draining() && !self.write_shut {
+            self.write_shut = true;
+            // The peer may already be gone; dropping the connection then is right anyway.
+            let _ = self.socket.shutdown(Shutdown::Write);
+        }
+        Ok(written)
+    }
+
+    /// While draining: discards input. Returns true once the peer has closed.
+    pub fn discard_input(&mut self) -> bool {
+        let mut sink = [0u8; 2048];
+        loop {
+            match self.socket.read(&mut sink) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// True when the request phase is still running (the handshake deadline applies).
+    pub fn is_handshaking(&self) -> bool {
+        matches!(self.phase, Phase::Request { .. })
+    }
+}
+
+fn read_end(error: WsError) -> ReadEnd {
+    match error {
+        WsError::ConnectionClosed | WsError::AlreadyClosed => ReadEnd::Closed,
+        WsError::Io(_) | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            ReadEnd::Reset
+        }
+        WsError::Capacity(_) => ReadEnd::Violation(
+            CloseCode::Size,
+            "message too big",
+            DisconnectReason::MessageTooBig,
+        ),
+        WsError::Utf8(_) => ReadEnd::Violation(
+            CloseCode::Invalid,
+            "invalid UTF-8",
+            DisconnectReason::InvalidUtf8,
+        ),
+        _ => ReadEnd::Violation(
+            CloseCode::Protocol,
+            "protocol error",
+            DisconnectReason::ProtocolError,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepts `limit` bytes per call, then blocks.
+    struct Trickle {
+        taken: Vec<u8>,
+        limit: usize,
+        calls: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.calls == 3 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.calls += 1;
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.limit - n);
+                self.taken.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_vectored_writes_keep_order() {
+        let mut queue = OutQueue::default();
+        for chunk in ["abc", "defg", "h", "ijkl"] {
+            queue.push(Bytes::from_static(chunk.as_bytes()));
+        }
+        let mut sink = Trickle {
+            taken: Vec::new(),
+            limit: 5,
+            calls: 0,
+        };
+        assert_eq!(queue.write_to(&mut sink).unwrap(), 12);
+        assert_eq!(sink.taken, b"abcdefghijkl");
+        assert!(queue.is_empty());
+
+        queue.push(Bytes::from_static(b"0123456789"));
+        queue.push(Bytes::from_static(b"xyz"));
+        let mut sink = Trickle {
+            taken: Vec::new(),
+            limit: 2,
+            calls: 2,
+        };
+        assert_eq!(
+            queue.write_to(&mut sink).unwrap(),
+            2,
+            "one write, then WouldBlock"
+        );
+        assert_eq!(queue.len(), 11);
+        queue.keep_partial_only();
+        assert_eq!(
+            queue.len(),
+            8,
+            "the started chunk stays, the rest is dropped"
+        );
+    }
+}

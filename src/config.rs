@@ -1,0 +1,421 @@
+//! Settings → a validated, typed [`Config`].
+//!
+//! ```text
+//!  defaults (DEFAULT_*) ◄── TOML file (--config) ◄── command-line flags
+//!         └────────────── merged Settings ──► Config::from_settings ──► Config
+//! ```
+//! [`Settings`] is both the `sidecast serve` flag set (clap) and the TOML file schema (serde):
+//! every flag `--some-name` is the key `some_name`. Each field is optional so that layers can be
+//! merged; [`Config`] fills the gaps with the defaults and validates. This module reads the
+//! config file and nothing else; it never panics on bad input.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use log::LevelFilter;
+use serde::{Deserialize, Deserializer};
+
+use crate::error::ConfigError;
+
+/// Default address for WebSocket and HTTP.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3001";
+/// Default path of the publish socket.
+pub const DEFAULT_PUBLISH_SOCKET: &str = "./sidecast.sock";
+const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024;
+const DEFAULT_MAX_SUBSCRIPTIONS: usize = 100;
+const DEFAULT_MAX_OUTPUT_BUFFER: usize = 1024 * 1024;
+const DEFAULT_MAX_HEADER_SIZE: usize = 8 * 1024;
+const DEFAULT_MAX_PUBLISH_LINE: usize = 1024 * 1024;
+const DEFAULT_READ_BUFFER_SIZE: usize = 4 * 1024;
+
+/// The shortest duration setting: the timer wheel's tick.
+pub const TIMER_TICK: Duration = Duration::from_millis(10);
+
+/// The resolved configuration of a server.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Address for WebSocket and HTTP. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Path of the publish port's Unix socket.
+    pub publish_socket: PathBuf,
+    /// Time between protocol Pings to each client.
+    pub heartbeat_interval: Duration,
+    /// A client silent for this long is closed. Greater than `heartbeat_interval`.
+    pub heartbeat_timeout: Duration,
+    /// A TCP connection must complete its HTTP request within this time.
+    pub handshake_timeout: Duration,
+    /// How long a closing connection may take to flush and acknowledge before it is dropped.
+    pub close_timeout: Duration,
+    /// Upper bound on a graceful shutdown.
+    pub shutdown_timeout: Duration,
+    /// Open WebSockets at most; the next upgrade gets HTTP 503.
+    pub max_connections: usize,
+    /// Largest client frame or message, in bytes (close 1009 beyond).
+    pub max_message_size: usize,
+    /// Channels one connection may subscribe to at most.
+    pub max_subscriptions: usize,
+    /// Unsent bytes one connection may hold; beyond, it is a slow consumer (close 1008).
+    pub max_output_buffer: usize,
+    /// Largest HTTP request head, in bytes (431 beyond).
+    pub max_header_size: usize,
+    /// Longest publish line, in bytes.
+    pub max_publish_line: usize,
+    /// Bytes tungstenite reads from a socket at a time (allocated once per connection).
+    pub read_buffer_size: usize,
+    /// Log level; `RUST_LOG`, when set, takes precedence.
+    pub log_level: LevelFilter,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            publish_socket: PathBuf::from(DEFAULT_PUBLISH_SOCKET),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
+            max_output_buffer: DEFAULT_MAX_OUTPUT_BUFFER,
+            max_header_size: DEFAULT_MAX_HEADER_SIZE,
+            max_publish_line: DEFAULT_MAX_PUBLISH_LINE,
+            read_buffer_size: DEFAULT_READ_BUFFER_SIZE,
+            log_level: LevelFilter::Info,
+        }
+    }
+}
+
+/// A duration written like `30s`, `500ms` or `1m 30s`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s)
+            .map(HumanDuration)
+            .map_err(|e| format!("{e} (expected a duration like 30s or 500ms)"))
+    }
+}
+
+/// A size in bytes written like `64KiB`, `1MiB` or `4096`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.parse::<bytesize::ByteSize>()
+            .map(|size| ByteSize(size.as_u64()))
+            .map_err(|e| format!("{e} (expected a size like 64KiB or 1MiB)"))
+    }
+}
+
+/// The `serve` settings: command-line flags and TOML keys. Unset fields take the defaults.
+#[derive(clap::Args, Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// TOML file with settings (keys are the flag names in snake_case); flags override it
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address for WebSocket and HTTP [default: 127.0.0.1:3001]
+    #[arg(long, value_name = "ADDR")]
+    #[serde(default, deserialize_with = "parse")]
+    pub listen: Option<SocketAddr>,
+    /// Path of the publish port's Unix socket [default: ./sidecast.sock]
+    #[arg(long, value_name = "PATH")]
+    #[serde(default)]
+    pub publish_socket: Option<PathBuf>,
+    /// Time between WebSocket Pings to each client [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "parse")]
+    pub heartbeat_interval: Option<HumanDuration>,
+    /// Close a client silent for this long [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "parse")]
+    pub heartbeat_timeout: Option<HumanDuration>,
+    /// Drop a TCP connection that has not completed its HTTP request by then [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "parse")]
+    pub handshake_timeout: Option<HumanDuration>,
+    /// Drop a closing connection that has not finished closing by then [default: 2s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "parse")]
+    pub close_timeout: Option<HumanDuration>,
+    /// Exit at the latest this long after SIGTERM/SIGINT [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "parse")]
+    pub shutdown_timeout: Option<HumanDuration>,
+    /// Open WebSockets at most; further upgrades get HTTP 503 [default: 10000]
+    #[arg(long, value_name = "COUNT")]
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Largest client frame or message; larger ones close with 1009 [default: 64KiB]
+    #[arg(long, value_name = "SIZE")]
+    #[serde(default, deserialize_with = "parse")]
+    pub max_message_size: Option<ByteSize>,
+    /// Channels one connection may subscribe to [default: 100]
+    #[arg(long, value_name = "COUNT")]
+    #[serde(default)]
+    pub max_subscriptions: Option<usize>,
+    /// Unsent bytes per connection before it is closed as a slow consumer (1008) [default: 1MiB]
+    #[arg(long, value_name = "SIZE")]
+    #[serde(default, deserialize_with = "parse")]
+    pub max_output_buffer: Option<ByteSize>,
+    /// Largest HTTP request head; larger ones get 431 [default: 8KiB]
+    #[arg(long, value_name = "SIZE")]
+    #[serde(default, deserialize_with = "parse")]
+    pub max_header_size: Option<ByteSize>,
+    /// Longest publish line; longer ones get an error and the publisher is closed [default: 1MiB]
+    #[arg(long, value_name = "SIZE")]
+    #[serde(default, deserialize_with = "parse")]
+    pub max_publish_line: Option<ByteSize>,
+    /// Bytes read from a WebSocket at a time, allocated per connection [default: 4KiB]
+    #[arg(long, value_name = "SIZE")]
+    #[serde(default, deserialize_with = "parse")]
+    pub read_buffer_size: Option<ByteSize>,
+    /// Log level: error, warn, info, debug, trace or off; RUST_LOG overrides it [default: info]
+    #[arg(long, value_name = "LEVEL")]
+    #[serde(default, deserialize_with = "parse")]
+    pub log_level: Option<LevelFilter>,
+}
+
+/// Deserializes a string (or integer) through `FromStr`, so the file accepts what the flags do.
+fn parse<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Int(u64),
+        Text(String),
+    }
+    let text = match Scalar::deserialize(deserializer)? {
+        Scalar::Int(n) => n.to_string(),
+        Scalar::Text(text) => text,
+    };
+    text.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+impl Settings {
+    /// Reads a TOML settings file.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not TOML, has an unknown key or a bad value.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `self` with every unset field taken from `lower`.
+    pub fn over(self, lower: Settings) -> Settings {
+        Settings {
+            config: self.config.or(lower.config),
+            listen: self.listen.or(lower.listen),
+            publish_socket: self.publish_socket.or(lower.publish_socket),
+            heartbeat_interval: self.heartbeat_interval.or(lower.heartbeat_interval),
+            heartbeat_timeout: self.heartbeat_timeout.or(lower.heartbeat_timeout),
+            handshake_timeout: self.handshake_timeout.or(lower.handshake_timeout),
+            close_timeout: self.close_timeout.or(lower.close_timeout),
+            shutdown_timeout: self.shutdown_timeout.or(lower.shutdown_timeout),
+            max_connections: self.max_connections.or(lower.max_connections),
+            max_message_size: self.max_message_size.or(lower.max_message_size),
+            max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
+            max_output_buffer: self.max_output_buffer.or(lower.max_output_buffer),
+            max_header_size: self.max_header_size.or(lower.max_header_size),
+            max_publish_line: self.max_publish_line.or(lower.max_publish_line),
+            read_buffer_size: self.read_buffer_size.or(lower.read_buffer_size),
+            log_level: self.log_level.or(lower.log_level),
+        }
+    }
+}
+
+impl Config {
+    /// Resolves command-line settings: reads the `--config` file if one is named, lets the
+    /// flags override it, fills in defaults and validates.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file or setting at fault.
+    pub fn load(flags: Settings) -> Result<Config, ConfigError> {
+        let settings = match &flags.config {
+            Some(path) => {
+                let file = Settings::from_file(path)?;
+                flags.over(file)
+            }
+            None => flags,
+        };
+        Config::from_settings(settings)
+    }
+
+    /// Fills unset settings with defaults and validates the result.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the setting at fault.
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let duration = |v: Option<HumanDuration>, default| v.map_or(default, |v| v.0);
+        let size = |v: Option<ByteSize>, default| v.map_or(default, |v| v.0 as usize);
+        let config = Config {
+            listen: s.listen.unwrap_or(d.listen),
+            publish_socket: s.publish_socket.unwrap_or(d.publish_socket),
+            heartbeat_interval: duration(s.heartbeat_interval, d.heartbeat_interval),
+            heartbeat_timeout: duration(s.heartbeat_timeout, d.heartbeat_timeout),
+            handshake_timeout: duration(s.handshake_timeout, d.handshake_timeout),
+            close_timeout: duration(s.close_timeout, d.close_timeout),
+            shutdown_timeout: duration(s.shutdown_timeout, d.shutdown_timeout),
+            max_connections: s.max_connections.unwrap_or(d.max_connections),
+            max_message_size: size(s.max_message_size, d.max_message_size),
+            max_subscriptions: s.max_subscriptions.unwrap_or(d.max_subscriptions),
+            max_output_buffer: size(s.max_output_buffer, d.max_output_buffer),
+            max_header_size: size(s.max_header_size, d.max_header_size),
+            max_publish_line: size(s.max_publish_line, d.max_publish_line),
+            read_buffer_size: size(s.read_buffer_size, d.read_buffer_size),
+            log_level: s.log_level.unwrap_or(d.log_level),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |key: &'static str, message: String| Err(ConfigError::Invalid { key, message });
+        let durations = [
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("heartbeat_timeout", self.heartbeat_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("close_timeout", self.close_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
+        ];
+        for (key, value) in durations {
+            if value < TIMER_TICK {
+                return invalid(
+                    key,
+                    format!("must be at least {TIMER_TICK:?}, got {value:?}"),
+                );
+            }
+        }
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return invalid(
+                "heartbeat_timeout",
+                format!(
+                    "must be longer than heartbeat_interval ({:?}), got {:?}",
+                    self.heartbeat_interval, self.heartbeat_timeout
+                ),
+            );
+        }
+        let minimums = [
+            ("max_connections", self.max_connections, 1),
+            ("max_subscriptions", self.max_subscriptions, 1),
+            ("max_message_size", self.max_message_size, 128),
+            ("max_output_buffer", self.max_output_buffer, 1024),
+            ("max_header_size", self.max_header_size, 256),
+            ("max_publish_line", self.max_publish_line, 128),
+            ("read_buffer_size", self.read_buffer_size, 64),
+        ];
+        for (key, value, minimum) in minimums {
+            if value < minimum {
+                return invalid(key, format!("must be at least {minimum}, got {value}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn from_flags(args: &[&str]) -> Result<Config, ConfigError> {
+        let cli =
+            Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).unwrap();
+        Config::load(cli.settings)
+    }
+
+    #[test]
+    fn help_advertises_the_real_defaults() {
+        // Passing every "[default: X]" from --help explicitly must give the default config.
+        let command = Cli::command();
+        let mut args = Vec::new();
+        for arg in command
+            .get_arguments()
+            .filter(|a| a.get_long() != Some("config"))
+        {
+            let help = arg.get_help().expect("every flag has help").to_string();
+            let (_, default) = help.split_once("[default: ").expect(&help);
+            args.push(format!("--{}", arg.get_long().unwrap()));
+            args.push(default.trim_end_matches(']').to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(from_flags(&args).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecast.toml");
+        std::fs::write(
+            &path,
+            "heartbeat_interval = \"5s\"\nmax_message_size = \"16KiB\"\nmax_connections = 7\n\
+             max_output_buffer = 4096\n",
+        )
+        .unwrap();
+        let config =
+            from_flags(&["--config", path.to_str().unwrap(), "--max-connections", "9"]).unwrap();
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(config.max_message_size, 16 * 1024);
+        assert_eq!(config.max_output_buffer, 4096);
+        assert_eq!(config.max_connections, 9);
+        assert_eq!(config.heartbeat_timeout, DEFAULT_HEARTBEAT_TIMEOUT);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        for (text, needle) in [
+            ("hearbeat_interval = \"5s\"", "hearbeat_interval"),
+            ("heartbeat_interval = \"soon\"", "heartbeat_interval"),
+            ("max_message_size = \"lots\"", "max_message_size"),
+            ("listen = 3", "listen"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let error = from_flags(&["--config", path.to_str().unwrap()])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(needle), "{text}: {error}");
+        }
+        let error = from_flags(&["--heartbeat-interval", "30s", "--heartbeat-timeout", "10s"]);
+        assert!(error.unwrap_err().to_string().contains("heartbeat_timeout"));
+        let error = from_flags(&["--max-connections", "0"]);
+        assert!(error.unwrap_err().to_string().contains("max_connections"));
+    }
+}

@@ -1,0 +1,234 @@
+//! HTTP/1.1 on the WebSocket port: parses a request head with httparse and routes it.
+//! Bytes in, verdicts and bytes out; no I/O.
+//!
+//! Routing (methods are checked first):
+//! - a method other than `GET` → 405;
+//! - `GET /ws[?query]` with `Upgrade: websocket`, `Connection: upgrade`,
+//!   `Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key` → [`Route::Upgrade`];
+//!   `/ws` without the upgrade headers → 426; with a bad key or version → 400 / 426;
+//! - `GET /health`, `GET /metrics` → [`Route::Health`], [`Route::Metrics`];
+//! - any other path → 404.
+//!
+//! A head that is not complete within `max_header_size` bytes → 431.
+
+/// Most headers accepted in one request (more → 431).
+const MAX_HEADERS: usize = 48;
+
+/// Where a complete, acceptable request goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// A valid WebSocket upgrade on `/ws`.
+    Upgrade {
+        /// The `Sec-WebSocket-Accept` value for the 101 response.
+        accept_key: String,
+    },
+    /// `GET /health`
+    Health,
+    /// `GET /metrics`
+    Metrics,
+}
+
+/// A request refused before any upgrade, with its HTTP status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 400: the head is not valid HTTP/1.x, or the upgrade is malformed.
+    BadRequest(&'static str),
+    /// 404: unknown path.
+    NotFound,
+    /// 405: a method other than GET.
+    MethodNotAllowed,
+    /// 426: `/ws` without WebSocket upgrade headers, or an unsupported WebSocket version.
+    UpgradeRequired,
+    /// 431: the head exceeds `max_header_size` or has too many headers.
+    HeaderTooLarge,
+    /// 503: `max_connections` WebSockets are open.
+    Busy,
+}
+
+impl Refusal {
+    /// The complete HTTP response, which closes the connection.
+    pub fn response(self) -> Vec<u8> {
+        let (status, extra, body) = match self {
+            Refusal::BadRequest(why) => ("400 Bad Request", "", why),
+            Refusal::NotFound => ("404 Not Found", "", "not found"),
+            Refusal::MethodNotAllowed => ("405 Method Not Allowed", "Allow: GET\r\n", "only GET"),
+            Refusal::UpgradeRequired => (
+                "426 Upgrade Required",
+                "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+                "this endpoint speaks WebSocket (version 13)",
+            ),
+            Refusal::HeaderTooLarge => (
+                "431 Request Header Fields Too Large",
+                "",
+                "request header too large",
+            ),
+            Refusal::Busy => (
+                "503 Service Unavailable",
+                "Retry-After: 5\r\n",
+                "too many connections",
+            ),
+        };
+        let body = format!("{body}\n");
+        let mut out = format!(
+            "HTTP/1.1 {status}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        out.push_str(&body);
+        out.into_bytes()
+    }
+}
+
+/// Parses the request head in `buf`.
+///
+/// Returns `Ok(None)` while the head is incomplete and shorter than `max_header_size`, and
+/// `Ok(Some((route, head_len)))` once it is complete; bytes after `head_len` belong to the
+/// WebSocket stream.
+///
+/// # Errors
+/// The [`Refusal`] to answer with.
+pub fn parse_request(
+    buf: &[u8],
+    max_header_size: usize,
+) -> Result<Option<(Route, usize)>, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len <= max_header_size => len,
+        Ok(httparse::Status::Complete(_)) | Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::HeaderTooLarge);
+        }
+        Ok(httparse::Status::Partial) if buf.len() >= max_header_size => {
+            return Err(Refusal::HeaderTooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(Refusal::BadRequest("malformed HTTP request")),
+    };
+    if request.method != Some("GET") {
+        return Err(Refusal::MethodNotAllowed);
+    }
+    let target = request.path.unwrap_or("/");
+    let path = target.split_once('?').map_or(target, |(path, _query)| path);
+    let route = match path {
+        "/ws" => upgrade(request.headers)?,
+        "/health" => Route::Health,
+        "/metrics" => Route::Metrics,
+        _ => return Err(Refusal::NotFound),
+    };
+    Ok(Some((route, head_len)))
+}
+
+fn upgrade(headers: &[httparse::Header<'_>]) -> Result<Route, Refusal> {
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    };
+    let has_token = |name: &str, token: &str| {
+        header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if !has_token("Upgrade", "websocket") || !has_token("Connection", "upgrade") {
+        return Err(Refusal::UpgradeRequired);
+    }
+    if header("Sec-WebSocket-Version").map(str::trim) != Some("13") {
+        return Err(Refusal::UpgradeRequired);
+    }
+    let key = header("Sec-WebSocket-Key").map(str::trim).unwrap_or("");
+    // RFC 6455 4.1: the key is a base64-encoded 16-byte nonce, so 24 characters.
+    if key.len() != 24 {
+        return Err(Refusal::BadRequest(
+            "missing or malformed Sec-WebSocket-Key",
+        ));
+    }
+    let accept_key = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    Ok(Route::Upgrade { accept_key })
+}
+
+/// The 101 response completing a WebSocket upgrade.
+pub fn switching_protocols(accept_key: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept_key}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// A 200 response with `body`, which closes the connection.
+pub fn ok(content_type: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn upgrade_request(path: &str) -> String {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+        )
+    }
+
+    fn route(request: &str) -> Result<Option<(Route, usize)>, Refusal> {
+        parse_request(request.as_bytes(), 8192)
+    }
+
+    #[test]
+    fn upgrades_with_any_query_and_rfc_accept_key() {
+        let request = upgrade_request("/ws?token=abc");
+        let (route, len) = route(&request).unwrap().unwrap();
+        // The example from RFC 6455 section 1.3.
+        let accept_key = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".to_string();
+        assert_eq!(route, Route::Upgrade { accept_key });
+        assert_eq!(len, request.len());
+    }
+
+    #[test]
+    fn routes_table() {
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(route(&get("/health")).unwrap().unwrap().0, Route::Health);
+        assert_eq!(
+            route(&get("/metrics?x=1")).unwrap().unwrap().0,
+            Route::Metrics
+        );
+        assert_eq!(route(&get("/ws")), Err(Refusal::UpgradeRequired));
+        assert_eq!(route(&get("/nope")), Err(Refusal::NotFound));
+        assert_eq!(
+            route("POST /ws HTTP/1.1\r\n\r\n"),
+            Err(Refusal::MethodNotAllowed)
+        );
+        assert_eq!(
+            route("GARBAGE\r\n\r\n"),
+            Err(Refusal::BadRequest("malformed HTTP request"))
+        );
+        let old = upgrade_request("/ws").replace("Version: 13", "Version: 8");
+        assert_eq!(route(&old), Err(Refusal::UpgradeRequired));
+        let keyless = upgrade_request("/ws").replace(KEY, "short");
+        assert!(matches!(route(&keyless), Err(Refusal::BadRequest(_))));
+    }
+
+    #[test]
+    fn partial_heads_wait_until_the_cap() {
+        assert_eq!(route("GET /health HTTP/1.1\r\nHost"), Ok(None));
+        let long = format!("GET /health HTTP/1.1\r\nX: {}", "a".repeat(9000));
+        assert_eq!(route(&long), Err(Refusal::HeaderTooLarge));
+        let complete_but_long = format!("GET /health HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+        assert_eq!(route(&complete_but_long), Err(Refusal::HeaderTooLarge));
+    }
+
+    #[test]
+    fn responses_are_well_formed() {
+        let response = String::from_utf8(Refusal::Busy.response()).unwrap();
+        assert!(response.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+    }
+}

@@ -1,0 +1,213 @@
+//! Counters owned by the reactor and their Prometheus text rendering. Plain fields, no
+//! globals: the reactor is the only writer, on one thread.
+
+use std::fmt::Write;
+
+/// Why a WebSocket connection ended: the `reason` label of `sidecast_disconnects_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The client sent a Close frame.
+    ClientClosed,
+    /// The connection vanished without a close handshake (EOF, reset).
+    Reset,
+    /// No frame from the client for `heartbeat_timeout`.
+    HeartbeatTimeout,
+    /// More than `max_output_buffer` bytes were waiting to be written (close 1008).
+    SlowConsumer,
+    /// An RFC 6455 violation (close 1002).
+    ProtocolError,
+    /// A frame or message above `max_message_size` (close 1009).
+    MessageTooBig,
+    /// A text message that is not UTF-8 (close 1007).
+    InvalidUtf8,
+    /// The server shut down (close 1001).
+    Shutdown,
+}
+
+impl DisconnectReason {
+    const ALL: [DisconnectReason; 8] = [
+        DisconnectReason::ClientClosed,
+        DisconnectReason::Reset,
+        DisconnectReason::HeartbeatTimeout,
+        DisconnectReason::SlowConsumer,
+        DisconnectReason::ProtocolError,
+        DisconnectReason::MessageTooBig,
+        DisconnectReason::InvalidUtf8,
+        DisconnectReason::Shutdown,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DisconnectReason::ClientClosed => "client_closed",
+            DisconnectReason::Reset => "reset",
+            DisconnectReason::HeartbeatTimeout => "heartbeat_timeout",
+            DisconnectReason::SlowConsumer => "slow_consumer",
+            DisconnectReason::ProtocolError => "protocol_error",
+            DisconnectReason::MessageTooBig => "message_too_big",
+            DisconnectReason::InvalidUtf8 => "invalid_utf8",
+            DisconnectReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The server's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open WebSocket connections.
+    pub connections: u64,
+    /// Open publish-port connections.
+    pub publishers: u64,
+    /// WebSocket upgrades completed.
+    pub connections_opened: u64,
+    /// Events accepted from publishers (one per channel of a multi-channel publish).
+    pub events_published: u64,
+    /// Event frames queued to connections.
+    pub frames_delivered: u64,
+    /// Bytes written to WebSocket-port sockets.
+    pub bytes_written: u64,
+    /// Publish lines refused (bad JSON, bad channel, too long).
+    pub publish_errors: u64,
+    /// TCP connections dropped before completing a request head in time.
+    pub handshake_timeouts: u64,
+    /// Requests refused with an HTTP error status.
+    pub http_refusals: u64,
+    disconnects: [u64; DisconnectReason::ALL.len()],
+}
+
+/// Values sampled at render time rather than counted.
+pub struct Gauges {
+    /// Channels with subscribers.
+    pub channels: usize,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+}
+
+impl Metrics {
+    /// Counts a WebSocket disconnect.
+    pub fn disconnected(&mut self, reason: DisconnectReason) {
+        self.disconnects[reason as usize] += 1;
+    }
+
+    /// Disconnects counted so far for `reason`.
+    pub fn disconnects(&self, reason: DisconnectReason) -> u64 {
+        self.disconnects[reason as usize]
+    }
+
+    /// Renders everything in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::with_capacity(2048);
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            );
+        };
+        metric(
+            "sidecast_connections",
+            "gauge",
+            "Open WebSocket connections.",
+            self.connections,
+        );
+        metric(
+            "sidecast_channels",
+            "gauge",
+            "Channels with subscribers.",
+            gauges.channels as u64,
+        );
+        metric(
+            "sidecast_publishers",
+            "gauge",
+            "Open publish-port connections.",
+            self.publishers,
+        );
+        metric(
+            "sidecast_uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+            gauges.uptime_secs,
+        );
+        metric(
+            "sidecast_connections_opened_total",
+            "counter",
+            "WebSocket upgrades completed.",
+            self.connections_opened,
+        );
+        metric(
+            "sidecast_events_published_total",
+            "counter",
+            "Events accepted on the publish port, one per channel.",
+            self.events_published,
+        );
+        metric(
+            "sidecast_frames_delivered_total",
+            "counter",
+            "Event frames queued to WebSocket connections.",
+            self.frames_delivered,
+        );
+        metric(
+            "sidecast_bytes_written_total",
+            "counter",
+            "Bytes written to WebSocket-port sockets.",
+            self.bytes_written,
+        );
+        metric(
+            "sidecast_publish_errors_total",
+            "counter",
+            "Publish lines refused.",
+            self.publish_errors,
+        );
+        metric(
+            "sidecast_handshake_timeouts_total",
+            "counter",
+            "Connections dropped for not completing their request in time.",
+            self.handshake_timeouts,
+        );
+        metric(
+            "sidecast_http_refusals_total",
+            "counter",
+            "Requests answered with an HTTP error status.",
+            self.http_refusals,
+        );
+        let name = "sidecast_disconnects_total";
+        let _ = write!(
+            out,
+            "# HELP {name} WebSocket connections closed, by reason.\n# TYPE {name} counter\n"
+        );
+        for reason in DisconnectReason::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                reason.label(),
+                self.disconnects(reason)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let mut metrics = Metrics {
+            connections: 3,
+            ..Metrics::default()
+        };
+        metrics.disconnected(DisconnectReason::SlowConsumer);
+        let text = metrics.render(&Gauges {
+            channels: 2,
+            uptime_secs: 9,
+        });
+        assert!(text.contains("# TYPE sidecast_connections gauge\nsidecast_connections 3\n"));
+        assert!(text.contains("sidecast_channels 2\n"));
+        assert!(text.contains("sidecast_disconnects_total{reason=\"slow_consumer\"} 1\n"));
+        assert!(text.contains("sidecast_disconnects_total{reason=\"reset\"} 0\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').unwrap();
+            value.parse::<u64>().unwrap();
+        }
+    }
+}

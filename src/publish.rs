@@ -1,0 +1,468 @@
+//! One connection on the publish port (a Unix stream socket): newline-delimited JSON
+//! commands in, one reply line out per command that carries an `id`.
+//!
+//! This module owns line framing, command parsing and reply rendering. It knows nothing of
+//! WebSockets: executing a command is the [`Sink`]'s job (the reactor's fan-out).
+//!
+//! Invariants: lines are executed in the order received; the input buffer never holds more
+//! than one partial line of at most `max_line` bytes plus one read chunk; a line longer than
+//! `max_line` is refused and the connection closed, since the rest of the stream can no longer
+//! be framed with confidence.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+
+use mio::net::UnixStream;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::wire::check_channel;
+
+/// Bytes read from the socket per call.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What a command publishes to.
+#[derive(Debug, PartialEq)]
+pub enum Target<'a> {
+    /// `"channel": "..."`
+    Channel(Cow<'a, str>),
+    /// `"channels": [...]`, each with its own sequence number.
+    Channels(Vec<Cow<'a, str>>),
+    /// `"broadcast": true`: every open WebSocket.
+    Broadcast,
+}
+
+/// A parsed publish command.
+#[derive(Debug)]
+pub struct Command<'a> {
+    /// Present when the publisher wants a reply: a JSON number or string, echoed verbatim.
+    pub id: Option<&'a RawValue>,
+    /// Where the event goes.
+    pub target: Target<'a>,
+    /// The event payload, byte for byte as the publisher wrote it.
+    pub data: &'a RawValue,
+}
+
+/// A refused command.
+#[derive(Debug)]
+pub struct CommandError<'a> {
+    /// The command's id, when it could be read.
+    pub id: Option<&'a RawValue>,
+    /// Why it was refused.
+    pub message: String,
+}
+
+/// Sequence numbers taken by one publish.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seqs {
+    /// A broadcast has none.
+    None,
+    /// A single-channel publish.
+    One(u64),
+    /// A multi-channel publish, in the command's channel order.
+    Many(Vec<u64>),
+}
+
+/// The result of executing one command.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Published {
+    /// Sequence numbers taken.
+    pub seqs: Seqs,
+    /// Connections the event was queued to.
+    pub delivered: usize,
+}
+
+/// Executes publish commands: the reactor's fan-out.
+pub trait Sink {
+    /// Publishes `data` to `target`.
+    fn publish(&mut self, target: &Target<'_>, data: &RawValue) -> Published;
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommand<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    channels: Option<Vec<Cow<'a, str>>>,
+    broadcast: Option<bool>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// Reads just the id of a command that failed to parse, so its error reply can carry it.
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+}
+
+/// Parses one command line (without its line terminator).
+///
+/// # Errors
+/// Why the line is not a valid command, with its id when it has a readable one.
+pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
+    let raw: RawCommand<'_> = serde_json::from_slice(line).map_err(|e| CommandError {
+        id: serde_json::from_slice::<IdOnly<'_>>(line)
+            .ok()
+            .and_then(|c| c.id)
+            .filter(|id| is_valid_id(id)),
+        message: format!("invalid command: {e}"),
+    })?;
+    let id = raw.id;
+    let fail = |message: String| Err(CommandError { id, message });
+    if id.is_some_and(|id| !is_valid_id(id)) {
+        return Err(CommandError {
+            id: None,
+            message: "id must be a number or a string".into(),
+        });
+    }
+    let target = match (raw.channel, raw.channels, raw.broadcast) {
+        (Some(channel), None, None) => Target::Channel(channel),
+        (None, Some(channels), None) => Target::Channels(channels),
+        (None, None, Some(true)) => Target::Broadcast,
+        (None, None, Some(false)) => return fail("broadcast must be true when present".into()),
+        _ => return fail("give exactly one of channel, channels or broadcast".into()),
+    };
+    match &target {
+        Target::Channel(name) => {
+            if let Err(why) = check_channel(name) {
+                return fail(format!("invalid channel {name:?}: {why}"));
+            }
+        }
+        Target::Channels(names) => {
+            if names.is_empty() {
+                return fail("channels is empty".into());
+            }
+            for (i, name) in names.iter().enumerate() {
+                if let Err(why) = check_channel(name) {
+                    return fail(format!("invalid channel {name:?}: {why}"));
+                }
+                if names[..i].contains(name) {
+                    return fail(format!("channel {name:?} is listed twice"));
+                }
+            }
+        }
+        Target::Broadcast => {}
+    }
+    Ok(Command {
+        id,
+        target,
+        data: raw.data,
+    })
+}
+
+fn is_valid_id(id: &RawValue) -> bool {
+    matches!(id.get().as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
+}
+
+/// Renders the success reply of a command with an id.
+pub fn ok_reply(id: &RawValue, target: &Target<'_>, published: &Published) -> String {
+    let mut line = format!("{{\"id\":{},\"ok\":true", id.get());
+    match (&published.seqs, target) {
+        (Seqs::One(seq), _) => {
+            let _ = write!(line, ",\"seq\":{seq}");
+        }
+        (Seqs::Many(seqs), Target::Channels(names)) => {
+            line.push_str(",\"seqs\":{");
+            for (i, (name, seq)) in names.iter().zip(seqs).enumerate() {
+                let comma = if i == 0 { "" } else { "," };
+                // Validated channel names need no escaping.
+                let _ = write!(line, "{comma}\"{name}\":{seq}");
+            }
+            line.push('}');
+        }
+        _ => {}
+    }
+    let _ = writeln!(line, ",\"delivered\":{}}}", published.delivered);
+    line
+}
+
+/// Renders an error reply; `id` is `null` when the command had none that could be read.
+pub fn error_reply(id: Option<&RawValue>, message: &str) -> String {
+    let id = id.map_or("null", RawValue::get);
+    let message = serde_json::to_string(message).expect("strings always serialize");
+    format!("{{\"id\":{id},\"ok\":false,\"error\":{message}}}\n")
+}
+
+/// How a read pass over a publisher ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadStatus {
+    /// The socket has no more data for now.
+    Pending,
+    /// The publisher closed its side; every line was executed.
+    Finished,
+    /// The stream broke (I/O error, or a line over the limit); close now, after flushing
+    /// replies.
+    Broken,
+}
+
+/// One publish-port connection.
+pub struct PublisherConn {
+    /// Serial number, for logs.
+    pub serial: u64,
+    socket: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    written: usize,
+    /// Commands refused since the reactor last collected the count (for metrics).
+    pub errors: u64,
+    /// True once the publisher closed its side; remaining replies are being written.
+    pub is_finished: bool,
+}
+
+impl PublisherConn {
+    /// A new connection.
+    pub fn new(serial: u64, socket: UnixStream) -> PublisherConn {
+        PublisherConn {
+            serial,
+            socket,
+            input: Vec::new(),
+            output: Vec::new(),
+            written: 0,
+            errors: 0,
+            is_finished: false,
+        }
+    }
+
+    /// The socket, for (de)registration.
+    pub fn socket(&mut self) -> &mut UnixStream {
+        &mut self.socket
+    }
+
+    /// Reads until the socket would block, executing each complete line in order.
+    pub fn read_and_execute(&mut self, max_line: usize, sink: &mut impl Sink) -> ReadStatus {
+        loop {
+            let start = self.input.len();
+            self.input.resize(start + READ_CHUNK, 0);
+            let read = self.socket.read(&mut self.input[start..]);
+            self.input.truncate(start + *read.as_ref().unwrap_or(&0));
+            match read {
+                Ok(0) => {
+                    let rest = std::mem::take(&mut self.input);
+                    if rest.len() > max_line {
+                        self.refuse_long_line(max_line);
+                        return ReadStatus::Broken;
+                    }
+                    if !rest.is_empty() {
+                        self.execute(&rest, sink);
+                    }
+                    return ReadStatus::Finished;
+                }
+                Ok(_) => {
+                    if !self.execute_complete_lines(start, max_line, sink) {
+                        return ReadStatus::Broken;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadStatus::Pending,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("publisher={}: read failed: {e}", self.serial);
+                    return ReadStatus::Broken;
+                }
+            }
+        }
+    }
+
+    /// Executes the complete lines in `input`; `fresh` is where the bytes just read begin (no
+    /// newline lies before it). Returns false when a line exceeds `max_line`.
+    fn execute_complete_lines(
+        &mut self,
+        fresh: usize,
+        max_line: usize,
+        sink: &mut impl Sink,
+    ) -> bool {
+        let input = std::mem::take(&mut self.input);
+        let mut line_start = 0;
+        let mut search_from = fresh;
+        while let Some(pos) = input[search_from..].iter().position(|&b| b == b'\n') {
+            let end = search_from + pos;
+            if end - line_start > max_line {
+                self.refuse_long_line(max_line);
+                return false;
+            }
+            self.execute(&input[line_start..end], sink);
+            line_start = end + 1;
+            search_from = line_start;
+        }
+        if input.len() - line_start > max_line {
+            self.refuse_long_line(max_line);
+            return false;
+        }
+        self.input = input;
+        self.input.drain(..line_start);
+        true
+    }
+
+    fn execute(&mut self, line: &[u8], sink: &mut impl Sink) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        match parse_command(line) {
+            Ok(command) => {
+                let published = sink.publish(&command.target, command.data);
+                if let Some(id) = command.id {
+                    self.output
+                        .extend_from_slice(ok_reply(id, &command.target, &published).as_bytes());
+                }
+            }
+            Err(error) => {
+                self.errors += 1;
+                match error.id {
+                    Some(id) => {
+                        self.output
+                            .extend_from_slice(error_reply(Some(id), &error.message).as_bytes());
+                    }
+                    None => log::warn!("publisher={}: {}", self.serial, error.message),
+                }
+            }
+        }
+    }
+
+    fn refuse_long_line(&mut self, max_line: usize) {
+        self.errors += 1;
+        let message = format!("line longer than max_publish_line ({max_line} bytes); closing");
+        log::warn!("publisher={}: {message}", self.serial);
+        self.output
+            .extend_from_slice(error_reply(None, &message).as_bytes());
+        self.input = Vec::new();
+    }
+
+    /// Unsent reply bytes.
+    pub fn queued(&self) -> usize {
+        self.output.len() - self.written
+    }
+
+    /// Writes pending replies until done or the socket would block.
+    ///
+    /// # Errors
+    /// A fatal socket error.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while self.written < self.output.len() {
+            match self.socket.write(&self.output[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.written == self.output.len() {
+            self.output.clear();
+            self.written = 0;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_string()).unwrap()
+    }
+
+    fn error_of(line: &str) -> (Option<String>, String) {
+        let e = parse_command(line.as_bytes()).unwrap_err();
+        (e.id.map(|id| id.get().to_string()), e.message)
+    }
+
+    #[test]
+    fn parses_each_target() {
+        let c = parse_command(br#"{"channel":"project:42","data":{"p":1}}"#).unwrap();
+        assert_eq!(c.target, Target::Channel("project:42".into()));
+        assert_eq!(c.data.get(), r#"{"p":1}"#);
+        assert!(c.id.is_none());
+        let c = parse_command(br#"{"id":"x","channels":["a","b"],"data":[1, 2]}"#).unwrap();
+        assert_eq!(c.target, Target::Channels(vec!["a".into(), "b".into()]));
+        assert_eq!(c.id.unwrap().get(), r#""x""#);
+        assert_eq!(c.data.get(), "[1, 2]");
+        let c = parse_command(br#"{"id":7,"broadcast":true,"data":null}"#).unwrap();
+        assert_eq!(c.target, Target::Broadcast);
+        let c = parse_command(br#"{"channel":"\u0061","data":1}"#).unwrap();
+        assert_eq!(
+            c.target,
+            Target::Channel("a".into()),
+            "escaped names are decoded"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_commands_keeping_the_id() {
+        assert_eq!(error_of("not json").0, None);
+        let (id, message) = error_of(r#"{"id":3,"chanel":"a","data":1}"#);
+        assert_eq!(id.as_deref(), Some("3"));
+        assert!(message.contains("unknown field `chanel`"), "{message}");
+        assert!(
+            error_of(r#"{"id":3,"channel":"a"}"#)
+                .1
+                .contains("missing field `data`")
+        );
+        assert!(
+            error_of(r#"{"id":3,"channel":"a","broadcast":true,"data":1}"#)
+                .1
+                .contains("exactly one")
+        );
+        assert!(error_of(r#"{"id":3,"data":1}"#).1.contains("exactly one"));
+        assert!(
+            error_of(r#"{"id":3,"broadcast":false,"data":1}"#)
+                .1
+                .contains("must be true")
+        );
+        assert!(
+            error_of(r#"{"id":3,"channel":"a b","data":1}"#)
+                .1
+                .contains("invalid channel")
+        );
+        assert!(
+            error_of(r#"{"id":3,"channels":[],"data":1}"#)
+                .1
+                .contains("empty")
+        );
+        assert!(
+            error_of(r#"{"id":3,"channels":["a","a"],"data":1}"#)
+                .1
+                .contains("twice")
+        );
+        assert_eq!(error_of(r#"{"id":{},"channel":"a","data":1}"#).0, None);
+    }
+
+    #[test]
+    fn replies_are_single_json_lines() {
+        let id = raw("7");
+        let one = Published {
+            seqs: Seqs::One(18),
+            delivered: 1000,
+        };
+        assert_eq!(
+            ok_reply(&id, &Target::Channel("a".into()), &one),
+            "{\"id\":7,\"ok\":true,\"seq\":18,\"delivered\":1000}\n"
+        );
+        let many = Published {
+            seqs: Seqs::Many(vec![18, 3]),
+            delivered: 2,
+        };
+        let target = Target::Channels(vec!["project:42".into(), "order:7".into()]);
+        assert_eq!(
+            ok_reply(&id, &target, &many),
+            "{\"id\":7,\"ok\":true,\"seqs\":{\"project:42\":18,\"order:7\":3},\"delivered\":2}\n"
+        );
+        let all = Published {
+            seqs: Seqs::None,
+            delivered: 5,
+        };
+        assert_eq!(
+            ok_reply(&id, &Target::Broadcast, &all),
+            "{\"id\":7,\"ok\":true,\"delivered\":5}\n"
+        );
+        assert_eq!(
+            error_reply(None, "bad \"x\""),
+            "{\"id\":null,\"ok\":false,\"error\":\"bad \\\"x\\\"\"}\n"
+        );
+    }
+}

@@ -1,0 +1,968 @@
+//! The event loop: one thread, one `mio::Poll`, every socket non-blocking.
+//!
+//! ```text
+//! loop {
+//!     poll(timeout = next timer deadline)
+//!     read the clock once → `now`
+//!     dispatch events: accept; read requests, frames, publish lines (fan-out only queues)
+//!     fire due timers: handshake deadlines, heartbeats, drain deadlines, shutdown
+//!     close slow consumers found while queueing
+//!     flush every dirty connection: one write_vectored per connection and pass
+//!     exit once shut down and drained
+//! }
+//! ```
+//! The reactor parses nothing itself: `http`, `wire` and `publish` do, and it acts on their
+//! verdicts. Invariants:
+//! - every path that queues output marks the connection dirty; WRITABLE interest is registered
+//!   only while a connection has output the kernel would not take;
+//! - a client in the hub is in the `WebSocket` phase: leaving it (`end_session`) unsubscribes
+//!   it from every channel, decrements the connection gauge and counts the disconnect, once;
+//! - each connection has at most one armed timer, whose meaning follows its phase.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use mio::net::{TcpListener, UnixListener};
+use mio::{Events, Interest, Poll, Registry, Waker};
+use serde_json::value::RawValue;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::client::{ClientConn, ConnId, Inbound, ReadEnd, RequestOutcome};
+use crate::config::{Config, TIMER_TICK};
+use crate::error::StartupError;
+use crate::http::{self, Refusal, Route};
+use crate::hub::Hub;
+use crate::metrics::{DisconnectReason, Gauges, Metrics};
+use crate::publish::{Published, PublisherConn, ReadStatus, Seqs, Sink, Target};
+use crate::timer::{Tick, TickSource, TimerWheel};
+use crate::token::{self, Source};
+use crate::wire::{self, ErrorCode, EventTarget, Reply, Request};
+
+/// How long accepting pauses after the process runs out of file descriptors.
+const ACCEPT_BACKOFF_TICKS: u64 = 10;
+
+/// What a timer stands for.
+#[derive(Debug, Clone, Copy)]
+enum TimerEvent {
+    /// The connection's current deadline: handshake, heartbeat or drain, by phase.
+    Client(ConnId),
+    /// Retry accepting after running out of file descriptors.
+    ResumeAccept,
+    /// The graceful shutdown's time is up.
+    ShutdownDeadline,
+}
+
+/// Asks a running [`Server`] to shut down gracefully, from any thread.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<Waker>);
+
+impl ShutdownHandle {
+    /// Starts the graceful shutdown, as SIGTERM would.
+    ///
+    /// # Errors
+    /// The wake-up could not be delivered (the server is gone).
+    pub fn shutdown(&self) -> io::Result<()> {
+        self.0.wake()
+    }
+}
+
+/// Removes the publish socket file when dropped.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Output bookkeeping shared by every path that queues bytes to clients.
+struct Outbox {
+    /// Clients with output queued since the last flush.
+    dirty: Vec<usize>,
+    /// Clients that went over `max_output_buffer` since the last pass.
+    slow: Vec<usize>,
+    max_output_buffer: usize,
+}
+
+impl Outbox {
+    fn mark_dirty(&mut self, client: &mut ClientConn) {
+        if !client.is_dirty {
+            client.is_dirty = true;
+            self.dirty.push(client.id.key as usize);
+        }
+    }
+
+    /// Queues a shared frame to one client: a refcount bump, no copy. A client that would go
+    /// over `max_output_buffer` gets nothing more and is closed at the end of the pass.
+    fn deliver(&mut self, client: &mut ClientConn, frame: &Bytes) -> bool {
+        if client.close_reason.is_some() || !client.is_open() {
+            return false;
+        }
+        if client.queued() + frame.len() > self.max_output_buffer {
+            client.close_reason = Some(DisconnectReason::SlowConsumer);
+            self.slow.push(client.id.key as usize);
+            return false;
+        }
+        client.send_frame(frame.clone());
+        self.mark_dirty(client);
+        true
+    }
+}
+
+/// Connections, channels and counters: everything the fan-out touches.
+struct Fanout {
+    hub: Hub,
+    clients: Slab<ClientConn>,
+    outbox: Outbox,
+    metrics: Metrics,
+    /// Reused to build event payloads.
+    scratch: Vec<u8>,
+}
+
+impl Fanout {
+    /// Publishes one event to one channel: one sequence number, one encoded frame shared by
+    /// every subscriber.
+    fn publish_to(&mut self, channel: &str, data: &RawValue) -> (u64, usize) {
+        self.metrics.events_published += 1;
+        let (seq, subscribers) = self.hub.publish(channel);
+        if subscribers.is_empty() {
+            return (seq, 0);
+        }
+        let frame = wire::event_frame(EventTarget::Channel(channel, seq), data, &mut self.scratch);
+        let mut delivered = 0;
+        for id in subscribers {
+            let client = &mut self.clients[id.key as usize];
+            debug_assert_eq!(client.id, *id, "the hub holds only live connections");
+            delivered += usize::from(self.outbox.deliver(client, &frame));
+        }
+        self.metrics.frames_delivered += delivered as u64;
+        (seq, delivered)
+    }
+
+    /// Takes a client out of its WebSocket session, optionally sending a Close frame first:
+    /// leaves every channel, updates the gauges and counts the disconnect. Idempotent.
+    fn end_session(
+        &mut self,
+        key: usize,
+        reason: DisconnectReason,
+        close: Option<(CloseCode, &'static str)>,
+    ) {
+        let client = &mut self.clients[key];
+        let reason = *client.close_reason.get_or_insert(reason);
+        if let Some((code, text)) = close {
+            client.send_close(code, text);
+        }
+        if let Some(subscriptions) = client.end_session() {
+            for channel in subscriptions {
+                self.hub.unsubscribe(channel, client.id);
+            }
+            self.metrics.connections -= 1;
+            self.metrics.disconnected(reason);
+            log::debug!("conn={} closed: {}", client.id.generation, reason.label());
+        }
+        self.outbox.mark_dirty(client);
+    }
+
+    /// Acts on one request from an open WebSocket.
+    fn handle_request(&mut self, key: usize, request: Request, max_subscriptions: usize) {
+        let client = &mut self.clients[key];
+        let conn = client.id;
+        let Some(subscriptions) = client.subscriptions_mut() else {
+            return;
+        };
+        match request {
+            Request::Subscribe { channel, id } => {
+                let known = self
+                    .hub
+                    .find(channel.as_str())
+                    .filter(|c| subscriptions.contains(c));
+                if known.is_none() && subscriptions.len() >= max_subscriptions {
+                    let message =
+                        format!("at most {max_subscriptions} subscriptions per connection");
+                    client.send_reply(&Reply::Error {
+                        code: ErrorCode::TooManySubscriptions,
+                        message: &message,
+                        channel: Some(channel.as_str()),
+                        id: id.as_ref(),
+                    });
+                } else {
+                    let (channel_id, seq) = self.hub.subscribe(&channel, conn);
+                    if known.is_none() {
+                        subscriptions.push(channel_id);
+                    }
+                    client.send_reply(&Reply::Subscribed {
+                        channel: channel.as_str(),
+                        seq,
+                        id: id.as_ref(),
+                    });
+                }
+            }
+            Request::Unsubscribe { channel, id } => {
+                if let Some(channel_id) = self.hub.find(channel.as_str())
+                    && let Some(pos) = subscriptions.iter().position(|c| *c == channel_id)
+                {
+                    subscriptions.swap_remove(pos);
+                    self.hub.unsubscribe(channel_id, conn);
+                }
+                client.send_reply(&Reply::Unsubscribed {
+                    channel: channel.as_str(),
+                    id: id.as_ref(),
+                });
+            }
+            Request::Ping { id } => client.send_reply(&Reply::Pong { id: id.as_ref() }),
+        }
+        self.outbox.mark_dirty(client);
+    }
+}
+
+impl Sink for Fanout {
+    fn publish(&mut self, target: &Target<'_>, data: &RawValue) -> Published {
+        match target {
+            Target::Channel(channel) => {
+                let (seq, delivered) = self.publish_to(channel, data);
+                Published {
+                    seqs: Seqs::One(seq),
+                    delivered,
+                }
+            }
+            Target::Channels(channels) => {
+                let mut seqs = Vec::with_capacity(channels.len());
+                let mut delivered = 0;
+                for channel in channels {
+                    let (seq, count) = self.publish_to(channel, data);
+                    seqs.push(seq);
+                    delivered += count;
+                }
+                Published {
+                    seqs: Seqs::Many(seqs),
+                    delivered,
+                }
+            }
+            Target::Broadcast => {
+                self.metrics.events_published += 1;
+                let frame = wire::event_frame(EventTarget::Broadcast, data, &mut self.scratch);
+                let mut delivered = 0;
+                for (_, client) in self.clients.iter_mut() {
+                    delivered += usize::from(self.outbox.deliver(client, &frame));
+                }
+                self.metrics.frames_delivered += delivered as u64;
+                Published {
+                    seqs: Seqs::None,
+                    delivered,
+                }
+            }
+        }
+    }
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    publish_listener: Option<UnixListener>,
+    socket_file: Option<SocketFile>,
+    signals: Option<Signals>,
+    waker: Arc<Waker>,
+    local_addr: SocketAddr,
+    publishers: Slab<PublisherConn>,
+    fanout: Fanout,
+    timers: TimerWheel<TimerEvent>,
+    ticks: TickSource,
+    started: Instant,
+    config: Config,
+    ws_config: WebSocketConfig,
+    /// Random per process, so client ids differ across restarts.
+    instance: u32,
+    next_generation: u32,
+    next_publisher: u64,
+    accept_paused: bool,
+    shutting_down: bool,
+    finished: bool,
+    /// Reused buffers.
+    inbox: Vec<Inbound>,
+    expired: Vec<TimerEvent>,
+}
+
+impl Server {
+    /// Binds the TCP listener and the publish socket described by `config`.
+    ///
+    /// A socket file left by a crashed server is replaced; one a live server still answers on
+    /// is an error, and so is a path that exists but is not a socket.
+    ///
+    /// # Errors
+    /// A [`StartupError`] naming the address or path at fault.
+    pub fn bind(config: Config) -> Result<Server, StartupError> {
+        let poll = Poll::new()?;
+        let mut listener =
+            TcpListener::bind(config.listen).map_err(|source| StartupError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr()?;
+        let mut publish_listener = bind_publish_socket(&config.publish_socket)?;
+        let socket_file = SocketFile(config.publish_socket.clone());
+        let registry = poll.registry();
+        registry.register(
+            &mut listener,
+            token::encode(Source::Listener),
+            Interest::READABLE,
+        )?;
+        registry.register(
+            &mut publish_listener,
+            token::encode(Source::PublishListener),
+            Interest::READABLE,
+        )?;
+        let waker = Arc::new(Waker::new(registry, token::encode(Source::Waker))?);
+        let started = Instant::now();
+        let ticks = TickSource::new(started, TIMER_TICK);
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(config.read_buffer_size)
+            .write_buffer_size(0)
+            .max_write_buffer_size(config.max_output_buffer)
+            .max_message_size(Some(config.max_message_size))
+            .max_frame_size(Some(config.max_message_size));
+        let instance = {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish() as u32
+        };
+        log::info!(
+            "listening on ws://{local_addr}/ws, publish socket {}",
+            config.publish_socket.display()
+        );
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            publish_listener: Some(publish_listener),
+            socket_file: Some(socket_file),
+            signals: None,
+            waker,
+            local_addr,
+            publishers: Slab::new(),
+            fanout: Fanout {
+                hub: Hub::new(),
+                clients: Slab::new(),
+                outbox: Outbox {
+                    dirty: Vec::new(),
+                    slow: Vec::new(),
+                    max_output_buffer: config.max_output_buffer,
+                },
+                metrics: Metrics::default(),
+                scratch: Vec::new(),
+            },
+            timers: TimerWheel::new(Tick(0)),
+            ticks,
+            started,
+            config,
+            ws_config,
+            instance,
+            next_generation: 0,
+            next_publisher: 0,
+            accept_paused: false,
+            shutting_down: false,
+            finished: false,
+            inbox: Vec::new(),
+            expired: Vec::new(),
+        })
+    }
+
+    /// The bound WebSocket/HTTP address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that starts a graceful shutdown from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(Arc::clone(&self.waker))
+    }
+
+    /// Turns SIGTERM and SIGINT into a graceful shutdown; a second signal exits at once.
+    ///
+    /// # Errors
+    /// The signal handlers cannot be installed.
+    pub fn handle_signals(&mut self) -> Result<(), StartupError> {
+        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        self.poll.registry().register(
+            &mut signals,
+            token::encode(Source::Signal),
+            Interest::READABLE,
+        )?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    /// Runs the event loop until a graceful shutdown completes.
+    ///
+    /// # Errors
+    /// Only if polling itself fails; connection errors never end the loop.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        while !self.finished {
+            let timeout = self
+                .timers
+                .next_deadline()
+                .map(|t| self.ticks.until(t, Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = self.ticks.tick_at(Instant::now());
+            for event in events.iter() {
+                match token::decode(event.token()) {
+                    Source::Listener => self.accept_clients(now),
+                    Source::PublishListener => self.accept_publishers(),
+                    Source::Signal => self.on_signal(now),
+                    Source::Waker => self.begin_shutdown(now),
+                    Source::Client(key) => {
+                        if event.is_writable()
+                            && let Some(client) = self.fanout.clients.get_mut(key)
+                        {
+                            self.fanout.outbox.mark_dirty(client);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_client_readable(key, now);
+                        }
+                    }
+                    Source::Publisher(key) => self.on_publisher_ready(key),
+                }
+            }
+            self.fire_timers(now);
+            self.close_slow_consumers(now);
+            self.flush_dirty();
+            if self.shutting_down && self.fanout.clients.is_empty() && self.publishers.is_empty() {
+                self.finished = true;
+            }
+        }
+        log::info!("stopped");
+        Ok(())
+    }
+
+    fn accept_clients(&mut self, now: Tick) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        while !self.accept_paused {
+            let (mut socket, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_resource_exhaustion(&e) => {
+                    log::warn!(
+                        "accept failed ({e}); pausing accepts for {:?}",
+                        TIMER_TICK * 10
+                    );
+                    self.accept_paused = true;
+                    self.timers
+                        .insert(now.after(ACCEPT_BACKOFF_TICKS), TimerEvent::ResumeAccept);
+                    return;
+                }
+                Err(e) => {
+                    log::debug!("accept failed: {e}");
+                    continue;
+                }
+            };
+            // Events are small and latency matters more than packet count.
+            let _ = socket.set_nodelay(true);
+            let entry = self.fanout.clients.vacant_entry();
+            let key = entry.key();
+            let token = token::encode(Source::Client(key));
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(&mut socket, token, Interest::READABLE)
+            {
+                log::error!("cannot register connection from {peer}: {e}");
+                continue;
+            }
+            self.next_generation = self.next_generation.wrapping_add(1);
+            let id = ConnId {
+                key: key as u32,
+                generation: self.next_generation,
+            };
+            let client = entry.insert(ClientConn::new(id, socket, peer));
+            let deadline = now.after(self.ticks.ticks_in(self.config.handshake_timeout));
+            client.timer = Some(self.timers.insert(deadline, TimerEvent::Client(id)));
+            log::debug!("conn={} accepted from {peer}", id.generation);
+        }
+    }
+
+    fn accept_publishers(&mut self) {
+        let Some(listener) = &self.publish_listener else {
+            return;
+        };
+        loop {
+            let mut socket = match listener.accept() {
+                Ok((socket, _)) => socket,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("publish socket accept failed: {e}");
+                    return;
+                }
+            };
+            let entry = self.publishers.vacant_entry();
+            let token = token::encode(Source::Publisher(entry.key()));
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            if let Err(e) = self.poll.registry().register(&mut socket, token, interest) {
+                log::error!("cannot register publisher: {e}");
+                continue;
+            }
+            self.next_publisher += 1;
+            entry.insert(PublisherConn::new(self.next_publisher, socket));
+            self.fanout.metrics.publishers += 1;
+            log::debug!("publisher={} connected", self.next_publisher);
+        }
+    }
+
+    fn on_publisher_ready(&mut self, key: usize) {
+        let Some(publisher) = self.publishers.get_mut(key) else {
+            return;
+        };
+        let status = if publisher.is_finished {
+            ReadStatus::Finished
+        } else {
+            publisher.read_and_execute(self.config.max_publish_line, &mut self.fanout)
+        };
+        self.fanout.metrics.publish_errors += std::mem::take(&mut publisher.errors);
+        let flushed = publisher.flush();
+        let over = publisher.queued() > self.config.max_output_buffer;
+        if over {
+            log::warn!(
+                "publisher={}: more than {} bytes of unread replies; closing",
+                publisher.serial,
+                self.config.max_output_buffer
+            );
+        }
+        let done = match status {
+            ReadStatus::Pending => false,
+            ReadStatus::Finished => {
+                publisher.is_finished = true;
+                publisher.queued() == 0
+            }
+            ReadStatus::Broken => true,
+        };
+        if done || over || flushed.is_err() {
+            self.drop_publisher(key);
+        }
+    }
+
+    fn drop_publisher(&mut self, key: usize) {
+        let mut publisher = self.publishers.remove(key);
+        let _ = self.poll.registry().deregister(publisher.socket());
+        self.fanout.metrics.publishers -= 1;
+        log::debug!("publisher={} disconnected", publisher.serial);
+    }
+
+    fn on_client_readable(&mut self, key: usize, now: Tick) {
+        let Some(client) = self.fanout.clients.get_mut(key) else {
+            return;
+        };
+        if client.is_handshaking() {
+            match client.read_request(self.config.max_header_size) {
+                RequestOutcome::Incomplete => return,
+                RequestOutcome::Gone => return self.drop_client(key),
+                RequestOutcome::Refused(refusal) => return self.refuse(key, refusal, now),
+                RequestOutcome::Routed { route, rest } => {
+                    if !self.route(key, route, rest, now) {
+                        return;
+                    }
+                }
+            }
+        }
+        let client = &mut self.fanout.clients[key];
+        if client.is_draining() {
+            if client.discard_input() {
+                self.drop_client(key);
+            }
+            return;
+        }
+        let mut inbox = std::mem::take(&mut self.inbox);
+        let result = client.read_messages(now, &mut inbox);
+        for message in inbox.drain(..) {
+            self.on_message(key, message);
+        }
+        self.inbox = inbox;
+        self.fanout.outbox.mark_dirty(&mut self.fanout.clients[key]);
+        match result {
+            Ok(()) => {}
+            Err(ReadEnd::Closed) => {
+                self.fanout
+                    .end_session(key, DisconnectReason::ClientClosed, None);
+                self.arm_drain_deadline(key, now);
+            }
+            Err(ReadEnd::Reset) => {
+                self.fanout.end_session(key, DisconnectReason::Reset, None);
+                self.drop_client(key);
+            }
+            Err(ReadEnd::Violation(code, text, reason)) => {
+                let client = &self.fanout.clients[key];
+                log::warn!(
+                    "conn={} from {}: {text}; closing with {code}",
+                    client.id.generation,
+                    client.peer
+                );
+                self.fanout.end_session(key, reason, Some((code, text)));
+                self.arm_drain_deadline(key, now);
+            }
+        }
+    }
+
+    fn on_message(&mut self, key: usize, message: Inbound) {
+        let request = match message {
+            Inbound::Text(text) => wire::parse_request(&text),
+            Inbound::Binary => Err(wire::Rejection::new(
+                ErrorCode::BinaryNotSupported,
+                "binary frames are not supported; send JSON in text frames",
+            )),
+        };
+        match request {
+            Ok(request) => self
+                .fanout
+                .handle_request(key, request, self.config.max_subscriptions),
+            Err(rejection) => {
+                let client = &mut self.fanout.clients[key];
+                client.send_reply(&Reply::from(&rejection));
+                self.fanout.outbox.mark_dirty(client);
+            }
+        }
+    }
+
+    /// Answers a complete request. Returns true when the connection is now a WebSocket.
+    fn route(&mut self, key: usize, route: Route, rest: Vec<u8>, now: Tick) -> bool {
+        let response = match route {
+            Route::Health => http::ok("application/json", &self.health_json()),
+            Route::Metrics => http::ok(
+                "text/plain; version=0.0.4; charset=utf-8",
+                &self.metrics_text(),
+            ),
+            Route::Upgrade { .. } if self.shutting_down => {
+                self.refuse(key, Refusal::Busy, now);
+                return false;
+            }
+            Route::Upgrade { .. }
+                if self.fanout.metrics.connections >= self.config.max_connections as u64 =>
+            {
+                log::warn!(
+                    "max_connections ({}) reached; refusing an upgrade",
+                    self.config.max_connections
+                );
+                self.refuse(key, Refusal::Busy, now);
+                return false;
+            }
+            Route::Upgrade { accept_key } => {
+                self.open_websocket(key, &accept_key, rest, now);
+                return true;
+            }
+        };
+        let client = &mut self.fanout.clients[key];
+        client.respond(response);
+        self.fanout.outbox.mark_dirty(client);
+        self.arm_drain_deadline(key, now);
+        false
+    }
+
+    fn refuse(&mut self, key: usize, refusal: Refusal, now: Tick) {
+        let client = &mut self.fanout.clients[key];
+        log::debug!(
+            "conn={} from {}: refused: {refusal:?}",
+            client.id.generation,
+            client.peer
+        );
+        client.respond(refusal.response());
+        self.fanout.metrics.http_refusals += 1;
+        self.fanout.outbox.mark_dirty(client);
+        self.arm_drain_deadline(key, now);
+    }
+
+    fn open_websocket(&mut self, key: usize, accept_key: &str, rest: Vec<u8>, now: Tick) {
+        let client = &mut self.fanout.clients[key];
+        client.upgrade(accept_key, rest, self.ws_config, now);
+        let client_id = format!("{:08x}{:08x}", self.instance, client.id.generation);
+        let heartbeat_ms = self.config.heartbeat_interval.as_millis() as u64;
+        client.send_reply(&Reply::Connected {
+            client_id: &client_id,
+            heartbeat_ms,
+        });
+        self.fanout.outbox.mark_dirty(client);
+        self.fanout.metrics.connections += 1;
+        self.fanout.metrics.connections_opened += 1;
+        log::debug!("conn={} upgraded", client.id.generation);
+        let interval = self.ticks.ticks_in(self.config.heartbeat_interval);
+        self.arm(key, now.after(interval));
+    }
+
+    /// Replaces the connection's timer.
+    fn arm(&mut self, key: usize, at: Tick) {
+        let client = &mut self.fanout.clients[key];
+        if let Some(timer) = client.timer.take() {
+            self.timers.cancel(timer);
+        }
+        client.timer = Some(self.timers.insert(at, TimerEvent::Client(client.id)));
+    }
+
+    fn arm_drain_deadline(&mut self, key: usize, now: Tick) {
+        let at = now.after(self.ticks.ticks_in(self.config.close_timeout));
+        self.arm(key, at);
+    }
+
+    fn fire_timers(&mut self, now: Tick) {
+        let mut expired = std::mem::take(&mut self.expired);
+        self.timers.advance(now, &mut expired);
+        for event in expired.drain(..) {
+            match event {
+                TimerEvent::Client(id) => self.on_client_timer(id, now),
+                TimerEvent::ResumeAccept => {
+                    self.accept_paused = false;
+                    self.accept_clients(now);
+                }
+                TimerEvent::ShutdownDeadline => {
+                    log::warn!(
+                        "shutdown_timeout reached; dropping {} connection(s)",
+                        self.fanout.clients.len()
+                    );
+                    self.finished = true;
+                }
+            }
+        }
+        self.expired = expired;
+    }
+
+    fn on_client_timer(&mut self, id: ConnId, now: Tick) {
+        let Some(client) = self.fanout.clients.get_mut(id.key as usize) else {
+            return;
+        };
+        if client.id != id {
+            return;
+        }
+        client.timer = None;
+        let key = id.key as usize;
+        if client.is_handshaking() {
+            log::debug!(
+                "conn={} from {}: handshake timeout",
+                id.generation,
+                client.peer
+            );
+            self.fanout.metrics.handshake_timeouts += 1;
+            return self.drop_client(key);
+        }
+        let Some(last_seen) = client.last_seen() else {
+            // Draining took longer than close_timeout.
+            return self.drop_client(key);
+        };
+        let timeout = self.ticks.ticks_in(self.config.heartbeat_timeout);
+        if now.since(last_seen) >= timeout {
+            log::info!(
+                "conn={} from {}: no frame for {:?}; closing (heartbeat timeout)",
+                id.generation,
+                client.peer,
+                self.config.heartbeat_timeout
+            );
+            let close = (CloseCode::Away, "heartbeat timeout");
+            self.fanout
+                .end_session(key, DisconnectReason::HeartbeatTimeout, Some(close));
+            return self.arm_drain_deadline(key, now);
+        }
+        client.send_ping();
+        self.fanout.outbox.mark_dirty(client);
+        let next_ping = now.after(self.ticks.ticks_in(self.config.heartbeat_interval));
+        self.arm(key, next_ping.min(last_seen.after(timeout)));
+    }
+
+    fn close_slow_consumers(&mut self, now: Tick) {
+        while let Some(key) = self.fanout.outbox.slow.pop() {
+            let client = &mut self.fanout.clients[key];
+            log::warn!(
+                "conn={} from {}: slow consumer, {} bytes unsent (max_output_buffer {}); closing",
+                client.id.generation,
+                client.peer,
+                client.queued(),
+                self.config.max_output_buffer
+            );
+            client.discard_output();
+            let close = (CloseCode::Policy, "slow consumer");
+            self.fanout
+                .end_session(key, DisconnectReason::SlowConsumer, Some(close));
+            self.arm_drain_deadline(key, now);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let registry = self.poll.registry();
+        let mut broken = Vec::new();
+        for key in self.fanout.outbox.dirty.drain(..) {
+            let Some(client) = self.fanout.clients.get_mut(key) else {
+                continue;
+            };
+            client.is_dirty = false;
+            match client.flush() {
+                Ok(written) => self.fanout.metrics.bytes_written += written as u64,
+                Err(e) => {
+                    log::debug!("conn={}: write failed: {e}", client.id.generation);
+                    broken.push(key);
+                    continue;
+                }
+            }
+            let wants_writable = client.queued() > 0;
+            if wants_writable != client.wants_writable {
+                client.wants_writable = wants_writable;
+                if let Err(e) = set_interest(registry, client, key) {
+                    log::error!("conn={}: reregister failed: {e}", client.id.generation);
+                    broken.push(key);
+                }
+            }
+        }
+        for key in broken {
+            self.drop_client(key);
+        }
+    }
+
+    /// Deregisters and forgets a client; the only place that removes from the slab.
+    fn drop_client(&mut self, key: usize) {
+        if !self.fanout.clients.contains(key) {
+            return;
+        }
+        self.fanout.end_session(key, DisconnectReason::Reset, None);
+        let mut client = self.fanout.clients.remove(key);
+        if let Some(timer) = client.timer.take() {
+            self.timers.cancel(timer);
+        }
+        let _ = self.poll.registry().deregister(client.socket());
+    }
+
+    fn on_signal(&mut self, now: Tick) {
+        let Some(signals) = &mut self.signals else {
+            return;
+        };
+        let received = signals.pending().count();
+        if received == 0 {
+            return;
+        }
+        if self.shutting_down {
+            log::warn!("second signal: exiting now");
+            self.finished = true;
+        } else {
+            self.begin_shutdown(now);
+        }
+    }
+
+    /// Stops accepting, executes publish lines already received, sends Close 1001 to every
+    /// client and arms the shutdown deadline. The loop ends once every connection is gone.
+    fn begin_shutdown(&mut self, now: Tick) {
+        if self.shutting_down {
+            return;
+        }
+        self.shutting_down = true;
+        log::info!(
+            "shutting down: {} connection(s)",
+            self.fanout.metrics.connections
+        );
+        let registry = self.poll.registry();
+        if let Some(mut listener) = self.listener.take() {
+            let _ = registry.deregister(&mut listener);
+        }
+        if let Some(mut listener) = self.publish_listener.take() {
+            let _ = registry.deregister(&mut listener);
+        }
+        self.socket_file = None;
+        let keys: Vec<usize> = self.publishers.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.on_publisher_ready(key);
+            if self.publishers.contains(key) {
+                self.drop_publisher(key);
+            }
+        }
+        let keys: Vec<usize> = self.fanout.clients.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            let client = &self.fanout.clients[key];
+            if client.is_handshaking() {
+                self.drop_client(key);
+            } else if !client.is_draining() {
+                let close = (CloseCode::Away, "server shutting down");
+                self.fanout
+                    .end_session(key, DisconnectReason::Shutdown, Some(close));
+                self.arm_drain_deadline(key, now);
+            }
+        }
+        let deadline = now.after(self.ticks.ticks_in(self.config.shutdown_timeout));
+        self.timers.insert(deadline, TimerEvent::ShutdownDeadline);
+    }
+
+    fn health_json(&self) -> String {
+        format!(
+            "{{\"status\":\"ok\",\"connections\":{},\"channels\":{},\"uptimeSecs\":{}}}",
+            self.fanout.metrics.connections,
+            self.fanout.hub.active_channels(),
+            self.uptime_secs()
+        )
+    }
+
+    fn metrics_text(&self) -> String {
+        let gauges = Gauges {
+            channels: self.fanout.hub.active_channels(),
+            uptime_secs: self.uptime_secs(),
+        };
+        self.fanout.metrics.render(&gauges)
+    }
+
+    fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+}
+
+fn set_interest(registry: &Registry, client: &mut ClientConn, key: usize) -> io::Result<()> {
+    let interest = if client.wants_writable {
+        Interest::READABLE | Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    };
+    registry.reregister(
+        client.socket(),
+        token::encode(Source::Client(key)),
+        interest,
+    )
+}
+
+/// Accept errors that mean "out of descriptors or memory": retrying at once would spin.
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    // Linux errno values: ENOMEM, ENFILE, EMFILE, ENOBUFS.
+    matches!(e.raw_os_error(), Some(12 | 23 | 24 | 105))
+}
+
+/// Binds the publish socket, replacing a stale file left by a crashed server.
+fn bind_publish_socket(path: &Path) -> Result<UnixListener, StartupError> {
+    let error = |source| StartupError::PublishSocket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(error(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            )));
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(StartupError::SocketInUse {
+                    path: path.to_owned(),
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                log::info!("replacing stale publish socket {}", path.display());
+                std::fs::remove_file(path).map_err(error)?;
+            }
+            Err(e) => return Err(error(e)),
+        }
+    }
+    UnixListener::bind(path).map_err(error)
+}

@@ -1,0 +1,479 @@
+//! The WebSocket protocol: what browsers send, what they receive. `docs/protocol.md` is the
+//! human-readable contract; this module is its code.
+//!
+//! It parses client requests into [`Request`]s or [`Rejection`]s (which become `error`
+//! replies: the connection stays open), renders replies, and builds event frames once per
+//! publish. It does no I/O and never reads the clock.
+
+use std::fmt;
+use std::io::Write;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+/// Longest channel name, in bytes (all allowed characters are ASCII).
+pub const MAX_CHANNEL_LEN: usize = 128;
+
+/// A validated channel name: 1 to 128 characters of `[A-Za-z0-9_:.-]`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ChannelName(Box<str>);
+
+impl ChannelName {
+    /// Validates `name`.
+    ///
+    /// # Errors
+    /// A human-readable reason when the name is empty, too long or has a forbidden character.
+    pub fn parse(name: &str) -> Result<ChannelName, &'static str> {
+        check_channel(name)?;
+        Ok(ChannelName(name.into()))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Checks a channel name without allocating.
+///
+/// # Errors
+/// A human-readable reason when the name is invalid.
+pub fn check_channel(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("channel name is empty");
+    }
+    if name.len() > MAX_CHANNEL_LEN {
+        return Err("channel name is longer than 128 characters");
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-');
+    if !name.bytes().all(allowed) {
+        return Err("channel name may only contain A-Z a-z 0-9 _ : . -");
+    }
+    Ok(())
+}
+
+/// The `code` of an `error` reply. Each is a client mistake; the connection stays open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The text frame is not valid JSON.
+    InvalidJson,
+    /// Valid JSON, but not a request object: missing or mistyped `type`, `channel` or `id`.
+    InvalidMessage,
+    /// `type` names no known request.
+    UnknownType,
+    /// `channel` breaks the naming rules.
+    InvalidChannel,
+    /// Subscribing would exceed `max_subscriptions`.
+    TooManySubscriptions,
+    /// A binary frame: sidecast speaks JSON in text frames only.
+    BinaryNotSupported,
+}
+
+/// A request id, echoed in the reply: a JSON number or string, kept verbatim.
+pub type RequestId = Value;
+
+/// A well-formed client request.
+#[derive(Debug, PartialEq)]
+pub enum Request {
+    /// `{"type":"subscribe","channel":...}`
+    Subscribe {
+        /// The channel to join.
+        channel: ChannelName,
+        /// Echoed in the reply.
+        id: Option<RequestId>,
+    },
+    /// `{"type":"unsubscribe","channel":...}`
+    Unsubscribe {
+        /// The channel to leave.
+        channel: ChannelName,
+        /// Echoed in the reply.
+        id: Option<RequestId>,
+    },
+    /// `{"type":"ping"}`
+    Ping {
+        /// Echoed in the reply.
+        id: Option<RequestId>,
+    },
+}
+
+/// Why a request was refused: becomes an `error` reply.
+#[derive(Debug, PartialEq)]
+pub struct Rejection {
+    /// The machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+    /// The request's `channel`, when it had a string one.
+    pub channel: Option<String>,
+    /// The request's `id`, when it had a valid one.
+    pub id: Option<RequestId>,
+}
+
+impl Rejection {
+    /// A rejection with no channel and no id.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Rejection {
+        Rejection {
+            code,
+            message: message.into(),
+            channel: None,
+            id: None,
+        }
+    }
+}
+
+/// Parses one text frame from a client.
+///
+/// # Errors
+/// A [`Rejection`] describing the first problem found.
+pub fn parse_request(text: &str) -> Result<Request, Rejection> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Rejection::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
+    let Value::Object(mut fields) = value else {
+        return Err(Rejection::new(
+            ErrorCode::InvalidMessage,
+            "expected a JSON object",
+        ));
+    };
+    let id = match fields.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(id @ (Value::Number(_) | Value::String(_))) => Some(id),
+        Some(_) => {
+            return Err(Rejection::new(
+                ErrorCode::InvalidMessage,
+                "id must be a number or a string",
+            ));
+        }
+    };
+    let channel = match fields.remove("channel") {
+        Some(Value::String(channel)) => Some(channel),
+        None => None,
+        Some(_) => {
+            let message = "channel must be a string";
+            return Err(Rejection {
+                id,
+                ..Rejection::new(ErrorCode::InvalidMessage, message)
+            });
+        }
+    };
+    let reject = |code, message: String, channel: Option<String>, id| {
+        Err(Rejection {
+            code,
+            message,
+            channel,
+            id,
+        })
+    };
+    let kind = match fields.get("type") {
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(_) => {
+            return reject(
+                ErrorCode::InvalidMessage,
+                "type must be a string".into(),
+                channel,
+                id,
+            );
+        }
+        None => {
+            return reject(
+                ErrorCode::InvalidMessage,
+                "missing field type".into(),
+                channel,
+                id,
+            );
+        }
+    };
+    match kind {
+        "subscribe" | "unsubscribe" => {
+            let Some(name) = channel else {
+                return reject(
+                    ErrorCode::InvalidMessage,
+                    format!("{kind} needs a channel"),
+                    None,
+                    id,
+                );
+            };
+            let channel = match ChannelName::parse(&name) {
+                Ok(channel) => channel,
+                Err(why) => return reject(ErrorCode::InvalidChannel, why.into(), Some(name), id),
+            };
+            Ok(if kind == "subscribe" {
+                Request::Subscribe { channel, id }
+            } else {
+                Request::Unsubscribe { channel, id }
+            })
+        }
+        "ping" => Ok(Request::Ping { id }),
+        other => reject(
+            ErrorCode::UnknownType,
+            format!("unknown type {other:?}"),
+            channel,
+            id,
+        ),
+    }
+}
+
+/// A message from server to client, other than events (see [`event_frame`]).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Reply<'a> {
+    /// Sent once, when the WebSocket opens.
+    Connected {
+        /// Unique id of this connection.
+        #[serde(rename = "clientId")]
+        client_id: &'a str,
+        /// The server's ping interval, in milliseconds.
+        #[serde(rename = "heartbeatMs")]
+        heartbeat_ms: u64,
+    },
+    /// The connection is subscribed to `channel`.
+    Subscribed {
+        /// The channel.
+        channel: &'a str,
+        /// The channel's latest sequence number (0 before the first publish).
+        seq: u64,
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    },
+    /// The connection is no longer subscribed to `channel`.
+    Unsubscribed {
+        /// The channel.
+        channel: &'a str,
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    },
+    /// Answer to `{"type":"ping"}`.
+    Pong {
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    },
+    /// A refused request.
+    Error {
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: &'a str,
+        /// The request's channel.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    },
+}
+
+impl Reply<'_> {
+    /// The JSON text of this reply.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("replies hold only strings, numbers and JSON values")
+    }
+}
+
+impl<'a> From<&'a Rejection> for Reply<'a> {
+    fn from(r: &'a Rejection) -> Reply<'a> {
+        Reply::Error {
+            code: r.code,
+            message: &r.message,
+            channel: r.channel.as_deref(),
+            id: r.id.as_ref(),
+        }
+    }
+}
+
+/// What an event is addressed to.
+#[derive(Clone, Copy, Debug)]
+pub enum EventTarget<'a> {
+    /// One channel, with the event's sequence number there.
+    Channel(&'a str, u64),
+    /// Every open connection.
+    Broadcast,
+}
+
+/// Builds the complete WebSocket text frame of an event, header included, so that it can be
+/// shared by every recipient: server frames are unmasked, so all recipients get identical bytes.
+/// `scratch` is reused between calls; the returned buffer is the only allocation.
+pub fn event_frame(target: EventTarget<'_>, data: &RawValue, scratch: &mut Vec<u8>) -> Bytes {
+    scratch.clear();
+    match target {
+        EventTarget::Channel(channel, seq) => {
+            scratch.extend_from_slice(b"{\"type\":\"event\",\"channel\":\"");
+            // Channel names are validated ASCII without quotes or backslashes: no escaping.
+            scratch.extend_from_slice(channel.as_bytes());
+            write!(scratch, "\",\"seq\":{seq}").expect("writing to a Vec cannot fail");
+        }
+        EventTarget::Broadcast => {
+            scratch.extend_from_slice(b"{\"type\":\"event\",\"broadcast\":true");
+        }
+    }
+    scratch.extend_from_slice(b",\"data\":");
+    scratch.extend_from_slice(data.get().as_bytes());
+    scratch.push(b'}');
+    text_frame(scratch)
+}
+
+/// Frames `payload` as one unmasked, final text frame.
+pub fn text_frame(payload: &[u8]) -> Bytes {
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Text),
+        ..FrameHeader::default()
+    };
+    let len = payload.len() as u64;
+    let mut frame = Vec::with_capacity(header.len(len) + payload.len());
+    header
+        .format(len, &mut frame)
+        .expect("writing to a Vec cannot fail");
+    frame.extend_from_slice(payload);
+    Bytes::from(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rejected(text: &str) -> (ErrorCode, Option<String>, Option<Value>) {
+        let r = parse_request(text).expect_err(text);
+        (r.code, r.channel, r.id)
+    }
+
+    #[test]
+    fn channel_names() {
+        assert!(ChannelName::parse("project:42").is_ok());
+        assert!(ChannelName::parse("a.B-c_d:9").is_ok());
+        assert!(ChannelName::parse(&"x".repeat(128)).is_ok());
+        for bad in ["", "has space", "quote\"", "é", "a/b", &"x".repeat(129)] {
+            assert!(ChannelName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_requests() {
+        let sub = parse_request(r#"{"type":"subscribe","channel":"project:42","id":7}"#);
+        assert_eq!(
+            sub,
+            Ok(Request::Subscribe {
+                channel: ChannelName::parse("project:42").unwrap(),
+                id: Some(json!(7))
+            })
+        );
+        let unsub = parse_request(r#"{"type":"unsubscribe","channel":"a","id":"x"}"#);
+        assert!(matches!(
+            unsub,
+            Ok(Request::Unsubscribe {
+                id: Some(Value::String(_)),
+                ..
+            })
+        ));
+        assert_eq!(
+            parse_request(r#"{"type":"ping"}"#),
+            Ok(Request::Ping { id: None })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_requests_with_codes() {
+        use ErrorCode::*;
+        assert_eq!(rejected("{nope").0, InvalidJson);
+        assert_eq!(rejected("[1]").0, InvalidMessage);
+        assert_eq!(
+            rejected(r#"{"channel":"a"}"#),
+            (InvalidMessage, Some("a".into()), None)
+        );
+        assert_eq!(rejected(r#"{"type":5}"#).0, InvalidMessage);
+        assert_eq!(rejected(r#"{"type":"ping","id":[1]}"#).0, InvalidMessage);
+        assert_eq!(
+            rejected(r#"{"type":"subscribe","id":1}"#),
+            (InvalidMessage, None, Some(json!(1)))
+        );
+        assert_eq!(
+            rejected(r#"{"type":"subscribe","channel":7}"#).0,
+            InvalidMessage
+        );
+        assert_eq!(
+            rejected(r#"{"type":"subscribe","channel":"bad name","id":"q"}"#),
+            (InvalidChannel, Some("bad name".into()), Some(json!("q")))
+        );
+        assert_eq!(
+            rejected(r#"{"type":"dance","id":2}"#),
+            (UnknownType, None, Some(json!(2)))
+        );
+    }
+
+    #[test]
+    fn replies_serialize_as_documented() {
+        let id = json!(3);
+        let cases = [
+            (
+                Reply::Connected {
+                    client_id: "c1",
+                    heartbeat_ms: 30000,
+                },
+                r#"{"type":"connected","clientId":"c1","heartbeatMs":30000}"#,
+            ),
+            (
+                Reply::Subscribed {
+                    channel: "a",
+                    seq: 0,
+                    id: Some(&id),
+                },
+                r#"{"type":"subscribed","channel":"a","seq":0,"id":3}"#,
+            ),
+            (
+                Reply::Unsubscribed {
+                    channel: "a",
+                    id: None,
+                },
+                r#"{"type":"unsubscribed","channel":"a"}"#,
+            ),
+            (Reply::Pong { id: None }, r#"{"type":"pong"}"#),
+            (
+                Reply::Error {
+                    code: ErrorCode::TooManySubscriptions,
+                    message: "m",
+                    channel: Some("a"),
+                    id: None,
+                },
+                r#"{"type":"error","code":"too_many_subscriptions","message":"m","channel":"a"}"#,
+            ),
+        ];
+        for (reply, json) in cases {
+            assert_eq!(reply.to_json(), json);
+        }
+    }
+
+    #[test]
+    fn event_frames_carry_data_byte_for_byte() {
+        let data = RawValue::from_string(r#"{ "p" : 1.50 }"#.into()).unwrap();
+        let mut scratch = Vec::new();
+        let frame = event_frame(EventTarget::Channel("project:42", 18), &data, &mut scratch);
+        let payload = br#"{"type":"event","channel":"project:42","seq":18,"data":{ "p" : 1.50 }}"#;
+        assert_eq!(frame[0], 0x81, "FIN + text opcode");
+        assert_eq!(usize::from(frame[1]), payload.len());
+        assert_eq!(&frame[2..], payload);
+        let frame = event_frame(EventTarget::Broadcast, &data, &mut scratch);
+        assert_eq!(
+            &frame[2..],
+            br#"{"type":"event","broadcast":true,"data":{ "p" : 1.50 }}"#
+        );
+    }
+
+    #[test]
+    fn long_frames_use_extended_length() {
+        let frame = text_frame(&vec![b'x'; 70_000]);
+        assert_eq!(frame[1], 127);
+        assert_eq!(frame.len(), 10 + 70_000);
+    }
+}
