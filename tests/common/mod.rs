@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sidecast::{Config, Server, ShutdownHandle};
 use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocket};
 use tungstenite::{Message, Utf8Bytes};
 
@@ -202,6 +203,17 @@ impl Ws {
                 Err(e) => panic!("expected a close frame, got {e}"),
             }
         }
+    }
+
+    /// Runs the close handshake from the client side: sends Close 1000, expects the echo.
+    #[track_caller]
+    pub fn close_cleanly(&mut self) {
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        };
+        self.0.close(Some(frame)).unwrap();
+        assert_eq!(self.expect_close().code, CloseCode::Normal);
     }
 
     /// The raw TCP stream, to write bytes tungstenite would refuse to produce.
