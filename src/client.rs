@@ -9,7 +9,7 @@
 //! - `Request`: bytes accumulate until httparse sees a complete head (capped at
 //!   `max_header_size`).
 //! - `WebSocket`: tungstenite's `WebSocketContext` parses frames straight from the socket and
-//!   writes its own frames (pongs, close, replies) into the `OutQueue` through [`WsIo`], so the
+//!   writes its own frames (pongs, close, replies) into the `OutQueue` through `WsIo`, so the
 //!   queue is the single owner of outbound byte order. Pre-encoded event frames are appended
 //!   directly.
 //! - `Draining`: nothing more is parsed or queued. Once the queue is flushed the write side is

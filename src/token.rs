@@ -1,7 +1,7 @@
 //! The mapping between `mio::Token`s and the sources the reactor owns. This is the only code
 //! that does arithmetic on `Token.0`.
 //!
-//! Singletons take fixed tokens below [`FIRST_DYNAMIC`]. Slab entries follow them, interleaved
+//! Singletons take fixed tokens below `FIRST_DYNAMIC`. Slab entries follow them, interleaved
 //! by kind: `Token(FIRST_DYNAMIC + key * 2 + kind)` with kind 0 for WebSocket clients and 1 for
 //! publishers, so each slab can use its own keys.
 
