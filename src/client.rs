@@ -32,7 +32,7 @@ use crate::http::{self, Refusal, Route};
 use crate::hub::ChannelId;
 use crate::metrics::DisconnectReason;
 use crate::timer::{Tick, TimerKey};
-use crate::wire::Reply;
+use crate::wire::{self, Reply};
 
 /// Identifies a connection across slab-key reuse: `generation` is unique per accepted
 /// connection, so a stale id (in a timer or subscriber list) is detectable.
@@ -137,16 +137,51 @@ impl OutQueue {
     }
 }
 
-/// The stream tungstenite sees: reads come from the socket, writes go to the `OutQueue`
-/// (and so never block).
+/// The reactor's read buffer, shared by every connection (one thread, one reader at a time).
+/// A socket is read into it in large chunks; tungstenite then copies out only what it needs,
+/// so a connection's own buffer holds at most a partial frame.
+///
+/// Invariant: empty between connections. `read_messages` drains it completely, or discards
+/// the rest when the connection is closing anyway.
+pub struct SharedInput {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl SharedInput {
+    /// A shared buffer of `size` bytes.
+    pub fn new(size: usize) -> SharedInput {
+        SharedInput {
+            buf: vec![0; size].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+/// The stream tungstenite sees: reads come from the socket through the shared input, writes
+/// go to the `OutQueue` (and so never block).
 struct WsIo<'a> {
     socket: &'a mut TcpStream,
+    input: Option<&'a mut SharedInput>,
     out: &'a mut OutQueue,
 }
 
 impl Read for WsIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.socket.read(buf)
+        let Some(input) = self.input.as_deref_mut() else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        if input.start == input.end {
+            let n = self.socket.read(&mut input.buf)?;
+            input.start = 0;
+            input.end = n;
+        }
+        let n = buf.len().min(input.end - input.start);
+        buf[..n].copy_from_slice(&input.buf[input.start..input.start + n]);
+        input.start += n;
+        Ok(n)
     }
 }
 
@@ -336,12 +371,20 @@ impl ClientConn {
     ///
     /// # Errors
     /// How reading ended for good; the reactor closes the connection accordingly.
-    pub fn read_messages(&mut self, now: Tick, inbox: &mut Vec<Inbound>) -> Result<(), ReadEnd> {
+    pub fn read_messages(
+        &mut self,
+        now: Tick,
+        input: &mut SharedInput,
+        inbox: &mut Vec<Inbound>,
+    ) -> Result<(), ReadEnd> {
+        input.start = 0;
+        input.end = 0;
         let Phase::WebSocket(session) = &mut self.phase else {
             return Ok(());
         };
         let mut io = WsIo {
             socket: &mut self.socket,
+            input: Some(input),
             out: &mut self.out,
         };
         loop {
@@ -362,28 +405,16 @@ impl ClientConn {
         }
     }
 
-    /// Queues a reply, if the WebSocket still accepts frames.
+    /// Queues a reply, if the WebSocket still accepts frames. Replies are framed here rather
+    /// than by tungstenite so its internal write buffer is never allocated for them.
     pub fn send_reply(&mut self, reply: &Reply<'_>) {
-        self.send_message(Message::text(reply.to_json()));
+        self.send_frame(wire::text_frame(reply.to_json().as_bytes()));
     }
 
-    /// Queues a protocol-level Ping.
+    /// Queues a protocol-level Ping with an empty payload: a static frame, no allocation.
     pub fn send_ping(&mut self) {
-        self.send_message(Message::Ping(Bytes::new()));
-    }
-
-    fn send_message(&mut self, message: Message) {
-        if let Phase::WebSocket(session) = &mut self.phase
-            && session.ws.can_write()
-        {
-            let mut io = WsIo {
-                socket: &mut self.socket,
-                out: &mut self.out,
-            };
-            // Cannot fail: the state allows writing and WsIo never errors.
-            let sent = session.ws.write(&mut io, message);
-            debug_assert!(sent.is_ok(), "{sent:?}");
-        }
+        const PING: &[u8] = &[0x89, 0x00];
+        self.send_frame(Bytes::from_static(PING));
     }
 
     /// Queues a shared, pre-encoded frame. Returns false when the WebSocket no longer accepts
@@ -403,6 +434,7 @@ impl ClientConn {
         {
             let mut io = WsIo {
                 socket: &mut self.socket,
+                input: None,
                 out: &mut self.out,
             };
             let frame = CloseFrame {

@@ -35,7 +35,7 @@ const DEFAULT_MAX_SUBSCRIPTIONS: usize = 100;
 const DEFAULT_MAX_OUTPUT_BUFFER: usize = 1024 * 1024;
 const DEFAULT_MAX_HEADER_SIZE: usize = 8 * 1024;
 const DEFAULT_MAX_PUBLISH_LINE: usize = 1024 * 1024;
-const DEFAULT_READ_BUFFER_SIZE: usize = 4 * 1024;
+const DEFAULT_READ_BUFFER_SIZE: usize = 128;
 
 /// The shortest duration setting: the timer wheel's tick.
 pub const TIMER_TICK: Duration = Duration::from_millis(10);
@@ -69,7 +69,8 @@ pub struct Config {
     pub max_header_size: usize,
     /// Longest publish line, in bytes.
     pub max_publish_line: usize,
-    /// Bytes tungstenite reads from a socket at a time (allocated once per connection).
+    /// Initial size of a connection's own buffer for partial frames (sockets are read through
+    /// one shared 64 KiB buffer; this one grows only while a larger frame is incomplete).
     pub read_buffer_size: usize,
     /// Log level; `RUST_LOG`, when set, takes precedence.
     pub log_level: LevelFilter,
@@ -183,7 +184,7 @@ pub struct Settings {
     #[arg(long, value_name = "SIZE")]
     #[serde(default, deserialize_with = "parse")]
     pub max_publish_line: Option<ByteSize>,
-    /// Bytes read from a WebSocket at a time, allocated per connection [default: 4KiB]
+    /// Per-connection buffer for partial client frames; grows as needed [default: 128B]
     #[arg(long, value_name = "SIZE")]
     #[serde(default, deserialize_with = "parse")]
     pub read_buffer_size: Option<ByteSize>,

@@ -15,6 +15,7 @@
 //! - [`timer`]: the hashed timer wheel behind heartbeats and deadlines.
 //! - [`token`]: `mio::Token` ↔ event source.
 //! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`loadgen`]: the `sidecast bench` load generator.
 //! - [`config`], [`error`]: settings and the errors that leave a module.
 //!
 //! Everything runs on the thread that calls [`Server::run`]; the only cross-thread object is
@@ -26,6 +27,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod loadgen;
 pub mod metrics;
 pub mod publish;
 pub mod publisher;

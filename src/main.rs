@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde_json::value::RawValue;
 use sidecast::config::{DEFAULT_PUBLISH_SOCKET, Settings};
+use sidecast::loadgen::spawn::SpawnedServer;
+use sidecast::loadgen::{self, Plan, Preset, Step, Target};
 use sidecast::{Config, Publisher, Server};
 
 #[derive(Parser)]
@@ -27,6 +29,8 @@ struct Cli {
 enum Command {
     /// Run the server
     Serve(Box<Settings>),
+    /// Load-test a running sidecast (or one it spawns) and print latency, throughput and memory
+    Bench(Box<BenchArgs>),
     /// Publish an event (CHANNEL JSON), or NDJSON commands read from stdin; prints replies
     Publish {
         /// The server's publish socket
@@ -40,9 +44,50 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The scenario
+    #[arg(value_enum)]
+    preset: Preset,
+    /// The server's WebSocket URL, e.g. ws://127.0.0.1:3001/ws (never guessed)
+    #[arg(long)]
+    url: String,
+    /// The server's publish socket (never guessed)
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The server's pid, to report its CPU time and memory
+    #[arg(long, conflicts_with = "spawn")]
+    pid: Option<u32>,
+    /// Start the server from this binary on --url and --socket, and stop it afterwards
+    #[arg(long)]
+    spawn: bool,
+    /// With --spawn: pin the server to this CPU (taskset); pin the bench with taskset yourself
+    #[arg(long, requires = "spawn")]
+    server_cpu: Option<usize>,
+    /// Override the preset's number of connections
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Override the preset's number of channels
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Run one step at this many publishes per second instead of the preset's steps
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Override each step's duration
+    #[arg(long, value_name = "DURATION")]
+    duration: Option<sidecast::config::HumanDuration>,
+    /// Allow a target that is not on a loopback address
+    #[arg(long)]
+    allow_remote: bool,
+    /// Print the report as JSON
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(settings) => serve(*settings),
+        Command::Bench(args) => bench(*args),
         Command::Publish {
             socket,
             channel: Some(channel),
@@ -134,6 +179,82 @@ fn publish_stdin(socket: &PathBuf) -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("sidecast: {}: {e}", socket.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    let _ = simple_logger::SimpleLogger::new()
+        .with_level(log::LevelFilter::Warn)
+        .env()
+        .init();
+    let addr = match loadgen::resolve_url(&args.url) {
+        Ok(addr) if addr.ip().is_loopback() || args.allow_remote => addr,
+        Ok(addr) => {
+            eprintln!(
+                "sidecast: {addr} is not a loopback address; pass --allow-remote to load it anyway"
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("sidecast: --url: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut plan = Plan::preset(args.preset);
+    plan.connections = args.connections.unwrap_or(plan.connections);
+    plan.channels = args
+        .channels
+        .unwrap_or(plan.channels)
+        .clamp(1, plan.connections.max(1));
+    if let Some(rate) = args.rate {
+        let duration = plan
+            .steps
+            .first()
+            .map_or(std::time::Duration::from_secs(10), |s| s.duration);
+        plan.steps = vec![Step { rate, duration }];
+    }
+    if let Some(duration) = args.duration {
+        plan.steps.iter_mut().for_each(|s| s.duration = duration.0);
+    }
+    let spawned = if args.spawn {
+        let exe = std::env::current_exe().expect("the running binary has a path");
+        match SpawnedServer::start(
+            &exe,
+            addr,
+            &args.socket,
+            args.server_cpu,
+            plan.connections + 100,
+        ) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                eprintln!("sidecast: cannot start the server: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let target = Target {
+        addr,
+        socket: args.socket,
+        pid: args.pid.or(spawned.as_ref().map(SpawnedServer::pid)),
+    };
+    match loadgen::run(&plan, &target, !args.json) {
+        Ok(report) if args.json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("reports serialize")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{}", report.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sidecast: bench failed: {e}");
             ExitCode::FAILURE
         }
     }

@@ -205,7 +205,9 @@ pub struct PublisherConn {
     /// Serial number, for logs.
     pub serial: u64,
     socket: UnixStream,
+    /// Read buffer; bytes `..filled` hold a partial line (and, transiently, fresh reads).
     input: Vec<u8>,
+    filled: usize,
     output: Vec<u8>,
     written: usize,
     /// Commands refused since the reactor last collected the count (for metrics).
@@ -221,6 +223,7 @@ impl PublisherConn {
             serial,
             socket,
             input: Vec::new(),
+            filled: 0,
             output: Vec::new(),
             written: 0,
             errors: 0,
@@ -236,24 +239,27 @@ impl PublisherConn {
     /// Reads until the socket would block, executing each complete line in order.
     pub fn read_and_execute(&mut self, max_line: usize, sink: &mut impl Sink) -> ReadStatus {
         loop {
-            let start = self.input.len();
-            self.input.resize(start + READ_CHUNK, 0);
-            let read = self.socket.read(&mut self.input[start..]);
-            self.input.truncate(start + *read.as_ref().unwrap_or(&0));
-            match read {
+            // Room for one more chunk; only newly added bytes are zeroed, once.
+            if self.input.len() < self.filled + READ_CHUNK {
+                self.input.resize(self.filled + READ_CHUNK, 0);
+            }
+            match self.socket.read(&mut self.input[self.filled..]) {
                 Ok(0) => {
                     let rest = std::mem::take(&mut self.input);
+                    let rest = &rest[..std::mem::take(&mut self.filled)];
                     if rest.len() > max_line {
                         self.refuse_long_line(max_line);
                         return ReadStatus::Broken;
                     }
                     if !rest.is_empty() {
-                        self.execute(&rest, sink);
+                        self.execute(rest, sink);
                     }
                     return ReadStatus::Finished;
                 }
-                Ok(_) => {
-                    if !self.execute_complete_lines(start, max_line, sink) {
+                Ok(n) => {
+                    let fresh = self.filled;
+                    self.filled += n;
+                    if !self.execute_complete_lines(fresh, max_line, sink) {
                         return ReadStatus::Broken;
                     }
                 }
@@ -267,8 +273,9 @@ impl PublisherConn {
         }
     }
 
-    /// Executes the complete lines in `input`; `fresh` is where the bytes just read begin (no
-    /// newline lies before it). Returns false when a line exceeds `max_line`.
+    /// Executes the complete lines in `input[..filled]`; `fresh` is where the bytes just read
+    /// begin (no newline lies before it). Keeps the partial last line at the front. Returns
+    /// false when a line exceeds `max_line`.
     fn execute_complete_lines(
         &mut self,
         fresh: usize,
@@ -276,24 +283,26 @@ impl PublisherConn {
         sink: &mut impl Sink,
     ) -> bool {
         let input = std::mem::take(&mut self.input);
+        let filled = &input[..self.filled];
         let mut line_start = 0;
         let mut search_from = fresh;
-        while let Some(pos) = input[search_from..].iter().position(|&b| b == b'\n') {
+        while let Some(pos) = filled[search_from..].iter().position(|&b| b == b'\n') {
             let end = search_from + pos;
             if end - line_start > max_line {
                 self.refuse_long_line(max_line);
                 return false;
             }
-            self.execute(&input[line_start..end], sink);
+            self.execute(&filled[line_start..end], sink);
             line_start = end + 1;
             search_from = line_start;
         }
-        if input.len() - line_start > max_line {
+        if filled.len() - line_start > max_line {
             self.refuse_long_line(max_line);
             return false;
         }
         self.input = input;
-        self.input.drain(..line_start);
+        self.input.copy_within(line_start..self.filled, 0);
+        self.filled -= line_start;
         true
     }
 

@@ -36,7 +36,7 @@ use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::client::{ClientConn, ConnId, Inbound, ReadEnd, RequestOutcome};
+use crate::client::{ClientConn, ConnId, Inbound, ReadEnd, RequestOutcome, SharedInput};
 use crate::config::{Config, TIMER_TICK};
 use crate::error::StartupError;
 use crate::http::{self, Refusal, Route};
@@ -47,6 +47,8 @@ use crate::timer::{Tick, TickSource, TimerWheel};
 use crate::token::{self, Source};
 use crate::wire::{self, ErrorCode, EventTarget, Reply, Request};
 
+/// Size of the read buffer shared by all connections.
+const SHARED_READ_BUFFER: usize = 64 * 1024;
 /// How long accepting pauses after the process runs out of file descriptors.
 const ACCEPT_BACKOFF_TICKS: u64 = 10;
 
@@ -288,6 +290,7 @@ pub struct Server {
     shutting_down: bool,
     finished: bool,
     /// Reused buffers.
+    input: SharedInput,
     inbox: Vec<Inbound>,
     expired: Vec<TimerEvent>,
 }
@@ -371,6 +374,7 @@ impl Server {
             accept_paused: false,
             shutting_down: false,
             finished: false,
+            input: SharedInput::new(SHARED_READ_BUFFER),
             inbox: Vec::new(),
             expired: Vec::new(),
         })
@@ -587,7 +591,7 @@ impl Server {
             return;
         }
         let mut inbox = std::mem::take(&mut self.inbox);
-        let result = client.read_messages(now, &mut inbox);
+        let result = client.read_messages(now, &mut self.input, &mut inbox);
         for message in inbox.drain(..) {
             self.on_message(key, message);
         }

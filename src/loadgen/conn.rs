@@ -1,0 +1,350 @@
+//! One load-generator WebSocket client: non-blocking, masked frames out, frames parsed in
+//! place from the reactor's shared read buffer. A connection keeps bytes of its own only while
+//! a frame is split across reads, so receiving an event allocates nothing.
+//!
+//! It understands exactly what sidecast sends: a 101 response, then unmasked frames whose text
+//! payloads are `connected`, `subscribed` and `event` messages; Pings are answered with Pongs.
+
+use std::io::{self, Read, Write};
+
+use mio::net::TcpStream;
+
+/// What a connection reports to the runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// `subscribed`, with the channel's sequence number at that moment.
+    Subscribed(u64),
+    /// An event with the publish timestamp `t` from its data.
+    Event {
+        /// Microseconds since the bench started, written by the publisher.
+        sent_us: u64,
+        /// Events skipped before this one (a gap in the sequence numbers).
+        skipped: u64,
+        /// True when this sequence number was already received.
+        repeated: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the 101 response head.
+    Upgrading,
+    /// Reading frames.
+    Open,
+}
+
+/// One benchmark client.
+pub struct BenchConn {
+    /// The socket.
+    pub socket: TcpStream,
+    /// The channel this client subscribes to.
+    pub channel: usize,
+    /// The next sequence number expected on the channel.
+    pub next_seq: u64,
+    /// True once `subscribed` arrived.
+    pub is_subscribed: bool,
+    phase: Phase,
+    /// Bytes of an incomplete response head or frame.
+    partial: Vec<u8>,
+    /// Bytes the socket did not take yet.
+    pending: Vec<u8>,
+}
+
+/// Why a connection is unusable.
+#[derive(Debug)]
+pub enum ConnFailure {
+    /// An I/O error or EOF.
+    Io(io::Error),
+    /// The server answered something unexpected (not 101, a close frame, a broken frame).
+    Protocol(String),
+}
+
+impl BenchConn {
+    /// Starts a connection: the upgrade request and the subscribe message are queued at once.
+    pub fn new(socket: TcpStream, host: &str, channel: usize, channel_name: &str) -> BenchConn {
+        let mut pending = format!(
+            "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: c2lkZWNhc3QtYmVuY2gtMQ==\r\n\r\n"
+        )
+        .into_bytes();
+        let subscribe = format!(r#"{{"type":"subscribe","channel":"{channel_name}"}}"#);
+        masked_frame(0x1, subscribe.as_bytes(), &mut pending);
+        BenchConn {
+            socket,
+            channel,
+            next_seq: 0,
+            is_subscribed: false,
+            phase: Phase::Upgrading,
+            partial: Vec::new(),
+            pending,
+        }
+    }
+
+    /// Writes queued bytes until done or the socket would block.
+    ///
+    /// # Errors
+    /// A fatal socket error.
+    pub fn flush(&mut self) -> Result<(), ConnFailure> {
+        while !self.pending.is_empty() {
+            match self.socket.write(&self.pending) {
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ConnFailure::Io(e)),
+            }
+        }
+        self.pending = Vec::new();
+        Ok(())
+    }
+
+    /// Reads until the socket would block, reporting each message to `seen`. `buf` is the
+    /// runner's shared read buffer.
+    ///
+    /// # Errors
+    /// The connection failed or the server closed it.
+    pub fn on_readable(
+        &mut self,
+        buf: &mut [u8],
+        seen: &mut impl FnMut(Seen),
+    ) -> Result<(), ConnFailure> {
+        loop {
+            let n = match self.socket.read(buf) {
+                Ok(0) => return Err(ConnFailure::Io(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ConnFailure::Io(e)),
+            };
+            if self.partial.is_empty() {
+                let used = self.consume(&buf[..n], seen)?;
+                self.partial.extend_from_slice(&buf[used..n]);
+            } else {
+                let mut joined = std::mem::take(&mut self.partial);
+                joined.extend_from_slice(&buf[..n]);
+                let used = self.consume(&joined, seen)?;
+                joined.drain(..used);
+                self.partial = joined;
+            }
+        }
+        if self.partial.is_empty() {
+            self.partial = Vec::new();
+        }
+        self.flush()
+    }
+
+    /// Parses as much of `bytes` as is complete; returns how many bytes were used.
+    fn consume(&mut self, bytes: &[u8], seen: &mut impl FnMut(Seen)) -> Result<usize, ConnFailure> {
+        let mut at = 0;
+        if self.phase == Phase::Upgrading {
+            let Some(end) = find(bytes, b"\r\n\r\n") else {
+                return Ok(0);
+            };
+            if !bytes.starts_with(b"HTTP/1.1 101") {
+                let line = String::from_utf8_lossy(&bytes[..end])
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                return Err(ConnFailure::Protocol(format!("upgrade refused: {line}")));
+            }
+            self.phase = Phase::Open;
+            at = end + 4;
+        }
+        while let Some(FrameAt {
+            opcode,
+            payload,
+            len,
+        }) = parse_frame(&bytes[at..])?
+        {
+            let payload = &bytes[at + payload.start..at + payload.end];
+            match opcode {
+                0x1 => self.on_text(payload, seen),
+                0x9 => masked_frame(0xA, payload, &mut self.pending),
+                0xA => {}
+                0x8 => {
+                    let code = payload
+                        .get(..2)
+                        .map_or(0, |c| u16::from_be_bytes([c[0], c[1]]));
+                    return Err(ConnFailure::Protocol(format!("server closed with {code}")));
+                }
+                other => return Err(ConnFailure::Protocol(format!("unexpected opcode {other}"))),
+            }
+            at += len;
+        }
+        Ok(at)
+    }
+
+    fn on_text(&mut self, text: &[u8], seen: &mut impl FnMut(Seen)) {
+        if text.starts_with(br#"{"type":"event""#) {
+            let (Some(seq), Some(sent_us)) = (
+                number_after(text, b"\"seq\":"),
+                number_after(text, b"\"t\":"),
+            ) else {
+                return;
+            };
+            let repeated = seq < self.next_seq;
+            let skipped = seq.saturating_sub(self.next_seq);
+            self.next_seq = self.next_seq.max(seq + 1);
+            seen(Seen::Event {
+                sent_us,
+                skipped,
+                repeated,
+            });
+        } else if text.starts_with(br#"{"type":"subscribed""#) {
+            let seq = number_after(text, b"\"seq\":").unwrap_or(0);
+            self.next_seq = seq + 1;
+            self.is_subscribed = true;
+            seen(Seen::Subscribed(seq));
+        }
+    }
+}
+
+/// A complete frame at the start of a buffer.
+struct FrameAt {
+    opcode: u8,
+    payload: std::ops::Range<usize>,
+    len: usize,
+}
+
+/// Parses the server frame at the start of `bytes`, or `None` when it is incomplete.
+fn parse_frame(bytes: &[u8]) -> Result<Option<FrameAt>, ConnFailure> {
+    if bytes.len() < 2 {
+        return Ok(None);
+    }
+    if bytes[0] & 0x80 == 0 || bytes[1] & 0x80 != 0 {
+        return Err(ConnFailure::Protocol(
+            "fragmented or masked server frame".into(),
+        ));
+    }
+    let (len, header) = match bytes[1] & 0x7f {
+        126 if bytes.len() >= 4 => (usize::from(u16::from_be_bytes([bytes[2], bytes[3]])), 4),
+        127 if bytes.len() >= 10 => {
+            let mut be = [0u8; 8];
+            be.copy_from_slice(&bytes[2..10]);
+            (u64::from_be_bytes(be) as usize, 10)
+        }
+        126 | 127 => return Ok(None),
+        n => (usize::from(n), 2),
+    };
+    if bytes.len() < header + len {
+        return Ok(None);
+    }
+    Ok(Some(FrameAt {
+        opcode: bytes[0] & 0x0f,
+        payload: header..header + len,
+        len: header + len,
+    }))
+}
+
+/// Appends a masked client frame (RFC 6455 5.3). The fixed mask is fine for a load generator:
+/// masking protects intermediaries, not the benchmark.
+pub fn masked_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
+    const MASK: [u8; 4] = [0x5a, 0x17, 0xc3, 0x2e];
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&MASK);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The unsigned integer right after `key` in `text`.
+fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
+    let start = find(text, key)? + key.len();
+    let digits = text[start..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&text[start..start + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_frames_of_each_length_format() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let payload = vec![b'x'; len];
+            let frame = crate::wire::text_frame(&payload);
+            let at = parse_frame(&frame).unwrap().unwrap();
+            assert_eq!((at.opcode, at.payload.len(), at.len), (1, len, frame.len()));
+            assert!(parse_frame(&frame[..frame.len() - 1]).unwrap().is_none() || len == 0);
+        }
+    }
+
+    #[test]
+    fn masked_frames_unmask_to_the_payload() {
+        let mut out = Vec::new();
+        masked_frame(0x1, b"hello", &mut out);
+        assert_eq!(out[0], 0x81);
+        assert_eq!(out[1], 0x80 | 5);
+        let mask = [out[2], out[3], out[4], out[5]];
+        let unmasked: Vec<u8> = out[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
+        assert_eq!(unmasked, b"hello");
+    }
+
+    #[test]
+    fn gaps_and_repeats_are_counted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut conn = BenchConn::new(socket, "x", 0, "bench:0");
+        let mut seen = Vec::new();
+        let mut record = |s| seen.push(s);
+        conn.on_text(
+            br#"{"type":"subscribed","channel":"bench:0","seq":4}"#,
+            &mut record,
+        );
+        for seq in [5, 6, 8, 8, 9] {
+            let text =
+                format!(r#"{{"type":"event","channel":"bench:0","seq":{seq},"data":{{"t":7}}}}"#);
+            conn.on_text(text.as_bytes(), &mut record);
+        }
+        let event = |skipped, repeated| Seen::Event {
+            sent_us: 7,
+            skipped,
+            repeated,
+        };
+        assert_eq!(
+            seen,
+            vec![
+                Seen::Subscribed(4),
+                event(0, false),
+                event(0, false),
+                event(1, false),
+                event(0, true),
+                event(0, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn reads_numbers_after_keys() {
+        let text = br#"{"type":"event","channel":"bench:1","seq":42,"data":{"t":123456}}"#;
+        assert_eq!(number_after(text, b"\"seq\":"), Some(42));
+        assert_eq!(number_after(text, b"\"t\":"), Some(123456));
+        assert_eq!(number_after(text, b"\"nope\":"), None);
+    }
+}

@@ -1,0 +1,647 @@
+//! `sidecast bench`: a single-threaded mio load generator to point at a running sidecast.
+//!
+//! It opens N WebSocket clients ([`conn`]), subscribes each to one of C channels
+//! (`bench:0` … `bench:C-1`, round robin), then publishes timestamped events through the
+//! publish socket at a fixed rate per step, round robin over the channels. Each delivery's
+//! publish→receive latency goes into an HDR histogram; gaps and repeats in each client's
+//! sequence numbers count as lost and duplicated events. With the server's pid it also samples
+//! the server's CPU time and RSS from `/proc`.
+//!
+//! Invariants: every run is bounded (connect phase, steps and the final drain all have
+//! deadlines); receiving an event allocates nothing; the generator measures its own CPU and
+//! flags a step in which it saturated its core, since its figures are then a floor for the
+//! generator, not the server.
+
+pub mod conn;
+pub mod spawn;
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mio::net::{TcpStream, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use serde::Serialize;
+
+use conn::{BenchConn, ConnFailure, Seen};
+
+/// Connection attempts in flight at once, so the server's accept backlog never overflows
+/// (an overflow costs a 1 s SYN retry and would distort handshakes/s).
+const CONNECT_WINDOW: usize = 256;
+/// How long the connect phase and the final drain may take at most.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// A step fails when its p99 reaches this.
+const P99_LIMIT_US: u64 = 100_000;
+/// A step in which the generator used more of its core than this is flagged as saturated.
+const SATURATED: f64 = 0.9;
+const PUBLISHER: Token = Token(usize::MAX);
+
+/// A named scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// 1000 subscribers on one channel, 200 publishes/s for 10 s.
+    Latency,
+    /// 1000 subscribers on one channel; publish rate steps up until p99 ≥ 100 ms or loss.
+    Throughput,
+    /// 5000 connections each on its own channel, 2000 publishes/s round robin for 10 s.
+    Channels,
+    /// 9000 subscribed connections (over 900 channels), no events: memory and handshakes.
+    Idle,
+}
+
+/// One rate step.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Step {
+    /// Publishes per second.
+    pub rate: u64,
+    /// How long the step lasts.
+    #[serde(serialize_with = "as_secs")]
+    pub duration: Duration,
+}
+
+fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The preset it came from.
+    pub preset: Preset,
+    /// WebSocket clients.
+    pub connections: usize,
+    /// Channels they are spread over.
+    pub channels: usize,
+    /// Rate steps, run in order.
+    pub steps: Vec<Step>,
+    /// Stop at the first step whose p99 reaches 100 ms or that loses events.
+    pub stop_on_failure: bool,
+    /// Padding bytes in each event's data, to size the frames.
+    pub padding: usize,
+}
+
+impl Plan {
+    /// The preset's plan.
+    pub fn preset(preset: Preset) -> Plan {
+        let steady = |rate| {
+            vec![Step {
+                rate,
+                duration: Duration::from_secs(10),
+            }]
+        };
+        let (connections, channels, steps, stop_on_failure) = match preset {
+            Preset::Latency => (1000, 1, steady(200), false),
+            Preset::Throughput => {
+                let rates = [
+                    250, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000,
+                ];
+                let steps = rates.iter().map(|&rate| Step {
+                    rate,
+                    duration: Duration::from_secs(5),
+                });
+                (1000, 1, steps.collect(), true)
+            }
+            Preset::Channels => (5000, 5000, steady(2000), false),
+            Preset::Idle => (9000, 900, Vec::new(), false),
+        };
+        Plan {
+            preset,
+            connections,
+            channels,
+            steps,
+            stop_on_failure,
+            padding: 160,
+        }
+    }
+}
+
+/// Where the server is.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The WebSocket address (host:port of `ws://host:port/ws`).
+    pub addr: SocketAddr,
+    /// The publish socket.
+    pub socket: PathBuf,
+    /// The server's pid, for CPU and memory figures.
+    pub pid: Option<u32>,
+}
+
+/// Figures for one rate step.
+#[derive(Debug, Serialize)]
+pub struct StepReport {
+    /// Publishes per second asked for.
+    pub rate: u64,
+    /// Publishes written.
+    pub published: u64,
+    /// Events received during the step.
+    pub received: u64,
+    /// Deliveries per second achieved.
+    pub deliveries_per_sec: f64,
+    /// Latency percentiles in microseconds: p50, p90, p99, p99.9, max.
+    pub latency_us: Percentiles,
+    /// Server CPU seconds per million deliveries, when the pid is known.
+    pub server_cpu_s_per_million: Option<f64>,
+    /// The server's CPU use as a fraction of one core.
+    pub server_cpu_fraction: Option<f64>,
+    /// The generator's CPU use as a fraction of one core.
+    pub bench_cpu_fraction: f64,
+    /// True when the generator itself was the bottleneck.
+    pub bench_saturated: bool,
+    /// True when p99 stayed under 100 ms, nothing was lost and no client failed.
+    pub passed: bool,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Maximum.
+    pub max: u64,
+}
+
+/// The whole run.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The scenario.
+    pub preset: Preset,
+    /// Clients opened.
+    pub connections: usize,
+    /// Channels used.
+    pub channels: usize,
+    /// Upgrade + subscribe round trips per second during the connect phase.
+    pub handshakes_per_sec: f64,
+    /// Server CPU microseconds per handshake (connect phase), when the pid is known.
+    pub server_cpu_us_per_handshake: Option<f64>,
+    /// Server RSS before connecting, in KiB.
+    pub server_rss_before_kib: Option<u64>,
+    /// Server RSS with every client connected and subscribed, in KiB.
+    pub server_rss_connected_kib: Option<u64>,
+    /// (connected − before) / connections, in bytes.
+    pub server_rss_per_connection_bytes: Option<f64>,
+    /// Server RSS at the end, in KiB.
+    pub server_rss_end_kib: Option<u64>,
+    /// Each rate step.
+    pub steps: Vec<StepReport>,
+    /// Highest rate whose step passed (throughput preset).
+    pub best_passing_deliveries_per_sec: Option<f64>,
+    /// Events published but never received, over all clients.
+    pub lost: u64,
+    /// Events received twice.
+    pub duplicated: u64,
+    /// Clients whose connection failed.
+    pub failed_connections: usize,
+}
+
+/// The socket address of a `ws://host:port/path` URL.
+///
+/// # Errors
+/// The URL is not `ws://` or its host does not resolve.
+pub fn resolve_url(url: &str) -> io::Result<SocketAddr> {
+    let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{url}: {why}"));
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| invalid("expected ws://host:port/ws"))?;
+    let host_port = rest.split('/').next().unwrap_or(rest);
+    let host_port = if host_port.contains(':') {
+        host_port.to_string()
+    } else {
+        format!("{host_port}:80")
+    };
+    std::net::ToSocketAddrs::to_socket_addrs(&host_port)?
+        .next()
+        .ok_or_else(|| invalid("host does not resolve"))
+}
+
+/// CPU time (ns) and RSS (KiB) of a process, from `/proc`.
+fn sample(pid: Option<u32>) -> (Option<u64>, Option<u64>) {
+    let path = |file: &str| match pid {
+        Some(pid) => format!("/proc/{pid}/{file}"),
+        None => format!("/proc/self/{file}"),
+    };
+    let cpu = std::fs::read_to_string(path("schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok());
+    let rss = std::fs::read_to_string(path("status")).ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    });
+    (cpu, rss)
+}
+
+struct Runner {
+    poll: Poll,
+    conns: Vec<Option<BenchConn>>,
+    publisher: UnixStream,
+    /// Publish lines not yet taken by the socket.
+    outgoing: Vec<u8>,
+    /// Events published per channel.
+    published: Vec<u64>,
+    /// Channel sequence number when each channel's first client subscribed.
+    base_seq: Vec<Option<u64>>,
+    histogram: Histogram<u64>,
+    received: u64,
+    lost: u64,
+    duplicated: u64,
+    failed: usize,
+    start: Instant,
+    buf: Vec<u8>,
+    padding: String,
+    next_channel: usize,
+    progress: bool,
+}
+
+/// Runs `plan` against `target` and returns the report.
+///
+/// # Errors
+/// The server cannot be reached at all.
+pub fn run(plan: &Plan, target: &Target, progress: bool) -> io::Result<Report> {
+    let poll = Poll::new()?;
+    let mut publisher = UnixStream::connect(&target.socket)?;
+    poll.registry()
+        .register(&mut publisher, PUBLISHER, Interest::WRITABLE)?;
+    let mut runner = Runner {
+        poll,
+        conns: Vec::with_capacity(plan.connections),
+        publisher,
+        outgoing: Vec::new(),
+        published: vec![0; plan.channels],
+        base_seq: vec![None; plan.channels],
+        histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        received: 0,
+        lost: 0,
+        duplicated: 0,
+        failed: 0,
+        start: Instant::now(),
+        buf: vec![0; 256 * 1024],
+        padding: "x".repeat(plan.padding),
+        next_channel: 0,
+        progress,
+    };
+    let (cpu_before, rss_before) = sample(target.pid);
+    let connect_started = Instant::now();
+    runner.connect_all(plan, target.addr)?;
+    let connect_secs = connect_started.elapsed().as_secs_f64();
+    let (cpu_connected, rss_connected) = sample(target.pid);
+    let opened = runner.conns.iter().filter(|c| c.is_some()).count();
+
+    let mut steps = Vec::new();
+    for step in &plan.steps {
+        let report = runner.run_step(*step, target.pid, plan.channels)?;
+        let passed = report.passed;
+        steps.push(report);
+        if plan.stop_on_failure && !passed {
+            break;
+        }
+    }
+    if !plan.steps.is_empty() {
+        runner.drain()?;
+    }
+    let (_, rss_end) = sample(target.pid);
+    let best = steps
+        .iter()
+        .filter(|s| s.passed)
+        .map(|s| s.deliveries_per_sec)
+        .reduce(f64::max);
+    let per_conn = match (rss_before, rss_connected) {
+        (Some(before), Some(after)) if opened > 0 => {
+            Some((after as f64 - before as f64) * 1024.0 / opened as f64)
+        }
+        _ => None,
+    };
+    let cpu_per_handshake = match (cpu_before, cpu_connected) {
+        (Some(a), Some(b)) if opened > 0 => Some((b - a) as f64 / 1000.0 / opened as f64),
+        _ => None,
+    };
+    Ok(Report {
+        preset: plan.preset,
+        connections: opened,
+        channels: plan.channels,
+        handshakes_per_sec: opened as f64 / connect_secs,
+        server_cpu_us_per_handshake: cpu_per_handshake,
+        server_rss_before_kib: rss_before,
+        server_rss_connected_kib: rss_connected,
+        server_rss_per_connection_bytes: per_conn,
+        server_rss_end_kib: rss_end,
+        steps,
+        best_passing_deliveries_per_sec: if plan.stop_on_failure { best } else { None },
+        lost: runner.lost + runner.missing(),
+        duplicated: runner.duplicated,
+        failed_connections: runner.failed,
+    })
+}
+
+impl Runner {
+    /// Opens every client, at most `CONNECT_WINDOW` in flight, until all are subscribed.
+    fn connect_all(&mut self, plan: &Plan, addr: SocketAddr) -> io::Result<()> {
+        let host = addr.to_string();
+        let mut events = Events::with_capacity(1024);
+        let deadline = Instant::now() + CONNECT_DEADLINE;
+        let mut subscribed = 0;
+        while subscribed + self.failed < plan.connections {
+            while self.conns.len() < plan.connections
+                && self.conns.len() - subscribed - self.failed < CONNECT_WINDOW
+            {
+                let channel = self.conns.len() % plan.channels;
+                let mut socket = TcpStream::connect(addr)?;
+                socket.set_nodelay(true)?;
+                let token = Token(self.conns.len());
+                self.poll.registry().register(
+                    &mut socket,
+                    token,
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                self.conns.push(Some(BenchConn::new(
+                    socket,
+                    &host,
+                    channel,
+                    &format!("bench:{channel}"),
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connect phase took over 60 s",
+                ));
+            }
+            self.poll
+                .poll(&mut events, Some(Duration::from_millis(100)))?;
+            for event in events.iter() {
+                let was = self
+                    .conns
+                    .get(event.token().0)
+                    .and_then(|c| c.as_ref())
+                    .is_some_and(|c| c.is_subscribed);
+                self.on_conn_event(event.token().0);
+                let now = self
+                    .conns
+                    .get(event.token().0)
+                    .and_then(|c| c.as_ref())
+                    .is_some_and(|c| c.is_subscribed);
+                subscribed += usize::from(!was && now);
+            }
+            if self.progress {
+                eprint!(
+                    "\r  connecting: {subscribed}/{} subscribed   ",
+                    plan.connections
+                );
+            }
+        }
+        if self.progress {
+            eprintln!();
+        }
+        Ok(())
+    }
+
+    fn on_conn_event(&mut self, key: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(key) else {
+            return;
+        };
+        let now_us = self.start.elapsed().as_micros() as u64;
+        let channel = conn.channel;
+        let base_seq = &mut self.base_seq;
+        let histogram = &mut self.histogram;
+        let (received, lost, duplicated) =
+            (&mut self.received, &mut self.lost, &mut self.duplicated);
+        let mut seen = |event: Seen| match event {
+            Seen::Subscribed(seq) => {
+                base_seq[channel].get_or_insert(seq);
+            }
+            Seen::Event {
+                sent_us,
+                skipped,
+                repeated,
+            } => {
+                *received += 1;
+                let _ = histogram.record(now_us.saturating_sub(sent_us).max(1));
+                *lost += skipped;
+                *duplicated += u64::from(repeated);
+            }
+        };
+        let result = conn
+            .flush()
+            .and_then(|()| conn.on_readable(&mut self.buf, &mut seen));
+        if let Err(failure) = result {
+            match failure {
+                ConnFailure::Io(e) => log::warn!("bench client {key}: {e}"),
+                ConnFailure::Protocol(why) => log::warn!("bench client {key}: {why}"),
+            }
+            self.failed += 1;
+            self.conns[key] = None;
+        }
+    }
+
+    fn run_step(
+        &mut self,
+        step: Step,
+        pid: Option<u32>,
+        channels: usize,
+    ) -> io::Result<StepReport> {
+        self.histogram.reset();
+        let received_before = self.received;
+        let lost_before = self.lost + self.failed as u64;
+        let (server_cpu_before, _) = sample(pid);
+        let (bench_cpu_before, _) = sample(None);
+        let started = Instant::now();
+        let mut published = 0u64;
+        let mut events = Events::with_capacity(1024);
+        let mut next_progress = started + Duration::from_secs(1);
+        while started.elapsed() < step.duration {
+            let due = (started.elapsed().as_secs_f64() * step.rate as f64) as u64;
+            while published < due {
+                self.queue_publish(channels);
+                published += 1;
+            }
+            self.flush_publisher()?;
+            let next_due = Duration::from_secs_f64((published + 1) as f64 / step.rate as f64);
+            let timeout = next_due
+                .saturating_sub(started.elapsed())
+                .min(Duration::from_millis(50));
+            self.poll.poll(&mut events, Some(timeout))?;
+            for event in events.iter() {
+                if event.token() == PUBLISHER {
+                    self.flush_publisher()?;
+                } else {
+                    self.on_conn_event(event.token().0);
+                }
+            }
+            if self.progress && Instant::now() >= next_progress {
+                next_progress += Duration::from_secs(1);
+                eprint!(
+                    "\r  {:>6}/s  {:>4.1}s  published {published}  received {}  p99 {:.2} ms   ",
+                    step.rate,
+                    started.elapsed().as_secs_f64(),
+                    self.received - received_before,
+                    self.histogram.value_at_quantile(0.99) as f64 / 1000.0
+                );
+            }
+        }
+        if self.progress {
+            eprintln!();
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let received = self.received - received_before;
+        let (server_cpu_after, _) = sample(pid);
+        let (bench_cpu_after, _) = sample(None);
+        let server_cpu = server_cpu_before
+            .zip(server_cpu_after)
+            .map(|(a, b)| (b - a) as f64 / 1e9);
+        let bench_cpu = bench_cpu_before
+            .zip(bench_cpu_after)
+            .map_or(0.0, |(a, b)| (b - a) as f64 / 1e9);
+        let h = &self.histogram;
+        let latency_us = Percentiles {
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        };
+        let lossless = self.lost + self.failed as u64 == lost_before;
+        let passed = lossless && latency_us.p99 < P99_LIMIT_US && received > 0;
+        Ok(StepReport {
+            rate: step.rate,
+            published,
+            received,
+            deliveries_per_sec: received as f64 / secs,
+            server_cpu_s_per_million: server_cpu
+                .filter(|_| received > 0)
+                .map(|cpu| cpu * 1e6 / received as f64),
+            server_cpu_fraction: server_cpu.map(|cpu| cpu / secs),
+            bench_cpu_fraction: bench_cpu / secs,
+            bench_saturated: bench_cpu / secs > SATURATED,
+            latency_us,
+            passed,
+        })
+    }
+
+    /// Queues one timestamped publish line for the next channel in round robin.
+    fn queue_publish(&mut self, channels: usize) {
+        let channel = self.next_channel;
+        self.next_channel = (self.next_channel + 1) % channels;
+        self.published[channel] += 1;
+        let sent_us = self.start.elapsed().as_micros() as u64;
+        let _ = writeln!(
+            self.outgoing,
+            r#"{{"channel":"bench:{channel}","data":{{"t":{sent_us},"pad":"{}"}}}}"#,
+            self.padding
+        );
+    }
+
+    fn flush_publisher(&mut self) -> io::Result<()> {
+        while !self.outgoing.is_empty() {
+            match self.publisher.write(&self.outgoing) {
+                Ok(n) => {
+                    self.outgoing.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// After the last step: waits until every published event arrived, or the drain deadline.
+    fn drain(&mut self) -> io::Result<()> {
+        let deadline = Instant::now() + DRAIN_DEADLINE;
+        let mut events = Events::with_capacity(1024);
+        while self.missing() > 0 && Instant::now() < deadline {
+            self.flush_publisher()?;
+            self.poll
+                .poll(&mut events, Some(Duration::from_millis(50)))?;
+            for event in events.iter() {
+                if event.token() == PUBLISHER {
+                    self.flush_publisher()?;
+                } else {
+                    self.on_conn_event(event.token().0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Events published to live clients' channels that they have not received yet.
+    fn missing(&self) -> u64 {
+        self.conns
+            .iter()
+            .flatten()
+            .map(|c| {
+                let last = self.base_seq[c.channel].unwrap_or(0) + self.published[c.channel];
+                (last + 1).saturating_sub(c.next_seq.max(1))
+            })
+            .sum()
+    }
+}
+
+impl Report {
+    /// Human-readable summary.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "preset {:?}: {} connections over {} channel(s)\n  connect: {:.0} handshakes/s",
+            self.preset, self.connections, self.channels, self.handshakes_per_sec
+        );
+        if let Some(us) = self.server_cpu_us_per_handshake {
+            out += &format!(", {us:.1} µs server CPU per handshake");
+        }
+        if let (Some(before), Some(connected), Some(per)) = (
+            self.server_rss_before_kib,
+            self.server_rss_connected_kib,
+            self.server_rss_per_connection_bytes,
+        ) {
+            out += &format!(
+                "\n  server RSS: {before} KiB → {connected} KiB connected ({per:.0} B per connection)"
+            );
+        }
+        if let Some(end) = self.server_rss_end_kib {
+            out += &format!(", {end} KiB at the end");
+        }
+        for s in &self.steps {
+            let l = &s.latency_us;
+            let ms = |us: u64| us as f64 / 1000.0;
+            out += &format!(
+                "\n  {:>6} publishes/s: {:>10.0} deliveries/s  p50 {:.2} ms  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                s.rate,
+                s.deliveries_per_sec,
+                ms(l.p50),
+                ms(l.p90),
+                ms(l.p99),
+                ms(l.p999),
+                ms(l.max)
+            );
+            if let (Some(per_million), Some(fraction)) =
+                (s.server_cpu_s_per_million, s.server_cpu_fraction)
+            {
+                out += &format!(
+                    "  server {per_million:.2} CPU-s/M ({:.0}% core)",
+                    fraction * 100.0
+                );
+            }
+            out += &format!("  bench {:.0}% core", s.bench_cpu_fraction * 100.0);
+            if s.bench_saturated {
+                out += "  [BENCH SATURATED: figures are a floor]";
+            }
+            if !s.passed {
+                out += "  [FAILED: p99 ≥ 100 ms or loss]";
+            }
+        }
+        if let Some(best) = self.best_passing_deliveries_per_sec {
+            out += &format!("\n  best passing step: {best:.0} deliveries/s");
+        }
+        out += &format!(
+            "\n  lost {}  duplicated {}  failed connections {}\n",
+            self.lost, self.duplicated, self.failed_connections
+        );
+        out
+    }
+}

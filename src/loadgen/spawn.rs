@@ -1,0 +1,83 @@
+//! Starting a sidecast server for a benchmark run, optionally pinned to one CPU with
+//! `taskset`, and stopping it with SIGTERM when done.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `sidecast serve` child process; SIGTERM and wait on drop.
+pub struct SpawnedServer {
+    child: Child,
+}
+
+impl SpawnedServer {
+    /// Starts `exe serve` on `addr` and `socket` and waits until the publish socket answers.
+    ///
+    /// # Errors
+    /// The process cannot start, or its socket does not answer within 10 s.
+    pub fn start(
+        exe: &Path,
+        addr: SocketAddr,
+        socket: &Path,
+        cpu: Option<usize>,
+        max_connections: usize,
+    ) -> io::Result<SpawnedServer> {
+        let mut command = match cpu {
+            Some(cpu) => {
+                let mut taskset = Command::new("taskset");
+                taskset.args(["-c", &cpu.to_string()]).arg(exe);
+                taskset
+            }
+            None => Command::new(exe),
+        };
+        // Pings would only add noise to a bounded run.
+        let child = command
+            .args([
+                "serve",
+                "--log-level",
+                "warn",
+                "--heartbeat-interval",
+                "10m",
+                "--heartbeat-timeout",
+                "20m",
+            ])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--max-connections",
+                &max_connections.to_string(),
+            ])
+            .arg("--publish-socket")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .spawn()?;
+        let server = SpawnedServer { child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the spawned server never answered",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+
+    /// The server's pid (taskset execs it, so it is the child's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for SpawnedServer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
