@@ -262,6 +262,9 @@ pub struct ClientConn {
     pub wants_writable: bool,
     /// Why the connection is being closed, once that is decided.
     pub close_reason: Option<DisconnectReason>,
+    /// When the oldest event still queued here was read from its publisher, in microseconds
+    /// since the server started; 0 when no event is queued.
+    pub event_pending_since_us: u64,
     socket: TcpStream,
     phase: Phase,
     out: OutQueue,
@@ -278,6 +281,7 @@ impl ClientConn {
             is_dirty: false,
             wants_writable: false,
             close_reason: None,
+            event_pending_since_us: 0,
             socket,
             phase: Phase::Request { head: Vec::new() },
             out: OutQueue::default(),

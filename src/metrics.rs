@@ -51,6 +51,51 @@ impl DisconnectReason {
     }
 }
 
+/// Upper bounds of the latency buckets, in microseconds (50 µs to 1 s).
+const LATENCY_BOUNDS_US: [u64; 14] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000,
+];
+
+/// A Prometheus histogram of publish→write latency: from the loop pass that read a publish
+/// line to the moment a connection's socket took the last byte queued for it. One observation
+/// per connection write that emptied its queue, measured for the oldest event in it.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [u64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: u64,
+    count: u64,
+}
+
+impl LatencyHistogram {
+    /// Records one latency.
+    pub fn observe(&mut self, micros: u64) {
+        let bucket = LATENCY_BOUNDS_US.iter().position(|&bound| micros <= bound);
+        self.buckets[bucket.unwrap_or(LATENCY_BOUNDS_US.len())] += 1;
+        self.sum_us += micros;
+        self.count += 1;
+    }
+
+    fn render(&self, name: &str, out: &mut String) {
+        let _ = write!(
+            out,
+            "# HELP {name} Publish-to-socket-write latency per connection write, oldest event.\n\
+             # TYPE {name} histogram\n"
+        );
+        let mut cumulative = 0;
+        for (i, count) in self.buckets.iter().enumerate() {
+            cumulative += count;
+            let le = LATENCY_BOUNDS_US
+                .get(i)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
 /// The server's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -72,6 +117,8 @@ pub struct Metrics {
     pub handshake_timeouts: u64,
     /// Requests refused with an HTTP error status.
     pub http_refusals: u64,
+    /// Publish→write latency.
+    pub latency: LatencyHistogram,
     disconnects: [u64; DisconnectReason::ALL.len()],
 }
 
@@ -182,6 +229,8 @@ impl Metrics {
                 self.disconnects(reason)
             );
         }
+        self.latency
+            .render("sidecast_publish_write_latency_seconds", &mut out);
         out
     }
 }
@@ -207,7 +256,34 @@ mod tests {
         assert!(text.contains("sidecast_disconnects_total{reason=\"reset\"} 0\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();
-            value.parse::<u64>().unwrap();
+            value.parse::<f64>().unwrap();
         }
+    }
+
+    #[test]
+    fn latency_buckets_are_cumulative() {
+        let mut metrics = Metrics::default();
+        for micros in [10, 50, 51, 3_000, 2_000_000] {
+            metrics.latency.observe(micros);
+        }
+        let text = metrics.render(&Gauges {
+            channels: 0,
+            uptime_secs: 0,
+        });
+        let name = "sidecast_publish_write_latency_seconds";
+        for (le, count) in [
+            ("0.00005", 2),
+            ("0.0001", 3),
+            ("0.005", 4),
+            ("1", 4),
+            ("+Inf", 5),
+        ] {
+            assert!(
+                text.contains(&format!("{name}_bucket{{le=\"{le}\"}} {count}\n")),
+                "{le}\n{text}"
+            );
+        }
+        assert!(text.contains(&format!("{name}_count 5\n")));
+        assert!(text.contains(&format!("{name}_sum 2.003111\n")));
     }
 }

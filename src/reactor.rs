@@ -88,6 +88,8 @@ impl Drop for SocketFile {
 
 /// Output bookkeeping shared by every path that queues bytes to clients.
 struct Outbox {
+    /// When this pass read its input, in microseconds since the server started.
+    pass_started_us: u64,
     /// Clients with output queued since the last flush.
     dirty: Vec<usize>,
     /// Clients that went over `max_output_buffer` since the last pass.
@@ -115,6 +117,9 @@ impl Outbox {
             return false;
         }
         client.send_frame(frame.clone());
+        if client.event_pending_since_us == 0 {
+            client.event_pending_since_us = self.pass_started_us.max(1);
+        }
         self.mark_dirty(client);
         true
     }
@@ -356,6 +361,7 @@ impl Server {
                 hub: Hub::new(),
                 clients: Slab::new(),
                 outbox: Outbox {
+                    pass_started_us: 0,
                     dirty: Vec::new(),
                     slow: Vec::new(),
                     max_output_buffer: config.max_output_buffer,
@@ -422,7 +428,9 @@ impl Server {
                 }
                 return Err(e);
             }
-            let now = self.ticks.tick_at(Instant::now());
+            let pass_started = Instant::now();
+            let now = self.ticks.tick_at(pass_started);
+            self.fanout.outbox.pass_started_us = micros_since(self.started, pass_started);
             for event in events.iter() {
                 match token::decode(event.token()) {
                     Source::Listener => self.accept_clients(now),
@@ -817,6 +825,14 @@ impl Server {
                 }
             }
             let wants_writable = client.queued() > 0;
+            if !wants_writable && client.event_pending_since_us != 0 {
+                let written_us = micros_since(self.started, Instant::now());
+                let since = std::mem::take(&mut client.event_pending_since_us);
+                self.fanout
+                    .metrics
+                    .latency
+                    .observe(written_us.saturating_sub(since));
+            }
             if wants_writable != client.wants_writable {
                 client.wants_writable = wants_writable;
                 if let Err(e) = set_interest(registry, client, key) {
@@ -921,6 +937,10 @@ impl Server {
     fn uptime_secs(&self) -> u64 {
         self.started.elapsed().as_secs()
     }
+}
+
+fn micros_since(start: Instant, instant: Instant) -> u64 {
+    instant.saturating_duration_since(start).as_micros() as u64
 }
 
 fn set_interest(registry: &Registry, client: &mut ClientConn, key: usize) -> io::Result<()> {

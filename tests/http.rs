@@ -38,6 +38,19 @@ fn health_and_metrics() {
         assert!(metrics.contains(series), "missing {series}");
     }
     assert!(server.metric("sidecast_bytes_written_total") > 0);
+
+    server.publish(serde_json::json!({"id": 1, "channel": "a", "data": 1}));
+    ws.expect_event("a", 1);
+    let name = "sidecast_publish_write_latency_seconds";
+    server.wait_until("the write is observed", |s| {
+        s.metric(&format!("{name}_count")) == 1
+    });
+    assert_eq!(server.metric(&format!("{name}_bucket{{le=\"+Inf\"}}")), 1);
+    assert_eq!(
+        server.metric(&format!("{name}_bucket{{le=\"1\"}}")),
+        1,
+        "under a second"
+    );
 }
 
 #[test]

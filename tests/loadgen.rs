@@ -34,5 +34,7 @@ fn a_short_run_delivers_every_event_once() {
     assert!(step.received <= delivered && step.received > 0);
     assert!(step.latency_us.p50 > 0 && step.latency_us.p50 <= step.latency_us.max);
     assert!(report.server_rss_per_connection_bytes.is_some());
-    server.wait_until("the bench's clients are closed", |s| s.health()["connections"] == 0);
+    server.wait_until("the bench's clients are closed", |s| {
+        s.health()["connections"] == 0
+    });
 }
