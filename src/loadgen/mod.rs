@@ -49,14 +49,15 @@ pub enum Preset {
     Throughput,
     /// 5000 connections each on its own channel, 2000 publishes/s round robin for 10 s.
     Channels,
-    /// 9000 subscribed connections (over 900 channels), no events: memory and handshakes.
+    /// 9000 subscribed connections (over 900 channels) held 5 s without events: memory,
+    /// handshakes and idle CPU.
     Idle,
 }
 
 /// One rate step.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Step {
-    /// Publishes per second.
+    /// Publishes per second; 0 holds the connections open without publishing.
     pub rate: u64,
     /// How long the step lasts.
     #[serde(serialize_with = "as_secs")]
@@ -106,7 +107,15 @@ impl Plan {
                 (1000, 1, steps.collect(), true)
             }
             Preset::Channels => (5000, 5000, steady(2000), false),
-            Preset::Idle => (9000, 900, Vec::new(), false),
+            Preset::Idle => (
+                9000,
+                900,
+                vec![Step {
+                    rate: 0,
+                    duration: Duration::from_secs(5),
+                }],
+                false,
+            ),
         };
         Plan {
             preset,
@@ -304,9 +313,7 @@ pub fn run(plan: &Plan, target: &Target, progress: bool) -> io::Result<Report> {
             break;
         }
     }
-    if !plan.steps.is_empty() {
-        runner.drain()?;
-    }
+    runner.drain()?;
     let (_, rss_end) = sample(target.pid);
     let best = steps
         .iter()
@@ -457,16 +464,17 @@ impl Runner {
         let mut events = Events::with_capacity(1024);
         let mut next_progress = started + Duration::from_secs(1);
         while started.elapsed() < step.duration {
-            let due = (started.elapsed().as_secs_f64() * step.rate as f64) as u64;
-            while published < due {
-                self.queue_publish(channels);
-                published += 1;
+            let mut timeout = Duration::from_millis(50);
+            if step.rate > 0 {
+                let due = (started.elapsed().as_secs_f64() * step.rate as f64) as u64;
+                while published < due {
+                    self.queue_publish(channels);
+                    published += 1;
+                }
+                self.flush_publisher()?;
+                let next_due = Duration::from_secs_f64((published + 1) as f64 / step.rate as f64);
+                timeout = timeout.min(next_due.saturating_sub(started.elapsed()));
             }
-            self.flush_publisher()?;
-            let next_due = Duration::from_secs_f64((published + 1) as f64 / step.rate as f64);
-            let timeout = next_due
-                .saturating_sub(started.elapsed())
-                .min(Duration::from_millis(50));
             self.poll.poll(&mut events, Some(timeout))?;
             for event in events.iter() {
                 if event.token() == PUBLISHER {
@@ -508,7 +516,7 @@ impl Runner {
             max: h.max(),
         };
         let lossless = self.lost + self.failed as u64 == lost_before;
-        let passed = lossless && latency_us.p99 < P99_LIMIT_US && received > 0;
+        let passed = lossless && latency_us.p99 < P99_LIMIT_US && (received > 0 || step.rate == 0);
         Ok(StepReport {
             rate: step.rate,
             published,
@@ -607,6 +615,15 @@ impl Report {
             out += &format!(", {end} KiB at the end");
         }
         for s in &self.steps {
+            if s.rate == 0 {
+                if let Some(fraction) = s.server_cpu_fraction {
+                    out += &format!(
+                        "\n  holding, no events: server {:.2}% core",
+                        fraction * 100.0
+                    );
+                }
+                continue;
+            }
             let l = &s.latency_us;
             let ms = |us: u64| us as f64 / 1000.0;
             out += &format!(

@@ -40,6 +40,14 @@ impl TestServer {
     }
 
     pub fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_instrumented(configure, || {})
+    }
+
+    /// Like `start_with`, running `setup` on the server's thread before its loop starts.
+    pub fn start_instrumented(
+        configure: impl FnOnce(&mut Config),
+        setup: impl FnOnce() + Send + 'static,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -51,7 +59,10 @@ impl TestServer {
         let server = Server::bind(config).expect("server binds");
         let addr = server.local_addr();
         let handle = server.shutdown_handle();
-        let thread = Some(std::thread::spawn(move || server.run()));
+        let thread = Some(std::thread::spawn(move || {
+            setup();
+            server.run()
+        }));
         TestServer {
             addr,
             socket,

@@ -1,0 +1,129 @@
+//! Zero allocation per subscriber: one publish to 10 subscribers costs the server thread
+//! exactly as many heap allocations as one publish to 10,000.
+//!
+//! A counting global allocator counts only on the server's thread. The subscribers are real
+//! WebSocket clients held open by the `sidecast bench` binary in a child process (one process
+//! cannot hold both ends of 10,000 connections under the 20,000-descriptor limit).
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::{RawPublisher, TestServer};
+use serde_json::json;
+
+struct CountingAllocator;
+
+thread_local! {
+    static COUNTED: Cell<bool> = const { Cell::new(false) };
+}
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; it only counts.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTED.with(Cell::get) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller upholds `alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller upholds `dealloc`'s contract.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTED.with(Cell::get) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller upholds `realloc`'s contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+/// `sidecast bench idle` holding `n` clients subscribed to `bench:0`.
+struct Subscribers(Child);
+
+impl Subscribers {
+    fn hold(server: &TestServer, n: usize) -> Subscribers {
+        let child = Command::new(env!("CARGO_BIN_EXE_sidecast"))
+            .args([
+                "bench",
+                "idle",
+                "--json",
+                "--channels",
+                "1",
+                "--duration",
+                "120s",
+            ])
+            .args([
+                "--connections",
+                &n.to_string(),
+                "--url",
+                &format!("ws://{}/ws", server.addr),
+            ])
+            .arg("--socket")
+            .arg(&server.socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Subscribers(child)
+    }
+}
+
+impl Drop for Subscribers {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Allocations on the server thread for one publish to `n` subscribers.
+fn allocations_for_one_publish(n: usize) -> u64 {
+    let server = TestServer::start_instrumented(
+        |c| c.max_connections = 20_000,
+        || COUNTED.with(|c| c.set(true)),
+    );
+    let _subscribers = Subscribers::hold(&server, n);
+    server.wait_until("every subscriber is connected", |s| {
+        s.health()["connections"] == n
+    });
+    let mut publisher = RawPublisher::connect(&server.socket);
+    let mut probe = 0;
+    server.wait_until("every subscriber is subscribed", |_| {
+        probe += 1;
+        publisher.send(
+            &json!({"id": probe, "channel": "bench:0", "data": {"probe": probe}}).to_string(),
+        );
+        publisher.reply()["delivered"] == n
+    });
+    // Warm up: buffers and queues reach their working size.
+    for id in 0..3 {
+        publisher.send(&json!({"id": id, "channel": "bench:0", "data": {"warm": id}}).to_string());
+        assert_eq!(publisher.reply()["delivered"], n);
+    }
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    publisher.send(r#"{"id":"measured","channel":"bench:0","data":{"progress":40}}"#);
+    assert_eq!(publisher.reply()["delivered"], n);
+    // A later line is read in a later pass, so the measured event's flush has completed.
+    publisher.send(r#"{"id":"fence","channel":"bench:0","data":null}"#);
+    assert_eq!(publisher.reply()["delivered"], n);
+    ALLOCATIONS.load(Ordering::SeqCst) - before
+}
+
+#[test]
+fn one_publish_allocates_the_same_for_10_and_10000_subscribers() {
+    let few = allocations_for_one_publish(10);
+    let many = allocations_for_one_publish(10_000);
+    eprintln!("allocations per publish: {few} (10 subscribers), {many} (10,000 subscribers)");
+    assert!(few > 0, "the counter counts on the server thread");
+    assert_eq!(few, many, "allocations grew with the number of subscribers");
+}
