@@ -77,6 +77,10 @@ pub struct Published {
 pub trait Sink {
     /// Publishes `data` to `target`.
     fn publish(&mut self, target: &Target<'_>, data: &RawValue) -> Published;
+
+    /// False once this loop pass has done its share of fan-out: the publisher stops reading
+    /// and resumes in the next pass, after the queued frames were flushed.
+    fn has_capacity(&self) -> bool;
 }
 
 #[derive(Deserialize)]
@@ -193,6 +197,8 @@ pub fn error_reply(id: Option<&RawValue>, message: &str) -> String {
 pub enum ReadStatus {
     /// The socket has no more data for now.
     Pending,
+    /// The pass's fan-out budget is spent and the socket may hold more: call again next pass.
+    Paused,
     /// The publisher closed its side; every line was executed.
     Finished,
     /// The stream broke (I/O error, or a line over the limit); close now, after flushing
@@ -239,6 +245,9 @@ impl PublisherConn {
     /// Reads until the socket would block, executing each complete line in order.
     pub fn read_and_execute(&mut self, max_line: usize, sink: &mut impl Sink) -> ReadStatus {
         loop {
+            if !sink.has_capacity() {
+                return ReadStatus::Paused;
+            }
             // Room for one more chunk; only newly added bytes are zeroed, once.
             if self.input.len() < self.filled + READ_CHUNK {
                 self.input.resize(self.filled + READ_CHUNK, 0);
@@ -439,6 +448,67 @@ mod tests {
                 .contains("twice")
         );
         assert_eq!(error_of(r#"{"id":{},"channel":"a","data":1}"#).0, None);
+    }
+
+    /// Counts publishes; has capacity for `budget` more.
+    struct Budgeted {
+        executed: Vec<String>,
+        budget: usize,
+    }
+
+    impl Sink for Budgeted {
+        fn publish(&mut self, _target: &Target<'_>, data: &RawValue) -> Published {
+            self.executed.push(data.get().to_string());
+            self.budget = self.budget.saturating_sub(1);
+            Published {
+                seqs: Seqs::One(self.executed.len() as u64),
+                delivered: 1,
+            }
+        }
+
+        fn has_capacity(&self) -> bool {
+            self.budget > 0
+        }
+    }
+
+    #[test]
+    fn a_spent_budget_pauses_reading_and_the_next_pass_resumes_in_order() {
+        let (server_side, mut worker) = UnixStream::pair().unwrap();
+        let mut publisher = PublisherConn::new(1, server_side);
+        let mut sink = Budgeted {
+            executed: Vec::new(),
+            budget: 0,
+        };
+        assert_eq!(
+            publisher.read_and_execute(1024, &mut sink),
+            ReadStatus::Paused
+        );
+        for n in 0..3 {
+            worker
+                .write_all(format!("{{\"channel\":\"a\",\"data\":{n}}}\n").as_bytes())
+                .unwrap();
+        }
+        sink.budget = 1;
+        // One read takes all three lines; the budget is checked between reads.
+        assert_eq!(
+            publisher.read_and_execute(1024, &mut sink),
+            ReadStatus::Paused
+        );
+        assert_eq!(sink.executed, ["0", "1", "2"]);
+        worker
+            .write_all(b"{\"channel\":\"a\",\"data\":3}\n")
+            .unwrap();
+        sink.budget = 10;
+        assert_eq!(
+            publisher.read_and_execute(1024, &mut sink),
+            ReadStatus::Pending
+        );
+        assert_eq!(sink.executed, ["0", "1", "2", "3"]);
+        drop(worker);
+        assert_eq!(
+            publisher.read_and_execute(1024, &mut sink),
+            ReadStatus::Finished
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mio::net::{TcpListener, UnixListener};
@@ -47,6 +47,11 @@ use crate::timer::{Tick, TickSource, TimerWheel};
 use crate::token::{self, Source};
 use crate::wire::{self, ErrorCode, EventTarget, Reply, Request};
 
+/// Fan-out work per loop pass: frames queued (a line to a channel without subscribers counts
+/// as one). Past it, publishers pause until the next pass, so one busy channel cannot delay
+/// flushing, handshakes or heartbeats, and queues grow by at most this much per pass. 64k is 64
+/// events per connection at 1000 subscribers: one full `write_vectored` each.
+const DELIVERIES_PER_PASS: usize = 64 * 1024;
 /// Size of the read buffer shared by all connections.
 const SHARED_READ_BUFFER: usize = 64 * 1024;
 /// How long accepting pauses after the process runs out of file descriptors.
@@ -133,6 +138,8 @@ struct Fanout {
     metrics: Metrics,
     /// Reused to build event payloads.
     scratch: Vec<u8>,
+    /// Frames queued in this pass (see `DELIVERIES_PER_PASS`).
+    pass_deliveries: usize,
 }
 
 impl Fanout {
@@ -141,6 +148,7 @@ impl Fanout {
     fn publish_to(&mut self, channel: &str, data: &RawValue) -> (u64, usize) {
         self.metrics.events_published += 1;
         let (seq, subscribers) = self.hub.publish(channel);
+        self.pass_deliveries += subscribers.len().max(1);
         if subscribers.is_empty() {
             return (seq, 0);
         }
@@ -262,12 +270,17 @@ impl Sink for Fanout {
                     delivered += usize::from(self.outbox.deliver(client, &frame));
                 }
                 self.metrics.frames_delivered += delivered as u64;
+                self.pass_deliveries += delivered.max(1);
                 Published {
                     seqs: Seqs::None,
                     delivered,
                 }
             }
         }
+    }
+
+    fn has_capacity(&self) -> bool {
+        self.pass_deliveries < DELIVERIES_PER_PASS
     }
 }
 
@@ -294,6 +307,8 @@ pub struct Server {
     accept_paused: bool,
     shutting_down: bool,
     finished: bool,
+    /// Publishers paused by the fan-out budget, resumed first in the next pass.
+    paused_publishers: Vec<usize>,
     /// Reused buffers.
     input: SharedInput,
     inbox: Vec<Inbound>,
@@ -368,6 +383,7 @@ impl Server {
                 },
                 metrics: Metrics::default(),
                 scratch: Vec::new(),
+                pass_deliveries: 0,
             },
             timers: TimerWheel::new(Tick(0)),
             ticks,
@@ -380,6 +396,7 @@ impl Server {
             accept_paused: false,
             shutting_down: false,
             finished: false,
+            paused_publishers: Vec::new(),
             input: SharedInput::new(SHARED_READ_BUFFER),
             inbox: Vec::new(),
             expired: Vec::new(),
@@ -418,10 +435,14 @@ impl Server {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         while !self.finished {
-            let timeout = self
-                .timers
-                .next_deadline()
-                .map(|t| self.ticks.until(t, Instant::now()));
+            // A publisher paused by the fan-out budget resumes without waiting.
+            let timeout = if self.paused_publishers.is_empty() {
+                self.timers
+                    .next_deadline()
+                    .map(|t| self.ticks.until(t, Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -431,6 +452,10 @@ impl Server {
             let pass_started = Instant::now();
             let now = self.ticks.tick_at(pass_started);
             self.fanout.outbox.pass_started_us = micros_since(self.started, pass_started);
+            self.fanout.pass_deliveries = 0;
+            for key in std::mem::take(&mut self.paused_publishers) {
+                self.on_publisher_ready(key);
+            }
             for event in events.iter() {
                 match token::decode(event.token()) {
                     Source::Listener => self.accept_clients(now),
@@ -557,6 +582,12 @@ impl Server {
         }
         let done = match status {
             ReadStatus::Pending => false,
+            ReadStatus::Paused => {
+                if !self.paused_publishers.contains(&key) {
+                    self.paused_publishers.push(key);
+                }
+                false
+            }
             ReadStatus::Finished => {
                 publisher.is_finished = true;
                 publisher.queued() == 0
@@ -896,7 +927,17 @@ impl Server {
         self.socket_file = None;
         let keys: Vec<usize> = self.publishers.iter().map(|(key, _)| key).collect();
         for key in keys {
-            self.on_publisher_ready(key);
+            // Every line already received is delivered, budget or not: pass after pass.
+            loop {
+                self.paused_publishers.clear();
+                self.fanout.pass_deliveries = 0;
+                self.on_publisher_ready(key);
+                if self.paused_publishers.is_empty() {
+                    break;
+                }
+                self.close_slow_consumers(now);
+                self.flush_dirty();
+            }
             if self.publishers.contains(key) {
                 self.drop_publisher(key);
             }

@@ -192,3 +192,29 @@ fn publishing_to_an_empty_channel_still_counts_seq() {
         2
     );
 }
+
+#[test]
+fn a_burst_over_the_per_pass_budget_is_carried_over_without_loss() {
+    // 5000 lines × 20 subscribers = 100k frames, more than one pass may queue (64k).
+    let server = TestServer::start();
+    let mut clients: Vec<_> = (0..20).map(|_| server.ws()).collect();
+    for ws in &mut clients {
+        ws.subscribe("burst");
+    }
+    let mut publisher = server.publisher();
+    let mut lines = String::new();
+    for n in 1..=5000 {
+        lines.push_str(&format!("{{\"channel\":\"burst\",\"data\":{n}}}\n"));
+    }
+    lines.push_str("{\"id\":\"last\",\"channel\":\"burst\",\"data\":5001}\n");
+    publisher.send_bytes(lines.as_bytes());
+    assert_eq!(
+        publisher.reply(),
+        json!({"id": "last", "ok": true, "seq": 5001, "delivered": 20})
+    );
+    for ws in &mut clients {
+        for seq in 1..=5001 {
+            assert_eq!(ws.expect_event("burst", seq), seq);
+        }
+    }
+}
