@@ -274,3 +274,36 @@ fn publish_command_with_arguments_and_from_stdin() {
     let (code, _) = publish_cli(&server.socket, &["project:42", "{not json"], "");
     assert_eq!(code, 2);
 }
+
+#[test]
+fn bench_refuses_to_guess_a_target_or_load_a_remote_one() {
+    let (code, text) = run(&["bench", "latency"]);
+    assert_eq!(code, 2);
+    assert!(
+        text.contains("--url") && text.contains("--socket"),
+        "{text}"
+    );
+    let (code, text) = run(&[
+        "bench",
+        "latency",
+        "--url",
+        "ws://10.20.30.40:3001/ws",
+        "--socket",
+        "/tmp/x.sock",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        text.contains("not a loopback address") && text.contains("--allow-remote"),
+        "{text}"
+    );
+    let (code, text) = run(&[
+        "bench",
+        "latency",
+        "--url",
+        "http://127.0.0.1:3001/ws",
+        "--socket",
+        "/tmp/x.sock",
+    ]);
+    assert_eq!(code, 2);
+    assert!(text.contains("ws://"), "{text}");
+}
