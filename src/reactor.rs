@@ -98,7 +98,7 @@ struct Outbox {
     /// Clients with output queued since the last flush.
     dirty: Vec<usize>,
     /// Clients that went over `max_output_buffer` since the last pass.
-    slow: Vec<usize>,
+    slow: Vec<ConnId>,
     max_output_buffer: usize,
 }
 
@@ -118,7 +118,7 @@ impl Outbox {
         }
         if client.queued() + frame.len() > self.max_output_buffer {
             client.close_reason = Some(DisconnectReason::SlowConsumer);
-            self.slow.push(client.id.key as usize);
+            self.slow.push(client.id);
             return false;
         }
         client.send_frame(frame.clone());
@@ -822,8 +822,17 @@ impl Server {
     }
 
     fn close_slow_consumers(&mut self, now: Tick) {
-        while let Some(key) = self.fanout.outbox.slow.pop() {
-            let client = &mut self.fanout.clients[key];
+        while let Some(id) = self.fanout.outbox.slow.pop() {
+            let key = id.key as usize;
+            // It may have closed, or been dropped and its key reused, later in this pass.
+            let Some(client) = self
+                .fanout
+                .clients
+                .get_mut(key)
+                .filter(|c| c.id == id && c.is_open())
+            else {
+                continue;
+            };
             log::warn!(
                 "conn={} from {}: slow consumer, {} bytes unsent (max_output_buffer {}); closing",
                 client.id.generation,
