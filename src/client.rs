@@ -28,9 +28,10 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
-use crate::http::{self, Refusal, Route};
+use crate::http::{self, OriginPolicy, Refusal, Route};
 use crate::hub::ChannelId;
 use crate::metrics::DisconnectReason;
+use crate::ratelimit::{Rate, TokenBucket};
 use crate::timer::{Tick, TimerKey};
 use crate::wire::{self, Reply};
 
@@ -201,6 +202,22 @@ struct Session {
     ws: WebSocketContext,
     subscriptions: Vec<ChannelId>,
     last_seen: Tick,
+    /// Client messages allowed (`rate_limit`, `rate_burst`).
+    messages: TokenBucket,
+    /// Messages dropped by the limit since the bucket was last full.
+    strikes: u32,
+}
+
+/// The rate limit's verdict on one client message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Within the limit.
+    Accepted,
+    /// Over the limit: drop it. `strikes` counts drops since the client last calmed down.
+    Limited {
+        /// Drops so far.
+        strikes: u32,
+    },
 }
 
 enum Phase {
@@ -317,6 +334,24 @@ impl ClientConn {
         }
     }
 
+    /// Charges one client message to the rate limit.
+    pub fn admit_message(&mut self, rate: Rate, now: Tick) -> Admission {
+        let Phase::WebSocket(session) = &mut self.phase else {
+            return Admission::Accepted;
+        };
+        if session.messages.is_full(rate, now) {
+            session.strikes = 0;
+        }
+        if session.messages.try_take(rate, now) {
+            Admission::Accepted
+        } else {
+            session.strikes += 1;
+            Admission::Limited {
+                strikes: session.strikes,
+            }
+        }
+    }
+
     /// The channels this WebSocket is subscribed to.
     pub fn subscriptions_mut(&mut self) -> Option<&mut Vec<ChannelId>> {
         match &mut self.phase {
@@ -326,7 +361,11 @@ impl ClientConn {
     }
 
     /// Reads the request head until it is complete, refused, or the socket is drained.
-    pub fn read_request(&mut self, max_header_size: usize) -> RequestOutcome {
+    pub fn read_request(
+        &mut self,
+        max_header_size: usize,
+        origins: &OriginPolicy,
+    ) -> RequestOutcome {
         let Phase::Request { head } = &mut self.phase else {
             return RequestOutcome::Incomplete;
         };
@@ -341,7 +380,7 @@ impl ClientConn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return RequestOutcome::Gone,
             }
-            match http::parse_request(head, max_header_size) {
+            match http::parse_request(head, max_header_size, origins) {
                 Ok(None) => {}
                 Ok(Some((route, head_len))) => {
                     let rest = head.split_off(head_len);
@@ -360,7 +399,14 @@ impl ClientConn {
 
     /// Queues the 101 response and opens the WebSocket; `rest` holds bytes the client sent
     /// after its request head.
-    pub fn upgrade(&mut self, accept_key: &str, rest: Vec<u8>, config: WebSocketConfig, now: Tick) {
+    pub fn upgrade(
+        &mut self,
+        accept_key: &str,
+        rest: Vec<u8>,
+        config: WebSocketConfig,
+        rate: Rate,
+        now: Tick,
+    ) {
         self.out
             .push(Bytes::from(http::switching_protocols(accept_key)));
         let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(config));
@@ -368,6 +414,8 @@ impl ClientConn {
             ws,
             subscriptions: Vec::new(),
             last_seen: now,
+            messages: TokenBucket::full(rate, now),
+            strikes: 0,
         }));
     }
 

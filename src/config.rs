@@ -36,6 +36,12 @@ const DEFAULT_MAX_OUTPUT_BUFFER: usize = 1024 * 1024;
 const DEFAULT_MAX_HEADER_SIZE: usize = 8 * 1024;
 const DEFAULT_MAX_PUBLISH_LINE: usize = 1024 * 1024;
 const DEFAULT_READ_BUFFER_SIZE: usize = 128;
+const DEFAULT_RATE_LIMIT: f64 = 20.0;
+const DEFAULT_RATE_BURST: u32 = 50;
+const DEFAULT_RATE_LIMIT_STRIKES: u32 = 20;
+const DEFAULT_CONNECT_RATE_PER_IP: f64 = 200.0;
+const DEFAULT_PUBLISH_SOCKET_MODE: u32 = 0o660;
+const DEFAULT_MAX_PUBLISHERS: usize = 64;
 
 /// The shortest duration setting: the timer wheel's tick.
 pub const TIMER_TICK: Duration = Duration::from_millis(10);
@@ -74,6 +80,24 @@ pub struct Config {
     pub read_buffer_size: usize,
     /// Log level; `RUST_LOG`, when set, takes precedence.
     pub log_level: LevelFilter,
+    /// Origins allowed to open a WebSocket (`https://app.example.com`, or `*`). Empty: only
+    /// pages served from the host the request names (same origin).
+    pub allowed_origins: Vec<String>,
+    /// Refuse upgrades that carry no `Origin` header (non-browser clients) with 403.
+    pub require_origin: bool,
+    /// Client messages per second per connection (token bucket refill rate).
+    pub rate_limit: f64,
+    /// Client messages a connection may send in a burst.
+    pub rate_burst: u32,
+    /// Messages dropped by the rate limit, without the client calming down in between,
+    /// before the connection is closed with 1008.
+    pub rate_limit_strikes: u32,
+    /// New TCP connections per second per peer IP; bursts of twice that are allowed.
+    pub connect_rate_per_ip: f64,
+    /// File mode of the publish socket.
+    pub publish_socket_mode: u32,
+    /// Open publish-port connections at most.
+    pub max_publishers: usize,
 }
 
 impl Default for Config {
@@ -94,6 +118,14 @@ impl Default for Config {
             max_publish_line: DEFAULT_MAX_PUBLISH_LINE,
             read_buffer_size: DEFAULT_READ_BUFFER_SIZE,
             log_level: LevelFilter::Info,
+            allowed_origins: Vec::new(),
+            require_origin: false,
+            rate_limit: DEFAULT_RATE_LIMIT,
+            rate_burst: DEFAULT_RATE_BURST,
+            rate_limit_strikes: DEFAULT_RATE_LIMIT_STRIKES,
+            connect_rate_per_ip: DEFAULT_CONNECT_RATE_PER_IP,
+            publish_socket_mode: DEFAULT_PUBLISH_SOCKET_MODE,
+            max_publishers: DEFAULT_MAX_PUBLISHERS,
         }
     }
 }
@@ -121,6 +153,21 @@ impl FromStr for ByteSize {
         s.parse::<bytesize::ByteSize>()
             .map(|size| ByteSize(size.as_u64()))
             .map_err(|e| format!("{e} (expected a size like 64KiB or 1MiB)"))
+    }
+}
+
+/// A Unix file mode written in octal, like `0660`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileMode(pub u32);
+
+impl FromStr for FileMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|mode| *mode <= 0o777)
+            .map(FileMode)
+            .ok_or_else(|| format!("{s:?} is not an octal file mode like 0660"))
     }
 }
 
@@ -192,6 +239,39 @@ pub struct Settings {
     #[arg(long, value_name = "LEVEL")]
     #[serde(default, deserialize_with = "parse")]
     pub log_level: Option<LevelFilter>,
+    /// Origin allowed to open a WebSocket, e.g. https://app.example.com, or * (repeatable)
+    /// [default: none, so only same-host pages]
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    #[serde(default)]
+    pub allowed_origin: Vec<String>,
+    /// Refuse WebSocket upgrades without an Origin header (non-browser clients) [default: false]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[serde(default)]
+    pub require_origin: Option<bool>,
+    /// Client messages per second per connection [default: 20]
+    #[arg(long, value_name = "PER_SECOND")]
+    #[serde(default)]
+    pub rate_limit: Option<f64>,
+    /// Client messages a connection may send in one burst [default: 50]
+    #[arg(long, value_name = "COUNT")]
+    #[serde(default)]
+    pub rate_burst: Option<u32>,
+    /// Rate-limited messages before the connection is closed with 1008 [default: 20]
+    #[arg(long, value_name = "COUNT")]
+    #[serde(default)]
+    pub rate_limit_strikes: Option<u32>,
+    /// New connections per second per client IP (bursts of twice that) [default: 200]
+    #[arg(long, value_name = "PER_SECOND")]
+    #[serde(default)]
+    pub connect_rate_per_ip: Option<f64>,
+    /// File mode of the publish socket, in octal [default: 0660]
+    #[arg(long, value_name = "MODE")]
+    #[serde(default, deserialize_with = "parse")]
+    pub publish_socket_mode: Option<FileMode>,
+    /// Open publish-port connections at most [default: 64]
+    #[arg(long, value_name = "COUNT")]
+    #[serde(default)]
+    pub max_publishers: Option<usize>,
 }
 
 /// Deserializes a string (or integer) through `FromStr`, so the file accepts what the flags do.
@@ -249,6 +329,18 @@ impl Settings {
             max_publish_line: self.max_publish_line.or(lower.max_publish_line),
             read_buffer_size: self.read_buffer_size.or(lower.read_buffer_size),
             log_level: self.log_level.or(lower.log_level),
+            allowed_origin: if self.allowed_origin.is_empty() {
+                lower.allowed_origin
+            } else {
+                self.allowed_origin
+            },
+            require_origin: self.require_origin.or(lower.require_origin),
+            rate_limit: self.rate_limit.or(lower.rate_limit),
+            rate_burst: self.rate_burst.or(lower.rate_burst),
+            rate_limit_strikes: self.rate_limit_strikes.or(lower.rate_limit_strikes),
+            connect_rate_per_ip: self.connect_rate_per_ip.or(lower.connect_rate_per_ip),
+            publish_socket_mode: self.publish_socket_mode.or(lower.publish_socket_mode),
+            max_publishers: self.max_publishers.or(lower.max_publishers),
         }
     }
 }
@@ -294,6 +386,14 @@ impl Config {
             max_publish_line: size(s.max_publish_line, d.max_publish_line),
             read_buffer_size: size(s.read_buffer_size, d.read_buffer_size),
             log_level: s.log_level.unwrap_or(d.log_level),
+            allowed_origins: s.allowed_origin,
+            require_origin: s.require_origin.unwrap_or(d.require_origin),
+            rate_limit: s.rate_limit.unwrap_or(d.rate_limit),
+            rate_burst: s.rate_burst.unwrap_or(d.rate_burst),
+            rate_limit_strikes: s.rate_limit_strikes.unwrap_or(d.rate_limit_strikes),
+            connect_rate_per_ip: s.connect_rate_per_ip.unwrap_or(d.connect_rate_per_ip),
+            publish_socket_mode: s.publish_socket_mode.map_or(d.publish_socket_mode, |m| m.0),
+            max_publishers: s.max_publishers.unwrap_or(d.max_publishers),
         };
         config.validate()?;
         Ok(config)
@@ -326,7 +426,30 @@ impl Config {
                 ),
             );
         }
+        for (key, value) in [
+            ("rate_limit", self.rate_limit),
+            ("connect_rate_per_ip", self.connect_rate_per_ip),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return invalid(key, format!("must be a positive number, got {value}"));
+            }
+        }
+        for origin in &self.allowed_origins {
+            let valid = origin == "*"
+                || origin.split_once("://").is_some_and(|(scheme, host)| {
+                    !scheme.is_empty() && !host.is_empty() && !host.contains('/')
+                });
+            if !valid {
+                return invalid(
+                    "allowed_origin",
+                    format!("{origin:?} is not an origin like https://app.example.com or *"),
+                );
+            }
+        }
         let minimums = [
+            ("rate_burst", self.rate_burst as usize, 1),
+            ("rate_limit_strikes", self.rate_limit_strikes as usize, 1),
+            ("max_publishers", self.max_publishers, 1),
             ("max_connections", self.max_connections, 1),
             ("max_subscriptions", self.max_subscriptions, 1),
             ("max_message_size", self.max_message_size, 128),
@@ -372,8 +495,15 @@ mod tests {
         {
             let help = arg.get_help().expect("every flag has help").to_string();
             let (_, default) = help.split_once("[default: ").expect(&help);
-            args.push(format!("--{}", arg.get_long().unwrap()));
-            args.push(default.trim_end_matches(']').to_string());
+            let default = default.trim_end_matches(']');
+            if matches!(arg.get_action(), clap::ArgAction::Append) {
+                assert!(
+                    default.starts_with("none"),
+                    "a list defaults to empty: {help}"
+                );
+                continue;
+            }
+            args.push(format!("--{}={default}", arg.get_long().unwrap()));
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_eq!(from_flags(&args).unwrap(), Config::default());

@@ -9,10 +9,38 @@
 //! - `GET /health`, `GET /metrics` → [`Route::Health`], [`Route::Metrics`];
 //! - any other path → 404.
 //!
-//! A head that is not complete within `max_header_size` bytes → 431.
+//! A head that is not complete within `max_header_size` bytes → 431. An upgrade whose
+//! `Origin` the [`OriginPolicy`] does not permit → 403, before anything else happens.
 
 /// Most headers accepted in one request (more → 431).
 const MAX_HEADERS: usize = 48;
+
+/// Which browser pages may open a WebSocket, judged by the `Origin` header.
+#[derive(Clone, Debug, Default)]
+pub struct OriginPolicy {
+    /// Exact origins (`https://app.example.com`), or `*` for any. Empty: same host only, i.e.
+    /// the origin's `host[:port]` must equal the request's `Host`.
+    pub allowed: Vec<String>,
+    /// Refuse requests without `Origin` (non-browser clients).
+    pub require: bool,
+}
+
+impl OriginPolicy {
+    fn permits(&self, origin: Option<&str>, host: Option<&str>) -> bool {
+        let Some(origin) = origin else {
+            return !self.require;
+        };
+        if self.allowed.is_empty() {
+            let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+            return origin_host
+                .zip(host)
+                .is_some_and(|(o, h)| o.eq_ignore_ascii_case(h.trim()));
+        }
+        self.allowed
+            .iter()
+            .any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(origin))
+    }
+}
 
 /// Where a complete, acceptable request goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,6 +61,8 @@ pub enum Route {
 pub enum Refusal {
     /// 400: the head is not valid HTTP/1.x, or the upgrade is malformed.
     BadRequest(&'static str),
+    /// 403: the `Origin` is not allowed (or missing while `require_origin` is on).
+    Forbidden,
     /// 404: unknown path.
     NotFound,
     /// 405: a method other than GET.
@@ -41,6 +71,8 @@ pub enum Refusal {
     UpgradeRequired,
     /// 431: the head exceeds `max_header_size` or has too many headers.
     HeaderTooLarge,
+    /// 429: this peer IP opens connections faster than `connect_rate_per_ip`.
+    TooManyRequests,
     /// 503: `max_connections` WebSockets are open.
     Busy,
 }
@@ -50,6 +82,7 @@ impl Refusal {
     pub fn response(self) -> Vec<u8> {
         let (status, extra, body) = match self {
             Refusal::BadRequest(why) => ("400 Bad Request", "", why),
+            Refusal::Forbidden => ("403 Forbidden", "", "origin not allowed"),
             Refusal::NotFound => ("404 Not Found", "", "not found"),
             Refusal::MethodNotAllowed => ("405 Method Not Allowed", "Allow: GET\r\n", "only GET"),
             Refusal::UpgradeRequired => (
@@ -61,6 +94,11 @@ impl Refusal {
                 "431 Request Header Fields Too Large",
                 "",
                 "request header too large",
+            ),
+            Refusal::TooManyRequests => (
+                "429 Too Many Requests",
+                "Retry-After: 1\r\n",
+                "too many connections from this address",
             ),
             Refusal::Busy => (
                 "503 Service Unavailable",
@@ -90,6 +128,7 @@ impl Refusal {
 pub fn parse_request(
     buf: &[u8],
     max_header_size: usize,
+    origins: &OriginPolicy,
 ) -> Result<Option<(Route, usize)>, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
@@ -110,7 +149,7 @@ pub fn parse_request(
     let target = request.path.unwrap_or("/");
     let path = target.split_once('?').map_or(target, |(path, _query)| path);
     let route = match path {
-        "/ws" => upgrade(request.headers)?,
+        "/ws" => upgrade(request.headers, origins)?,
         "/health" => Route::Health,
         "/metrics" => Route::Metrics,
         _ => return Err(Refusal::NotFound),
@@ -118,7 +157,7 @@ pub fn parse_request(
     Ok(Some((route, head_len)))
 }
 
-fn upgrade(headers: &[httparse::Header<'_>]) -> Result<Route, Refusal> {
+fn upgrade(headers: &[httparse::Header<'_>], origins: &OriginPolicy) -> Result<Route, Refusal> {
     let header = |name: &str| {
         headers
             .iter()
@@ -130,6 +169,9 @@ fn upgrade(headers: &[httparse::Header<'_>]) -> Result<Route, Refusal> {
     };
     if !has_token("Upgrade", "websocket") || !has_token("Connection", "upgrade") {
         return Err(Refusal::UpgradeRequired);
+    }
+    if !origins.permits(header("Origin").map(str::trim), header("Host")) {
+        return Err(Refusal::Forbidden);
     }
     if header("Sec-WebSocket-Version").map(str::trim) != Some("13") {
         return Err(Refusal::UpgradeRequired);
@@ -178,7 +220,7 @@ mod tests {
     }
 
     fn route(request: &str) -> Result<Option<(Route, usize)>, Refusal> {
-        parse_request(request.as_bytes(), 8192)
+        parse_request(request.as_bytes(), 8192, &OriginPolicy::default())
     }
 
     #[test]
@@ -213,6 +255,50 @@ mod tests {
         assert_eq!(route(&old), Err(Refusal::UpgradeRequired));
         let keyless = upgrade_request("/ws").replace(KEY, "short");
         assert!(matches!(route(&keyless), Err(Refusal::BadRequest(_))));
+    }
+
+    #[test]
+    fn origin_policy_table() {
+        let same_host = OriginPolicy::default();
+        let listed = OriginPolicy {
+            allowed: vec!["https://app.example.com".into()],
+            require: false,
+        };
+        let any = OriginPolicy {
+            allowed: vec!["*".into()],
+            require: true,
+        };
+        let strict = OriginPolicy {
+            allowed: Vec::new(),
+            require: true,
+        };
+        let host = Some("app.example.com");
+        let cases = [
+            (&same_host, Some("https://app.example.com"), host, true),
+            (&same_host, Some("https://evil.example"), host, false),
+            (&same_host, Some("null"), host, false),
+            (&same_host, None, host, true),
+            (&strict, None, host, false),
+            (
+                &listed,
+                Some("https://APP.example.com"),
+                Some("other"),
+                true,
+            ),
+            (&listed, Some("http://app.example.com"), host, false),
+            (&any, Some("https://anything.test"), host, true),
+            (&any, None, host, false),
+        ];
+        for (policy, origin, host, expected) in cases {
+            assert_eq!(
+                policy.permits(origin, host),
+                expected,
+                "{policy:?} {origin:?} {host:?}"
+            );
+        }
+        let request =
+            upgrade_request("/ws").replace("Host: x", "Host: x\r\nOrigin: https://evil.example");
+        assert_eq!(route(&request), Err(Refusal::Forbidden));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! - [`publish`]: one publish-port connection: line framing, commands, replies.
 //! - [`publisher`]: a blocking [`Publisher`] client for Rust workers.
 //! - [`timer`]: the hashed timer wheel behind heartbeats and deadlines.
+//! - [`ratelimit`]: token buckets for client messages and connections per IP.
 //! - [`token`]: `mio::Token` ↔ event source.
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`loadgen`]: the `sidecast bench` load generator.
@@ -31,6 +32,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod publish;
 pub mod publisher;
+pub mod ratelimit;
 pub mod reactor;
 pub mod timer;
 pub mod token;

@@ -22,10 +22,12 @@ pub enum DisconnectReason {
     InvalidUtf8,
     /// The server shut down (close 1001).
     Shutdown,
+    /// The client kept sending over the rate limit (close 1008).
+    RateLimited,
 }
 
 impl DisconnectReason {
-    const ALL: [DisconnectReason; 8] = [
+    const ALL: [DisconnectReason; 9] = [
         DisconnectReason::ClientClosed,
         DisconnectReason::Reset,
         DisconnectReason::HeartbeatTimeout,
@@ -34,6 +36,7 @@ impl DisconnectReason {
         DisconnectReason::MessageTooBig,
         DisconnectReason::InvalidUtf8,
         DisconnectReason::Shutdown,
+        DisconnectReason::RateLimited,
     ];
 
     /// The metric label.
@@ -47,6 +50,7 @@ impl DisconnectReason {
             DisconnectReason::MessageTooBig => "message_too_big",
             DisconnectReason::InvalidUtf8 => "invalid_utf8",
             DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::RateLimited => "rate_limited",
         }
     }
 }

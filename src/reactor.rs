@@ -19,9 +19,12 @@
 //!   it from every channel, decrements the connection gauge and counts the disconnect, once;
 //! - each connection has at most one armed timer, whose meaning follows its phase.
 
+use std::collections::HashMap;
 use std::io;
+use std::io::Write;
+use std::net::IpAddr;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,13 +39,14 @@ use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::client::{ClientConn, ConnId, Inbound, ReadEnd, RequestOutcome, SharedInput};
+use crate::client::{Admission, ClientConn, ConnId, Inbound, ReadEnd, RequestOutcome, SharedInput};
 use crate::config::{Config, TIMER_TICK};
 use crate::error::StartupError;
-use crate::http::{self, Refusal, Route};
+use crate::http::{self, OriginPolicy, Refusal, Route};
 use crate::hub::Hub;
 use crate::metrics::{DisconnectReason, Gauges, Metrics};
-use crate::publish::{Published, PublisherConn, ReadStatus, Seqs, Sink, Target};
+use crate::publish::{self, Published, PublisherConn, ReadStatus, Seqs, Sink, Target};
+use crate::ratelimit::{Rate, TokenBucket};
 use crate::timer::{Tick, TickSource, TimerWheel};
 use crate::token::{self, Source};
 use crate::wire::{self, ErrorCode, EventTarget, Reply, Request};
@@ -307,6 +311,13 @@ pub struct Server {
     accept_paused: bool,
     shutting_down: bool,
     finished: bool,
+    /// Which pages may open a WebSocket.
+    origins: OriginPolicy,
+    /// Client messages per connection (`rate_limit`, `rate_burst`).
+    message_rate: Rate,
+    /// New connections per peer IP (`connect_rate_per_ip`, bursts of twice that).
+    connect_rate: Rate,
+    connects_per_ip: HashMap<IpAddr, TokenBucket>,
     /// Publishers paused by the fan-out budget, resumed first in the next pass.
     paused_publishers: Vec<usize>,
     /// Reused buffers.
@@ -331,7 +342,8 @@ impl Server {
                 source,
             })?;
         let local_addr = listener.local_addr()?;
-        let mut publish_listener = bind_publish_socket(&config.publish_socket)?;
+        let mut publish_listener =
+            bind_publish_socket(&config.publish_socket, config.publish_socket_mode)?;
         let socket_file = SocketFile(config.publish_socket.clone());
         let registry = poll.registry();
         registry.register(
@@ -353,6 +365,17 @@ impl Server {
             .max_write_buffer_size(config.max_output_buffer)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size));
+        let origins = OriginPolicy {
+            allowed: config.allowed_origins.clone(),
+            require: config.require_origin,
+        };
+        let tick_secs = TIMER_TICK.as_secs_f64();
+        let message_rate = Rate::new(config.rate_limit, f64::from(config.rate_burst), tick_secs);
+        let connect_rate = Rate::new(
+            config.connect_rate_per_ip,
+            2.0 * config.connect_rate_per_ip,
+            tick_secs,
+        );
         let instance = {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new()
@@ -396,6 +419,10 @@ impl Server {
             accept_paused: false,
             shutting_down: false,
             finished: false,
+            origins,
+            message_rate,
+            connect_rate,
+            connects_per_ip: HashMap::new(),
             paused_publishers: Vec::new(),
             input: SharedInput::new(SHARED_READ_BUFFER),
             inbox: Vec::new(),
@@ -487,10 +514,10 @@ impl Server {
     }
 
     fn accept_clients(&mut self, now: Tick) {
-        let Some(listener) = &self.listener else {
-            return;
-        };
         while !self.accept_paused {
+            let Some(listener) = &self.listener else {
+                return;
+            };
             let (mut socket, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -531,7 +558,26 @@ impl Server {
             let deadline = now.after(self.ticks.ticks_in(self.config.handshake_timeout));
             client.timer = Some(self.timers.insert(deadline, TimerEvent::Client(id)));
             log::debug!("conn={} accepted from {peer}", id.generation);
+            if !self.admit_connection(peer.ip(), now) {
+                self.refuse(key, Refusal::TooManyRequests, now);
+            }
         }
+    }
+
+    /// Charges a new connection to its peer IP's bucket (`connect_rate_per_ip`).
+    fn admit_connection(&mut self, ip: IpAddr, now: Tick) -> bool {
+        const SWEEP_ABOVE: usize = 4096;
+        let rate = self.connect_rate;
+        if self.connects_per_ip.len() > SWEEP_ABOVE {
+            // Full buckets carry no information: forget those peers.
+            self.connects_per_ip
+                .retain(|_, bucket| !bucket.is_full(rate, now));
+        }
+        let bucket = self
+            .connects_per_ip
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::full(rate, now));
+        bucket.try_take(rate, now)
     }
 
     fn accept_publishers(&mut self) {
@@ -547,6 +593,17 @@ impl Server {
                     return;
                 }
             };
+            if self.publishers.len() >= self.config.max_publishers {
+                let max = self.config.max_publishers;
+                log::warn!("max_publishers ({max}) reached; refusing a publisher");
+                let line = publish::error_reply(
+                    None,
+                    &format!("too many publishers (max_publishers {max})"),
+                );
+                // Best effort: a fresh socket's buffer takes one short line.
+                let _ = socket.write(line.as_bytes());
+                continue;
+            }
             let entry = self.publishers.vacant_entry();
             let token = token::encode(Source::Publisher(entry.key()));
             let interest = Interest::READABLE | Interest::WRITABLE;
@@ -611,7 +668,7 @@ impl Server {
             return;
         };
         if client.is_handshaking() {
-            match client.read_request(self.config.max_header_size) {
+            match client.read_request(self.config.max_header_size, &self.origins) {
                 RequestOutcome::Incomplete => return,
                 RequestOutcome::Gone => return self.drop_client(key),
                 RequestOutcome::Refused(refusal) => return self.refuse(key, refusal, now),
@@ -632,7 +689,7 @@ impl Server {
         let mut inbox = std::mem::take(&mut self.inbox);
         let result = client.read_messages(now, &mut self.input, &mut inbox);
         for message in inbox.drain(..) {
-            self.on_message(key, message);
+            self.on_message(key, message, now);
         }
         self.inbox = inbox;
         self.fanout.outbox.mark_dirty(&mut self.fanout.clients[key]);
@@ -660,7 +717,37 @@ impl Server {
         }
     }
 
-    fn on_message(&mut self, key: usize, message: Inbound) {
+    fn on_message(&mut self, key: usize, message: Inbound, now: Tick) {
+        let client = &mut self.fanout.clients[key];
+        if !client.is_open() {
+            return;
+        }
+        if let Admission::Limited { strikes } = client.admit_message(self.message_rate, now) {
+            let limit = self.config.rate_limit_strikes;
+            if strikes >= limit {
+                log::warn!(
+                    "conn={} from {}: {strikes} messages over the rate limit; closing",
+                    client.id.generation,
+                    client.peer
+                );
+                let close = (CloseCode::Policy, "rate limit exceeded");
+                self.fanout
+                    .end_session(key, DisconnectReason::RateLimited, Some(close));
+                return self.arm_drain_deadline(key, now);
+            }
+            let message = format!(
+                "more than {} messages per second (burst {}); message dropped",
+                self.config.rate_limit, self.config.rate_burst
+            );
+            let reply = Reply::Error {
+                code: ErrorCode::RateLimited,
+                message: &message,
+                channel: None,
+                id: None,
+            };
+            client.send_reply(&reply);
+            return self.fanout.outbox.mark_dirty(client);
+        }
         let request = match message {
             Inbound::Text(text) => wire::parse_request(&text),
             Inbound::Binary => Err(wire::Rejection::new(
@@ -729,7 +816,7 @@ impl Server {
 
     fn open_websocket(&mut self, key: usize, accept_key: &str, rest: Vec<u8>, now: Tick) {
         let client = &mut self.fanout.clients[key];
-        client.upgrade(accept_key, rest, self.ws_config, now);
+        client.upgrade(accept_key, rest, self.ws_config, self.message_rate, now);
         let client_id = format!("{:08x}{:08x}", self.instance, client.id.generation);
         let heartbeat_ms = self.config.heartbeat_interval.as_millis() as u64;
         client.send_reply(&Reply::Connected {
@@ -1013,7 +1100,7 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 /// Binds the publish socket, replacing a stale file left by a crashed server.
-fn bind_publish_socket(path: &Path) -> Result<UnixListener, StartupError> {
+fn bind_publish_socket(path: &Path, mode: u32) -> Result<UnixListener, StartupError> {
     let error = |source| StartupError::PublishSocket {
         path: path.to_owned(),
         source,
@@ -1038,5 +1125,7 @@ fn bind_publish_socket(path: &Path) -> Result<UnixListener, StartupError> {
             Err(e) => return Err(error(e)),
         }
     }
-    UnixListener::bind(path).map_err(error)
+    let listener = UnixListener::bind(path).map_err(error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(error)?;
+    Ok(listener)
 }

@@ -78,6 +78,8 @@ pub enum ErrorCode {
     TooManySubscriptions,
     /// A binary frame: sidecast speaks JSON in text frames only.
     BinaryNotSupported,
+    /// The connection sends more than `rate_limit` messages per second; this one was dropped.
+    RateLimited,
 }
 
 /// A request id, echoed in the reply: a JSON number or string, kept verbatim.

@@ -89,7 +89,10 @@ impl Drop for Subscribers {
 /// Allocations on the server thread for one publish to `n` subscribers.
 fn allocations_for_one_publish(n: usize) -> u64 {
     let server = TestServer::start_instrumented(
-        |c| c.max_connections = 20_000,
+        |c| {
+            c.max_connections = 20_000;
+            c.connect_rate_per_ip = 1e6; // every client comes from 127.0.0.1
+        },
         || COUNTED.with(|c| c.set(true)),
     );
     let _subscribers = Subscribers::hold(&server, n);

@@ -83,10 +83,23 @@ impl TestServer {
 
     /// A WebSocket client right after the upgrade, or the handshake error.
     pub fn ws_raw(&self, path: &str) -> Result<Ws, tungstenite::Error> {
+        self.ws_with_headers(path, &[])
+    }
+
+    /// Like `ws_raw`, adding request headers (e.g. `Origin`).
+    pub fn ws_with_headers(
+        &self,
+        path: &str,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Ws, tungstenite::Error> {
+        use tungstenite::client::IntoClientRequest;
         let stream = TcpStream::connect(self.addr).unwrap();
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        let url = format!("ws://{}{path}", self.addr);
-        let (ws, _) = tungstenite::client(url, stream).map_err(|e| match e {
+        let mut request = format!("ws://{}{path}", self.addr).into_client_request()?;
+        for (name, value) in headers {
+            request.headers_mut().insert(*name, value.parse().unwrap());
+        }
+        let (ws, _) = tungstenite::client(request, stream).map_err(|e| match e {
             tungstenite::HandshakeError::Failure(e) => e,
             tungstenite::HandshakeError::Interrupted(_) => unreachable!("blocking socket"),
         })?;
