@@ -1,0 +1,127 @@
+//! Property tests for the three parsers that face untrusted bytes: HTTP request heads, client
+//! WebSocket messages and publish lines. Arbitrary input never panics and always ends in one of
+//! the documented reactions.
+
+use proptest::prelude::*;
+use serde_json::Value;
+use sidecast::http::{self, OriginPolicy, Refusal, Route};
+use sidecast::publish::{self, Target};
+use sidecast::wire::{self, ErrorCode, Request, check_channel};
+
+const MAX_HEADER: usize = 1024;
+
+/// Strings that look like JSON requests, to get past the first parse more often than noise.
+fn json_like() -> impl Strategy<Value = String> {
+    let key = prop_oneof![
+        Just("type"),
+        Just("channel"),
+        Just("channels"),
+        Just("id"),
+        Just("data"),
+        Just("broadcast"),
+        Just("x")
+    ];
+    let value = prop_oneof![
+        Just("\"subscribe\"".to_string()),
+        Just("\"unsubscribe\"".to_string()),
+        Just("\"ping\"".to_string()),
+        Just("true".to_string()),
+        Just("null".to_string()),
+        Just("[\"a\",\"b\"]".to_string()),
+        "-?[0-9]{1,20}(\\.[0-9]{1,3})?".prop_map(|s| s),
+        "\"[ -~]{0,140}\"".prop_map(|s| s),
+        "\\{\"t\":[0-9]{1,5}\\}".prop_map(|s| s),
+    ];
+    prop::collection::vec((key, value), 0..6).prop_map(|fields| {
+        let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        format!("{{{}}}", body.join(","))
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn http_heads_never_panic_and_respect_the_cap(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        match http::parse_request(&bytes, MAX_HEADER, &OriginPolicy::default()) {
+            Ok(None) => prop_assert!(bytes.len() < MAX_HEADER, "waiting for more past the cap"),
+            Ok(Some((_, head_len))) => prop_assert!(head_len <= MAX_HEADER && head_len <= bytes.len()),
+            Err(_) => {}
+        }
+    }
+
+    #[test]
+    fn http_requests_with_random_paths_and_headers_route_or_refuse(
+        method in prop_oneof![Just("GET".to_string()), Just("POST".to_string()), "[A-Z]{1,7}"],
+        path in "/[ -~&&[^ ]]{0,40}",
+        headers in prop::collection::vec(("[A-Za-z-]{1,20}", "[ -~]{0,60}"), 0..10),
+    ) {
+        let mut request = format!("{method} {path} HTTP/1.1\r\n");
+        for (name, value) in &headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        match http::parse_request(request.as_bytes(), MAX_HEADER, &OriginPolicy::default()) {
+            Ok(Some((route, _))) => {
+                prop_assert_eq!(method.as_str(), "GET");
+                let bare = path.split('?').next().unwrap();
+                match route {
+                    Route::Upgrade { accept_key } => {
+                        prop_assert_eq!(bare, "/ws");
+                        prop_assert_eq!(accept_key.len(), 28, "base64 of a SHA-1");
+                    }
+                    Route::Health => prop_assert_eq!(bare, "/health"),
+                    Route::Metrics => prop_assert_eq!(bare, "/metrics"),
+                }
+            }
+            Ok(None) => prop_assert!(request.len() < MAX_HEADER),
+            Err(Refusal::MethodNotAllowed) => prop_assert_ne!(method.as_str(), "GET"),
+            Err(refusal) => prop_assert!(!refusal.response().is_empty()),
+        }
+    }
+
+    #[test]
+    fn client_messages_parse_or_get_a_documented_error(text in prop_oneof![json_like(), any::<String>()]) {
+        match wire::parse_request(&text) {
+            Ok(Request::Subscribe { channel, id } | Request::Unsubscribe { channel, id }) => {
+                prop_assert!(check_channel(channel.as_str()).is_ok());
+                prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string()));
+            }
+            Ok(Request::Ping { id }) => prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string())),
+            Err(rejection) => {
+                prop_assert!(!rejection.message.is_empty());
+                prop_assert!(matches!(
+                    rejection.code,
+                    ErrorCode::InvalidJson | ErrorCode::InvalidMessage | ErrorCode::UnknownType | ErrorCode::InvalidChannel
+                ));
+                // The error reply is valid JSON with the documented fields.
+                let reply: Value = serde_json::from_str(&wire::Reply::from(&rejection).to_json()).unwrap();
+                prop_assert_eq!(&reply["type"], "error");
+            }
+        }
+    }
+
+    #[test]
+    fn publish_lines_parse_or_get_a_documented_error(
+        line in prop_oneof![json_like().prop_map(String::into_bytes), prop::collection::vec(any::<u8>(), 0..300)]
+    ) {
+        match publish::parse_command(&line) {
+            Ok(command) => {
+                prop_assert!(serde_json::from_str::<Value>(command.data.get()).is_ok());
+                match &command.target {
+                    Target::Channel(name) => prop_assert!(check_channel(name).is_ok()),
+                    Target::Channels(names) => {
+                        prop_assert!(!names.is_empty());
+                        prop_assert!(names.iter().all(|n| check_channel(n).is_ok()));
+                    }
+                    Target::Broadcast => {}
+                }
+            }
+            Err(error) => {
+                prop_assert!(!error.message.is_empty());
+                let reply: Value = serde_json::from_str(publish::error_reply(error.id, &error.message).trim_end()).unwrap();
+                prop_assert_eq!(&reply["ok"], false);
+            }
+        }
+    }
+}
