@@ -28,6 +28,7 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
+use crate::auth::Identity;
 use crate::http::{self, OriginPolicy, Refusal, Route};
 use crate::hub::ChannelId;
 use crate::metrics::DisconnectReason;
@@ -206,6 +207,17 @@ struct Session {
     messages: TokenBucket,
     /// Messages dropped by the limit since the bucket was last full.
     strikes: u32,
+    /// The authenticated user and when their token expires; `None` with auth off.
+    auth: Option<Box<(Identity, Tick)>>,
+}
+
+/// What a WebSocket session leaves behind when it ends.
+#[derive(Debug)]
+pub struct Ended {
+    /// Channels to leave.
+    pub subscriptions: Vec<ChannelId>,
+    /// The authenticated user, to forget.
+    pub user: Option<Box<str>>,
 }
 
 /// The rate limit's verdict on one client message.
@@ -416,6 +428,7 @@ impl ClientConn {
             last_seen: now,
             messages: TokenBucket::full(rate, now),
             strikes: 0,
+            auth: None,
         }));
     }
 
@@ -498,12 +511,37 @@ impl ClientConn {
         }
     }
 
-    /// Moves to `Draining`. Returns the subscriptions to remove from the hub when the
-    /// connection was an open WebSocket, `None` otherwise.
-    pub fn end_session(&mut self) -> Option<Vec<ChannelId>> {
+    /// Moves to `Draining`. Returns what the session held when the connection was an open
+    /// WebSocket, `None` otherwise.
+    pub fn end_session(&mut self) -> Option<Ended> {
         match std::mem::replace(&mut self.phase, Phase::Draining) {
-            Phase::WebSocket(session) => Some(session.subscriptions),
+            Phase::WebSocket(session) => {
+                let Session {
+                    subscriptions,
+                    auth,
+                    ..
+                } = *session;
+                Some(Ended {
+                    subscriptions,
+                    user: auth.map(|auth| auth.0.user),
+                })
+            }
             Phase::Request { .. } | Phase::Draining => None,
+        }
+    }
+
+    /// Records who the client is and when its token expires.
+    pub fn set_identity(&mut self, identity: Identity, expires: Tick) {
+        if let Phase::WebSocket(session) = &mut self.phase {
+            session.auth = Some(Box::new((identity, expires)));
+        }
+    }
+
+    /// The authenticated user and their token's expiry tick.
+    pub fn identity(&self) -> Option<&(Identity, Tick)> {
+        match &self.phase {
+            Phase::WebSocket(session) => session.auth.as_deref(),
+            _ => None,
         }
     }
 

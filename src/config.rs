@@ -18,6 +18,9 @@ use std::time::Duration;
 use log::LevelFilter;
 use serde::{Deserialize, Deserializer};
 
+use jsonwebtoken::Algorithm;
+
+use crate::auth::{JwtKey, Verifier};
 use crate::error::ConfigError;
 
 /// Default address for WebSocket and HTTP.
@@ -42,6 +45,10 @@ const DEFAULT_RATE_LIMIT_STRIKES: u32 = 20;
 const DEFAULT_CONNECT_RATE_PER_IP: f64 = 200.0;
 const DEFAULT_PUBLISH_SOCKET_MODE: u32 = 0o660;
 const DEFAULT_MAX_PUBLISHERS: usize = 64;
+const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 3;
+/// Environment variable that can hold the HS256 secret, to keep it out of process listings.
+pub const JWT_SECRET_ENV: &str = "SIDECAST_JWT_SECRET";
 
 /// The shortest duration setting: the timer wheel's tick.
 pub const TIMER_TICK: Duration = Duration::from_millis(10);
@@ -98,6 +105,12 @@ pub struct Config {
     pub publish_socket_mode: u32,
     /// Open publish-port connections at most.
     pub max_publishers: usize,
+    /// How tokens are verified; `None` turns authentication off.
+    pub jwt: Option<JwtKey>,
+    /// How far past `exp` a token is still accepted.
+    pub jwt_leeway: Duration,
+    /// Open WebSockets per authenticated user at most (close 4008 beyond).
+    pub max_connections_per_user: usize,
 }
 
 impl Default for Config {
@@ -126,6 +139,9 @@ impl Default for Config {
             connect_rate_per_ip: DEFAULT_CONNECT_RATE_PER_IP,
             publish_socket_mode: DEFAULT_PUBLISH_SOCKET_MODE,
             max_publishers: DEFAULT_MAX_PUBLISHERS,
+            jwt: None,
+            jwt_leeway: DEFAULT_JWT_LEEWAY,
+            max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
         }
     }
 }
@@ -169,6 +185,19 @@ impl FromStr for FileMode {
             .map(FileMode)
             .ok_or_else(|| format!("{s:?} is not an octal file mode like 0660"))
     }
+}
+
+/// The algorithm of `--jwt-public-key`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+pub enum JwtAlgorithm {
+    /// RSA PKCS#1 v1.5 with SHA-256.
+    #[serde(rename = "RS256")]
+    #[value(name = "RS256")]
+    Rs256,
+    /// ECDSA P-256 with SHA-256.
+    #[serde(rename = "ES256")]
+    #[value(name = "ES256")]
+    Es256,
 }
 
 /// The `serve` settings: command-line flags and TOML keys. Unset fields take the defaults.
@@ -272,6 +301,28 @@ pub struct Settings {
     #[arg(long, value_name = "COUNT")]
     #[serde(default)]
     pub max_publishers: Option<usize>,
+    /// Turn on authentication with HS256 tokens signed with this secret (or set
+    /// SIDECAST_JWT_SECRET) [default: none, auth off]
+    #[arg(long, value_name = "SECRET")]
+    #[serde(default)]
+    pub jwt_secret: Option<String>,
+    /// Turn on authentication with RS256/ES256 tokens, verified with this PEM public key
+    /// [default: none, auth off]
+    #[arg(long, value_name = "FILE")]
+    #[serde(default)]
+    pub jwt_public_key: Option<PathBuf>,
+    /// The algorithm of --jwt-public-key: RS256 or ES256 [default: none]
+    #[arg(long, value_name = "ALGORITHM")]
+    #[serde(default)]
+    pub jwt_algorithm: Option<JwtAlgorithm>,
+    /// Accept tokens this long past their exp [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "parse")]
+    pub jwt_leeway: Option<HumanDuration>,
+    /// Open WebSockets per authenticated user; the next is closed with 4008 [default: 3]
+    #[arg(long, value_name = "COUNT")]
+    #[serde(default)]
+    pub max_connections_per_user: Option<usize>,
 }
 
 /// Deserializes a string (or integer) through `FromStr`, so the file accepts what the flags do.
@@ -341,6 +392,58 @@ impl Settings {
             connect_rate_per_ip: self.connect_rate_per_ip.or(lower.connect_rate_per_ip),
             publish_socket_mode: self.publish_socket_mode.or(lower.publish_socket_mode),
             max_publishers: self.max_publishers.or(lower.max_publishers),
+            jwt_secret: self.jwt_secret.or(lower.jwt_secret),
+            jwt_public_key: self.jwt_public_key.or(lower.jwt_public_key),
+            jwt_algorithm: self.jwt_algorithm.or(lower.jwt_algorithm),
+            jwt_leeway: self.jwt_leeway.or(lower.jwt_leeway),
+            max_connections_per_user: self
+                .max_connections_per_user
+                .or(lower.max_connections_per_user),
+        }
+    }
+}
+
+/// The verification key the settings describe, read from its file when it is a public key.
+fn jwt_key(
+    secret: Option<String>,
+    public_key: Option<PathBuf>,
+    algorithm: Option<JwtAlgorithm>,
+) -> Result<Option<JwtKey>, ConfigError> {
+    let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+    match (secret, public_key, algorithm) {
+        (None, None, None) => Ok(None),
+        (Some(_), Some(_), _) => invalid(
+            "jwt_secret",
+            "give either jwt_secret or jwt_public_key, not both".into(),
+        ),
+        (Some(_), None, Some(_)) => invalid(
+            "jwt_algorithm",
+            "applies to jwt_public_key; jwt_secret is HS256".into(),
+        ),
+        (Some(secret), None, None) if secret.len() < 32 => invalid(
+            "jwt_secret",
+            format!("must be at least 32 bytes for HS256, got {}", secret.len()),
+        ),
+        (Some(secret), None, None) => Ok(Some(JwtKey::Secret(secret.into_bytes()))),
+        (None, Some(_), None) => invalid(
+            "jwt_algorithm",
+            "jwt_public_key needs jwt_algorithm (RS256 or ES256)".into(),
+        ),
+        (None, None, Some(_)) => invalid("jwt_algorithm", "needs jwt_public_key".into()),
+        (None, Some(path), Some(algorithm)) => {
+            let pem = std::fs::read(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let algorithm = match algorithm {
+                JwtAlgorithm::Rs256 => Algorithm::RS256,
+                JwtAlgorithm::Es256 => Algorithm::ES256,
+            };
+            let key = JwtKey::PublicKey { pem, algorithm };
+            match Verifier::new(&key, Duration::ZERO) {
+                Ok(_) => Ok(Some(key)),
+                Err(e) => invalid("jwt_public_key", format!("{}: {e}", path.display())),
+            }
         }
     }
 }
@@ -359,6 +462,10 @@ impl Config {
             }
             None => flags,
         };
+        let mut settings = settings;
+        if settings.jwt_secret.is_none() && settings.jwt_public_key.is_none() {
+            settings.jwt_secret = std::env::var(JWT_SECRET_ENV).ok().filter(|s| !s.is_empty());
+        }
         Config::from_settings(settings)
     }
 
@@ -394,6 +501,11 @@ impl Config {
             connect_rate_per_ip: s.connect_rate_per_ip.unwrap_or(d.connect_rate_per_ip),
             publish_socket_mode: s.publish_socket_mode.map_or(d.publish_socket_mode, |m| m.0),
             max_publishers: s.max_publishers.unwrap_or(d.max_publishers),
+            jwt: jwt_key(s.jwt_secret, s.jwt_public_key, s.jwt_algorithm)?,
+            jwt_leeway: duration(s.jwt_leeway, d.jwt_leeway),
+            max_connections_per_user: s
+                .max_connections_per_user
+                .unwrap_or(d.max_connections_per_user),
         };
         config.validate()?;
         Ok(config)
@@ -450,6 +562,7 @@ impl Config {
             ("rate_burst", self.rate_burst as usize, 1),
             ("rate_limit_strikes", self.rate_limit_strikes as usize, 1),
             ("max_publishers", self.max_publishers, 1),
+            ("max_connections_per_user", self.max_connections_per_user, 1),
             ("max_connections", self.max_connections, 1),
             ("max_subscriptions", self.max_subscriptions, 1),
             ("max_message_size", self.max_message_size, 128),
@@ -496,12 +609,8 @@ mod tests {
             let help = arg.get_help().expect("every flag has help").to_string();
             let (_, default) = help.split_once("[default: ").expect(&help);
             let default = default.trim_end_matches(']');
-            if matches!(arg.get_action(), clap::ArgAction::Append) {
-                assert!(
-                    default.starts_with("none"),
-                    "a list defaults to empty: {help}"
-                );
-                continue;
+            if default.starts_with("none") {
+                continue; // an empty list, or an optional setting that is off by default
             }
             args.push(format!("--{}={default}", arg.get_long().unwrap()));
         }
@@ -526,6 +635,44 @@ mod tests {
         assert_eq!(config.max_output_buffer, 4096);
         assert_eq!(config.max_connections, 9);
         assert_eq!(config.heartbeat_timeout, DEFAULT_HEARTBEAT_TIMEOUT);
+    }
+
+    #[test]
+    fn jwt_settings() {
+        let secret = "s".repeat(32);
+        let config = from_flags(&["--jwt-secret", &secret]).unwrap();
+        assert_eq!(
+            config.jwt,
+            Some(JwtKey::Secret(secret.clone().into_bytes()))
+        );
+        assert_eq!(from_flags(&[]).unwrap().jwt, None, "auth is off by default");
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("key.pem");
+        std::fs::write(&pem, "not a key").unwrap();
+        let pem = pem.to_str().unwrap();
+        for (args, key) in [
+            (vec!["--jwt-secret", "short"], "jwt_secret"),
+            (
+                vec![
+                    "--jwt-secret",
+                    &secret,
+                    "--jwt-public-key",
+                    pem,
+                    "--jwt-algorithm",
+                    "RS256",
+                ],
+                "jwt_secret",
+            ),
+            (vec!["--jwt-public-key", pem], "jwt_algorithm"),
+            (vec!["--jwt-algorithm", "ES256"], "jwt_algorithm"),
+            (
+                vec!["--jwt-public-key", pem, "--jwt-algorithm", "RS256"],
+                "jwt_public_key",
+            ),
+        ] {
+            let error = from_flags(&args).unwrap_err().to_string();
+            assert!(error.contains(key), "{args:?}: {error}");
+        }
     }
 
     #[test]

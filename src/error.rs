@@ -86,6 +86,8 @@ pub enum StartupError {
     },
     /// Setting up the event loop or signal handling failed.
     Reactor(io::Error),
+    /// The JWT verification key cannot be used.
+    Auth(String),
 }
 
 impl fmt::Display for StartupError {
@@ -105,6 +107,7 @@ impl fmt::Display for StartupError {
                 )
             }
             StartupError::Reactor(source) => write!(f, "cannot set up the event loop: {source}"),
+            StartupError::Auth(why) => write!(f, "cannot use the JWT key: {why}"),
         }
     }
 }
@@ -115,7 +118,7 @@ impl std::error::Error for StartupError {
             StartupError::Listen { source, .. }
             | StartupError::PublishSocket { source, .. }
             | StartupError::Reactor(source) => Some(source),
-            StartupError::SocketInUse { .. } => None,
+            StartupError::SocketInUse { .. } | StartupError::Auth(_) => None,
         }
     }
 }

@@ -49,6 +49,8 @@ pub enum Route {
     Upgrade {
         /// The `Sec-WebSocket-Accept` value for the 101 response.
         accept_key: String,
+        /// The bearer token: the `token` query parameter or `Authorization: Bearer`.
+        token: Option<String>,
     },
     /// `GET /health`
     Health,
@@ -149,7 +151,7 @@ pub fn parse_request(
     let target = request.path.unwrap_or("/");
     let path = target.split_once('?').map_or(target, |(path, _query)| path);
     let route = match path {
-        "/ws" => upgrade(request.headers, origins)?,
+        "/ws" => upgrade(request.headers, origins, target)?,
         "/health" => Route::Health,
         "/metrics" => Route::Metrics,
         _ => return Err(Refusal::NotFound),
@@ -157,7 +159,11 @@ pub fn parse_request(
     Ok(Some((route, head_len)))
 }
 
-fn upgrade(headers: &[httparse::Header<'_>], origins: &OriginPolicy) -> Result<Route, Refusal> {
+fn upgrade(
+    headers: &[httparse::Header<'_>],
+    origins: &OriginPolicy,
+    target: &str,
+) -> Result<Route, Refusal> {
     let header = |name: &str| {
         headers
             .iter()
@@ -184,7 +190,14 @@ fn upgrade(headers: &[httparse::Header<'_>], origins: &OriginPolicy) -> Result<R
         ));
     }
     let accept_key = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    Ok(Route::Upgrade { accept_key })
+    let from_query = target.split_once('?').and_then(|(_, query)| {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("token="))
+    });
+    let from_header = header("Authorization").and_then(|v| v.trim().strip_prefix("Bearer "));
+    let token = from_query.or(from_header).map(|t| t.trim().to_string());
+    Ok(Route::Upgrade { accept_key, token })
 }
 
 /// The 101 response completing a WebSocket upgrade.
@@ -226,10 +239,21 @@ mod tests {
     #[test]
     fn upgrades_with_any_query_and_rfc_accept_key() {
         let request = upgrade_request("/ws?token=abc");
-        let (route, len) = route(&request).unwrap().unwrap();
+        let (routed, len) = route(&request).unwrap().unwrap();
         // The example from RFC 6455 section 1.3.
         let accept_key = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".to_string();
-        assert_eq!(route, Route::Upgrade { accept_key });
+        assert_eq!(
+            routed,
+            Route::Upgrade {
+                accept_key,
+                token: Some("abc".into())
+            }
+        );
+        let bearer =
+            upgrade_request("/ws").replace("Host: x", "Host: x\r\nAuthorization: Bearer xyz");
+        assert!(
+            matches!(route(&bearer).unwrap().unwrap().0, Route::Upgrade { token: Some(t), .. } if t == "xyz")
+        );
         assert_eq!(len, request.len());
     }
 

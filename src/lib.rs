@@ -5,6 +5,7 @@
 //! `docs/protocol.md` is the wire contract and `docs/architecture.md` the design.
 //!
 //! # Layout
+//! - [`auth`]: JWT verification and channel permissions.
 //! - [`reactor`]: the `mio` event loop ([`Server`]): accept, dispatch, timers, flush, shutdown.
 //! - [`client`]: one TCP connection on the WebSocket port: phases, read side, output queue.
 //! - [`http`]: request heads (httparse) → routes and canned responses.
@@ -23,6 +24,7 @@
 //! the [`ShutdownHandle`].
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;

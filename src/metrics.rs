@@ -24,10 +24,18 @@ pub enum DisconnectReason {
     Shutdown,
     /// The client kept sending over the rate limit (close 1008).
     RateLimited,
+    /// No valid token at the upgrade (close 4001 `unauthorized`).
+    Unauthorized,
+    /// The token expired without a refresh (close 4001 `token expired`).
+    TokenExpired,
+    /// The user already had `max_connections_per_user` open (close 4008).
+    UserLimit,
+    /// A publisher's `{"op":"disconnect"}` (close 4003).
+    DisconnectedByServer,
 }
 
 impl DisconnectReason {
-    const ALL: [DisconnectReason; 9] = [
+    const ALL: [DisconnectReason; 13] = [
         DisconnectReason::ClientClosed,
         DisconnectReason::Reset,
         DisconnectReason::HeartbeatTimeout,
@@ -37,6 +45,10 @@ impl DisconnectReason {
         DisconnectReason::InvalidUtf8,
         DisconnectReason::Shutdown,
         DisconnectReason::RateLimited,
+        DisconnectReason::Unauthorized,
+        DisconnectReason::TokenExpired,
+        DisconnectReason::UserLimit,
+        DisconnectReason::DisconnectedByServer,
     ];
 
     /// The metric label.
@@ -51,6 +63,10 @@ impl DisconnectReason {
             DisconnectReason::InvalidUtf8 => "invalid_utf8",
             DisconnectReason::Shutdown => "shutdown",
             DisconnectReason::RateLimited => "rate_limited",
+            DisconnectReason::Unauthorized => "unauthorized",
+            DisconnectReason::TokenExpired => "token_expired",
+            DisconnectReason::UserLimit => "user_limit",
+            DisconnectReason::DisconnectedByServer => "disconnected_by_server",
         }
     }
 }

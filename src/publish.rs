@@ -31,6 +31,22 @@ pub enum Target<'a> {
     Channels(Vec<Cow<'a, str>>),
     /// `"broadcast": true`: every open WebSocket.
     Broadcast,
+    /// `"user": "u1"`: every connection of that user, as an event on `user:u1`.
+    User(Cow<'a, str>),
+}
+
+/// What a command does.
+#[derive(Debug)]
+pub enum Action<'a> {
+    /// Publish `data` to `target`.
+    Publish {
+        /// Where the event goes.
+        target: Target<'a>,
+        /// The event payload, byte for byte as the publisher wrote it.
+        data: &'a RawValue,
+    },
+    /// `{"op":"disconnect","user":"u1"}`: close every connection of that user (4003).
+    DisconnectUser(Cow<'a, str>),
 }
 
 /// A parsed publish command.
@@ -38,10 +54,8 @@ pub enum Target<'a> {
 pub struct Command<'a> {
     /// Present when the publisher wants a reply: a JSON number or string, echoed verbatim.
     pub id: Option<&'a RawValue>,
-    /// Where the event goes.
-    pub target: Target<'a>,
-    /// The event payload, byte for byte as the publisher wrote it.
-    pub data: &'a RawValue,
+    /// What to do.
+    pub action: Action<'a>,
 }
 
 /// A refused command.
@@ -78,6 +92,9 @@ pub trait Sink {
     /// Publishes `data` to `target`.
     fn publish(&mut self, target: &Target<'_>, data: &RawValue) -> Published;
 
+    /// Closes every connection of `user`; returns how many.
+    fn disconnect_user(&mut self, user: &str) -> usize;
+
     /// False once this loop pass has done its share of fan-out: the publisher stops reading
     /// and resumes in the next pass, after the queued frames were flushed.
     fn has_capacity(&self) -> bool;
@@ -94,7 +111,25 @@ struct RawCommand<'a> {
     channels: Option<Vec<Cow<'a, str>>>,
     broadcast: Option<bool>,
     #[serde(borrow)]
-    data: &'a RawValue,
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: DataField<'a>,
+}
+
+/// `data` as written, telling a missing field from `null` (which `Option` cannot).
+#[derive(Default)]
+enum DataField<'a> {
+    #[default]
+    Missing,
+    Present(&'a RawValue),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for DataField<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&RawValue>::deserialize(deserializer).map(DataField::Present)
+    }
 }
 
 /// Reads just the id of a command that failed to parse, so its error reply can carry it.
@@ -124,12 +159,37 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
             message: "id must be a number or a string".into(),
         });
     }
-    let target = match (raw.channel, raw.channels, raw.broadcast) {
-        (Some(channel), None, None) => Target::Channel(channel),
-        (None, Some(channels), None) => Target::Channels(channels),
-        (None, None, Some(true)) => Target::Broadcast,
-        (None, None, Some(false)) => return fail("broadcast must be true when present".into()),
-        _ => return fail("give exactly one of channel, channels or broadcast".into()),
+    let check_user = |user: &str| {
+        check_channel(&format!("user:{user}"))
+            .map_err(|why| format!("invalid user {user:?}: {why}"))
+    };
+    match raw.op.as_deref() {
+        None => {}
+        Some("disconnect") => {
+            let (Some(user), None, None, None, DataField::Missing) =
+                (raw.user, raw.channel, raw.channels, raw.broadcast, raw.data)
+            else {
+                return fail("disconnect takes exactly a user".into());
+            };
+            if let Err(why) = check_user(&user) {
+                return fail(why);
+            }
+            return Ok(Command {
+                id,
+                action: Action::DisconnectUser(user),
+            });
+        }
+        Some(other) => return fail(format!("unknown op {other:?}")),
+    }
+    let target = match (raw.channel, raw.channels, raw.broadcast, raw.user) {
+        (Some(channel), None, None, None) => Target::Channel(channel),
+        (None, Some(channels), None, None) => Target::Channels(channels),
+        (None, None, Some(true), None) => Target::Broadcast,
+        (None, None, None, Some(user)) => Target::User(user),
+        (None, None, Some(false), None) => {
+            return fail("broadcast must be true when present".into());
+        }
+        _ => return fail("give exactly one of channel, channels, broadcast or user".into()),
     };
     match &target {
         Target::Channel(name) => {
@@ -150,12 +210,19 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
                 }
             }
         }
+        Target::User(user) => {
+            if let Err(why) = check_user(user) {
+                return fail(why);
+            }
+        }
         Target::Broadcast => {}
     }
+    let DataField::Present(data) = raw.data else {
+        return fail("missing field `data`".into());
+    };
     Ok(Command {
         id,
-        target,
-        data: raw.data,
+        action: Action::Publish { target, data },
     })
 }
 
@@ -321,11 +388,27 @@ impl PublisherConn {
             return;
         }
         match parse_command(line) {
-            Ok(command) => {
-                let published = sink.publish(&command.target, command.data);
-                if let Some(id) = command.id {
+            Ok(Command {
+                id,
+                action: Action::Publish { target, data },
+            }) => {
+                let published = sink.publish(&target, data);
+                if let Some(id) = id {
                     self.output
-                        .extend_from_slice(ok_reply(id, &command.target, &published).as_bytes());
+                        .extend_from_slice(ok_reply(id, &target, &published).as_bytes());
+                }
+            }
+            Ok(Command {
+                id,
+                action: Action::DisconnectUser(user),
+            }) => {
+                let closed = sink.disconnect_user(&user);
+                if let Some(id) = id {
+                    let line = format!(
+                        "{{\"id\":{},\"ok\":true,\"disconnected\":{closed}}}\n",
+                        id.get()
+                    );
+                    self.output.extend_from_slice(line.as_bytes());
                 }
             }
             Err(error) => {
@@ -392,22 +475,38 @@ mod tests {
 
     #[test]
     fn parses_each_target() {
-        let c = parse_command(br#"{"channel":"project:42","data":{"p":1}}"#).unwrap();
-        assert_eq!(c.target, Target::Channel("project:42".into()));
-        assert_eq!(c.data.get(), r#"{"p":1}"#);
-        assert!(c.id.is_none());
-        let c = parse_command(br#"{"id":"x","channels":["a","b"],"data":[1, 2]}"#).unwrap();
-        assert_eq!(c.target, Target::Channels(vec!["a".into(), "b".into()]));
-        assert_eq!(c.id.unwrap().get(), r#""x""#);
-        assert_eq!(c.data.get(), "[1, 2]");
-        let c = parse_command(br#"{"id":7,"broadcast":true,"data":null}"#).unwrap();
-        assert_eq!(c.target, Target::Broadcast);
-        let c = parse_command(br#"{"channel":"\u0061","data":1}"#).unwrap();
+        let publish = |line: &'static [u8]| match parse_command(line).unwrap() {
+            Command {
+                id,
+                action: Action::Publish { target, data },
+            } => (
+                id.map(|i| i.get().to_string()),
+                target,
+                data.get().to_string(),
+            ),
+            other => panic!("not a publish: {other:?}"),
+        };
+        let (id, target, data) = publish(br#"{"channel":"project:42","data":{"p":1}}"#);
         assert_eq!(
-            c.target,
-            Target::Channel("a".into()),
-            "escaped names are decoded"
+            (id, target, data.as_str()),
+            (None, Target::Channel("project:42".into()), r#"{"p":1}"#)
         );
+        let (id, target, data) = publish(br#"{"id":"x","channels":["a","b"],"data":[1, 2]}"#);
+        assert_eq!(target, Target::Channels(vec!["a".into(), "b".into()]));
+        assert_eq!((id.as_deref(), data.as_str()), (Some(r#""x""#), "[1, 2]"));
+        let (_, target, data) = publish(br#"{"id":7,"broadcast":true,"data":null}"#);
+        assert_eq!((target, data.as_str()), (Target::Broadcast, "null"));
+        assert_eq!(
+            publish(br#"{"user":"u1","data":1}"#).1,
+            Target::User("u1".into())
+        );
+        assert_eq!(
+            publish(br#"{"channel":"\u0061","data":1}"#).1,
+            Target::Channel("a".into()),
+            "escapes decoded"
+        );
+        let disconnect = parse_command(br#"{"id":1,"op":"disconnect","user":"u1"}"#).unwrap();
+        assert!(matches!(disconnect.action, Action::DisconnectUser(user) if user == "u1"));
     }
 
     #[test]
@@ -427,6 +526,21 @@ mod tests {
                 .contains("exactly one")
         );
         assert!(error_of(r#"{"id":3,"data":1}"#).1.contains("exactly one"));
+        assert!(
+            error_of(r#"{"id":3,"user":"a b","data":1}"#)
+                .1
+                .contains("invalid user")
+        );
+        assert!(
+            error_of(r#"{"id":3,"op":"disconnect","user":"u1","data":1}"#)
+                .1
+                .contains("exactly a user")
+        );
+        assert!(
+            error_of(r#"{"id":3,"op":"explode","user":"u1"}"#)
+                .1
+                .contains("unknown op")
+        );
         assert!(
             error_of(r#"{"id":3,"broadcast":false,"data":1}"#)
                 .1
@@ -464,6 +578,10 @@ mod tests {
                 seqs: Seqs::One(self.executed.len() as u64),
                 delivered: 1,
             }
+        }
+
+        fn disconnect_user(&mut self, _user: &str) -> usize {
+            0
         }
 
         fn has_capacity(&self) -> bool {

@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use mio::net::{TcpListener, UnixListener};
@@ -39,6 +39,7 @@ use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::auth::{Identity, Verifier};
 use crate::client::{Admission, ClientConn, ConnId, Inbound, ReadEnd, RequestOutcome, SharedInput};
 use crate::config::{Config, TIMER_TICK};
 use crate::error::StartupError;
@@ -144,16 +145,45 @@ struct Fanout {
     scratch: Vec<u8>,
     /// Frames queued in this pass (see `DELIVERIES_PER_PASS`).
     pass_deliveries: usize,
+    /// Authentication, when configured.
+    auth: Option<Auth>,
+    /// Open connections of each authenticated user.
+    users: HashMap<Box<str>, Vec<ConnId>>,
+    /// Connections closed by a publisher's command; the reactor arms their drain deadline.
+    closed_by_command: Vec<ConnId>,
+}
+
+/// What authentication needs at run time.
+struct Auth {
+    verifier: Verifier,
+    leeway: Duration,
+    max_per_user: usize,
+    ticks: TickSource,
+}
+
+impl Auth {
+    /// The tick at which `identity`'s token stops being accepted (`exp` + leeway).
+    fn expiry_tick(&self, identity: &Identity, now: Tick) -> Tick {
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let left = (identity.expires_at + self.leeway.as_secs()).saturating_sub(unix_now);
+        now.after(self.ticks.ticks_in(Duration::from_secs(left)))
+    }
 }
 
 impl Fanout {
     /// Publishes one event to one channel: one sequence number, one encoded frame shared by
-    /// every subscriber.
-    fn publish_to(&mut self, channel: &str, data: &RawValue) -> (u64, usize) {
+    /// every subscriber, and by every connection of `user` not subscribed to it already.
+    fn publish_to(&mut self, channel: &str, data: &RawValue, user: Option<&str>) -> (u64, usize) {
         self.metrics.events_published += 1;
+        let channel_id = self.hub.find(channel);
         let (seq, subscribers) = self.hub.publish(channel);
-        self.pass_deliveries += subscribers.len().max(1);
-        if subscribers.is_empty() {
+        let tabs = user
+            .and_then(|user| self.users.get(user))
+            .map_or(&[][..], Vec::as_slice);
+        self.pass_deliveries += (subscribers.len() + tabs.len()).max(1);
+        if subscribers.is_empty() && tabs.is_empty() {
             return (seq, 0);
         }
         let frame = wire::event_frame(EventTarget::Channel(channel, seq), data, &mut self.scratch);
@@ -162,6 +192,17 @@ impl Fanout {
             let client = &mut self.clients[id.key as usize];
             debug_assert_eq!(client.id, *id, "the hub holds only live connections");
             delivered += usize::from(self.outbox.deliver(client, &frame));
+        }
+        for id in tabs {
+            let client = &mut self.clients[id.key as usize];
+            let subscribed = channel_id.is_some_and(|c| {
+                client
+                    .subscriptions_mut()
+                    .is_some_and(|subs| subs.contains(&c))
+            });
+            if !subscribed {
+                delivered += usize::from(self.outbox.deliver(client, &frame));
+            }
         }
         self.metrics.frames_delivered += delivered as u64;
         (seq, delivered)
@@ -180,9 +221,17 @@ impl Fanout {
         if let Some((code, text)) = close {
             client.send_close(code, text);
         }
-        if let Some(subscriptions) = client.end_session() {
-            for channel in subscriptions {
+        if let Some(ended) = client.end_session() {
+            for channel in ended.subscriptions {
                 self.hub.unsubscribe(channel, client.id);
+            }
+            if let Some(user) = ended.user
+                && let Some(tabs) = self.users.get_mut(&user)
+            {
+                tabs.retain(|id| *id != client.id);
+                if tabs.is_empty() {
+                    self.users.remove(&user);
+                }
             }
             self.metrics.connections -= 1;
             self.metrics.disconnected(reason);
@@ -192,40 +241,73 @@ impl Fanout {
     }
 
     /// Acts on one request from an open WebSocket.
-    fn handle_request(&mut self, key: usize, request: Request, max_subscriptions: usize) {
+    fn handle_request(
+        &mut self,
+        key: usize,
+        request: Request,
+        max_subscriptions: usize,
+        now: Tick,
+    ) {
         let client = &mut self.clients[key];
         let conn = client.id;
-        let Some(subscriptions) = client.subscriptions_mut() else {
-            return;
+        let reply_error = |client: &mut ClientConn,
+                           code,
+                           message: &str,
+                           channel: Option<&str>,
+                           id: Option<&wire::RequestId>| {
+            client.send_reply(&Reply::Error {
+                code,
+                message,
+                channel,
+                id,
+            });
         };
         match request {
             Request::Subscribe { channel, id } => {
-                let known = self
-                    .hub
-                    .find(channel.as_str())
-                    .filter(|c| subscriptions.contains(c));
+                let name = channel.as_str();
+                if client
+                    .identity()
+                    .is_some_and(|(identity, _)| !identity.may_subscribe(name))
+                {
+                    reply_error(
+                        client,
+                        ErrorCode::Forbidden,
+                        "your token does not allow this channel",
+                        Some(name),
+                        id.as_ref(),
+                    );
+                    return self.outbox.mark_dirty(client);
+                }
+                let Some(subscriptions) = client.subscriptions_mut() else {
+                    return;
+                };
+                let known = self.hub.find(name).filter(|c| subscriptions.contains(c));
                 if known.is_none() && subscriptions.len() >= max_subscriptions {
                     let message =
                         format!("at most {max_subscriptions} subscriptions per connection");
-                    client.send_reply(&Reply::Error {
-                        code: ErrorCode::TooManySubscriptions,
-                        message: &message,
-                        channel: Some(channel.as_str()),
-                        id: id.as_ref(),
-                    });
+                    reply_error(
+                        client,
+                        ErrorCode::TooManySubscriptions,
+                        &message,
+                        Some(name),
+                        id.as_ref(),
+                    );
                 } else {
                     let (channel_id, seq) = self.hub.subscribe(&channel, conn);
                     if known.is_none() {
                         subscriptions.push(channel_id);
                     }
                     client.send_reply(&Reply::Subscribed {
-                        channel: channel.as_str(),
+                        channel: name,
                         seq,
                         id: id.as_ref(),
                     });
                 }
             }
             Request::Unsubscribe { channel, id } => {
+                let Some(subscriptions) = client.subscriptions_mut() else {
+                    return;
+                };
                 if let Some(channel_id) = self.hub.find(channel.as_str())
                     && let Some(pos) = subscriptions.iter().position(|c| *c == channel_id)
                 {
@@ -238,6 +320,41 @@ impl Fanout {
                 });
             }
             Request::Ping { id } => client.send_reply(&Reply::Pong { id: id.as_ref() }),
+            Request::Refresh { token, id } => {
+                let current = client.identity().map(|(identity, _)| identity.user.clone());
+                let (Some(auth), Some(user)) = (&self.auth, current) else {
+                    let message = "authentication is off: there is nothing to refresh";
+                    reply_error(
+                        client,
+                        ErrorCode::InvalidMessage,
+                        message,
+                        None,
+                        id.as_ref(),
+                    );
+                    return self.outbox.mark_dirty(client);
+                };
+                match auth.verifier.verify(&token) {
+                    Ok(identity) if identity.user == user => {
+                        let expires_at = identity.expires_at;
+                        let expires = auth.expiry_tick(&identity, now);
+                        client.set_identity(identity, expires);
+                        client.send_reply(&Reply::Refreshed {
+                            expires_at,
+                            id: id.as_ref(),
+                        });
+                    }
+                    Ok(_) => reply_error(
+                        client,
+                        ErrorCode::InvalidToken,
+                        "the token is for another user",
+                        None,
+                        id.as_ref(),
+                    ),
+                    Err(why) => {
+                        reply_error(client, ErrorCode::InvalidToken, &why, None, id.as_ref())
+                    }
+                }
+            }
         }
         self.outbox.mark_dirty(client);
     }
@@ -247,7 +364,7 @@ impl Sink for Fanout {
     fn publish(&mut self, target: &Target<'_>, data: &RawValue) -> Published {
         match target {
             Target::Channel(channel) => {
-                let (seq, delivered) = self.publish_to(channel, data);
+                let (seq, delivered) = self.publish_to(channel, data, None);
                 Published {
                     seqs: Seqs::One(seq),
                     delivered,
@@ -257,12 +374,20 @@ impl Sink for Fanout {
                 let mut seqs = Vec::with_capacity(channels.len());
                 let mut delivered = 0;
                 for channel in channels {
-                    let (seq, count) = self.publish_to(channel, data);
+                    let (seq, count) = self.publish_to(channel, data, None);
                     seqs.push(seq);
                     delivered += count;
                 }
                 Published {
                     seqs: Seqs::Many(seqs),
+                    delivered,
+                }
+            }
+            Target::User(user) => {
+                let channel = format!("user:{user}");
+                let (seq, delivered) = self.publish_to(&channel, data, Some(user));
+                Published {
+                    seqs: Seqs::One(seq),
                     delivered,
                 }
             }
@@ -281,6 +406,20 @@ impl Sink for Fanout {
                 }
             }
         }
+    }
+
+    fn disconnect_user(&mut self, user: &str) -> usize {
+        let tabs = self.users.get(user).cloned().unwrap_or_default();
+        for id in &tabs {
+            let close = (CloseCode::from(4003), "disconnected by server");
+            self.end_session(
+                id.key as usize,
+                DisconnectReason::DisconnectedByServer,
+                Some(close),
+            );
+            self.closed_by_command.push(*id);
+        }
+        tabs.len()
     }
 
     fn has_capacity(&self) -> bool {
@@ -376,6 +515,15 @@ impl Server {
             2.0 * config.connect_rate_per_ip,
             tick_secs,
         );
+        let auth = match &config.jwt {
+            Some(key) => Some(Auth {
+                verifier: Verifier::new(key, config.jwt_leeway).map_err(StartupError::Auth)?,
+                leeway: config.jwt_leeway,
+                max_per_user: config.max_connections_per_user,
+                ticks,
+            }),
+            None => None,
+        };
         let instance = {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new()
@@ -407,6 +555,9 @@ impl Server {
                 metrics: Metrics::default(),
                 scratch: Vec::new(),
                 pass_deliveries: 0,
+                auth,
+                users: HashMap::new(),
+                closed_by_command: Vec::new(),
             },
             timers: TimerWheel::new(Tick(0)),
             ticks,
@@ -504,6 +655,16 @@ impl Server {
             }
             self.fire_timers(now);
             self.close_slow_consumers(now);
+            for id in std::mem::take(&mut self.fanout.closed_by_command) {
+                if self
+                    .fanout
+                    .clients
+                    .get(id.key as usize)
+                    .is_some_and(|c| c.id == id)
+                {
+                    self.arm_drain_deadline(id.key as usize, now);
+                }
+            }
             self.flush_dirty();
             if self.shutting_down && self.fanout.clients.is_empty() && self.publishers.is_empty() {
                 self.finished = true;
@@ -756,9 +917,10 @@ impl Server {
             )),
         };
         match request {
-            Ok(request) => self
-                .fanout
-                .handle_request(key, request, self.config.max_subscriptions),
+            Ok(request) => {
+                self.fanout
+                    .handle_request(key, request, self.config.max_subscriptions, now)
+            }
             Err(rejection) => {
                 let client = &mut self.fanout.clients[key];
                 client.send_reply(&Reply::from(&rejection));
@@ -789,9 +951,8 @@ impl Server {
                 self.refuse(key, Refusal::Busy, now);
                 return false;
             }
-            Route::Upgrade { accept_key } => {
-                self.open_websocket(key, &accept_key, rest, now);
-                return true;
+            Route::Upgrade { accept_key, token } => {
+                return self.open_websocket(key, &accept_key, token.as_deref(), rest, now);
             }
         };
         let client = &mut self.fanout.clients[key];
@@ -814,21 +975,76 @@ impl Server {
         self.arm_drain_deadline(key, now);
     }
 
-    fn open_websocket(&mut self, key: usize, accept_key: &str, rest: Vec<u8>, now: Tick) {
+    /// Completes the upgrade. With authentication on, an invalid token or a user at
+    /// `max_connections_per_user` is closed at once (4001, 4008) before anything else is sent.
+    /// Returns true when the WebSocket is open.
+    fn open_websocket(
+        &mut self,
+        key: usize,
+        accept_key: &str,
+        token: Option<&str>,
+        rest: Vec<u8>,
+        now: Tick,
+    ) -> bool {
         let client = &mut self.fanout.clients[key];
         client.upgrade(accept_key, rest, self.ws_config, self.message_rate, now);
-        let client_id = format!("{:08x}{:08x}", self.instance, client.id.generation);
+        self.fanout.metrics.connections += 1;
+        self.fanout.metrics.connections_opened += 1;
+        let id = client.id;
+        let mut expires = None;
+        if let Some(auth) = &self.fanout.auth {
+            let verdict = token
+                .ok_or_else(|| "no token".to_string())
+                .and_then(|t| auth.verifier.verify(t));
+            let identity = match verdict {
+                Ok(identity) => identity,
+                Err(why) => {
+                    log::debug!(
+                        "conn={} from {}: unauthorized: {why}",
+                        id.generation,
+                        client.peer
+                    );
+                    let close = (CloseCode::from(4001), "unauthorized");
+                    self.fanout
+                        .end_session(key, DisconnectReason::Unauthorized, Some(close));
+                    self.arm_drain_deadline(key, now);
+                    return false;
+                }
+            };
+            let tabs = self.fanout.users.entry(identity.user.clone()).or_default();
+            if tabs.len() >= auth.max_per_user {
+                log::debug!(
+                    "conn={}: user {} is at max_connections_per_user",
+                    id.generation,
+                    identity.user
+                );
+                if tabs.is_empty() {
+                    self.fanout.users.remove(&identity.user);
+                }
+                let close = (CloseCode::from(4008), "Max connections exceeded");
+                self.fanout
+                    .end_session(key, DisconnectReason::UserLimit, Some(close));
+                self.arm_drain_deadline(key, now);
+                return false;
+            }
+            tabs.push(id);
+            let tick = auth.expiry_tick(&identity, now);
+            expires = Some(tick);
+            client.set_identity(identity, tick);
+        }
+        let client_id = format!("{:08x}{:08x}", self.instance, id.generation);
         let heartbeat_ms = self.config.heartbeat_interval.as_millis() as u64;
+        let user_id = client.identity().map(|(identity, _)| identity.user.clone());
         client.send_reply(&Reply::Connected {
             client_id: &client_id,
             heartbeat_ms,
+            user_id: user_id.as_deref(),
         });
         self.fanout.outbox.mark_dirty(client);
-        self.fanout.metrics.connections += 1;
-        self.fanout.metrics.connections_opened += 1;
-        log::debug!("conn={} upgraded", client.id.generation);
-        let interval = self.ticks.ticks_in(self.config.heartbeat_interval);
-        self.arm(key, now.after(interval));
+        log::debug!("conn={} upgraded", id.generation);
+        let next_ping = now.after(self.ticks.ticks_in(self.config.heartbeat_interval));
+        self.arm(key, expires.map_or(next_ping, |e| e.min(next_ping)));
+        true
     }
 
     /// Replaces the connection's timer.
@@ -902,10 +1118,21 @@ impl Server {
                 .end_session(key, DisconnectReason::HeartbeatTimeout, Some(close));
             return self.arm_drain_deadline(key, now);
         }
+        let expires = client.identity().map(|(_, expires)| *expires);
+        if expires.is_some_and(|expires| expires <= now) {
+            log::debug!("conn={} from {}: token expired", id.generation, client.peer);
+            let close = (CloseCode::from(4001), "token expired");
+            self.fanout
+                .end_session(key, DisconnectReason::TokenExpired, Some(close));
+            return self.arm_drain_deadline(key, now);
+        }
         client.send_ping();
         self.fanout.outbox.mark_dirty(client);
         let next_ping = now.after(self.ticks.ticks_in(self.config.heartbeat_interval));
-        self.arm(key, next_ping.min(last_seen.after(timeout)));
+        let next = next_ping.min(last_seen.after(timeout));
+        // One timer per connection: the earliest of the next Ping, the silence deadline and
+        // the token's expiry (a refresh moves the expiry later; the early wake re-arms).
+        self.arm(key, expires.map_or(next, |expires| expires.min(next)));
     }
 
     fn close_slow_consumers(&mut self, now: Tick) {

@@ -80,6 +80,10 @@ pub enum ErrorCode {
     BinaryNotSupported,
     /// The connection sends more than `rate_limit` messages per second; this one was dropped.
     RateLimited,
+    /// The token does not allow subscribing to this channel.
+    Forbidden,
+    /// A `refresh` carried a token that is invalid, expired, or for another user.
+    InvalidToken,
 }
 
 /// A request id, echoed in the reply: a JSON number or string, kept verbatim.
@@ -104,6 +108,13 @@ pub enum Request {
     },
     /// `{"type":"ping"}`
     Ping {
+        /// Echoed in the reply.
+        id: Option<RequestId>,
+    },
+    /// `{"type":"refresh","token":...}`: extend an authenticated connection.
+    Refresh {
+        /// The new token.
+        token: String,
         /// Echoed in the reply.
         id: Option<RequestId>,
     },
@@ -216,6 +227,15 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
             })
         }
         "ping" => Ok(Request::Ping { id }),
+        "refresh" => match fields.remove("token") {
+            Some(Value::String(token)) => Ok(Request::Refresh { token, id }),
+            _ => reject(
+                ErrorCode::InvalidMessage,
+                "refresh needs a string token".into(),
+                channel,
+                id,
+            ),
+        },
         other => reject(
             ErrorCode::UnknownType,
             format!("unknown type {other:?}"),
@@ -237,6 +257,18 @@ pub enum Reply<'a> {
         /// The server's ping interval, in milliseconds.
         #[serde(rename = "heartbeatMs")]
         heartbeat_ms: u64,
+        /// The authenticated user, when authentication is on.
+        #[serde(rename = "userId", skip_serializing_if = "Option::is_none")]
+        user_id: Option<&'a str>,
+    },
+    /// Answer to a successful `refresh`.
+    Refreshed {
+        /// The new token's `exp`, in seconds since the Unix epoch.
+        #[serde(rename = "expiresAt")]
+        expires_at: u64,
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
     },
     /// The connection is subscribed to `channel`.
     Subscribed {
@@ -422,6 +454,7 @@ mod tests {
                 Reply::Connected {
                     client_id: "c1",
                     heartbeat_ms: 30000,
+                    user_id: None,
                 },
                 r#"{"type":"connected","clientId":"c1","heartbeatMs":30000}"#,
             ),

@@ -10,6 +10,10 @@ use sidecast::wire::{self, ErrorCode, Request, check_channel};
 
 const MAX_HEADER: usize = 1024;
 
+fn is_valid_user(user: &str) -> bool {
+    check_channel(&format!("user:{user}")).is_ok()
+}
+
 /// Strings that look like JSON requests, to get past the first parse more often than noise.
 fn json_like() -> impl Strategy<Value = String> {
     let key = prop_oneof![
@@ -66,7 +70,7 @@ proptest! {
                 prop_assert_eq!(method.as_str(), "GET");
                 let bare = path.split('?').next().unwrap();
                 match route {
-                    Route::Upgrade { accept_key } => {
+                    Route::Upgrade { accept_key, .. } => {
                         prop_assert_eq!(bare, "/ws");
                         prop_assert_eq!(accept_key.len(), 28, "base64 of a SHA-1");
                     }
@@ -87,6 +91,7 @@ proptest! {
                 prop_assert!(check_channel(channel.as_str()).is_ok());
                 prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string()));
             }
+            Ok(Request::Refresh { id, .. }) => prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string())),
             Ok(Request::Ping { id }) => prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string())),
             Err(rejection) => {
                 prop_assert!(!rejection.message.is_empty());
@@ -106,14 +111,18 @@ proptest! {
         line in prop_oneof![json_like().prop_map(String::into_bytes), prop::collection::vec(any::<u8>(), 0..300)]
     ) {
         match publish::parse_command(&line) {
-            Ok(command) => {
-                prop_assert!(serde_json::from_str::<Value>(command.data.get()).is_ok());
-                match &command.target {
+            Ok(publish::Command { action: publish::Action::DisconnectUser(user), .. }) => {
+                prop_assert!(is_valid_user(&user));
+            }
+            Ok(publish::Command { action: publish::Action::Publish { target, data }, .. }) => {
+                prop_assert!(serde_json::from_str::<Value>(data.get()).is_ok());
+                match &target {
                     Target::Channel(name) => prop_assert!(check_channel(name).is_ok()),
                     Target::Channels(names) => {
                         prop_assert!(!names.is_empty());
                         prop_assert!(names.iter().all(|n| check_channel(n).is_ok()));
                     }
+                    Target::User(user) => prop_assert!(is_valid_user(user)),
                     Target::Broadcast => {}
                 }
             }
