@@ -183,3 +183,47 @@ fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving() {
         1
     );
 }
+
+/// VmRSS of this process (server and clients together), in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn fifty_megabytes_to_a_client_that_never_reads_keep_memory_bounded() {
+    let server = TestServer::start(); // default max_output_buffer: 1 MiB
+    let mut never_reads = server.ws();
+    never_reads.subscribe("video");
+    let mut fast = server.ws();
+    fast.subscribe("video");
+    const EVENTS: u64 = 3200; // × 16 KiB = 50 MiB
+    let reader = std::thread::spawn(move || {
+        for seq in 1..=EVENTS {
+            fast.expect_event("video", seq);
+        }
+    });
+    let before = rss_kib();
+    let mut publisher = server.publisher();
+    let payload = "x".repeat(16 * 1024);
+    let mut peak = before;
+    for n in 1..=EVENTS {
+        publisher.send(&json!({"id": n, "channel": "video", "data": payload}).to_string());
+        publisher.reply();
+        if n % 100 == 0 {
+            peak = peak.max(rss_kib());
+        }
+    }
+    reader
+        .join()
+        .expect("the fast client received all 3200 events in order");
+    let frames = drain_frames(never_reads.raw());
+    assert_eq!(close_of(&frames), Some((1008, "slow consumer".into())));
+    // 50 MiB went through; the process grew by far less (the cap is 1 MiB per connection).
+    assert!(
+        peak - before < 16 * 1024,
+        "RSS grew by {} KiB",
+        peak - before
+    );
+}
