@@ -1018,9 +1018,6 @@ impl Server {
                     id.generation,
                     identity.user
                 );
-                if tabs.is_empty() {
-                    self.fanout.users.remove(&identity.user);
-                }
                 let close = (CloseCode::from(4008), "Max connections exceeded");
                 self.fanout
                     .end_session(key, DisconnectReason::UserLimit, Some(close));
