@@ -25,6 +25,10 @@ struct Process {
 
 impl Process {
     fn serve(extra: &[&str]) -> Process {
+        Process::serve_with_env(extra, &[])
+    }
+
+    fn serve_with_env(extra: &[&str], env: &[(&str, &str)]) -> Process {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("sidecast.sock");
         let mut child = Command::new(BIN)
@@ -32,6 +36,8 @@ impl Process {
             .arg(&socket)
             .args(extra)
             .env_remove("RUST_LOG")
+            .env_remove("SIDECAST_JWT_SECRET")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -306,4 +312,20 @@ fn bench_refuses_to_guess_a_target_or_load_a_remote_one() {
     ]);
     assert_eq!(code, 2);
     assert!(text.contains("ws://"), "{text}");
+}
+
+#[test]
+fn the_jwt_secret_can_come_from_the_environment() {
+    let server = Process::serve_with_env(
+        &[],
+        &[("SIDECAST_JWT_SECRET", "an-environment-secret-of-32-bytes!")],
+    );
+    let stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let (ws, _) = tungstenite::client(format!("ws://{}/ws", server.addr), stream).unwrap();
+    let close = Ws(ws).expect_close();
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (4001, "unauthorized")
+    );
 }
