@@ -146,6 +146,7 @@ fn run(args: &[&str]) -> (i32, String) {
     let output = Command::new(BIN)
         .args(args)
         .env_remove("RUST_LOG")
+        .env_remove("SIDECAST_JWT_SECRET")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
