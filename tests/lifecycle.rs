@@ -193,7 +193,9 @@ fn rss_kib() -> u64 {
 
 #[test]
 fn fifty_megabytes_to_a_client_that_never_reads_keep_memory_bounded() {
-    let server = TestServer::start(); // default max_output_buffer: 1 MiB
+    // Default max_output_buffer (1 MiB). The client reads only at the end, so the server must
+    // still hold its close frame then: a long close_timeout, or the socket would be dropped.
+    let server = TestServer::start_with(|c| c.close_timeout = Duration::from_secs(60));
     let mut never_reads = server.ws();
     never_reads.subscribe("video");
     let mut fast = server.ws();
