@@ -268,7 +268,7 @@ pub struct Settings {
     #[arg(long, value_name = "LEVEL")]
     #[serde(default, deserialize_with = "parse")]
     pub log_level: Option<LevelFilter>,
-    /// Origin allowed to open a WebSocket, e.g. https://app.example.com, or * (repeatable)
+    /// Origin allowed to open a WebSocket, e.g. `https://app.example.com`, or `*` (repeatable)
     /// [default: none, so only same-host pages]
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     #[serde(default)]
