@@ -47,6 +47,9 @@ const DEFAULT_PUBLISH_SOCKET_MODE: u32 = 0o660;
 const DEFAULT_MAX_PUBLISHERS: usize = 64;
 const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 3;
+const DEFAULT_HISTORY_SIZE: usize = 100;
+const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(300);
+const DEFAULT_HISTORY_MAX_BYTES: usize = 1024 * 1024;
 /// Environment variable that can hold the HS256 secret, to keep it out of process listings.
 pub const JWT_SECRET_ENV: &str = "SIDECAST_JWT_SECRET";
 
@@ -111,6 +114,12 @@ pub struct Config {
     pub jwt_leeway: Duration,
     /// Open WebSockets per authenticated user at most (close 4008 beyond).
     pub max_connections_per_user: usize,
+    /// Recent events each channel keeps for resuming clients; 0 disables history.
+    pub history_size: usize,
+    /// Events older than this are dropped from the history.
+    pub history_ttl: Duration,
+    /// Bytes of event frames each channel's history may hold.
+    pub history_max_bytes: usize,
 }
 
 impl Default for Config {
@@ -142,6 +151,9 @@ impl Default for Config {
             jwt: None,
             jwt_leeway: DEFAULT_JWT_LEEWAY,
             max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
+            history_size: DEFAULT_HISTORY_SIZE,
+            history_ttl: DEFAULT_HISTORY_TTL,
+            history_max_bytes: DEFAULT_HISTORY_MAX_BYTES,
         }
     }
 }
@@ -323,6 +335,19 @@ pub struct Settings {
     #[arg(long, value_name = "COUNT")]
     #[serde(default)]
     pub max_connections_per_user: Option<usize>,
+    /// Recent events each channel keeps so reconnecting clients can resume; 0 disables
+    /// [default: 100]
+    #[arg(long, value_name = "COUNT")]
+    #[serde(default)]
+    pub history_size: Option<usize>,
+    /// Events older than this leave the history [default: 5m]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "parse")]
+    pub history_ttl: Option<HumanDuration>,
+    /// Bytes of events each channel's history may hold [default: 1MiB]
+    #[arg(long, value_name = "SIZE")]
+    #[serde(default, deserialize_with = "parse")]
+    pub history_max_bytes: Option<ByteSize>,
 }
 
 /// Deserializes a string (or integer) through `FromStr`, so the file accepts what the flags do.
@@ -399,6 +424,9 @@ impl Settings {
             max_connections_per_user: self
                 .max_connections_per_user
                 .or(lower.max_connections_per_user),
+            history_size: self.history_size.or(lower.history_size),
+            history_ttl: self.history_ttl.or(lower.history_ttl),
+            history_max_bytes: self.history_max_bytes.or(lower.history_max_bytes),
         }
     }
 }
@@ -506,6 +534,9 @@ impl Config {
             max_connections_per_user: s
                 .max_connections_per_user
                 .unwrap_or(d.max_connections_per_user),
+            history_size: s.history_size.unwrap_or(d.history_size),
+            history_ttl: duration(s.history_ttl, d.history_ttl),
+            history_max_bytes: size(s.history_max_bytes, d.history_max_bytes),
         };
         config.validate()?;
         Ok(config)
@@ -520,6 +551,7 @@ impl Config {
             ("handshake_timeout", self.handshake_timeout),
             ("close_timeout", self.close_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("history_ttl", self.history_ttl),
         ];
         for (key, value) in durations {
             if value < TIMER_TICK {

@@ -15,7 +15,14 @@ use indexmap::IndexSet;
 use indexmap::set::Slice;
 use slab::Slab;
 
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+
+use bytes::Bytes;
+
 use crate::client::ConnId;
+use crate::history::{Delta, History, HistoryLimits};
+use crate::timer::Tick;
 use crate::wire::ChannelName;
 
 /// Index of a channel in the hub, valid while the channel has subscribers.
@@ -25,22 +32,101 @@ pub struct ChannelId(u32);
 struct Channel {
     name: Arc<str>,
     seq: u64,
+    /// Random, fixed when the channel (and so its history) begins: a resuming client whose
+    /// epoch differs knows the sequence numbers it holds are from another history.
+    epoch: Box<str>,
+    history: History,
     /// Insertion-ordered for cache-friendly iteration; O(1) removal by `swap_remove`.
     subscribers: IndexSet<ConnId>,
 }
 
 /// The registry of channels.
-#[derive(Default)]
 pub struct Hub {
     by_name: HashMap<Arc<str>, usize>,
     channels: Slab<Channel>,
     active: usize,
+    limits: HistoryLimits,
+    history_events: usize,
+    history_bytes: usize,
+    epoch_seed: RandomState,
+    epochs_made: u64,
+}
+
+impl Default for Hub {
+    fn default() -> Hub {
+        Hub::with_history(HistoryLimits::DISABLED)
+    }
 }
 
 impl Hub {
-    /// An empty hub.
+    /// An empty hub without history.
     pub fn new() -> Hub {
         Hub::default()
+    }
+
+    /// An empty hub keeping each channel's recent events within `limits`.
+    pub fn with_history(limits: HistoryLimits) -> Hub {
+        Hub {
+            by_name: HashMap::new(),
+            channels: Slab::new(),
+            active: 0,
+            limits,
+            history_events: 0,
+            history_bytes: 0,
+            epoch_seed: RandomState::new(),
+            epochs_made: 0,
+        }
+    }
+
+    /// True when events are kept for resuming clients.
+    pub fn keeps_history(&self) -> bool {
+        self.limits.size > 0
+    }
+
+    /// Events and bytes held in all histories.
+    pub fn history_totals(&self) -> (usize, usize) {
+        (self.history_events, self.history_bytes)
+    }
+
+    /// The channel's epoch.
+    pub fn epoch(&self, id: ChannelId) -> &str {
+        &self.channels[id.0 as usize].epoch
+    }
+
+    /// Keeps the frame of event `seq` in the channel's history.
+    pub fn record(&mut self, id: ChannelId, seq: u64, frame: &Bytes, now: Tick) {
+        let delta = self.channels[id.0 as usize]
+            .history
+            .record(seq, frame, now, self.limits);
+        self.apply(delta);
+    }
+
+    /// The frames a client that last saw `since_seq` in `since_epoch` missed, or `None` when
+    /// the gap cannot be filled (another epoch, or events no longer in the history).
+    pub fn resume(
+        &mut self,
+        id: ChannelId,
+        since_seq: u64,
+        since_epoch: &str,
+        now: Tick,
+    ) -> Option<Vec<Bytes>> {
+        let channel = &mut self.channels[id.0 as usize];
+        let delta = channel.history.expire(now, self.limits);
+        let missed = (*channel.epoch == *since_epoch)
+            .then(|| {
+                channel
+                    .history
+                    .after(since_seq, channel.seq)
+                    .map(|frames| frames.cloned().collect())
+            })
+            .flatten();
+        self.apply(delta);
+        missed
+    }
+
+    fn apply(&mut self, delta: Delta) {
+        self.history_events = self.history_events.saturating_add_signed(delta.events);
+        self.history_bytes = self.history_bytes.saturating_add_signed(delta.bytes);
     }
 
     /// Channels with at least one subscriber.
@@ -90,11 +176,15 @@ impl Hub {
 
     /// Takes the next sequence number of `name` and returns it with the subscribers to
     /// deliver to. The name must be valid (see [`crate::wire::check_channel`]).
-    pub fn publish(&mut self, name: &str) -> (u64, &Slice<ConnId>) {
+    pub fn publish(&mut self, name: &str) -> (ChannelId, u64, &Slice<ConnId>) {
         let key = self.entry(name);
         let channel = &mut self.channels[key];
         channel.seq += 1;
-        (channel.seq, channel.subscribers.as_slice())
+        (
+            ChannelId(key as u32),
+            channel.seq,
+            channel.subscribers.as_slice(),
+        )
     }
 
     fn entry(&mut self, name: &str) -> usize {
@@ -102,9 +192,15 @@ impl Hub {
             return key;
         }
         let name: Arc<str> = name.into();
+        self.epochs_made += 1;
+        let mut hasher = self.epoch_seed.build_hasher();
+        hasher.write_u64(self.epochs_made);
+        let epoch = format!("{:08x}", hasher.finish() as u32).into_boxed_str();
         let key = self.channels.insert(Channel {
             name: Arc::clone(&name),
             seq: 0,
+            epoch,
+            history: History::default(),
             subscribers: IndexSet::new(),
         });
         assert!(key <= u32::MAX as usize, "more than 2^32 channels");
@@ -151,10 +247,10 @@ mod tests {
         assert_eq!(hub.subscribe(&name("a"), conn(1)), (a, 0));
         hub.subscribe(&name("a"), conn(2));
         hub.subscribe(&name("b"), conn(3));
-        let (seq, subscribers) = hub.publish("a");
+        let (_, seq, subscribers) = hub.publish("a");
         assert_eq!((seq, ids(subscribers)), (1, vec![conn(1), conn(2)]));
-        assert_eq!(hub.publish("a").0, 2);
-        assert_eq!(ids(hub.publish("b").1), vec![conn(3)]);
+        assert_eq!(hub.publish("a").1, 2);
+        assert_eq!(ids(hub.publish("b").2), vec![conn(3)]);
         assert_eq!(hub.active_channels(), 2);
     }
 
@@ -175,15 +271,15 @@ mod tests {
             1,
             "dormant channel kept its seq"
         );
-        assert_eq!(hub.publish("a").0, 2);
+        assert_eq!(hub.publish("a").1, 2);
     }
 
     #[test]
     fn publish_without_subscribers_counts_seq() {
         let mut hub = Hub::new();
-        let (seq, subscribers) = hub.publish("nobody");
+        let (_, seq, subscribers) = hub.publish("nobody");
         assert_eq!((seq, subscribers.len()), (1, 0));
-        assert_eq!(hub.publish("nobody").0, 2);
+        assert_eq!(hub.publish("nobody").1, 2);
         assert_eq!(hub.active_channels(), 0);
     }
 

@@ -10,7 +10,8 @@
 //! - [`client`]: one TCP connection on the WebSocket port: phases, read side, output queue.
 //! - [`http`]: request heads (httparse) → routes and canned responses.
 //! - [`wire`]: the WebSocket JSON protocol: requests, replies, event frames.
-//! - [`hub`]: channels, their subscribers and sequence numbers.
+//! - [`hub`]: channels, their subscribers, sequence numbers and epochs.
+//! - [`history`]: each channel's recent event frames, for resuming clients.
 //! - [`publish`]: one publish-port connection: line framing, commands, replies.
 //! - [`publisher`]: a blocking [`Publisher`] client for Rust workers.
 //! - [`timer`]: the hashed timer wheel behind heartbeats and deadlines.
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod loadgen;

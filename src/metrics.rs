@@ -148,6 +148,10 @@ pub struct Gauges {
     pub channels: usize,
     /// Seconds since start.
     pub uptime_secs: u64,
+    /// Events held in channel histories.
+    pub history_events: usize,
+    /// Bytes of event frames held in channel histories.
+    pub history_bytes: usize,
 }
 
 impl Metrics {
@@ -193,6 +197,18 @@ impl Metrics {
             "gauge",
             "Seconds since start.",
             gauges.uptime_secs,
+        );
+        metric(
+            "sidecast_history_events",
+            "gauge",
+            "Events held in channel histories for resuming clients.",
+            gauges.history_events as u64,
+        );
+        metric(
+            "sidecast_history_bytes",
+            "gauge",
+            "Bytes of event frames held in channel histories.",
+            gauges.history_bytes as u64,
         );
         metric(
             "sidecast_connections_opened_total",
@@ -269,6 +285,8 @@ mod tests {
         let text = metrics.render(&Gauges {
             channels: 2,
             uptime_secs: 9,
+            history_events: 0,
+            history_bytes: 0,
         });
         assert!(text.contains("# TYPE sidecast_connections gauge\nsidecast_connections 3\n"));
         assert!(text.contains("sidecast_channels 2\n"));
@@ -289,6 +307,8 @@ mod tests {
         let text = metrics.render(&Gauges {
             channels: 0,
             uptime_secs: 0,
+            history_events: 0,
+            history_bytes: 0,
         });
         let name = "sidecast_publish_write_latency_seconds";
         for (le, count) in [

@@ -43,6 +43,7 @@ use crate::auth::{Identity, Verifier};
 use crate::client::{Admission, ClientConn, ConnId, Inbound, ReadEnd, RequestOutcome, SharedInput};
 use crate::config::{Config, TIMER_TICK};
 use crate::error::StartupError;
+use crate::history::HistoryLimits;
 use crate::http::{self, OriginPolicy, Refusal, Route};
 use crate::hub::Hub;
 use crate::metrics::{DisconnectReason, Gauges, Metrics};
@@ -145,6 +146,8 @@ struct Fanout {
     scratch: Vec<u8>,
     /// Frames queued in this pass (see `DELIVERIES_PER_PASS`).
     pass_deliveries: usize,
+    /// This pass's tick.
+    now: Tick,
     /// Authentication, when configured.
     auth: Option<Auth>,
     /// Open connections of each authenticated user.
@@ -174,16 +177,18 @@ impl Auth {
 
 impl Fanout {
     /// Publishes one event to one channel: one sequence number, one encoded frame shared by
-    /// every subscriber, and by every connection of `user` not subscribed to it already.
+    /// every subscriber, by every connection of `user` not subscribed to it already, and by
+    /// the channel's history.
     fn publish_to(&mut self, channel: &str, data: &RawValue, user: Option<&str>) -> (u64, usize) {
         self.metrics.events_published += 1;
         let channel_id = self.hub.find(channel);
-        let (seq, subscribers) = self.hub.publish(channel);
+        let keeps_history = self.hub.keeps_history();
+        let (history_id, seq, subscribers) = self.hub.publish(channel);
         let tabs = user
             .and_then(|user| self.users.get(user))
             .map_or(&[][..], Vec::as_slice);
         self.pass_deliveries += (subscribers.len() + tabs.len()).max(1);
-        if subscribers.is_empty() && tabs.is_empty() {
+        if subscribers.is_empty() && tabs.is_empty() && !keeps_history {
             return (seq, 0);
         }
         let frame = wire::event_frame(EventTarget::Channel(channel, seq), data, &mut self.scratch);
@@ -204,6 +209,7 @@ impl Fanout {
                 delivered += usize::from(self.outbox.deliver(client, &frame));
             }
         }
+        self.hub.record(history_id, seq, &frame, self.now);
         self.metrics.frames_delivered += delivered as u64;
         (seq, delivered)
     }
@@ -263,7 +269,7 @@ impl Fanout {
             });
         };
         match request {
-            Request::Subscribe { channel, id } => {
+            Request::Subscribe { channel, since, id } => {
                 let name = channel.as_str();
                 if client
                     .identity()
@@ -297,11 +303,21 @@ impl Fanout {
                     if known.is_none() {
                         subscriptions.push(channel_id);
                     }
+                    // Replayed within this call: on one thread no publish can land between
+                    // the replay and live delivery, so there is no gap and no duplicate.
+                    let missed = since
+                        .as_ref()
+                        .map(|since| self.hub.resume(channel_id, since.seq, &since.epoch, now));
                     client.send_reply(&Reply::Subscribed {
                         channel: name,
                         seq,
+                        epoch: self.hub.epoch(channel_id),
+                        recovered: missed.as_ref().map(Option::is_some),
                         id: id.as_ref(),
                     });
+                    for frame in missed.flatten().unwrap_or_default() {
+                        self.outbox.deliver(client, &frame);
+                    }
                 }
             }
             Request::Unsubscribe { channel, id } => {
@@ -544,7 +560,11 @@ impl Server {
             local_addr,
             publishers: Slab::new(),
             fanout: Fanout {
-                hub: Hub::new(),
+                hub: Hub::with_history(HistoryLimits {
+                    size: config.history_size,
+                    max_bytes: config.history_max_bytes,
+                    ttl_ticks: ticks.ticks_in(config.history_ttl),
+                }),
                 clients: Slab::new(),
                 outbox: Outbox {
                     pass_started_us: 0,
@@ -555,6 +575,7 @@ impl Server {
                 metrics: Metrics::default(),
                 scratch: Vec::new(),
                 pass_deliveries: 0,
+                now: Tick(0),
                 auth,
                 users: HashMap::new(),
                 closed_by_command: Vec::new(),
@@ -631,6 +652,7 @@ impl Server {
             let now = self.ticks.tick_at(pass_started);
             self.fanout.outbox.pass_started_us = micros_since(self.started, pass_started);
             self.fanout.pass_deliveries = 0;
+            self.fanout.now = now;
             for key in std::mem::take(&mut self.paused_publishers) {
                 self.on_publisher_ready(key);
             }
@@ -1288,9 +1310,12 @@ impl Server {
     }
 
     fn metrics_text(&self) -> String {
+        let (history_events, history_bytes) = self.fanout.hub.history_totals();
         let gauges = Gauges {
             channels: self.fanout.hub.active_channels(),
             uptime_secs: self.uptime_secs(),
+            history_events,
+            history_bytes,
         };
         self.fanout.metrics.render(&gauges)
     }

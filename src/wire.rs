@@ -92,10 +92,12 @@ pub type RequestId = Value;
 /// A well-formed client request.
 #[derive(Debug, PartialEq)]
 pub enum Request {
-    /// `{"type":"subscribe","channel":...}`
+    /// `{"type":"subscribe","channel":...,"since":{"seq":17,"epoch":"x7f3"}}`
     Subscribe {
         /// The channel to join.
         channel: ChannelName,
+        /// The last event the client saw, to replay what it missed.
+        since: Option<Since>,
         /// Echoed in the reply.
         id: Option<RequestId>,
     },
@@ -118,6 +120,15 @@ pub enum Request {
         /// Echoed in the reply.
         id: Option<RequestId>,
     },
+}
+
+/// The last event a resuming client saw on a channel.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Since {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The channel epoch it belongs to.
+    pub epoch: String,
 }
 
 /// Why a request was refused: becomes an `error` reply.
@@ -144,6 +155,8 @@ impl Rejection {
         }
     }
 }
+
+const SINCE_SHAPE: &str = "since must be {\"seq\": <number>, \"epoch\": <string>}";
 
 /// Parses one text frame from a client.
 ///
@@ -221,7 +234,38 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
                 Err(why) => return reject(ErrorCode::InvalidChannel, why.into(), Some(name), id),
             };
             Ok(if kind == "subscribe" {
-                Request::Subscribe { channel, id }
+                let since = match fields.remove("since") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Object(mut since)) => {
+                        match (since.remove("seq"), since.remove("epoch")) {
+                            (Some(Value::Number(seq)), Some(Value::String(epoch)))
+                                if seq.as_u64().is_some() =>
+                            {
+                                Some(Since {
+                                    seq: seq.as_u64().unwrap_or_default(),
+                                    epoch,
+                                })
+                            }
+                            _ => {
+                                return reject(
+                                    ErrorCode::InvalidMessage,
+                                    SINCE_SHAPE.into(),
+                                    Some(name),
+                                    id,
+                                );
+                            }
+                        }
+                    }
+                    Some(_) => {
+                        return reject(
+                            ErrorCode::InvalidMessage,
+                            SINCE_SHAPE.into(),
+                            Some(name),
+                            id,
+                        );
+                    }
+                };
+                Request::Subscribe { channel, since, id }
             } else {
                 Request::Unsubscribe { channel, id }
             })
@@ -276,6 +320,12 @@ pub enum Reply<'a> {
         channel: &'a str,
         /// The channel's latest sequence number (0 before the first publish).
         seq: u64,
+        /// The channel's epoch: quote it with `seq` in `since` when resuming.
+        epoch: &'a str,
+        /// With `since`: whether every missed event follows (true) or the gap cannot be
+        /// filled and the client must reload its state (false).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
         /// The request's id.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RequestId>,
@@ -400,9 +450,24 @@ mod tests {
             sub,
             Ok(Request::Subscribe {
                 channel: ChannelName::parse("project:42").unwrap(),
+                since: None,
                 id: Some(json!(7))
             })
         );
+        let resume = r#"{"type":"subscribe","channel":"a","since":{"seq":17,"epoch":"x7f3"}}"#;
+        assert!(matches!(
+            parse_request(resume),
+            Ok(Request::Subscribe { since: Some(Since { seq: 17, ref epoch }), .. }) if epoch == "x7f3"
+        ));
+        for bad in [
+            r#"{"seq":-1,"epoch":"e"}"#,
+            r#"{"seq":1}"#,
+            r#"{"seq":1,"epoch":2}"#,
+            "5",
+        ] {
+            let text = format!(r#"{{"type":"subscribe","channel":"a","since":{bad}}}"#);
+            assert_eq!(rejected(&text).0, ErrorCode::InvalidMessage, "{text}");
+        }
         let unsub = parse_request(r#"{"type":"unsubscribe","channel":"a","id":"x"}"#);
         assert!(matches!(
             unsub,
@@ -462,9 +527,11 @@ mod tests {
                 Reply::Subscribed {
                     channel: "a",
                     seq: 0,
+                    epoch: "e1",
+                    recovered: Some(true),
                     id: Some(&id),
                 },
-                r#"{"type":"subscribed","channel":"a","seq":0,"id":3}"#,
+                r#"{"type":"subscribed","channel":"a","seq":0,"epoch":"e1","recovered":true,"id":3}"#,
             ),
             (
                 Reply::Unsubscribed {

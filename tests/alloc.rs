@@ -86,12 +86,15 @@ impl Drop for Subscribers {
     }
 }
 
+const HISTORY: usize = 8;
+
 /// Allocations on the server thread for one publish to `n` subscribers.
 fn allocations_for_one_publish(n: usize) -> u64 {
     let server = TestServer::start_instrumented(
         |c| {
             c.max_connections = 20_000;
             c.connect_rate_per_ip = 1e6; // every client comes from 127.0.0.1
+            c.history_size = HISTORY; // on, and small enough to fill during the warm-up
         },
         || COUNTED.with(|c| c.set(true)),
     );
@@ -108,8 +111,8 @@ fn allocations_for_one_publish(n: usize) -> u64 {
         );
         publisher.reply()["delivered"] == n
     });
-    // Warm up: buffers and queues reach their working size.
-    for id in 0..3 {
+    // Warm up: buffers, queues and the channel's history reach their working size.
+    for id in 0..HISTORY as u64 + 3 {
         publisher.send(&json!({"id": id, "channel": "bench:0", "data": {"warm": id}}).to_string());
         assert_eq!(publisher.reply()["delivered"], n);
     }

@@ -87,7 +87,7 @@ proptest! {
     #[test]
     fn client_messages_parse_or_get_a_documented_error(text in prop_oneof![json_like(), any::<String>()]) {
         match wire::parse_request(&text) {
-            Ok(Request::Subscribe { channel, id } | Request::Unsubscribe { channel, id }) => {
+            Ok(Request::Subscribe { channel, id, .. } | Request::Unsubscribe { channel, id }) => {
                 prop_assert!(check_channel(channel.as_str()).is_ok());
                 prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string()));
             }

@@ -140,8 +140,15 @@ fn replies_echo_numeric_and_string_ids() {
     let server = TestServer::start();
     let mut ws = server.ws();
     ws.send(json!({"type": "subscribe", "channel": "a", "id": 17}));
+    let mut reply = ws.recv();
+    let epoch = reply
+        .as_object_mut()
+        .unwrap()
+        .remove("epoch")
+        .expect("subscribed carries the epoch");
+    assert!(epoch.as_str().is_some_and(|e| !e.is_empty()));
     assert_eq!(
-        ws.recv(),
+        reply,
         json!({"type": "subscribed", "channel": "a", "seq": 0, "id": 17})
     );
     ws.send(json!({"type": "ping", "id": "p-1"}));
