@@ -11,6 +11,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use common::{RawPublisher, TestServer};
 use serde_json::json;
@@ -88,8 +89,9 @@ impl Drop for Subscribers {
 
 const HISTORY: usize = 8;
 
-/// Allocations on the server thread for one publish to `n` subscribers.
-fn allocations_for_one_publish(n: usize) -> u64 {
+/// Allocations on the server thread for one publish to about `n` subscribers, and how many
+/// received it.
+fn allocations_for_one_publish(n: usize) -> (u64, usize) {
     let server = TestServer::start_instrumented(
         |c| {
             c.max_connections = 20_000;
@@ -99,17 +101,29 @@ fn allocations_for_one_publish(n: usize) -> u64 {
         || COUNTED.with(|c| c.set(true)),
     );
     let _subscribers = Subscribers::hold(&server, n);
-    server.wait_until("every subscriber is connected", |s| {
-        s.health()["connections"] == n
+    // The property does not need every client: tolerate the rare one the generator loses
+    // while ramping up 10,000 connections on a debug build, and measure what is there.
+    let enough = (n - n / 100) as u64;
+    let ramp = Duration::from_secs(60);
+    server.wait_until_within("the subscribers are connected", ramp, |s| {
+        s.health()["connections"].as_u64() >= Some(enough)
     });
     let mut publisher = RawPublisher::connect(&server.socket);
-    let mut probe = 0;
-    server.wait_until("every subscriber is subscribed", |_| {
+    let requested = n;
+    let (mut probe, mut n, mut unchanged_since) = (0, 0, Instant::now());
+    server.wait_until_within("the connected clients are subscribed", ramp, |s| {
         probe += 1;
         publisher.send(
             &json!({"id": probe, "channel": "bench:0", "data": {"probe": probe}}).to_string(),
         );
-        publisher.reply()["delivered"] == n
+        let delivered = publisher.reply()["delivered"].as_u64().unwrap() as usize;
+        if delivered != n {
+            (n, unchanged_since) = (delivered, Instant::now());
+        }
+        // A lost SYN is retried after 1 s, then 3 s: only a longer quiet spell means settled,
+        // and a late handshake inside the measured window would skew the count.
+        let settled = n == requested || unchanged_since.elapsed() > Duration::from_millis(3500);
+        settled && n as u64 >= enough && s.health()["connections"] == n
     });
     // Warm up: buffers, queues and the channel's history reach their working size.
     for id in 0..HISTORY as u64 + 3 {
@@ -122,14 +136,14 @@ fn allocations_for_one_publish(n: usize) -> u64 {
     // A later line is read in a later pass, so the measured event's flush has completed.
     publisher.send(r#"{"id":"fence","channel":"bench:0","data":null}"#);
     assert_eq!(publisher.reply()["delivered"], n);
-    ALLOCATIONS.load(Ordering::SeqCst) - before
+    (ALLOCATIONS.load(Ordering::SeqCst) - before, n)
 }
 
 #[test]
 fn one_publish_allocates_the_same_for_10_and_10000_subscribers() {
-    let few = allocations_for_one_publish(10);
-    let many = allocations_for_one_publish(10_000);
-    eprintln!("allocations per publish: {few} (10 subscribers), {many} (10,000 subscribers)");
+    let (few, small) = allocations_for_one_publish(10);
+    let (many, large) = allocations_for_one_publish(10_000);
+    eprintln!("allocations per publish: {few} ({small} subscribers), {many} ({large} subscribers)");
     assert!(few > 0, "the counter counts on the server thread");
     assert_eq!(few, many, "allocations grew with the number of subscribers");
 }

@@ -152,8 +152,19 @@ impl TestServer {
 
     /// Polls `condition` until it holds.
     #[track_caller]
-    pub fn wait_until(&self, what: &str, mut condition: impl FnMut(&TestServer) -> bool) {
-        let deadline = Instant::now() + PATIENCE;
+    pub fn wait_until(&self, what: &str, condition: impl FnMut(&TestServer) -> bool) {
+        self.wait_until_within(what, PATIENCE, condition);
+    }
+
+    /// Like `wait_until`, for conditions that need longer than `PATIENCE`.
+    #[track_caller]
+    pub fn wait_until_within(
+        &self,
+        what: &str,
+        patience: Duration,
+        mut condition: impl FnMut(&TestServer) -> bool,
+    ) {
+        let deadline = Instant::now() + patience;
         while !condition(self) {
             assert!(Instant::now() < deadline, "timed out waiting until {what}");
             std::thread::sleep(Duration::from_millis(5));
