@@ -364,6 +364,11 @@ impl ClientConn {
         }
     }
 
+    /// True when this WebSocket is subscribed to `channel`.
+    pub fn is_subscribed(&self, channel: ChannelId) -> bool {
+        matches!(&self.phase, Phase::WebSocket(s) if s.subscriptions.contains(&channel))
+    }
+
     /// The channels this WebSocket is subscribed to.
     pub fn subscriptions_mut(&mut self) -> Option<&mut Vec<ChannelId>> {
         match &mut self.phase {

@@ -200,11 +200,7 @@ impl Fanout {
         }
         for id in tabs {
             let client = &mut self.clients[id.key as usize];
-            let subscribed = channel_id.is_some_and(|c| {
-                client
-                    .subscriptions_mut()
-                    .is_some_and(|subs| subs.contains(&c))
-            });
+            let subscribed = channel_id.is_some_and(|c| client.is_subscribed(c));
             if !subscribed {
                 delivered += usize::from(self.outbox.deliver(client, &frame));
             }
@@ -879,9 +875,7 @@ impl Server {
         match result {
             Ok(()) => {}
             Err(ReadEnd::Closed) => {
-                self.fanout
-                    .end_session(key, DisconnectReason::ClientClosed, None);
-                self.arm_drain_deadline(key, now);
+                self.close_client(key, DisconnectReason::ClientClosed, None, now);
             }
             Err(ReadEnd::Reset) => {
                 self.fanout.end_session(key, DisconnectReason::Reset, None);
@@ -894,8 +888,7 @@ impl Server {
                     client.id.generation,
                     client.peer
                 );
-                self.fanout.end_session(key, reason, Some((code, text)));
-                self.arm_drain_deadline(key, now);
+                self.close_client(key, reason, Some((code, text)), now);
             }
         }
     }
@@ -914,9 +907,7 @@ impl Server {
                     client.peer
                 );
                 let close = (CloseCode::Policy, "rate limit exceeded");
-                self.fanout
-                    .end_session(key, DisconnectReason::RateLimited, Some(close));
-                return self.arm_drain_deadline(key, now);
+                return self.close_client(key, DisconnectReason::RateLimited, Some(close), now);
             }
             let message = format!(
                 "more than {} messages per second (burst {}); message dropped",
@@ -1027,9 +1018,7 @@ impl Server {
                         client.peer
                     );
                     let close = (CloseCode::from(4001), "unauthorized");
-                    self.fanout
-                        .end_session(key, DisconnectReason::Unauthorized, Some(close));
-                    self.arm_drain_deadline(key, now);
+                    self.close_client(key, DisconnectReason::Unauthorized, Some(close), now);
                     return false;
                 }
             };
@@ -1041,9 +1030,7 @@ impl Server {
                     identity.user
                 );
                 let close = (CloseCode::from(4008), "Max connections exceeded");
-                self.fanout
-                    .end_session(key, DisconnectReason::UserLimit, Some(close));
-                self.arm_drain_deadline(key, now);
+                self.close_client(key, DisconnectReason::UserLimit, Some(close), now);
                 return false;
             }
             tabs.push(id);
@@ -1073,6 +1060,19 @@ impl Server {
             self.timers.cancel(timer);
         }
         client.timer = Some(self.timers.insert(at, TimerEvent::Client(client.id)));
+    }
+
+    /// Ends the client's session (optionally sending a Close frame) and gives it
+    /// `close_timeout` to finish closing.
+    fn close_client(
+        &mut self,
+        key: usize,
+        reason: DisconnectReason,
+        close: Option<(CloseCode, &'static str)>,
+        now: Tick,
+    ) {
+        self.fanout.end_session(key, reason, close);
+        self.arm_drain_deadline(key, now);
     }
 
     fn arm_drain_deadline(&mut self, key: usize, now: Tick) {
@@ -1133,17 +1133,13 @@ impl Server {
                 self.config.heartbeat_timeout
             );
             let close = (CloseCode::Away, "heartbeat timeout");
-            self.fanout
-                .end_session(key, DisconnectReason::HeartbeatTimeout, Some(close));
-            return self.arm_drain_deadline(key, now);
+            return self.close_client(key, DisconnectReason::HeartbeatTimeout, Some(close), now);
         }
         let expires = client.identity().map(|(_, expires)| *expires);
         if expires.is_some_and(|expires| expires <= now) {
             log::debug!("conn={} from {}: token expired", id.generation, client.peer);
             let close = (CloseCode::from(4001), "token expired");
-            self.fanout
-                .end_session(key, DisconnectReason::TokenExpired, Some(close));
-            return self.arm_drain_deadline(key, now);
+            return self.close_client(key, DisconnectReason::TokenExpired, Some(close), now);
         }
         client.send_ping();
         self.fanout.outbox.mark_dirty(client);
@@ -1175,9 +1171,7 @@ impl Server {
             );
             client.discard_output();
             let close = (CloseCode::Policy, "slow consumer");
-            self.fanout
-                .end_session(key, DisconnectReason::SlowConsumer, Some(close));
-            self.arm_drain_deadline(key, now);
+            self.close_client(key, DisconnectReason::SlowConsumer, Some(close), now);
         }
     }
 
@@ -1291,9 +1285,7 @@ impl Server {
                 self.drop_client(key);
             } else if !client.is_draining() {
                 let close = (CloseCode::Away, "server shutting down");
-                self.fanout
-                    .end_session(key, DisconnectReason::Shutdown, Some(close));
-                self.arm_drain_deadline(key, now);
+                self.close_client(key, DisconnectReason::Shutdown, Some(close), now);
             }
         }
         let deadline = now.after(self.ticks.ticks_in(self.config.shutdown_timeout));

@@ -41,8 +41,6 @@ pub struct BenchConn {
     pub channel: usize,
     /// The next sequence number expected on the channel.
     pub next_seq: u64,
-    /// True once `subscribed` arrived.
-    pub is_subscribed: bool,
     phase: Phase,
     /// Bytes of an incomplete response head or frame.
     partial: Vec<u8>,
@@ -78,7 +76,6 @@ impl BenchConn {
             socket,
             channel,
             next_seq: 0,
-            is_subscribed: false,
             phase: Phase::Upgrading,
             partial: Vec::new(),
             pending,
@@ -205,7 +202,6 @@ impl BenchConn {
         } else if text.starts_with(br#"{"type":"subscribed""#) {
             let seq = number_after(text, b"\"seq\":").unwrap_or(0);
             self.next_seq = seq + 1;
-            self.is_subscribed = true;
             seen(Seen::Subscribed(seq));
         }
     }

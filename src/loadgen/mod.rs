@@ -259,6 +259,8 @@ struct Runner {
     /// Channel sequence number when each channel's first client subscribed.
     base_seq: Vec<Option<u64>>,
     histogram: Histogram<u64>,
+    /// Clients whose `subscribed` arrived.
+    subscribed: usize,
     received: u64,
     lost: u64,
     duplicated: u64,
@@ -287,6 +289,7 @@ pub fn run(plan: &Plan, target: &Target, progress: bool) -> io::Result<Report> {
         published: vec![0; plan.channels],
         base_seq: vec![None; plan.channels],
         histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        subscribed: 0,
         received: 0,
         lost: 0,
         duplicated: 0,
@@ -354,10 +357,9 @@ impl Runner {
         let host = addr.to_string();
         let mut events = Events::with_capacity(1024);
         let deadline = Instant::now() + CONNECT_DEADLINE;
-        let mut subscribed = 0;
-        while subscribed + self.failed < plan.connections {
+        while self.subscribed + self.failed < plan.connections {
             while self.conns.len() < plan.connections
-                && self.conns.len() - subscribed - self.failed < CONNECT_WINDOW
+                && self.conns.len() - self.subscribed - self.failed < CONNECT_WINDOW
             {
                 let channel = self.conns.len() % plan.channels;
                 let mut socket = TcpStream::connect(addr)?;
@@ -381,26 +383,11 @@ impl Runner {
                     "connect phase took over 60 s",
                 ));
             }
-            self.poll
-                .poll(&mut events, Some(Duration::from_millis(100)))?;
-            for event in events.iter() {
-                let was = self
-                    .conns
-                    .get(event.token().0)
-                    .and_then(|c| c.as_ref())
-                    .is_some_and(|c| c.is_subscribed);
-                self.on_conn_event(event.token().0);
-                let now = self
-                    .conns
-                    .get(event.token().0)
-                    .and_then(|c| c.as_ref())
-                    .is_some_and(|c| c.is_subscribed);
-                subscribed += usize::from(!was && now);
-            }
+            self.pump(&mut events, Duration::from_millis(100))?;
             if self.progress {
                 eprint!(
-                    "\r  connecting: {subscribed}/{} subscribed   ",
-                    plan.connections
+                    "\r  connecting: {}/{} subscribed   ",
+                    self.subscribed, plan.connections
                 );
             }
         }
@@ -418,10 +405,15 @@ impl Runner {
         let channel = conn.channel;
         let base_seq = &mut self.base_seq;
         let histogram = &mut self.histogram;
-        let (received, lost, duplicated) =
-            (&mut self.received, &mut self.lost, &mut self.duplicated);
+        let (subscribed, received, lost, duplicated) = (
+            &mut self.subscribed,
+            &mut self.received,
+            &mut self.lost,
+            &mut self.duplicated,
+        );
         let mut seen = |event: Seen| match event {
             Seen::Subscribed(seq) => {
+                *subscribed += 1;
                 base_seq[channel].get_or_insert(seq);
             }
             Seen::Event {
@@ -475,14 +467,7 @@ impl Runner {
                 let next_due = Duration::from_secs_f64((published + 1) as f64 / step.rate as f64);
                 timeout = timeout.min(next_due.saturating_sub(started.elapsed()));
             }
-            self.poll.poll(&mut events, Some(timeout))?;
-            for event in events.iter() {
-                if event.token() == PUBLISHER {
-                    self.flush_publisher()?;
-                } else {
-                    self.on_conn_event(event.token().0);
-                }
-            }
+            self.pump(&mut events, timeout)?;
             if self.progress && Instant::now() >= next_progress {
                 next_progress += Duration::from_secs(1);
                 eprint!(
@@ -566,14 +551,20 @@ impl Runner {
         let mut events = Events::with_capacity(1024);
         while self.missing() > 0 && Instant::now() < deadline {
             self.flush_publisher()?;
-            self.poll
-                .poll(&mut events, Some(Duration::from_millis(50)))?;
-            for event in events.iter() {
-                if event.token() == PUBLISHER {
-                    self.flush_publisher()?;
-                } else {
-                    self.on_conn_event(event.token().0);
-                }
+            self.pump(&mut events, Duration::from_millis(50))?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for readiness and serves it: the publisher's writes, the
+    /// clients' reads.
+    fn pump(&mut self, events: &mut Events, timeout: Duration) -> io::Result<()> {
+        self.poll.poll(events, Some(timeout))?;
+        for event in events.iter() {
+            if event.token() == PUBLISHER {
+                self.flush_publisher()?;
+            } else {
+                self.on_conn_event(event.token().0);
             }
         }
         Ok(())
