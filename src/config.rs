@@ -120,6 +120,8 @@ pub struct Config {
     pub history_ttl: Duration,
     /// Bytes of event frames each channel's history may hold.
     pub history_max_bytes: usize,
+    /// Whether `GET /` serves the dashboard and the server publishes its stats feed.
+    pub dashboard: Dashboard,
 }
 
 impl Default for Config {
@@ -154,8 +156,33 @@ impl Default for Config {
             history_size: DEFAULT_HISTORY_SIZE,
             history_ttl: DEFAULT_HISTORY_TTL,
             history_max_bytes: DEFAULT_HISTORY_MAX_BYTES,
+            dashboard: Dashboard::Auto,
         }
     }
+}
+
+impl Config {
+    /// Whether the dashboard and its stats feed are on: `auto` means "when listening on a
+    /// loopback address", where only this machine can reach it.
+    pub fn dashboard_enabled(&self) -> bool {
+        match self.dashboard {
+            Dashboard::Auto => self.listen.ip().is_loopback(),
+            Dashboard::On => true,
+            Dashboard::Off => false,
+        }
+    }
+}
+
+/// The `dashboard` setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dashboard {
+    /// On when `listen` is a loopback address.
+    Auto,
+    /// Always on.
+    On,
+    /// Always off: `GET /` is 404 and no stats are published.
+    Off,
 }
 
 /// A duration written like `30s`, `500ms` or `1m 30s`.
@@ -348,6 +375,11 @@ pub struct Settings {
     #[arg(long, value_name = "SIZE")]
     #[serde(default, deserialize_with = "parse")]
     pub history_max_bytes: Option<ByteSize>,
+    /// Serve the dashboard at GET / and publish stats to sidecast:stats once a second: auto
+    /// (when listening on loopback), on or off [default: auto]
+    #[arg(long, value_name = "WHEN")]
+    #[serde(default)]
+    pub dashboard: Option<Dashboard>,
 }
 
 /// Deserializes a string (or integer) through `FromStr`, so the file accepts what the flags do.
@@ -427,6 +459,7 @@ impl Settings {
             history_size: self.history_size.or(lower.history_size),
             history_ttl: self.history_ttl.or(lower.history_ttl),
             history_max_bytes: self.history_max_bytes.or(lower.history_max_bytes),
+            dashboard: self.dashboard.or(lower.dashboard),
         }
     }
 }
@@ -537,6 +570,7 @@ impl Config {
             history_size: s.history_size.unwrap_or(d.history_size),
             history_ttl: duration(s.history_ttl, d.history_ttl),
             history_max_bytes: size(s.history_max_bytes, d.history_max_bytes),
+            dashboard: s.dashboard.unwrap_or(d.dashboard),
         };
         config.validate()?;
         Ok(config)
@@ -667,6 +701,16 @@ mod tests {
         assert_eq!(config.max_output_buffer, 4096);
         assert_eq!(config.max_connections, 9);
         assert_eq!(config.heartbeat_timeout, DEFAULT_HEARTBEAT_TIMEOUT);
+    }
+
+    #[test]
+    fn dashboard_is_on_by_default_only_on_loopback() {
+        let on = |args: &[&str]| from_flags(args).unwrap().dashboard_enabled();
+        assert!(on(&[]));
+        assert!(on(&["--listen", "[::1]:3001"]));
+        assert!(!on(&["--listen", "0.0.0.0:3001"]));
+        assert!(on(&["--listen", "0.0.0.0:3001", "--dashboard", "on"]));
+        assert!(!on(&["--dashboard", "off"]));
     }
 
     #[test]

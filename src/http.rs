@@ -7,10 +7,14 @@
 //!   `Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key` → [`Route::Upgrade`];
 //!   `/ws` without the upgrade headers → 426; with a bad key or version → 400 / 426;
 //! - `GET /health`, `GET /metrics` → [`Route::Health`], [`Route::Metrics`];
+//! - `GET /sidecast.js`, `GET /` → [`Route::Asset`] (the reactor answers 404 for the
+//!   dashboard when it is off);
 //! - any other path → 404.
 //!
 //! A head that is not complete within `max_header_size` bytes → 431. An upgrade whose
 //! `Origin` the [`OriginPolicy`] does not permit → 403, before anything else happens.
+
+use crate::assets::Asset;
 
 /// Most headers accepted in one request (more → 431).
 const MAX_HEADERS: usize = 48;
@@ -56,6 +60,13 @@ pub enum Route {
     Health,
     /// `GET /metrics`
     Metrics,
+    /// A file compiled into the binary.
+    Asset {
+        /// Which one.
+        asset: Asset,
+        /// The request's `If-None-Match` header.
+        if_none_match: Option<String>,
+    },
 }
 
 /// A request refused before any upgrade, with its HTTP status.
@@ -154,9 +165,23 @@ pub fn parse_request(
         "/ws" => upgrade(request.headers, origins, target)?,
         "/health" => Route::Health,
         "/metrics" => Route::Metrics,
-        _ => return Err(Refusal::NotFound),
+        _ => match Asset::at(path) {
+            Some(asset) => Route::Asset {
+                asset,
+                if_none_match: header(request.headers, "If-None-Match").map(str::to_string),
+            },
+            None => return Err(Refusal::NotFound),
+        },
     };
     Ok(Some((route, head_len)))
+}
+
+/// The first header called `name`, when it is UTF-8.
+fn header<'h>(headers: &[httparse::Header<'h>], name: &str) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
 }
 
 fn upgrade(
@@ -164,12 +189,7 @@ fn upgrade(
     origins: &OriginPolicy,
     target: &str,
 ) -> Result<Route, Refusal> {
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-    };
+    let header = |name: &str| header(headers, name);
     let has_token = |name: &str, token: &str| {
         header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
@@ -267,6 +287,21 @@ mod tests {
         );
         assert_eq!(route(&get("/ws")), Err(Refusal::UpgradeRequired));
         assert_eq!(route(&get("/nope")), Err(Refusal::NotFound));
+        assert_eq!(
+            route(&get("/sidecast.js?v=1")).unwrap().unwrap().0,
+            Route::Asset {
+                asset: Asset::Client,
+                if_none_match: None
+            }
+        );
+        let revalidate = get("/").replace("Host: x", "Host: x\r\nIf-None-Match: \"abc\"");
+        assert_eq!(
+            route(&revalidate).unwrap().unwrap().0,
+            Route::Asset {
+                asset: Asset::Dashboard,
+                if_none_match: Some("\"abc\"".into())
+            }
+        );
         assert_eq!(
             route("POST /ws HTTP/1.1\r\n\r\n"),
             Err(Refusal::MethodNotAllowed)

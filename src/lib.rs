@@ -5,6 +5,7 @@
 //! `docs/protocol.md` is the wire contract and `docs/architecture.md` the design.
 //!
 //! # Layout
+//! - [`assets`]: the browser client and the dashboard, compiled in and served over HTTP.
 //! - [`auth`]: JWT verification and channel permissions.
 //! - [`reactor`]: the `mio` event loop ([`Server`]): accept, dispatch, timers, flush, shutdown.
 //! - [`client`]: one TCP connection on the WebSocket port: phases, read side, output queue.
@@ -18,6 +19,7 @@
 //! - [`ratelimit`]: token buckets for client messages and connections per IP.
 //! - [`token`]: `mio::Token` ↔ event source.
 //! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`stats`]: the once-a-second stats feed the dashboard watches.
 //! - [`loadgen`]: the `sidecast bench` load generator.
 //! - [`config`], [`error`]: settings and the errors that leave a module.
 //!
@@ -25,6 +27,7 @@
 //! the [`ShutdownHandle`].
 #![warn(missing_docs)]
 
+pub mod assets;
 pub mod auth;
 pub mod client;
 pub mod config;
@@ -38,6 +41,7 @@ pub mod publish;
 pub mod publisher;
 pub mod ratelimit;
 pub mod reactor;
+pub mod stats;
 pub mod timer;
 pub mod token;
 pub mod wire;

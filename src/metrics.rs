@@ -35,7 +35,8 @@ pub enum DisconnectReason {
 }
 
 impl DisconnectReason {
-    const ALL: [DisconnectReason; 13] = [
+    /// Every reason, in label order.
+    pub const ALL: [DisconnectReason; 13] = [
         DisconnectReason::ClientClosed,
         DisconnectReason::Reset,
         DisconnectReason::HeartbeatTimeout,
@@ -72,7 +73,7 @@ impl DisconnectReason {
 }
 
 /// Upper bounds of the latency buckets, in microseconds (50 µs to 1 s).
-const LATENCY_BOUNDS_US: [u64; 14] = [
+pub const LATENCY_BOUNDS_US: [u64; 14] = [
     50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
     1_000_000,
 ];
@@ -95,6 +96,11 @@ impl LatencyHistogram {
         self.buckets[bucket.unwrap_or(LATENCY_BOUNDS_US.len())] += 1;
         self.sum_us += micros;
         self.count += 1;
+    }
+
+    /// Observations per bucket so far (not cumulative); the last one is `+Inf`.
+    pub fn counts(&self) -> [u64; LATENCY_BOUNDS_US.len() + 1] {
+        self.buckets
     }
 
     fn render(&self, name: &str, out: &mut String) {

@@ -17,7 +17,7 @@ use mio::net::UnixStream;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::wire::check_channel;
+use crate::wire::{RESERVED_PREFIX, check_channel};
 
 /// Bytes read from the socket per call.
 const READ_CHUNK: usize = 64 * 1024;
@@ -191,10 +191,17 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
         }
         _ => return fail("give exactly one of channel, channels, broadcast or user".into()),
     };
+    let check_publishable = |name: &str| match check_channel(name) {
+        Err(why) => Err(format!("invalid channel {name:?}: {why}")),
+        Ok(()) if name.starts_with(RESERVED_PREFIX) => Err(format!(
+            "channel {name:?} is reserved: {RESERVED_PREFIX}* channels are the server's own"
+        )),
+        Ok(()) => Ok(()),
+    };
     match &target {
         Target::Channel(name) => {
-            if let Err(why) = check_channel(name) {
-                return fail(format!("invalid channel {name:?}: {why}"));
+            if let Err(why) = check_publishable(name) {
+                return fail(why);
             }
         }
         Target::Channels(names) => {
@@ -202,8 +209,8 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
                 return fail("channels is empty".into());
             }
             for (i, name) in names.iter().enumerate() {
-                if let Err(why) = check_channel(name) {
-                    return fail(format!("invalid channel {name:?}: {why}"));
+                if let Err(why) = check_publishable(name) {
+                    return fail(why);
                 }
                 if names[..i].contains(name) {
                     return fail(format!("channel {name:?} is listed twice"));
@@ -551,6 +558,12 @@ mod tests {
                 .1
                 .contains("invalid channel")
         );
+        for reserved in [
+            r#"{"id":3,"channel":"sidecast:stats","data":1}"#,
+            r#"{"id":3,"channels":["a","sidecast:x"],"data":1}"#,
+        ] {
+            assert!(error_of(reserved).1.contains("reserved"), "{reserved}");
+        }
         assert!(
             error_of(r#"{"id":3,"channels":[],"data":1}"#)
                 .1

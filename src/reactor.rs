@@ -5,7 +5,7 @@
 //!     poll(timeout = next timer deadline)
 //!     read the clock once → `now`
 //!     dispatch events: accept; read requests, frames, publish lines (fan-out only queues)
-//!     fire due timers: handshake deadlines, heartbeats, drain deadlines, shutdown
+//!     fire due timers: handshake deadlines, heartbeats, drain deadlines, stats, shutdown
 //!     close slow consumers found while queueing
 //!     flush every dirty connection: one write_vectored per connection and pass
 //!     exit once shut down and drained
@@ -39,6 +39,7 @@ use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::assets::Asset;
 use crate::auth::{Identity, Verifier};
 use crate::client::{Admission, ClientConn, ConnId, Inbound, ReadEnd, RequestOutcome, SharedInput};
 use crate::config::{Config, TIMER_TICK};
@@ -49,6 +50,7 @@ use crate::hub::Hub;
 use crate::metrics::{DisconnectReason, Gauges, Metrics};
 use crate::publish::{self, Published, PublisherConn, ReadStatus, Seqs, Sink, Target};
 use crate::ratelimit::{Rate, TokenBucket};
+use crate::stats::StatsFeed;
 use crate::timer::{Tick, TickSource, TimerWheel};
 use crate::token::{self, Source};
 use crate::wire::{self, ErrorCode, EventTarget, Reply, Request};
@@ -62,6 +64,8 @@ const DELIVERIES_PER_PASS: usize = 64 * 1024;
 const SHARED_READ_BUFFER: usize = 64 * 1024;
 /// How long accepting pauses after the process runs out of file descriptors.
 const ACCEPT_BACKOFF_TICKS: u64 = 10;
+/// Time between two snapshots of the stats feed.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What a timer stands for.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +74,8 @@ enum TimerEvent {
     Client(ConnId),
     /// Retry accepting after running out of file descriptors.
     ResumeAccept,
+    /// Publish the next stats snapshot.
+    Stats,
     /// The graceful shutdown's time is up.
     ShutdownDeadline,
 }
@@ -180,7 +186,14 @@ impl Fanout {
     /// every subscriber, by every connection of `user` not subscribed to it already, and by
     /// the channel's history.
     fn publish_to(&mut self, channel: &str, data: &RawValue, user: Option<&str>) -> (u64, usize) {
+        let (seq, delivered) = self.fan_out(channel, data, user);
         self.metrics.events_published += 1;
+        self.metrics.frames_delivered += delivered as u64;
+        (seq, delivered)
+    }
+
+    /// [`publish_to`](Fanout::publish_to) without counting the event: the server's own feeds.
+    fn fan_out(&mut self, channel: &str, data: &RawValue, user: Option<&str>) -> (u64, usize) {
         let channel_id = self.hub.find(channel);
         let keeps_history = self.hub.keeps_history();
         let (history_id, seq, subscribers) = self.hub.publish(channel);
@@ -206,7 +219,6 @@ impl Fanout {
             }
         }
         self.hub.record(history_id, seq, &frame, self.now);
-        self.metrics.frames_delivered += delivered as u64;
         (seq, delivered)
     }
 
@@ -471,6 +483,8 @@ pub struct Server {
     connects_per_ip: HashMap<IpAddr, TokenBucket>,
     /// Publishers paused by the fan-out budget, resumed first in the next pass.
     paused_publishers: Vec<usize>,
+    /// The dashboard's stats feed, while the dashboard is on.
+    stats: Option<StatsFeed>,
     /// Reused buffers.
     input: SharedInput,
     inbox: Vec<Inbound>,
@@ -536,6 +550,14 @@ impl Server {
             }),
             None => None,
         };
+        let mut timers = TimerWheel::new(Tick(0));
+        let stats = config.dashboard_enabled().then(|| {
+            timers.insert(
+                Tick(0).after(ticks.ticks_in(STATS_INTERVAL)),
+                TimerEvent::Stats,
+            );
+            StatsFeed::new(&Metrics::default(), started)
+        });
         let instance = {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new()
@@ -576,7 +598,7 @@ impl Server {
                 users: HashMap::new(),
                 closed_by_command: Vec::new(),
             },
-            timers: TimerWheel::new(Tick(0)),
+            timers,
             ticks,
             started,
             config,
@@ -592,6 +614,7 @@ impl Server {
             connect_rate,
             connects_per_ip: HashMap::new(),
             paused_publishers: Vec::new(),
+            stats,
             input: SharedInput::new(SHARED_READ_BUFFER),
             inbox: Vec::new(),
             expired: Vec::new(),
@@ -950,6 +973,17 @@ impl Server {
                 "text/plain; version=0.0.4; charset=utf-8",
                 &self.metrics_text(),
             ),
+            Route::Asset {
+                asset: Asset::Dashboard,
+                ..
+            } if self.stats.is_none() => {
+                self.refuse(key, Refusal::NotFound, now);
+                return false;
+            }
+            Route::Asset {
+                asset,
+                if_none_match,
+            } => asset.response(if_none_match.as_deref()),
             Route::Upgrade { .. } if self.shutting_down => {
                 self.refuse(key, Refusal::Busy, now);
                 return false;
@@ -1090,6 +1124,7 @@ impl Server {
                     self.accept_paused = false;
                     self.accept_clients(now);
                 }
+                TimerEvent::Stats => self.publish_stats(now),
                 TimerEvent::ShutdownDeadline => {
                     log::warn!(
                         "shutdown_timeout reached; dropping {} connection(s)",
@@ -1292,6 +1327,21 @@ impl Server {
         self.timers.insert(deadline, TimerEvent::ShutdownDeadline);
     }
 
+    /// Publishes the next stats snapshot and schedules the one after.
+    fn publish_stats(&mut self, now: Tick) {
+        let gauges = self.gauges();
+        let Some(feed) = &mut self.stats else {
+            return;
+        };
+        let snapshot = feed.snapshot(&self.fanout.metrics, &gauges, Instant::now());
+        let data = RawValue::from_string(snapshot).expect("the stats feed renders valid JSON");
+        self.fanout.fan_out(wire::STATS_CHANNEL, &data, None);
+        if !self.shutting_down {
+            let next = now.after(self.ticks.ticks_in(STATS_INTERVAL));
+            self.timers.insert(next, TimerEvent::Stats);
+        }
+    }
+
     fn health_json(&self) -> String {
         format!(
             "{{\"status\":\"ok\",\"connections\":{},\"channels\":{},\"uptimeSecs\":{}}}",
@@ -1302,14 +1352,17 @@ impl Server {
     }
 
     fn metrics_text(&self) -> String {
+        self.fanout.metrics.render(&self.gauges())
+    }
+
+    fn gauges(&self) -> Gauges {
         let (history_events, history_bytes) = self.fanout.hub.history_totals();
-        let gauges = Gauges {
+        Gauges {
             channels: self.fanout.hub.active_channels(),
             uptime_secs: self.uptime_secs(),
             history_events,
             history_bytes,
-        };
-        self.fanout.metrics.render(&gauges)
+        }
     }
 
     fn uptime_secs(&self) -> u64 {

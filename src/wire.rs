@@ -17,6 +17,10 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 /// Longest channel name, in bytes (all allowed characters are ASCII).
 pub const MAX_CHANNEL_LEN: usize = 128;
+/// Channels under this prefix belong to the server: clients may subscribe, publishers may not.
+pub const RESERVED_PREFIX: &str = "sidecast:";
+/// The server's own stats feed, published once a second while the dashboard is on.
+pub const STATS_CHANNEL: &str = "sidecast:stats";
 
 /// A validated channel name: 1 to 128 characters of `[A-Za-z0-9_:.-]`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

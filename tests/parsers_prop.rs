@@ -4,6 +4,7 @@
 
 use proptest::prelude::*;
 use serde_json::Value;
+use sidecast::assets::Asset;
 use sidecast::http::{self, OriginPolicy, Refusal, Route};
 use sidecast::publish::{self, Target};
 use sidecast::wire::{self, ErrorCode, Request, check_channel};
@@ -76,6 +77,7 @@ proptest! {
                     }
                     Route::Health => prop_assert_eq!(bare, "/health"),
                     Route::Metrics => prop_assert_eq!(bare, "/metrics"),
+                    Route::Asset { asset, .. } => prop_assert_eq!(Asset::at(bare), Some(asset)),
                 }
             }
             Ok(None) => prop_assert!(request.len() < MAX_HEADER),

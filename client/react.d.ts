@@ -1,0 +1,23 @@
+// Type declarations for sidecast/react.
+import type { EventMeta, Json, Sidecast, Status } from "./sidecast.js";
+
+export interface ChannelEvent<T = Json> extends EventMeta {
+  data: T;
+}
+
+export interface ChannelState<T = Json> {
+  status: Status;
+  /** The newest event, or null before the first. */
+  lastEvent: ChannelEvent<T> | null;
+  /** The last `keep` events, oldest first. */
+  events: ChannelEvent<T>[];
+  /** Events were lost since subscribing: reload the state this channel describes. */
+  gap: boolean;
+}
+
+/** Subscribes while mounted; a falsy channel subscribes to nothing. */
+export declare function useChannel<T = Json>(
+  client: Sidecast,
+  channel: string | null | undefined,
+  options?: { keep?: number },
+): ChannelState<T>;

@@ -1,0 +1,75 @@
+// Type declarations for sidecast.js. Wire protocol: docs/protocol.md; guide: docs/client.md.
+
+/** The connection's state, reported through `on("status")`. */
+export type Status = "connecting" | "connected" | "disconnected";
+
+/** Any JSON value, as the publisher wrote it. */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+/** Where an event came from. */
+export interface EventMeta {
+  channel: string;
+  /** The channel's sequence number: grows by 1 per event within one server run. */
+  seq: number;
+}
+
+/** An `error` reply from the server, or a client-side failure. */
+export interface SidecastError {
+  /** A protocol error code (e.g. "forbidden"), a close code (4001, 4003), or "connect_failed" / "get_token_failed". */
+  code: string | number;
+  message: string;
+  channel?: string;
+}
+
+export interface SidecastOptions {
+  /** A JWT, sent as the `token` query parameter. */
+  token?: string;
+  /**
+   * Called for a token when none was given and after a close with 4001 (unauthorized or
+   * token expired). Without it, 4001 stops the reconnects.
+   */
+  getToken?: () => string | Promise<string>;
+  /** First reconnect delay ceiling (default 500). Delays are random below initial × 2^attempt. */
+  initialDelayMs?: number;
+  /** Largest reconnect delay ceiling (default 30000). */
+  maxDelayMs?: number;
+  /** A connection open this long resets the backoff (default 10000). */
+  stableAfterMs?: number;
+  /** A connection not accepted within this time is retried (default 10000). */
+  connectTimeoutMs?: number;
+  /** A WebSocket implementation for environments without a global one. */
+  WebSocket?: typeof WebSocket;
+}
+
+export interface SubscribeOptions {
+  /** Events were lost (the server could not replay them): reload this channel's state. */
+  onGap?: (info: { channel: string }) => void;
+  /** The server refused the subscription (invalid_channel, forbidden, too_many_subscriptions). */
+  onError?: (error: SidecastError) => void;
+}
+
+export interface Subscription {
+  readonly channel: string;
+  /** Stops the callbacks; the channel is left once its last subscription is gone. */
+  unsubscribe(): void;
+}
+
+export interface SidecastEvents {
+  status: Status;
+  gap: { channel: string };
+  error: SidecastError;
+  broadcast: Json;
+}
+
+export declare class Sidecast {
+  /** Connects at once and keeps reconnecting until `close()`. */
+  constructor(url: string, options?: SidecastOptions);
+  readonly status: Status;
+  on<K extends keyof SidecastEvents>(event: K, listener: (value: SidecastEvents[K]) => void): () => void;
+  subscribe<T = Json>(
+    channel: string,
+    onEvent: (data: T, meta: EventMeta) => void,
+    options?: SubscribeOptions,
+  ): Subscription;
+  close(): void;
+}

@@ -1,0 +1,290 @@
+// sidecast.js: the browser client of sidecast. One ES module, no dependencies, no build step.
+// The server serves this file at GET /sidecast.js. Wire protocol: docs/protocol.md; guide and
+// examples: docs/client.md.
+//
+// Invariants:
+// - the page's wishes (which channels, which callbacks) live in `#channels` whatever the
+//   connection does; each (re)connection subscribes to all of them, so nothing asked for while
+//   disconnected is lost;
+// - per channel, events reach the page in seq order and at most once: after a reconnect the
+//   client resumes with `since` {seq, epoch} and drops any event it has already delivered;
+// - exactly one WebSocket is current; events from an abandoned one are ignored.
+
+const CHANNEL_NAME = /^[A-Za-z0-9_:.-]{1,128}$/;
+
+/** Close codes after which reconnecting cannot help (4001 only without `getToken`). */
+const UNAUTHORIZED = 4001;
+const DISCONNECTED_BY_SERVER = 4003;
+
+const DEFAULTS = {
+  initialDelayMs: 500,
+  maxDelayMs: 30_000,
+  stableAfterMs: 10_000,
+  connectTimeoutMs: 10_000,
+};
+
+export class Sidecast {
+  #url;
+  #options;
+  #token;
+  #ws = null;
+  #status = "disconnected";
+  #closed = false;
+  /** channel → { seq, epoch, subs: Set<{onEvent, onGap, onError}> } */
+  #channels = new Map();
+  #listeners = new Map();
+  #attempt = 0;
+  #heartbeatMs = 30_000;
+  #lastFrameAt = 0;
+  #retryTimer = null;
+  #watchdogTimer = null;
+  #stableTimer = null;
+
+  /**
+   * @param {string} url the server's WebSocket URL, e.g. "ws://localhost:3001/ws"
+   * @param {object} [options] see sidecast.d.ts
+   */
+  constructor(url, options = {}) {
+    this.#url = new URL(url);
+    this.#options = { ...DEFAULTS, ...options };
+    this.#token = options.token;
+    this.#start();
+  }
+
+  /** "connecting", "connected" or "disconnected". */
+  get status() {
+    return this.#status;
+  }
+
+  /**
+   * Listens to "status" (s), "gap" ({channel}), "error" ({code, message, ...}) or
+   * "broadcast" (data). Returns a function that stops listening.
+   */
+  on(event, listener) {
+    if (!this.#listeners.has(event)) this.#listeners.set(event, new Set());
+    this.#listeners.get(event).add(listener);
+    return () => this.#listeners.get(event)?.delete(listener);
+  }
+
+  /**
+   * Calls `onEvent(data, {channel, seq})` for each event on `channel`, in order, once each,
+   * across reconnections. `options.onGap({channel})` is called when events were lost (the
+   * server could not replay them); `options.onError(error)` when the server refuses the
+   * subscription. Returns `{channel, unsubscribe()}`.
+   */
+  subscribe(channel, onEvent, options = {}) {
+    if (typeof channel !== "string" || !CHANNEL_NAME.test(channel)) {
+      throw new TypeError(`invalid channel name ${JSON.stringify(channel)}: 1 to 128 of A-Z a-z 0-9 _ : . -`);
+    }
+    if (typeof onEvent !== "function") throw new TypeError("onEvent must be a function");
+    const sub = { onEvent, onGap: options.onGap, onError: options.onError };
+    let state = this.#channels.get(channel);
+    if (!state) {
+      state = { seq: null, epoch: null, subs: new Set() };
+      this.#channels.set(channel, state);
+      if (this.#status === "connected") this.#send({ type: "subscribe", channel });
+    }
+    state.subs.add(sub);
+    return {
+      channel,
+      unsubscribe: () => {
+        if (this.#channels.get(channel) !== state || !state.subs.delete(sub)) return;
+        if (state.subs.size > 0) return;
+        this.#channels.delete(channel);
+        if (this.#status === "connected") this.#send({ type: "unsubscribe", channel });
+      },
+    };
+  }
+
+  /** Closes the connection for good: no more reconnects. */
+  close() {
+    this.#closed = true;
+    clearTimeout(this.#retryTimer);
+    const ws = this.#ws;
+    this.#abandon();
+    ws?.close(1000);
+    this.#setStatus("disconnected");
+  }
+
+  async #start() {
+    if (this.#token === undefined && this.#options.getToken) {
+      if (!(await this.#refreshToken())) return;
+    }
+    this.#connect();
+  }
+
+  #connect() {
+    if (this.#closed) return;
+    const url = new URL(this.#url);
+    if (this.#token) url.searchParams.set("token", this.#token);
+    const WebSocketImpl = this.#options.WebSocket ?? globalThis.WebSocket;
+    this.#setStatus("connecting");
+    let ws;
+    try {
+      ws = new WebSocketImpl(url.href);
+    } catch (error) {
+      this.#emit("error", { code: "connect_failed", message: String(error) });
+      this.#scheduleReconnect();
+      return;
+    }
+    this.#ws = ws;
+    this.#lastFrameAt = Date.now();
+    this.#armWatchdog(this.#options.connectTimeoutMs);
+    ws.onmessage = (message) => this.#onMessage(message);
+    ws.onclose = (close) => this.#onClose(close.code, close.reason);
+  }
+
+  #onMessage(message) {
+    this.#lastFrameAt = Date.now();
+    let msg;
+    try {
+      msg = JSON.parse(message.data);
+    } catch {
+      return;
+    }
+    switch (msg.type) {
+      case "connected":
+        this.#heartbeatMs = msg.heartbeatMs || this.#heartbeatMs;
+        this.#armWatchdog(this.#heartbeatMs / 2);
+        this.#stableTimer = setTimeout(() => (this.#attempt = 0), this.#options.stableAfterMs);
+        this.#setStatus("connected");
+        for (const [channel, state] of this.#channels) {
+          const since = state.epoch === null ? undefined : { seq: state.seq, epoch: state.epoch };
+          this.#send({ type: "subscribe", channel, since });
+        }
+        break;
+      case "subscribed":
+        this.#onSubscribed(msg);
+        break;
+      case "event":
+        if (msg.broadcast) {
+          this.#emit("broadcast", msg.data);
+        } else {
+          this.#onEvent(msg);
+        }
+        break;
+      case "error":
+        this.#onError(msg);
+        break;
+    }
+  }
+
+  #onSubscribed({ channel, seq, epoch, recovered }) {
+    const state = this.#channels.get(channel);
+    if (!state) return;
+    if (recovered === false) {
+      for (const sub of state.subs) this.#call(sub.onGap, { channel });
+      this.#emit("gap", { channel });
+    }
+    // Recovered: the missed events follow and advance `seq` themselves.
+    if (recovered !== true) state.seq = seq;
+    state.epoch = epoch;
+  }
+
+  #onEvent({ channel, seq, data }) {
+    const state = this.#channels.get(channel);
+    if (!state || (state.seq !== null && seq <= state.seq)) return;
+    state.seq = seq;
+    const meta = { channel, seq };
+    for (const sub of [...state.subs]) this.#call(sub.onEvent, data, meta);
+  }
+
+  #onError(error) {
+    const state = error.channel === undefined ? undefined : this.#channels.get(error.channel);
+    const refusesSubscription = ["invalid_channel", "forbidden", "too_many_subscriptions"];
+    if (state && refusesSubscription.includes(error.code)) {
+      this.#channels.delete(error.channel);
+      for (const sub of state.subs) this.#call(sub.onError, error);
+    }
+    this.#emit("error", error);
+  }
+
+  async #onClose(code, reason) {
+    this.#abandon();
+    if (this.#closed) return;
+    this.#setStatus("disconnected");
+    if (code === DISCONNECTED_BY_SERVER || (code === UNAUTHORIZED && !this.#options.getToken)) {
+      this.#emit("error", { code, message: reason || "closed by the server" });
+      return;
+    }
+    if (code === UNAUTHORIZED && !(await this.#refreshToken())) return;
+    this.#scheduleReconnect();
+  }
+
+  /** Asks the app for a new token; false (and no more retries) when it cannot give one. */
+  async #refreshToken() {
+    try {
+      this.#token = await this.#options.getToken();
+      return !this.#closed;
+    } catch (error) {
+      this.#emit("error", { code: "get_token_failed", message: String(error) });
+      return false;
+    }
+  }
+
+  /** Exponential backoff with full jitter: a random delay below initial × 2^attempt, capped. */
+  #scheduleReconnect() {
+    if (this.#closed) return;
+    const { initialDelayMs, maxDelayMs } = this.#options;
+    const ceiling = Math.min(maxDelayMs, initialDelayMs * 2 ** this.#attempt);
+    this.#attempt += 1;
+    this.#retryTimer = setTimeout(() => this.#connect(), Math.random() * ceiling);
+  }
+
+  /**
+   * Checks every `periodMs` that the server still talks: after `heartbeatMs` of silence it
+   * sends a ping (answered by a pong); after twice that, or before `connected` arrives within
+   * the connect timeout, the connection is dead and the client reconnects.
+   */
+  #armWatchdog(periodMs) {
+    clearTimeout(this.#watchdogTimer);
+    this.#watchdogTimer = setTimeout(() => {
+      const silent = Date.now() - this.#lastFrameAt;
+      const connected = this.#status === "connected";
+      if (!connected || silent > 2 * this.#heartbeatMs) {
+        const ws = this.#ws;
+        this.#onClose(4000, connected ? "heartbeat timeout" : "connect timeout");
+        ws?.close();
+        return;
+      }
+      if (silent >= this.#heartbeatMs) this.#send({ type: "ping" });
+      this.#armWatchdog(periodMs);
+    }, periodMs);
+  }
+
+  /** Detaches the current socket: its later events are ignored. */
+  #abandon() {
+    clearTimeout(this.#watchdogTimer);
+    clearTimeout(this.#stableTimer);
+    if (this.#ws) {
+      this.#ws.onmessage = null;
+      this.#ws.onclose = null;
+      this.#ws = null;
+    }
+  }
+
+  #send(request) {
+    this.#ws?.send(JSON.stringify(request));
+  }
+
+  #setStatus(status) {
+    if (status === this.#status) return;
+    this.#status = status;
+    this.#emit("status", status);
+  }
+
+  #emit(event, value) {
+    for (const listener of [...(this.#listeners.get(event) ?? [])]) this.#call(listener, value);
+  }
+
+  /** Runs an app callback; its exception is reported but never breaks the client. */
+  #call(callback, ...args) {
+    if (!callback) return;
+    try {
+      callback(...args);
+    } catch (error) {
+      if (typeof reportError === "function") reportError(error);
+      else setTimeout(() => { throw error; });
+    }
+  }
+}

@@ -1,0 +1,205 @@
+// sidecast.js in Chromium: loading it from the server, resume across cuts, freezes and
+// restarts, and the reconnect backoff.
+
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import {
+  Publisher,
+  launchBrowser,
+  openPage,
+  startPageServer,
+  startProxy,
+  startServer,
+  waitFor,
+} from "./harness.mjs";
+
+let browser;
+let pages;
+before(async () => {
+  browser = await launchBrowser();
+  pages = await startPageServer();
+});
+after(async () => {
+  await browser?.close();
+  await pages?.close();
+});
+
+/** A server that lets the test pages' origin open WebSockets. */
+function serve(options = {}) {
+  return startServer({ ...options, args: ["--allowed-origin", pages.origin, ...(options.args ?? [])] });
+}
+
+function clientPage(server, { ws = server.wsUrl, channels = ["project:42"], ...options } = {}) {
+  const query = new URLSearchParams({ server: server.origin, ws, ...options });
+  for (const channel of channels) query.append("channel", channel);
+  return openPage(browser, `${pages.origin}/client.html?${query}`);
+}
+
+const recorded = (page) => page.evaluate(() => structuredClone(window.record));
+
+async function waitForEvents(page, count) {
+  return waitFor(`the page has ${count} events`, async () => {
+    const record = await recorded(page);
+    return record.events.length >= count && record;
+  });
+}
+
+async function publishRange(publisher, from, to, channel = "project:42") {
+  for (let n = from; n <= to; n++) await publisher.publish({ channel, data: { n } });
+}
+
+/** The page is connected and the server counts its subscription. */
+async function waitSubscribed(page, server, channels = 1) {
+  await waitFor("the page is connected", async () => (await recorded(page)).statuses.at(-1)?.status === "connected");
+  await waitFor("the subscription is active", async () => (await server.health()).channels >= channels);
+}
+
+test("a page loads /sidecast.js from the server and shows published events", async () => {
+  const server = await serve();
+  const page = await clientPage(server, { channels: ["project:42", "order:7"] });
+  await waitSubscribed(page, server, 2);
+  const publisher = await Publisher.connect(server.socket);
+  await publisher.publish({ channel: "project:42", data: { progress: 10 } });
+  await publisher.publish({ channels: ["project:42", "order:7"], data: { progress: 55 } });
+  await publisher.publish({ channel: "unwatched", data: "not for this page" });
+  await waitFor("the page lists 3 events", async () => (await page.locator("#events li").count()) === 3);
+  assert.deepEqual(await page.locator("#events li").allTextContents(), [
+    'project:42 #1 {"progress":10}',
+    'project:42 #2 {"progress":55}',
+    'order:7 #1 {"progress":55}',
+  ]);
+  assert.equal(await page.locator("#status").textContent(), "connected");
+  assert.deepEqual(page.problems, []);
+  publisher.close();
+  await page.close();
+  await server.stop();
+});
+
+test("a cut connection resumes: every event once, in order, recovered", async () => {
+  const server = await serve();
+  const proxy = await startProxy(server.port);
+  const page = await clientPage(server, { ws: proxy.wsUrl, initialDelayMs: "200" });
+  await waitSubscribed(page, server);
+  const publisher = await Publisher.connect(server.socket);
+  await publishRange(publisher, 1, 5);
+  await waitForEvents(page, 5);
+
+  proxy.cut();
+  await waitFor("the page sees the cut", async () => (await recorded(page)).statuses.at(-1)?.status !== "connected");
+  await publishRange(publisher, 6, 10); // missed while disconnected
+  proxy.restore();
+  // Keep publishing while the page reconnects, so events land during the replay too.
+  let n = 10;
+  while ((await recorded(page)).events.length < 20) {
+    if (n < 20) await publishRange(publisher, ++n, n);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  await publishRange(publisher, n + 1, 20);
+  const record = await waitForEvents(page, 20);
+  assert.deepEqual(
+    record.events.map((e) => [e.seq, e.data.n]),
+    Array.from({ length: 20 }, (_, i) => [i + 1, i + 1]),
+    "each event once, in seq order",
+  );
+  assert.deepEqual(record.gaps, [], "the history filled the gap: recovered");
+  assert.ok(proxy.accepted >= 2, "the page reconnected");
+  assert.deepEqual(page.problems, []);
+  publisher.close();
+  await page.close();
+  await proxy.close();
+  await server.stop();
+});
+
+test("a silent connection is detected by the heartbeat watchdog and resumed", async () => {
+  // The server pings every 500 ms, so the page's watchdog gives up after about 1 s of silence.
+  const server = await serve({ args: ["--heartbeat-interval", "500ms", "--heartbeat-timeout", "5s"] });
+  const proxy = await startProxy(server.port);
+  const page = await clientPage(server, { ws: proxy.wsUrl, initialDelayMs: "100" });
+  await waitSubscribed(page, server);
+  const publisher = await Publisher.connect(server.socket);
+  await publishRange(publisher, 1, 3);
+  await waitForEvents(page, 3);
+
+  proxy.freeze(); // the TCP connection stays open; nothing passes in either direction
+  const frozenAt = Date.now();
+  await publishRange(publisher, 4, 6);
+  await waitFor("the page reconnects through the proxy", () => proxy.accepted >= 2, 10_000);
+  const detectedAfter = Date.now() - frozenAt;
+  assert.ok(proxy.open >= 2, "the frozen connection was still open: the watchdog, not a close, acted");
+  assert.ok(detectedAfter >= 900, `gave up after ${detectedAfter} ms, before 2 × heartbeatMs`);
+  await publishRange(publisher, 7, 8);
+  const record = await waitForEvents(page, 8);
+  assert.deepEqual(record.events.map((e) => e.data.n), [1, 2, 3, 4, 5, 6, 7, 8]);
+  assert.deepEqual(record.gaps, []);
+  const statuses = record.statuses.map((s) => s.status);
+  assert.deepEqual(statuses.slice(-3), ["disconnected", "connecting", "connected"]);
+  publisher.close();
+  await page.close();
+  await proxy.close();
+  await server.stop();
+});
+
+test("a server restart is reported as a gap and the page carries on in the new epoch", async () => {
+  const first = await serve();
+  const page = await clientPage(first, { initialDelayMs: "100", maxDelayMs: "500" });
+  await waitSubscribed(page, first);
+  let publisher = await Publisher.connect(first.socket);
+  await publishRange(publisher, 1, 3);
+  await waitForEvents(page, 3);
+  publisher.close();
+  await first.stop();
+
+  const second = await serve({ port: first.port, dir: first.dir });
+  await waitSubscribed(page, second);
+  publisher = await Publisher.connect(second.socket);
+  await publishRange(publisher, 4, 6);
+  const record = await waitForEvents(page, 6);
+  assert.deepEqual(
+    record.events.map((e) => [e.seq, e.data.n]),
+    [[1, 1], [2, 2], [3, 3], [1, 4], [2, 5], [3, 6]],
+    "history died with the first server: seqs restart, nothing repeats",
+  );
+  assert.deepEqual(record.gaps, [{ channel: "project:42", afterEvents: 3 }], "recovered: false");
+  publisher.close();
+  await page.close();
+  await second.stop();
+});
+
+test("reconnect attempts back off exponentially with full jitter, then connect", async () => {
+  const server = await serve();
+  const options = { initialDelayMs: "100", maxDelayMs: "1600" };
+  // With Math.random pinned at 0.5 each delay is half its ceiling (100 × 2^attempt, at most
+  // 1600): the first retry waits 50 ms, the ones after 100, 200, 400, 800, 800, 800.
+  const pinned = await clientPage(server, { ...options, pinRandom: "0.5" });
+  const jittered = await clientPage(server, options);
+  await waitSubscribed(pinned, server);
+  await waitSubscribed(jittered, server);
+  await server.stop();
+
+  const attempts = async (page) =>
+    (await recorded(page)).statuses.filter((s) => s.status === "connecting").map((s) => s.at);
+  // The first attempt plus 7 retries.
+  await waitFor("7 retries", async () => (await attempts(pinned)).length >= 8, 20_000);
+  await waitFor("7 jittered retries", async () => (await attempts(jittered)).length >= 8, 20_000);
+  const gaps = (times) => times.slice(2).map((t, i) => t - times[i + 1]);
+  const pinnedGaps = gaps(await attempts(pinned)).slice(0, 6);
+  const expected = [100, 200, 400, 800, 800, 800];
+  pinnedGaps.forEach((gap, i) =>
+    assert.ok(Math.abs(gap - expected[i]) < 60, `gap ${i}: ${gap} ms, expected ${expected[i]}: ${pinnedGaps}`),
+  );
+  const ceilings = [200, 400, 800, 1600, 1600, 1600];
+  const jitteredGaps = gaps(await attempts(jittered)).slice(0, 6);
+  jitteredGaps.forEach((gap, i) =>
+    assert.ok(gap < ceilings[i] + 60, `jittered gap ${i}: ${gap} ms above ${ceilings[i]}: ${jitteredGaps}`),
+  );
+
+  const restarted = await serve({ port: server.port, dir: server.dir });
+  for (const page of [pinned, jittered]) {
+    await waitFor("reconnected", async () => (await recorded(page)).statuses.at(-1)?.status === "connected", 5_000);
+    const statuses = (await recorded(page)).statuses.map((s) => s.status);
+    assert.deepEqual(statuses.slice(0, 3), ["connecting", "connected", "disconnected"]);
+    assert.equal(statuses.at(-1), "connected");
+    await page.close();
+  }
+  await restarted.stop();
+});

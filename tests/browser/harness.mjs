@@ -1,0 +1,238 @@
+// The real parts the browser tests drive: the sidecast binary, Unix-socket publishers, a page
+// server on another origin, a TCP proxy that can cut or freeze connections, and Chromium.
+
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import fs from "node:fs";
+import http from "node:http";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { createInterface } from "node:readline";
+import { chromium } from "playwright-core";
+
+export const ROOT = path.resolve(import.meta.dirname, "../..");
+const BINARY = process.env.SIDECAST_BIN ?? path.join(ROOT, "target/debug/sidecast");
+export const PAGES = path.join(import.meta.dirname, "pages");
+/** Where screenshots go (ignored by git). */
+export const OUTPUT = path.join(ROOT, "target/browser");
+
+/** Polls `condition` (sync or async) every 20 ms until it is truthy; returns its value. */
+export async function waitFor(what, condition, timeoutMs = 15_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await condition();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/**
+ * Starts `sidecast serve` on 127.0.0.1 (an ephemeral port unless `port` is given) with a
+ * publish socket in `dir` (a new temporary directory unless given).
+ */
+export async function startServer({ port = 0, dir, args = [] } = {}) {
+  dir ??= fs.mkdtempSync(path.join(os.tmpdir(), "sidecast-browser-"));
+  const socket = path.join(dir, "sidecast.sock");
+  const child = spawn(
+    BINARY,
+    ["serve", "--listen", `127.0.0.1:${port}`, "--publish-socket", socket, ...args],
+    { stdio: ["ignore", "ignore", "pipe"] },
+  );
+  const lines = createInterface({ input: child.stderr });
+  const log = [];
+  const listening = new Promise((resolve, reject) => {
+    lines.on("line", (line) => {
+      log.push(line);
+      const match = line.match(/listening on ws:\/\/127\.0\.0\.1:(\d+)\/ws/);
+      if (match) resolve(Number(match[1]));
+    });
+    child.on("exit", (code) => reject(new Error(`sidecast exited (${code}):\n${log.join("\n")}`)));
+  });
+  const bound = await Promise.race([
+    listening,
+    new Promise((_, reject) => setTimeout(() => reject(new Error("sidecast did not start")), 10_000)),
+  ]);
+  const exited = once(child, "exit");
+  return {
+    port: bound,
+    dir,
+    socket,
+    origin: `http://127.0.0.1:${bound}`,
+    wsUrl: `ws://127.0.0.1:${bound}/ws`,
+    log,
+    /** Graceful stop (SIGTERM); resolves once the process has exited. */
+    async stop() {
+      if (child.exitCode === null) child.kill("SIGTERM");
+      await exited;
+    },
+    async health() {
+      const response = await fetch(`http://127.0.0.1:${bound}/health`);
+      return response.json();
+    },
+  };
+}
+
+/** A worker on the publish port: every command gets an id and its reply is awaited. */
+export class Publisher {
+  #socket;
+  #pending = new Map();
+  #nextId = 1;
+
+  static async connect(socketPath) {
+    const socket = net.createConnection(socketPath);
+    await once(socket, "connect");
+    return new Publisher(socket);
+  }
+
+  constructor(socket) {
+    this.#socket = socket;
+    createInterface({ input: socket }).on("line", (line) => {
+      const reply = JSON.parse(line);
+      this.#pending.get(reply.id)?.(reply);
+      this.#pending.delete(reply.id);
+    });
+  }
+
+  /** Sends one command; resolves with the server's reply, throws if it is not ok. */
+  async publish(command) {
+    const id = this.#nextId++;
+    const reply = new Promise((resolve) => this.#pending.set(id, resolve));
+    this.#socket.write(`${JSON.stringify({ id, ...command })}\n`);
+    const answer = await reply;
+    if (!answer.ok) throw new Error(`publish refused: ${answer.error}`);
+    return answer;
+  }
+
+  close() {
+    this.#socket.end();
+  }
+}
+
+/** Serves the files in `files` (path → {type, body}) and the directory `PAGES`. */
+export async function startPageServer(files = {}) {
+  const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript" };
+  const server = http.createServer((request, response) => {
+    const { pathname } = new URL(request.url, "http://x");
+    const file = files[pathname];
+    if (file) {
+      response.writeHead(200, { "Content-Type": file.type }).end(file.body);
+      return;
+    }
+    const onDisk = path.join(PAGES, path.normalize(pathname));
+    if (!onDisk.startsWith(PAGES) || !fs.existsSync(onDisk) || fs.statSync(onDisk).isDirectory()) {
+      response.writeHead(404).end();
+      return;
+    }
+    response.writeHead(200, { "Content-Type": types[path.extname(onDisk)] ?? "text/plain" });
+    fs.createReadStream(onDisk).pipe(response);
+  });
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  return {
+    origin: `http://127.0.0.1:${server.address().port}`,
+    close: () => new Promise((resolve) => server.close(resolve)),
+  };
+}
+
+/**
+ * A TCP proxy in front of `target` (a port). `cut()` resets every connection and refuses new
+ * ones until `restore()`; `freeze()` keeps the connections open but forwards nothing more.
+ */
+export async function startProxy(target) {
+  const pairs = new Set();
+  let refusing = false;
+  let accepted = 0;
+  const server = net.createServer((client) => {
+    if (refusing) {
+      client.resetAndDestroy();
+      return;
+    }
+    accepted += 1;
+    const upstream = net.createConnection(target, "127.0.0.1");
+    const pair = { client, upstream, frozen: false };
+    pairs.add(pair);
+    const forward = (from, to) =>
+      from.on("data", (chunk) => {
+        if (!pair.frozen) to.write(chunk);
+      });
+    forward(client, upstream);
+    forward(upstream, client);
+    const end = () => {
+      if (pair.frozen) return; // a black hole does not pass closes either
+      client.destroy();
+      upstream.destroy();
+      pairs.delete(pair);
+    };
+    for (const socket of [client, upstream]) {
+      socket.on("close", end);
+      socket.on("error", end);
+    }
+  });
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  const port = server.address().port;
+  return {
+    wsUrl: `ws://127.0.0.1:${port}/ws`,
+    get accepted() {
+      return accepted;
+    },
+    /** Connections currently open (frozen ones included). */
+    get open() {
+      return [...pairs].filter((p) => !p.client.destroyed).length;
+    },
+    cut() {
+      refusing = true;
+      for (const { client, upstream } of pairs) {
+        client.resetAndDestroy();
+        upstream.destroy();
+      }
+      pairs.clear();
+    },
+    restore() {
+      refusing = false;
+    },
+    freeze() {
+      for (const pair of pairs) pair.frozen = true;
+    },
+    close() {
+      for (const { client, upstream } of pairs) {
+        client.destroy();
+        upstream.destroy();
+      }
+      return new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
+
+/** Debian's Chromium, headless, with nothing reaching for the network. */
+export function launchBrowser() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+}
+
+/** A new page whose console errors and uncaught exceptions fail the test when checked. */
+export async function openPage(browser, url) {
+  const page = await browser.newPage();
+  const problems = [];
+  page.on("pageerror", (error) => problems.push(`uncaught: ${error.message}`));
+  page.on("console", (message) => {
+    if (message.type() === "error" && !/WebSocket connection to .* failed/.test(message.text())) {
+      problems.push(`console.error: ${message.text()}`);
+    }
+  });
+  page.problems = problems;
+  await page.goto(url);
+  return page;
+}

@@ -1,0 +1,32 @@
+// A React page built with esbuild from React on npm and sidecast's client and hook.
+import { useState } from "react";
+import { createRoot } from "react-dom/client";
+import { Sidecast } from "../../../client/sidecast.js";
+import { useChannel } from "../../../client/react.js";
+
+function Progress({ client, channel }) {
+  const { status, lastEvent, events } = useChannel(client, channel);
+  return (
+    <div>
+      <p>Status: <span id="status">{status}</span></p>
+      <p>Last: <span id="last">{lastEvent ? `${lastEvent.channel} #${lastEvent.seq} ${JSON.stringify(lastEvent.data)}` : "none"}</span></p>
+      <p>Count: <span id="count">{events.length}</span></p>
+    </div>
+  );
+}
+
+function App({ client }) {
+  const [channel, setChannel] = useState("project:42");
+  const [mounted, setMounted] = useState(true);
+  return (
+    <main>
+      <button id="switch" onClick={() => setChannel("order:7")}>Watch order:7</button>
+      <button id="unmount" onClick={() => setMounted(false)}>Unmount</button>
+      {mounted && <Progress client={client} channel={channel} />}
+    </main>
+  );
+}
+
+const params = new URLSearchParams(location.search);
+const client = new Sidecast(params.get("ws"));
+createRoot(document.getElementById("root")).render(<App client={client} />);

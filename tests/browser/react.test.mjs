@@ -1,0 +1,67 @@
+// The useChannel hook in a React page built from npm packages.
+
+import assert from "node:assert/strict";
+import path from "node:path";
+import { after, before, test } from "node:test";
+import * as esbuild from "esbuild";
+import { PAGES, Publisher, launchBrowser, openPage, startPageServer, startServer, waitFor } from "./harness.mjs";
+
+let browser;
+let pages;
+before(async () => {
+  const bundle = await esbuild.build({
+    entryPoints: [path.join(PAGES, "react-app.jsx")],
+    bundle: true,
+    write: false,
+    format: "esm",
+    jsx: "automatic",
+    // client/react.js imports "react", which is the app's: resolve it from here.
+    nodePaths: [path.join(import.meta.dirname, "node_modules")],
+    define: { "process.env.NODE_ENV": '"production"' },
+    logLevel: "warning",
+  });
+  await esbuild.stop();
+  pages = await startPageServer({
+    "/react.html": {
+      type: "text/html",
+      body: '<!doctype html><link rel="icon" href="data:,"><div id="root"></div><script type="module" src="/react-app.js"></script>',
+    },
+    "/react-app.js": { type: "text/javascript", body: bundle.outputFiles[0].text },
+  });
+  browser = await launchBrowser();
+});
+after(async () => {
+  await browser?.close();
+  await pages?.close();
+});
+
+test("useChannel renders the last event and follows the channel prop", async () => {
+  const server = await startServer({ args: ["--allowed-origin", pages.origin] });
+  const page = await openPage(browser, `${pages.origin}/react.html?ws=${encodeURIComponent(server.wsUrl)}`);
+  const text = (id) => page.locator(`#${id}`).textContent();
+  const channels = async () => (await server.health()).channels;
+  await waitFor("connected", async () => (await text("status")) === "connected");
+  await waitFor("subscribed", async () => (await channels()) === 1);
+
+  const publisher = await Publisher.connect(server.socket);
+  await publisher.publish({ channel: "project:42", data: { percent: 10 } });
+  await publisher.publish({ channel: "project:42", data: { percent: 40 } });
+  await waitFor("the last event is rendered", async () => (await text("count")) === "2");
+  assert.equal(await text("last"), 'project:42 #2 {"percent":40}');
+
+  // A new channel prop: the old subscription ends, the new one starts empty.
+  await page.click("#switch");
+  await waitFor("the list restarts", async () => (await text("count")) === "0");
+  await publisher.publish({ channel: "order:7", data: "shipped" });
+  await waitFor("order:7 is rendered", async () => (await text("last")) === 'order:7 #1 "shipped"');
+  const reply = await publisher.publish({ channel: "project:42", data: { percent: 90 } });
+  assert.equal(reply.delivered, 0, "project:42 was unsubscribed");
+  assert.equal(await channels(), 1);
+
+  await page.click("#unmount");
+  await waitFor("unmounting unsubscribes", async () => (await channels()) === 0);
+  assert.deepEqual(page.problems, []);
+  publisher.close();
+  await page.close();
+  await server.stop();
+});
