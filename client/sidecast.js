@@ -8,7 +8,9 @@
 //   disconnected is lost;
 // - per channel, events reach the page in seq order and at most once: after a reconnect the
 //   client resumes with `since` {seq, epoch} and drops any event it has already delivered;
-// - exactly one WebSocket is current; events from an abandoned one are ignored.
+// - exactly one WebSocket is current; events from an abandoned one are ignored;
+// - requests leave within the message budget the server announces in `connected`, so the
+//   server's rate limit never drops one (a page may resubscribe to 100 channels at once).
 
 const CHANNEL_NAME = /^[A-Za-z0-9_:.-]{1,128}$/;
 
@@ -39,6 +41,10 @@ export class Sidecast {
   #retryTimer = null;
   #watchdogTimer = null;
   #stableTimer = null;
+  /** Requests waiting for the budget: { rate, burst, tokens, at } on this connection. */
+  #outbox = [];
+  #budget = null;
+  #outboxTimer = null;
 
   /**
    * @param {string} url the server's WebSocket URL, e.g. "ws://localhost:3001/ws"
@@ -145,13 +151,19 @@ export class Sidecast {
     switch (msg.type) {
       case "connected":
         this.#heartbeatMs = msg.heartbeatMs || this.#heartbeatMs;
+        this.#budget = {
+          rate: msg.rateLimit || 20,
+          burst: msg.rateBurst || 50,
+          tokens: msg.rateBurst || 50,
+          at: Date.now(),
+        };
         this.#armWatchdog(this.#heartbeatMs / 2);
         this.#stableTimer = setTimeout(() => (this.#attempt = 0), this.#options.stableAfterMs);
-        this.#setStatus("connected");
         for (const [channel, state] of this.#channels) {
           const since = state.epoch === null ? undefined : { seq: state.seq, epoch: state.epoch };
           this.#send({ type: "subscribe", channel, since });
         }
+        this.#setStatus("connected");
         break;
       case "subscribed":
         this.#onSubscribed(msg);
@@ -252,10 +264,12 @@ export class Sidecast {
     }, periodMs);
   }
 
-  /** Detaches the current socket: its later events are ignored. */
+  /** Detaches the current socket: its later events are ignored, its unsent requests dropped. */
   #abandon() {
     clearTimeout(this.#watchdogTimer);
     clearTimeout(this.#stableTimer);
+    clearTimeout(this.#outboxTimer);
+    this.#outbox = [];
     if (this.#ws) {
       this.#ws.onmessage = null;
       this.#ws.onclose = null;
@@ -264,7 +278,25 @@ export class Sidecast {
   }
 
   #send(request) {
-    this.#ws?.send(JSON.stringify(request));
+    this.#outbox.push(request);
+    if (this.#outbox.length === 1) this.#flush();
+  }
+
+  /** Sends queued requests while the budget has tokens, then waits for the next one. */
+  #flush() {
+    const budget = this.#budget;
+    const now = Date.now();
+    budget.tokens = Math.min(budget.burst, budget.tokens + ((now - budget.at) / 1000) * budget.rate);
+    budget.at = now;
+    while (this.#outbox.length > 0 && budget.tokens >= 1) {
+      budget.tokens -= 1;
+      this.#ws.send(JSON.stringify(this.#outbox.shift()));
+    }
+    if (this.#outbox.length > 0) {
+      // A little past the refill, so the server's bucket (on its own clock) has it too.
+      const waitMs = ((1 - budget.tokens) / budget.rate) * 1000 + 20;
+      this.#outboxTimer = setTimeout(() => this.#flush(), waitMs);
+    }
   }
 
   #setStatus(status) {

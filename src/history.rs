@@ -79,6 +79,11 @@ impl History {
         delta.plus(self.expire(now, limits))
     }
 
+    /// True when it holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Drops entries older than the TTL.
     pub fn expire(&mut self, now: Tick, limits: HistoryLimits) -> Delta {
         let mut delta = Delta::default();

@@ -5,8 +5,10 @@
 //! - `by_name` and `channels` hold the same channels, under the same names;
 //! - a channel with subscribers is *active*; `active` counts them;
 //! - a channel that loses its last subscriber is freed, unless it was ever published to: then
-//!   it stays *dormant*, keeping only its name and `seq`, because a sequence number is never
-//!   reused while the server runs. Dormant channels cost about 100 bytes each.
+//!   it stays *dormant*, keeping its name, `seq`, epoch and history, so a client can resume;
+//! - [`Hub::sweep`] expires old history and forgets dormant channels whose history is empty,
+//!   so channels nobody watches cost nothing once `history_ttl` has passed. A forgotten
+//!   channel that is used again starts a new epoch with `seq` 0.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,6 +52,8 @@ pub struct Hub {
     history_bytes: usize,
     epoch_seed: RandomState,
     epochs_made: u64,
+    /// The slab slot the next sweep starts at.
+    sweep_cursor: usize,
 }
 
 impl Default for Hub {
@@ -75,6 +79,7 @@ impl Hub {
             history_bytes: 0,
             epoch_seed: RandomState::new(),
             epochs_made: 0,
+            sweep_cursor: 0,
         }
     }
 
@@ -127,6 +132,33 @@ impl Hub {
     fn apply(&mut self, delta: Delta) {
         self.history_events = self.history_events.saturating_add_signed(delta.events);
         self.history_bytes = self.history_bytes.saturating_add_signed(delta.bytes);
+    }
+
+    /// Expires old history and forgets channels with neither subscribers nor history,
+    /// examining at most `slots` slab slots, from where the previous sweep stopped: a bounded
+    /// amount of work however many channels there are.
+    pub fn sweep(&mut self, now: Tick, slots: usize) {
+        let capacity = self.channels.capacity();
+        for _ in 0..slots.min(capacity) {
+            let key = self.sweep_cursor % capacity;
+            self.sweep_cursor = key + 1;
+            let Some(channel) = self.channels.get_mut(key) else {
+                continue;
+            };
+            let delta = channel.history.expire(now, self.limits);
+            let forgotten = channel.subscribers.is_empty() && channel.history.is_empty();
+            self.apply(delta);
+            if forgotten {
+                let channel = self.channels.remove(key);
+                self.by_name.remove(&channel.name);
+            }
+        }
+        self.check_invariants();
+    }
+
+    /// Channels the hub remembers: active ones and dormant ones holding history.
+    pub fn known_channels(&self) -> usize {
+        self.channels.len()
     }
 
     /// Channels with at least one subscriber.
@@ -272,6 +304,46 @@ mod tests {
             "dormant channel kept its seq"
         );
         assert_eq!(hub.publish("a").1, 2);
+    }
+
+    #[test]
+    fn sweeps_forget_channels_nobody_watches_once_their_history_expires() {
+        let limits = HistoryLimits {
+            size: 10,
+            max_bytes: 1 << 20,
+            ttl_ticks: 100,
+        };
+        let mut hub = Hub::with_history(limits);
+        let frame = Bytes::from_static(b"event");
+        let (id, _, _) = hub.publish("dormant");
+        hub.record(id, 1, &frame, Tick(0));
+        let (watched, _) = hub.subscribe(&name("watched"), conn(1));
+        hub.publish("watched");
+        hub.record(watched, 1, &frame, Tick(0));
+        hub.sweep(Tick(50), 1000);
+        assert_eq!(hub.known_channels(), 2, "history still young");
+        assert_eq!(hub.publish("dormant").1, 2);
+        hub.sweep(Tick(500), 1000);
+        assert_eq!(hub.known_channels(), 1, "the subscribed channel stays");
+        assert_eq!(hub.history_totals(), (0, 0));
+        assert_eq!(hub.publish("dormant").1, 1, "forgotten: a new epoch from 0");
+        assert_eq!(hub.publish("watched").1, 2);
+    }
+
+    #[test]
+    fn a_sweep_examines_a_bounded_number_of_slots_and_wraps() {
+        let mut hub = Hub::new();
+        for i in 0..10 {
+            hub.publish(&format!("c{i}"));
+        }
+        hub.sweep(Tick(0), 4);
+        assert_eq!(hub.known_channels(), 6);
+        let all = hub.channels.capacity();
+        hub.sweep(Tick(0), all);
+        assert_eq!(hub.known_channels(), 0);
+        hub.publish("again");
+        hub.sweep(Tick(0), all);
+        assert_eq!(hub.known_channels(), 0, "the cursor wrapped around");
     }
 
     #[test]

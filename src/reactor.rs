@@ -5,7 +5,7 @@
 //!     poll(timeout = next timer deadline)
 //!     read the clock once → `now`
 //!     dispatch events: accept; read requests, frames, publish lines (fan-out only queues)
-//!     fire due timers: handshake deadlines, heartbeats, drain deadlines, stats, shutdown
+//!     fire due timers: handshake deadlines, heartbeats, drain deadlines, housekeeping, shutdown
 //!     close slow consumers found while queueing
 //!     flush every dirty connection: one write_vectored per connection and pass
 //!     exit once shut down and drained
@@ -64,8 +64,11 @@ const DELIVERIES_PER_PASS: usize = 64 * 1024;
 const SHARED_READ_BUFFER: usize = 64 * 1024;
 /// How long accepting pauses after the process runs out of file descriptors.
 const ACCEPT_BACKOFF_TICKS: u64 = 10;
-/// Time between two snapshots of the stats feed.
-const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// Time between two housekeeping rounds: a history sweep and a stats snapshot.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// Channel slots one history sweep examines: a full cycle over a million channels takes
+/// about four minutes, at a bounded cost per round.
+const SWEEP_SLOTS: usize = 4096;
 
 /// What a timer stands for.
 #[derive(Debug, Clone, Copy)]
@@ -74,8 +77,8 @@ enum TimerEvent {
     Client(ConnId),
     /// Retry accepting after running out of file descriptors.
     ResumeAccept,
-    /// Publish the next stats snapshot.
-    Stats,
+    /// Once a second: sweep channel histories, publish the stats snapshot.
+    Housekeeping,
     /// The graceful shutdown's time is up.
     ShutdownDeadline,
 }
@@ -551,13 +554,13 @@ impl Server {
             None => None,
         };
         let mut timers = TimerWheel::new(Tick(0));
-        let stats = config.dashboard_enabled().then(|| {
-            timers.insert(
-                Tick(0).after(ticks.ticks_in(STATS_INTERVAL)),
-                TimerEvent::Stats,
-            );
-            StatsFeed::new(&Metrics::default(), started)
-        });
+        timers.insert(
+            Tick(0).after(ticks.ticks_in(HOUSEKEEPING_INTERVAL)),
+            TimerEvent::Housekeeping,
+        );
+        let stats = config
+            .dashboard_enabled()
+            .then(|| StatsFeed::new(&Metrics::default(), started));
         let instance = {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new()
@@ -1078,6 +1081,8 @@ impl Server {
         client.send_reply(&Reply::Connected {
             client_id: &client_id,
             heartbeat_ms,
+            rate_limit: self.config.rate_limit,
+            rate_burst: self.config.rate_burst,
             user_id: user_id.as_deref(),
         });
         self.fanout.outbox.mark_dirty(client);
@@ -1124,7 +1129,7 @@ impl Server {
                     self.accept_paused = false;
                     self.accept_clients(now);
                 }
-                TimerEvent::Stats => self.publish_stats(now),
+                TimerEvent::Housekeeping => self.housekeeping(now),
                 TimerEvent::ShutdownDeadline => {
                     log::warn!(
                         "shutdown_timeout reached; dropping {} connection(s)",
@@ -1327,18 +1332,19 @@ impl Server {
         self.timers.insert(deadline, TimerEvent::ShutdownDeadline);
     }
 
-    /// Publishes the next stats snapshot and schedules the one after.
-    fn publish_stats(&mut self, now: Tick) {
+    /// Sweeps part of the hub, publishes the stats snapshot (dashboard on) and schedules the
+    /// next round.
+    fn housekeeping(&mut self, now: Tick) {
+        self.fanout.hub.sweep(now, SWEEP_SLOTS);
         let gauges = self.gauges();
-        let Some(feed) = &mut self.stats else {
-            return;
-        };
-        let snapshot = feed.snapshot(&self.fanout.metrics, &gauges, Instant::now());
-        let data = RawValue::from_string(snapshot).expect("the stats feed renders valid JSON");
-        self.fanout.fan_out(wire::STATS_CHANNEL, &data, None);
+        if let Some(feed) = &mut self.stats {
+            let snapshot = feed.snapshot(&self.fanout.metrics, &gauges, Instant::now());
+            let data = RawValue::from_string(snapshot).expect("the stats feed renders valid JSON");
+            self.fanout.fan_out(wire::STATS_CHANNEL, &data, None);
+        }
         if !self.shutting_down {
-            let next = now.after(self.ticks.ticks_in(STATS_INTERVAL));
-            self.timers.insert(next, TimerEvent::Stats);
+            let next = now.after(self.ticks.ticks_in(HOUSEKEEPING_INTERVAL));
+            self.timers.insert(next, TimerEvent::Housekeeping);
         }
     }
 

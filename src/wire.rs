@@ -305,6 +305,12 @@ pub enum Reply<'a> {
         /// The server's ping interval, in milliseconds.
         #[serde(rename = "heartbeatMs")]
         heartbeat_ms: u64,
+        /// Messages per second this connection may send (`rate_limit`).
+        #[serde(rename = "rateLimit")]
+        rate_limit: f64,
+        /// Messages it may send at once (`rate_burst`).
+        #[serde(rename = "rateBurst")]
+        rate_burst: u32,
         /// The authenticated user, when authentication is on.
         #[serde(rename = "userId", skip_serializing_if = "Option::is_none")]
         user_id: Option<&'a str>,
@@ -523,9 +529,11 @@ mod tests {
                 Reply::Connected {
                     client_id: "c1",
                     heartbeat_ms: 30000,
+                    rate_limit: 20.0,
+                    rate_burst: 50,
                     user_id: None,
                 },
-                r#"{"type":"connected","clientId":"c1","heartbeatMs":30000}"#,
+                r#"{"type":"connected","clientId":"c1","heartbeatMs":30000,"rateLimit":20.0,"rateBurst":50}"#,
             ),
             (
                 Reply::Subscribed {

@@ -14,6 +14,10 @@ fn connected_carries_a_unique_client_id_and_the_heartbeat() {
     let (first, second) = (a.recv(), b.recv());
     assert_eq!(first["type"], "connected");
     assert_eq!(first["heartbeatMs"], 30000);
+    assert_eq!(
+        (first["rateLimit"].as_f64(), first["rateBurst"].as_u64()),
+        (Some(20.0), Some(50))
+    );
     assert!(first["clientId"].as_str().is_some_and(|id| !id.is_empty()));
     assert_ne!(first["clientId"], second["clientId"]);
 }

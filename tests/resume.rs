@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{RawPublisher, TestServer, Ws};
 use serde_json::{Value, json};
+use sidecast::config::Dashboard;
 
 /// Subscribes with `since` and returns the `subscribed` reply.
 #[track_caller]
@@ -165,4 +166,26 @@ fn history_expires_with_its_ttl_and_can_be_disabled() {
         "nothing missed"
     );
     assert_eq!(off.metric("sidecast_history_events"), 0);
+}
+
+#[test]
+fn channels_nobody_watches_are_forgotten_once_their_history_expires() {
+    let server = TestServer::start_with(|c| {
+        c.history_ttl = Duration::from_millis(200);
+        c.dashboard = Dashboard::Off; // its feed would keep a channel's history busy
+    });
+    for n in 0..50 {
+        server.publish(json!({"id": n, "channel": format!("job:{n}"), "data": n}));
+    }
+    assert_eq!(server.metric("sidecast_history_events"), 50);
+    // One housekeeping round expires the histories and forgets the channels together.
+    server.wait_until("a sweep has expired every history", |s| {
+        s.metric("sidecast_history_events") == 0
+    });
+    let mut ws = server.ws();
+    assert_eq!(
+        ws.subscribe("job:7")["seq"],
+        0,
+        "forgotten: a new channel, a new epoch"
+    );
 }

@@ -110,6 +110,28 @@ test("a cut connection resumes: every event once, in order, recovered", async ()
   await server.stop();
 });
 
+test("a page on 100 channels resubscribes to all of them within the rate limit", async () => {
+  // The defaults: 100 subscriptions per connection, 20 messages per second in bursts of 50.
+  const server = await serve();
+  const proxy = await startProxy(server.port);
+  const channels = Array.from({ length: 100 }, (_, i) => `job:${i}`);
+  const page = await clientPage(server, { ws: proxy.wsUrl, channels, initialDelayMs: "100" });
+  await waitSubscribed(page, server, 100);
+  proxy.cut();
+  await waitFor("the server sees the cut", async () => (await server.health()).channels === 0);
+  proxy.restore();
+  await waitFor("all 100 resubscribed", async () => (await server.health()).channels === 100);
+  const publisher = await Publisher.connect(server.socket);
+  await publisher.publish({ channels: ["job:0", "job:99"], data: "last" });
+  const record = await waitForEvents(page, 2);
+  assert.deepEqual(record.events.map((e) => e.channel), ["job:0", "job:99"]);
+  assert.deepEqual(record.errors, [], "no request was refused");
+  publisher.close();
+  await page.close();
+  await proxy.close();
+  await server.stop();
+});
+
 test("a silent connection is detected by the heartbeat watchdog and resumed", async () => {
   // The server pings every 500 ms, so the page's watchdog gives up after about 1 s of silence.
   const server = await serve({ args: ["--heartbeat-interval", "500ms", "--heartbeat-timeout", "5s"] });
