@@ -2,6 +2,7 @@
 // restarts, and the reconnect backoff.
 
 import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
 import { after, before, test } from "node:test";
 import {
   Publisher,
@@ -224,4 +225,40 @@ test("reconnect attempts back off exponentially with full jitter, then connect",
     await page.close();
   }
   await restarted.stop();
+});
+
+const SECRET = "browser-tests-secret-of-at-least-32-bytes";
+
+/** An HS256 JWT for user u1, valid for `seconds`, allowed on project:*. */
+function token(seconds) {
+  const encode = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const exp = Math.floor(Date.now() / 1000) + seconds;
+  const unsigned = `${encode({ alg: "HS256", typ: "JWT" })}.${encode({ sub: "u1", exp, channels: ["project:*"] })}`;
+  return `${unsigned}.${createHmac("sha256", SECRET).update(unsigned).digest("base64url")}`;
+}
+
+test("4001 stops the reconnects, unless getToken gives a fresh token, and then the page resumes", async () => {
+  const server = await serve({ args: ["--jwt-secret", SECRET, "--jwt-leeway", "0s"] });
+  // Expires in 2 s; getToken then supplies a token valid for an hour.
+  const renewing = await clientPage(server, { token: token(2), freshToken: token(3600), initialDelayMs: "100" });
+  const refused = await clientPage(server, { token: "not-a-jwt", initialDelayMs: "100" });
+  await waitSubscribed(renewing, server);
+  const publisher = await Publisher.connect(server.socket);
+  await publishRange(publisher, 1, 2);
+  await waitForEvents(renewing, 2);
+
+  await waitFor("the token expires and the page asks for a new one", async () => (await recorded(renewing)).tokenRequests === 1, 10_000);
+  await publishRange(publisher, 3, 4); // while it reconnects, or after
+  const record = await waitForEvents(renewing, 4);
+  assert.deepEqual(record.events.map((e) => e.data.n), [1, 2, 3, 4]);
+  assert.deepEqual(record.gaps, [], "resumed across the token change");
+  assert.equal(record.statuses.at(-1).status, "connected");
+
+  // The page without getToken was refused once and stayed down meanwhile.
+  const refusedRecord = await recorded(refused);
+  assert.deepEqual(refusedRecord.errors.map((e) => e.code), [4001]);
+  assert.deepEqual(refusedRecord.statuses.map((s) => s.status), ["connecting", "disconnected"]);
+  publisher.close();
+  for (const page of [renewing, refused]) await page.close();
+  await server.stop();
 });
