@@ -25,8 +25,9 @@ export interface SidecastOptions {
   /** A JWT, sent as the `token` query parameter. */
   token?: string;
   /**
-   * Called for a token when none was given and after a close with 4001 (unauthorized or
-   * token expired). Without it, 4001 stops the reconnects.
+   * Called for a token when none was given, before the current token's `exp` (the new one is
+   * sent with a `refresh` request), and after a close with 4001. Without it, 4001 stops the
+   * reconnects.
    */
   getToken?: () => string | Promise<string>;
   /** First reconnect delay ceiling (default 500). Delays are random below initial × 2^attempt. */

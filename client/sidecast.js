@@ -18,6 +18,17 @@ const CHANNEL_NAME = /^[A-Za-z0-9_:.-]{1,128}$/;
 const UNAUTHORIZED = 4001;
 const DISCONNECTED_BY_SERVER = 4003;
 
+/** The `exp` claim (seconds) of a JWT, or null when it has none or is not a JWT. */
+function expiryOf(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(payload)).exp;
+    return typeof exp === "number" ? exp : null;
+  } catch {
+    return null;
+  }
+}
+
 const DEFAULTS = {
   initialDelayMs: 500,
   maxDelayMs: 30_000,
@@ -41,6 +52,7 @@ export class Sidecast {
   #retryTimer = null;
   #watchdogTimer = null;
   #stableTimer = null;
+  #refreshTimer = null;
   /** Requests waiting for the budget: { rate, burst, tokens, at } on this connection. */
   #outbox = [];
   #budget = null;
@@ -159,6 +171,7 @@ export class Sidecast {
         };
         this.#armWatchdog(this.#heartbeatMs / 2);
         this.#stableTimer = setTimeout(() => (this.#attempt = 0), this.#options.stableAfterMs);
+        this.#scheduleRefresh();
         for (const [channel, state] of this.#channels) {
           const since = state.epoch === null ? undefined : { seq: state.seq, epoch: state.epoch };
           this.#send({ type: "subscribe", channel, since });
@@ -167,6 +180,9 @@ export class Sidecast {
         break;
       case "subscribed":
         this.#onSubscribed(msg);
+        break;
+      case "refreshed":
+        this.#scheduleRefresh();
         break;
       case "event":
         if (msg.broadcast) {
@@ -234,6 +250,25 @@ export class Sidecast {
     }
   }
 
+  /**
+   * With `getToken`, renews the token before it expires (a quarter of its remaining life
+   * ahead, between 1 s and 60 s) with a `refresh` request, so the connection is never closed
+   * for expiry. If the server refuses the new token, the old one runs out and the 4001 path
+   * takes over.
+   */
+  #scheduleRefresh() {
+    clearTimeout(this.#refreshTimer);
+    const expiresAt = expiryOf(this.#token);
+    if (!this.#options.getToken || expiresAt === null) return;
+    const remainingMs = expiresAt * 1000 - Date.now();
+    const leadMs = Math.min(60_000, Math.max(1_000, remainingMs / 4));
+    this.#refreshTimer = setTimeout(async () => {
+      const ws = this.#ws;
+      if (!(await this.#refreshToken()) || this.#ws !== ws || this.#status !== "connected") return;
+      this.#send({ type: "refresh", token: this.#token });
+    }, Math.max(0, remainingMs - leadMs));
+  }
+
   /** Exponential backoff with full jitter: a random delay below initial × 2^attempt, capped. */
   #scheduleReconnect() {
     if (this.#closed) return;
@@ -269,6 +304,7 @@ export class Sidecast {
     clearTimeout(this.#watchdogTimer);
     clearTimeout(this.#stableTimer);
     clearTimeout(this.#outboxTimer);
+    clearTimeout(this.#refreshTimer);
     this.#outbox = [];
     if (this.#ws) {
       this.#ws.onmessage = null;
