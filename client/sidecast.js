@@ -17,6 +17,8 @@ const CHANNEL_NAME = /^[A-Za-z0-9_:.-]{1,128}$/;
 /** Close codes after which reconnecting cannot help (4001 only without `getToken`). */
 const UNAUTHORIZED = 4001;
 const DISCONNECTED_BY_SERVER = 4003;
+/** setTimeout's longest delay; a longer one would fire at once. */
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 
 /** The `exp` claim (seconds) of a JWT, or null when it has none or is not a JWT. */
 function expiryOf(token) {
@@ -261,12 +263,14 @@ export class Sidecast {
     const expiresAt = expiryOf(this.#token);
     if (!this.#options.getToken || expiresAt === null) return;
     const remainingMs = expiresAt * 1000 - Date.now();
-    const leadMs = Math.min(60_000, Math.max(1_000, remainingMs / 4));
+    const delayMs = remainingMs - Math.min(60_000, Math.max(1_000, remainingMs / 4));
+    // A token that looks expired already (a skewed clock?) is renewed by the 4001 path.
+    if (delayMs <= 0) return;
     this.#refreshTimer = setTimeout(async () => {
       const ws = this.#ws;
       if (!(await this.#refreshToken()) || this.#ws !== ws || this.#status !== "connected") return;
       this.#send({ type: "refresh", token: this.#token });
-    }, Math.max(0, remainingMs - leadMs));
+    }, Math.min(delayMs, MAX_TIMEOUT_MS));
   }
 
   /** Exponential backoff with full jitter: a random delay below initial × 2^attempt, capped. */
