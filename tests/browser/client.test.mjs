@@ -111,6 +111,32 @@ test("a cut connection resumes: every event once, in order, recovered", async ()
   await server.stop();
 });
 
+test("subscribe and unsubscribe while disconnected take effect on reconnect", async () => {
+  const server = await serve();
+  const proxy = await startProxy(server.port);
+  const page = await clientPage(server, { ws: proxy.wsUrl, initialDelayMs: "100" });
+  await waitSubscribed(page, server);
+  proxy.cut();
+  await waitFor("the page is disconnected", async () => (await recorded(page)).statuses.at(-1)?.status !== "connected");
+  await page.evaluate(() => {
+    window.watch("order:7");
+    window.subscriptions["project:42"].unsubscribe();
+  });
+  proxy.restore();
+  await waitFor("the page is connected again", async () => (await recorded(page)).statuses.at(-1)?.status === "connected");
+  const publisher = await Publisher.connect(server.socket);
+  await waitFor("order:7 is subscribed", async () => (await publisher.publish({ channel: "order:7", data: "probe" })).delivered === 1);
+  const reply = await publisher.publish({ channel: "project:42", data: "unwanted" });
+  assert.equal(reply.delivered, 0, "project:42 was left while disconnected");
+  const record = await waitForEvents(page, 1);
+  assert.equal(record.events[0].channel, "order:7");
+  assert.equal((await server.health()).channels, 1);
+  publisher.close();
+  await page.close();
+  await proxy.close();
+  await server.stop();
+});
+
 test("a page on 100 channels resubscribes to all of them within the rate limit", async () => {
   // The defaults: 100 subscriptions per connection, 20 messages per second in bursts of 50.
   const server = await serve();
