@@ -1,0 +1,37 @@
+// Type-checked with `tsc --noEmit --strict` by types.test.mjs: the declarations describe the API
+// as docs/client.md shows it, and reject misuse.
+import { Sidecast, type Status } from "../../../client/sidecast.js";
+import { useChannel } from "../../../client/react.js";
+
+const client = new Sidecast("ws://localhost:3001/ws", {
+  getToken: async () => "jwt",
+  initialDelayMs: 250,
+});
+const status: Status = client.status;
+const off = client.on("status", (s: Status) => console.log(s));
+off();
+client.on("gap", ({ channel }) => console.log(channel));
+client.on("error", (error) => console.log(error.code, error.message));
+
+interface Progress {
+  progress: number;
+}
+const sub = client.subscribe<Progress>(
+  "project:42",
+  (data, meta) => console.log(data.progress, meta.channel, meta.seq),
+  { onGap: ({ channel }) => console.log(channel), onError: (e) => console.log(e.code) },
+);
+sub.unsubscribe();
+client.close();
+
+export function RenderProgress({ id }: { id: number }) {
+  const { status: s, lastEvent, events, gap } = useChannel<Progress>(client, `project:${id}`);
+  const percent: number | undefined = lastEvent?.data.progress;
+  return `${s} ${percent} ${events.length} ${gap}`;
+}
+
+// @ts-expect-error: the callback gets data and meta, not a message
+client.subscribe("x", (data: string, meta: string) => meta);
+// @ts-expect-error: no such event
+client.on("message", () => {});
+export { status };
