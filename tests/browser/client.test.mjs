@@ -271,12 +271,12 @@ test("4001 stops the reconnects unless getToken gives a fresh token", async () =
   const publisher = await Publisher.connect(server.socket);
   await publishRange(publisher, 1, 2);
   const record = await waitForEvents(renewing, 2);
-  assert.equal(record.tokenRequests, 1);
-  assert.deepEqual(record.errors.map((e) => e.code), []);
+  assert.equal(record.tokenRequests, 1, JSON.stringify(record));
+  assert.deepEqual(record.errors.map((e) => e.code), [], JSON.stringify(record));
 
   // Meanwhile the page without getToken was refused once and stayed down.
   const refusedRecord = await recorded(refused);
-  assert.deepEqual(refusedRecord.errors.map((e) => e.code), [4001]);
+  assert.deepEqual(refusedRecord.errors.map((e) => e.code), [4001], JSON.stringify(refusedRecord));
   assert.deepEqual(refusedRecord.statuses.map((s) => s.status), ["connecting", "disconnected"]);
   publisher.close();
   for (const page of [renewing, refused]) await page.close();

@@ -40,6 +40,12 @@ export async function startServer({ port = 0, dir, args = [] } = {}) {
     ["serve", "--listen", `127.0.0.1:${port}`, "--publish-socket", socket, ...args],
     { stdio: ["ignore", "ignore", "pipe"] },
   );
+  // A failed test must not leave its server running, nor keep this process alive.
+  const kill = () => child.kill("SIGKILL");
+  process.on("exit", kill);
+  child.on("exit", () => process.off("exit", kill));
+  child.unref();
+  child.stderr.unref();
   const lines = createInterface({ input: child.stderr });
   const log = [];
   const listening = new Promise((resolve, reject) => {
