@@ -274,7 +274,11 @@ test("4001 stops the reconnects unless getToken gives a fresh token", async () =
   assert.equal(record.tokenRequests, 1, JSON.stringify(record));
   assert.deepEqual(record.errors.map((e) => e.code), [], JSON.stringify(record));
 
-  // Meanwhile the page without getToken was refused once and stayed down.
+  // The page without getToken is refused, and then stays down: its first retry would have come
+  // within 100 ms (initialDelayMs), so 500 ms of quiet shows there is none.
+  await waitFor("the other page is refused", async () => (await recorded(refused)).errors.length > 0);
+  const refusedAt = Date.now();
+  await waitFor("five retry delays have passed", () => Date.now() > refusedAt + 500);
   const refusedRecord = await recorded(refused);
   assert.deepEqual(refusedRecord.errors.map((e) => e.code), [4001], JSON.stringify(refusedRecord));
   assert.deepEqual(refusedRecord.statuses.map((s) => s.status), ["connecting", "disconnected"]);
