@@ -3,37 +3,20 @@
 
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
-import { after, before, test } from "node:test";
-import {
-  Publisher,
-  launchBrowser,
-  openPage,
-  startPageServer,
-  startProxy,
-  startServer,
-  waitFor,
-} from "./harness.mjs";
+import { test } from "node:test";
+import { Publisher, openPage, startProxy, startServer, useBrowser, waitFor } from "./harness.mjs";
 
-let browser;
-let pages;
-before(async () => {
-  browser = await launchBrowser();
-  pages = await startPageServer();
-});
-after(async () => {
-  await browser?.close();
-  await pages?.close();
-});
+const fixture = useBrowser();
 
 /** A server that lets the test pages' origin open WebSockets. */
 function serve(options = {}) {
-  return startServer({ ...options, args: ["--allowed-origin", pages.origin, ...(options.args ?? [])] });
+  return startServer({ ...options, args: ["--allowed-origin", fixture.pages.origin, ...(options.args ?? [])] });
 }
 
 function clientPage(server, { ws = server.wsUrl, channels = ["project:42"], ...options } = {}) {
   const query = new URLSearchParams({ server: server.origin, ws, ...options });
   for (const channel of channels) query.append("channel", channel);
-  return openPage(browser, `${pages.origin}/client.html?${query}`);
+  return openPage(fixture.browser, `${fixture.pages.origin}/client.html?${query}`);
 }
 
 const recorded = (page) => page.evaluate(() => structuredClone(window.record));

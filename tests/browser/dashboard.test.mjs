@@ -3,23 +3,14 @@
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
-import { after, before, test } from "node:test";
-import { OUTPUT, Publisher, launchBrowser, openPage, startPageServer, startServer, waitFor } from "./harness.mjs";
+import { test } from "node:test";
+import { OUTPUT, Publisher, openPage, startServer, useBrowser, waitFor } from "./harness.mjs";
 
-let browser;
-let pages;
-before(async () => {
-  browser = await launchBrowser();
-  pages = await startPageServer();
-});
-after(async () => {
-  await browser?.close();
-  await pages?.close();
-});
+const fixture = useBrowser();
 
 test("the dashboard shows the server's life and a channel's events", async () => {
   const server = await startServer({ args: ["--allowed-origin", "*"] });
-  const dashboard = await openPage(browser, `${server.origin}/`);
+  const dashboard = await openPage(fixture.browser, `${server.origin}/`);
   await dashboard.setViewportSize({ width: 1200, height: 900 });
   const text = (id) => dashboard.locator(`#${id}`).textContent();
   await waitFor("the dashboard is connected", async () => (await text("status")) === "connected");
@@ -27,7 +18,7 @@ test("the dashboard shows the server's life and a channel's events", async () =>
   // Two more pages subscribe to project:1: three connections in all.
   const query = new URLSearchParams({ server: server.origin, ws: server.wsUrl, channel: "project:1" });
   const clients = [];
-  for (let i = 0; i < 2; i++) clients.push(await openPage(browser, `${pages.origin}/client.html?${query}`));
+  for (let i = 0; i < 2; i++) clients.push(await openPage(fixture.browser, `${fixture.pages.origin}/client.html?${query}`));
   await waitFor("the dashboard counts 3 connections", async () => (await text("connections")) === "3");
 
   // A stream of events for a few seconds makes the charts move.

@@ -9,6 +9,7 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { createInterface } from "node:readline";
+import { after, before } from "node:test";
 import { chromium } from "playwright-core";
 
 export const ROOT = path.resolve(import.meta.dirname, "../..");
@@ -210,6 +211,23 @@ export async function startProxy(target) {
       return new Promise((resolve) => server.close(resolve));
     },
   };
+}
+
+/**
+ * For a test file: before its tests, serves `files()` (see `startPageServer`) and launches
+ * Chromium; after them, closes both. Returns `{ browser, pages }`, filled in by then.
+ */
+export function useBrowser(files = async () => ({})) {
+  const fixture = {};
+  before(async () => {
+    fixture.pages = await startPageServer(await files());
+    fixture.browser = await launchBrowser();
+  });
+  after(async () => {
+    await fixture.browser?.close();
+    await fixture.pages?.close();
+  });
+  return fixture;
 }
 
 /** Debian's Chromium, headless, with nothing reaching for the network. */

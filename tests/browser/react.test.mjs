@@ -2,13 +2,11 @@
 
 import assert from "node:assert/strict";
 import path from "node:path";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import * as esbuild from "esbuild";
-import { PAGES, Publisher, launchBrowser, openPage, startPageServer, startServer, waitFor } from "./harness.mjs";
+import { PAGES, Publisher, openPage, startServer, useBrowser, waitFor } from "./harness.mjs";
 
-let browser;
-let pages;
-before(async () => {
+const fixture = useBrowser(async () => {
   const bundle = await esbuild.build({
     entryPoints: [path.join(PAGES, "react-app.jsx")],
     bundle: true,
@@ -21,23 +19,18 @@ before(async () => {
     logLevel: "warning",
   });
   await esbuild.stop();
-  pages = await startPageServer({
+  return {
     "/react.html": {
       type: "text/html",
       body: '<!doctype html><link rel="icon" href="data:,"><div id="root"></div><script type="module" src="/react-app.js"></script>',
     },
     "/react-app.js": { type: "text/javascript", body: bundle.outputFiles[0].text },
-  });
-  browser = await launchBrowser();
-});
-after(async () => {
-  await browser?.close();
-  await pages?.close();
+  };
 });
 
 test("useChannel renders the last event and follows the channel prop", async () => {
-  const server = await startServer({ args: ["--allowed-origin", pages.origin] });
-  const page = await openPage(browser, `${pages.origin}/react.html?ws=${encodeURIComponent(server.wsUrl)}`);
+  const server = await startServer({ args: ["--allowed-origin", fixture.pages.origin] });
+  const page = await openPage(fixture.browser, `${fixture.pages.origin}/react.html?ws=${encodeURIComponent(server.wsUrl)}`);
   const text = (id) => page.locator(`#${id}`).textContent();
   const channels = async () => (await server.health()).channels;
   await waitFor("connected", async () => (await text("status")) === "connected");
