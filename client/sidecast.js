@@ -17,6 +17,8 @@ const CHANNEL_NAME = /^[A-Za-z0-9_:.-]{1,128}$/;
 /** Close codes after which reconnecting cannot help (4001 only without `getToken`). */
 const UNAUTHORIZED = 4001;
 const DISCONNECTED_BY_SERVER = 4003;
+/** What a browser reports for a connection lost without a close: used for the watchdog's. */
+const ABNORMAL_CLOSURE = 1006;
 /** setTimeout's longest delay; a longer one would fire at once. */
 const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 
@@ -128,7 +130,7 @@ export class Sidecast {
 
   async #start() {
     if (this.#token === undefined && this.#options.getToken) {
-      if (!(await this.#refreshToken())) return;
+      if (!(await this.#fetchToken())) return;
     }
     this.#connect();
   }
@@ -237,12 +239,12 @@ export class Sidecast {
       this.#emit("error", { code, message: reason || "closed by the server" });
       return;
     }
-    if (code === UNAUTHORIZED && !(await this.#refreshToken())) return;
+    if (code === UNAUTHORIZED && !(await this.#fetchToken())) return;
     this.#scheduleReconnect();
   }
 
   /** Asks the app for a new token; false (and no more retries) when it cannot give one. */
-  async #refreshToken() {
+  async #fetchToken() {
     try {
       this.#token = await this.#options.getToken();
       return !this.#closed;
@@ -268,7 +270,7 @@ export class Sidecast {
     if (delayMs <= 0) return;
     this.#refreshTimer = setTimeout(async () => {
       const ws = this.#ws;
-      if (!(await this.#refreshToken()) || this.#ws !== ws || this.#status !== "connected") return;
+      if (!(await this.#fetchToken()) || this.#ws !== ws || this.#status !== "connected") return;
       this.#send({ type: "refresh", token: this.#token });
     }, Math.min(delayMs, MAX_TIMEOUT_MS));
   }
@@ -294,7 +296,7 @@ export class Sidecast {
       const connected = this.#status === "connected";
       if (!connected || silent > 2 * this.#heartbeatMs) {
         const ws = this.#ws;
-        this.#onClose(4000, connected ? "heartbeat timeout" : "connect timeout");
+        this.#onClose(ABNORMAL_CLOSURE);
         ws?.close();
         return;
       }

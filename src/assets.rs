@@ -6,6 +6,8 @@
 //! server is upgraded. The client script allows any origin to load it (CORS `*`): it is public
 //! code that pages on the application's own origin import as a module.
 
+use crate::http;
+
 /// A file served from memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Asset {
@@ -64,17 +66,10 @@ impl Asset {
         } else {
             ("200 OK", body)
         };
-        let length = if fresh {
-            String::new()
-        } else {
-            format!("Content-Length: {}\r\n", body.len())
-        };
-        format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n{length}ETag: {etag}\r\n\
-             Cache-Control: no-cache\r\nX-Content-Type-Options: nosniff\r\n{extra}\
-             Connection: close\r\n\r\n{body}"
-        )
-        .into_bytes()
+        let headers = format!(
+            "ETag: {etag}\r\nCache-Control: no-cache\r\nX-Content-Type-Options: nosniff\r\n{extra}"
+        );
+        http::response(status, &headers, content_type, body)
     }
 }
 

@@ -119,14 +119,12 @@ impl Refusal {
                 "too many connections",
             ),
         };
-        let body = format!("{body}\n");
-        let mut out = format!(
-            "HTTP/1.1 {status}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        out.push_str(&body);
-        out.into_bytes()
+        response(
+            status,
+            extra,
+            "text/plain; charset=utf-8",
+            &format!("{body}\n"),
+        )
     }
 }
 
@@ -229,12 +227,23 @@ pub fn switching_protocols(accept_key: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// A 200 response with `body`, which closes the connection.
+/// A 200 response with `body`, never cached, which closes the connection.
 pub fn ok(content_type: &str, body: &str) -> Vec<u8> {
+    response("200 OK", "Cache-Control: no-store\r\n", content_type, body)
+}
+
+/// A complete response, which closes the connection. `headers` are extra header lines, each
+/// ending in CRLF. An empty body (a 304) is sent without `Content-Length`, which there would
+/// have to describe the body a 200 would carry.
+pub fn response(status: &str, headers: &str, content_type: &str, body: &str) -> Vec<u8> {
+    let length = if body.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
     format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {status}\r\n{headers}Content-Type: {content_type}\r\n{length}\
+         Connection: close\r\n\r\n{body}"
     )
     .into_bytes()
 }

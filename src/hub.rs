@@ -156,11 +156,6 @@ impl Hub {
         self.check_invariants();
     }
 
-    /// Channels the hub remembers: active ones and dormant ones holding history.
-    pub fn known_channels(&self) -> usize {
-        self.channels.len()
-    }
-
     /// Channels with at least one subscriber.
     pub fn active_channels(&self) -> usize {
         self.active
@@ -321,10 +316,10 @@ mod tests {
         hub.publish("watched");
         hub.record(watched, 1, &frame, Tick(0));
         hub.sweep(Tick(50), 1000);
-        assert_eq!(hub.known_channels(), 2, "history still young");
+        assert_eq!(hub.channels.len(), 2, "history still young");
         assert_eq!(hub.publish("dormant").1, 2);
         hub.sweep(Tick(500), 1000);
-        assert_eq!(hub.known_channels(), 1, "the subscribed channel stays");
+        assert_eq!(hub.channels.len(), 1, "the subscribed channel stays");
         assert_eq!(hub.history_totals(), (0, 0));
         assert_eq!(hub.publish("dormant").1, 1, "forgotten: a new epoch from 0");
         assert_eq!(hub.publish("watched").1, 2);
@@ -337,13 +332,13 @@ mod tests {
             hub.publish(&format!("c{i}"));
         }
         hub.sweep(Tick(0), 4);
-        assert_eq!(hub.known_channels(), 6);
+        assert_eq!(hub.channels.len(), 6);
         let all = hub.channels.capacity();
         hub.sweep(Tick(0), all);
-        assert_eq!(hub.known_channels(), 0);
+        assert_eq!(hub.channels.len(), 0);
         hub.publish("again");
         hub.sweep(Tick(0), all);
-        assert_eq!(hub.known_channels(), 0, "the cursor wrapped around");
+        assert_eq!(hub.channels.len(), 0, "the cursor wrapped around");
     }
 
     #[test]

@@ -173,7 +173,33 @@ struct Auth {
     ticks: TickSource,
 }
 
+/// Why an upgrade is closed right after its 101: the disconnect reason, the close code and
+/// text, and a detail for the log.
+type Refused = (DisconnectReason, u16, &'static str, String);
+
 impl Auth {
+    /// Checks an upgrade's token, and its user's open connections in `users`.
+    fn admit(
+        &self,
+        token: Option<&str>,
+        users: &HashMap<Box<str>, Vec<ConnId>>,
+    ) -> Result<Identity, Refused> {
+        let identity = token
+            .ok_or_else(|| "no token".to_string())
+            .and_then(|t| self.verifier.verify(t))
+            .map_err(|why| (DisconnectReason::Unauthorized, 4001, "unauthorized", why))?;
+        if users.get(&identity.user).map_or(0, Vec::len) >= self.max_per_user {
+            let detail = format!("user {} is at max_connections_per_user", identity.user);
+            return Err((
+                DisconnectReason::UserLimit,
+                4008,
+                "Max connections exceeded",
+                detail,
+            ));
+        }
+        Ok(identity)
+    }
+
     /// The tick at which `identity`'s token stops being accepted (`exp` + leeway).
     fn expiry_tick(&self, identity: &Identity, now: Tick) -> Tick {
         let unix_now = SystemTime::now()
@@ -223,6 +249,17 @@ impl Fanout {
         }
         self.hub.record(history_id, seq, &frame, self.now);
         (seq, delivered)
+    }
+
+    /// The values `/metrics` and the stats feed sample rather than count.
+    fn gauges(&self, uptime_secs: u64) -> Gauges {
+        let (history_events, history_bytes) = self.hub.history_totals();
+        Gauges {
+            channels: self.hub.active_channels(),
+            uptime_secs,
+            history_events,
+            history_bytes,
+        }
     }
 
     /// Takes a client out of its WebSocket session, optionally sending a Close frame first:
@@ -1043,34 +1080,23 @@ impl Server {
         let id = client.id;
         let mut expires = None;
         if let Some(auth) = &self.fanout.auth {
-            let verdict = token
-                .ok_or_else(|| "no token".to_string())
-                .and_then(|t| auth.verifier.verify(t));
-            let identity = match verdict {
+            let identity = match auth.admit(token, &self.fanout.users) {
                 Ok(identity) => identity,
-                Err(why) => {
+                Err((reason, code, text, detail)) => {
                     log::debug!(
-                        "conn={} from {}: unauthorized: {why}",
+                        "conn={} from {}: {text}: {detail}",
                         id.generation,
                         client.peer
                     );
-                    let close = (CloseCode::from(4001), "unauthorized");
-                    self.close_client(key, DisconnectReason::Unauthorized, Some(close), now);
+                    self.close_client(key, reason, Some((CloseCode::from(code), text)), now);
                     return false;
                 }
             };
-            let tabs = self.fanout.users.entry(identity.user.clone()).or_default();
-            if tabs.len() >= auth.max_per_user {
-                log::debug!(
-                    "conn={}: user {} is at max_connections_per_user",
-                    id.generation,
-                    identity.user
-                );
-                let close = (CloseCode::from(4008), "Max connections exceeded");
-                self.close_client(key, DisconnectReason::UserLimit, Some(close), now);
-                return false;
-            }
-            tabs.push(id);
+            self.fanout
+                .users
+                .entry(identity.user.clone())
+                .or_default()
+                .push(id);
             let tick = auth.expiry_tick(&identity, now);
             expires = Some(tick);
             client.set_identity(identity, tick);
@@ -1336,8 +1362,9 @@ impl Server {
     /// next round.
     fn housekeeping(&mut self, now: Tick) {
         self.fanout.hub.sweep(now, SWEEP_SLOTS);
-        let gauges = self.gauges();
+        let uptime_secs = self.uptime_secs();
         if let Some(feed) = &mut self.stats {
+            let gauges = self.fanout.gauges(uptime_secs);
             let snapshot = feed.snapshot(&self.fanout.metrics, &gauges, Instant::now());
             let data = RawValue::from_string(snapshot).expect("the stats feed renders valid JSON");
             self.fanout.fan_out(wire::STATS_CHANNEL, &data, None);
@@ -1358,17 +1385,8 @@ impl Server {
     }
 
     fn metrics_text(&self) -> String {
-        self.fanout.metrics.render(&self.gauges())
-    }
-
-    fn gauges(&self) -> Gauges {
-        let (history_events, history_bytes) = self.fanout.hub.history_totals();
-        Gauges {
-            channels: self.fanout.hub.active_channels(),
-            uptime_secs: self.uptime_secs(),
-            history_events,
-            history_bytes,
-        }
+        let gauges = self.fanout.gauges(self.uptime_secs());
+        self.fanout.metrics.render(&gauges)
     }
 
     fn uptime_secs(&self) -> u64 {

@@ -12,7 +12,7 @@ import { createInterface } from "node:readline";
 import { after, before } from "node:test";
 import { chromium } from "playwright-core";
 
-export const ROOT = path.resolve(import.meta.dirname, "../..");
+const ROOT = path.resolve(import.meta.dirname, "../..");
 const BINARY = process.env.SIDECAST_BIN ?? path.join(ROOT, "target/debug/sidecast");
 export const PAGES = path.join(import.meta.dirname, "pages");
 /** Where screenshots go (ignored by git). */
@@ -118,7 +118,7 @@ export class Publisher {
 }
 
 /** Serves the files in `files` (path → {type, body}) and the directory `PAGES`. */
-export async function startPageServer(files = {}) {
+async function startPageServer(files = {}) {
   const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript" };
   const server = http.createServer((request, response) => {
     const { pathname } = new URL(request.url, "http://x");
@@ -231,7 +231,7 @@ export function useBrowser(files = async () => ({})) {
 }
 
 /** Debian's Chromium, headless, with nothing reaching for the network. */
-export function launchBrowser() {
+function launchBrowser() {
   return chromium.launch({
     executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
     args: [
