@@ -19,7 +19,7 @@ fn encode_enqueue_flush(c: &mut Criterion) {
     .expect("valid JSON");
     let mut group = c.benchmark_group("fanout");
     for subscribers in [1_000usize, 10_000] {
-        let mut queues: Vec<OutQueue> = (0..subscribers).map(|_| OutQueue::default()).collect();
+        let mut queues: Vec<OutQueue> = (0..subscribers).map(|_| OutQueue::new(1 << 20)).collect();
         let mut scratch = Vec::new();
         let mut seq = 0;
         group.throughput(Throughput::Elements(subscribers as u64));

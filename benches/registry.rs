@@ -5,6 +5,7 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sidecast::client::ConnId;
 use sidecast::hub::Hub;
+use sidecast::timer::Tick;
 use sidecast::wire::ChannelName;
 
 const CONNECTIONS: u32 = 10_000;
@@ -30,7 +31,7 @@ fn churn(c: &mut Criterion) {
                 held.push((hub.subscribe(name, conn).0, conn));
             }
             for (channel, conn) in held.drain(..) {
-                hub.unsubscribe(channel, conn);
+                hub.unsubscribe(channel, conn, Tick(0));
             }
         })
     });

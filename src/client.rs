@@ -51,22 +51,80 @@ const MAX_IOVECS: usize = 64;
 
 /// Bytes waiting to be written to one socket, in order. Chunks are shared, reference-counted
 /// buffers: an event frame queued to 10k connections exists once in memory.
-#[derive(Default)]
+///
+/// Every chunk counts against `limit` (`max_output_buffer`): events, replies, Pings and Pongs.
+/// A push past it is refused and marks the queue *overflowed*, which makes the connection a
+/// slow consumer. Only the last words of a connection, one Close frame or one HTTP response,
+/// go in unchecked, so that a slow consumer can still be told why it is closed.
 pub struct OutQueue {
     chunks: VecDeque<Bytes>,
     /// Bytes of the front chunk already written.
     offset: usize,
     /// Unsent bytes in total.
     len: usize,
+    /// Unsent bytes allowed.
+    limit: usize,
+    /// A push was refused for going over `limit`.
+    overflowed: bool,
+    /// The last chunk is a Pong that has not started to leave: a newer Pong replaces it.
+    pong_at_tail: bool,
 }
 
 impl OutQueue {
-    /// Appends a chunk.
-    pub fn push(&mut self, chunk: Bytes) {
+    /// An empty queue holding at most `limit` unsent bytes.
+    pub fn new(limit: usize) -> OutQueue {
+        OutQueue {
+            chunks: VecDeque::new(),
+            offset: 0,
+            len: 0,
+            limit,
+            overflowed: false,
+            pong_at_tail: false,
+        }
+    }
+
+    /// Appends a chunk if it fits within the limit. Returns false, and marks the queue
+    /// overflowed, when it does not.
+    pub fn push(&mut self, chunk: Bytes) -> bool {
+        if self.overflowed || self.len + chunk.len() > self.limit {
+            self.overflowed = true;
+            return false;
+        }
+        self.push_unchecked(chunk);
+        true
+    }
+
+    /// Appends a Pong. RFC 6455 §5.5.3 lets an endpoint answer only the most recent Ping, so
+    /// a Pong still waiting at the tail is replaced: a client that pings without reading
+    /// holds one Pong here, not one per Ping.
+    pub fn push_pong(&mut self, pong: Bytes) -> bool {
+        let started = self.chunks.len() == 1 && self.offset > 0;
+        if self.pong_at_tail && !started {
+            let last = self.chunks.pop_back().expect("a Pong at the tail");
+            self.len -= last.len();
+        }
+        let pushed = self.push(pong);
+        self.pong_at_tail = pushed;
+        pushed
+    }
+
+    /// Appends a connection's last chunk (its Close frame or HTTP response) whatever the
+    /// limit: nothing may follow it, so it costs at most one chunk per connection.
+    pub fn push_final(&mut self, chunk: Bytes) {
+        self.push_unchecked(chunk);
+    }
+
+    fn push_unchecked(&mut self, chunk: Bytes) {
+        self.pong_at_tail = false;
         if !chunk.is_empty() {
             self.len += chunk.len();
             self.chunks.push_back(chunk);
         }
+    }
+
+    /// True once a push was refused for going over the limit.
+    pub fn is_overflowed(&self) -> bool {
+        self.overflowed
     }
 
     /// Unsent bytes.
@@ -113,6 +171,7 @@ impl OutQueue {
     pub fn keep_partial_only(&mut self) {
         let keep = usize::from(self.offset > 0);
         self.chunks.truncate(keep);
+        self.pong_at_tail = false;
         self.len = self.chunks.front().map_or(0, |c| c.len() - self.offset);
         if keep == 0 {
             self.offset = 0;
@@ -135,6 +194,9 @@ impl OutQueue {
             n -= left;
             self.offset = 0;
             self.chunks.pop_front();
+            if self.chunks.is_empty() {
+                self.pong_at_tail = false;
+            }
         }
     }
 }
@@ -143,12 +205,22 @@ impl OutQueue {
 /// A socket is read into it in large chunks; tungstenite then copies out only what it needs,
 /// so a connection's own buffer holds at most a partial frame.
 ///
-/// Invariant: empty between connections. `read_messages` drains it completely, or discards
-/// the rest when the connection is closing anyway.
+/// It is also each connection's read budget for one loop pass: one socket read of at most
+/// its size. A connection that filled it may have more waiting in the kernel, which stays
+/// there until the next pass, so a flooding client costs one buffer of parsing per pass and
+/// everyone else gets their turn.
+///
+/// Invariant: empty between connections. A connection's pass starts with
+/// [`begin`](SharedInput::begin) and reads messages until `next_message` returns `None`,
+/// which drains it completely, or stops early because the connection is closing anyway.
 pub struct SharedInput {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// Socket reads made for the current connection in this pass.
+    reads: u32,
+    /// The pass's read filled the buffer: the socket may hold more.
+    budget_spent: bool,
 }
 
 impl SharedInput {
@@ -158,6 +230,25 @@ impl SharedInput {
             buf: vec![0; size].into_boxed_slice(),
             start: 0,
             end: 0,
+            reads: 0,
+            budget_spent: false,
+        }
+    }
+
+    /// Starts one connection's turn: empty, with a fresh read budget.
+    pub fn begin(&mut self) {
+        self.start = 0;
+        self.end = 0;
+        self.reads = 0;
+        self.budget_spent = false;
+    }
+
+    /// Whether the connection whose turn it is may have more waiting in the kernel.
+    pub fn readiness(&self) -> Readiness {
+        if self.budget_spent {
+            Readiness::MayHaveMore
+        } else {
+            Readiness::Drained
         }
     }
 }
@@ -176,7 +267,15 @@ impl Read for WsIo<'_> {
             return Err(io::ErrorKind::WouldBlock.into());
         };
         if input.start == input.end {
+            if input.reads > 0 {
+                // One read per connection and pass; the rest waits in the kernel. A read that
+                // filled the buffer may have left more there; a short one emptied the socket,
+                // and new bytes bring a new readiness event.
+                input.budget_spent = input.end == input.buf.len();
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
             let n = self.socket.read(&mut input.buf)?;
+            input.reads += 1;
             input.start = 0;
             input.end = n;
         }
@@ -188,8 +287,17 @@ impl Read for WsIo<'_> {
 }
 
 impl Write for WsIo<'_> {
+    /// tungstenite writes only Pongs and Close frames (everything else is pre-framed and
+    /// queued directly), one frame per call. A Pong over the limit is refused by the queue,
+    /// which makes the connection a slow consumer; tungstenite is told it was written, so it
+    /// keeps no copy either.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.push(Bytes::copy_from_slice(buf));
+        let chunk = Bytes::copy_from_slice(buf);
+        if is_pong_frame(buf) {
+            self.out.push_pong(chunk);
+        } else {
+            self.out.push_final(chunk);
+        }
         Ok(buf.len())
     }
 
@@ -245,6 +353,17 @@ pub enum Inbound {
     Text(tungstenite::Utf8Bytes),
     /// A binary message (refused with an error reply).
     Binary,
+    /// A protocol Ping (already answered): it counts toward the message rate limit.
+    Ping,
+}
+
+/// Whether a read pass left the socket empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// The socket would block: wait for the next readiness event.
+    Drained,
+    /// The pass's read budget ran out: the socket may hold more, read it next pass.
+    MayHaveMore,
 }
 
 /// How a request head ended.
@@ -294,6 +413,9 @@ pub struct ClientConn {
     /// When the oldest event still queued here was read from its publisher, in microseconds
     /// since the server started; 0 when no event is queued.
     pub event_pending_since_us: u64,
+    /// Since when queued output has not moved: the tick of the last flush that wrote
+    /// something (or found the queue empty) while bytes remain. `None` while nothing waits.
+    stalled_since: Option<Tick>,
     socket: TcpStream,
     phase: Phase,
     out: OutQueue,
@@ -301,8 +423,14 @@ pub struct ClientConn {
 }
 
 impl ClientConn {
-    /// A freshly accepted connection, waiting for its request head.
-    pub fn new(id: ConnId, socket: TcpStream, peer: SocketAddr) -> ClientConn {
+    /// A freshly accepted connection, waiting for its request head; at most
+    /// `max_output_buffer` unsent bytes may be queued to it.
+    pub fn new(
+        id: ConnId,
+        socket: TcpStream,
+        peer: SocketAddr,
+        max_output_buffer: usize,
+    ) -> ClientConn {
         ClientConn {
             id,
             peer,
@@ -311,9 +439,10 @@ impl ClientConn {
             wants_writable: false,
             close_reason: None,
             event_pending_since_us: 0,
+            stalled_since: None,
             socket,
             phase: Phase::Request { head: Vec::new() },
-            out: OutQueue::default(),
+            out: OutQueue::new(max_output_buffer),
             write_shut: false,
         }
     }
@@ -336,6 +465,13 @@ impl ClientConn {
     /// Unsent bytes queued.
     pub fn queued(&self) -> usize {
         self.out.len()
+    }
+
+    /// True when output was refused for going over `max_output_buffer`, or has not moved for
+    /// `stall` ticks: either way the peer does not keep up, and the connection is a slow
+    /// consumer.
+    pub fn is_slow(&self, now: Tick, stall: u64) -> bool {
+        self.out.is_overflowed() || self.stalled_since.is_some_and(|t| now.since(t) >= stall)
     }
 
     /// When a frame was last received, for an open WebSocket.
@@ -410,7 +546,7 @@ impl ClientConn {
 
     /// Queues a complete HTTP response and closes once it is written.
     pub fn respond(&mut self, response: Vec<u8>) {
-        self.out.push(Bytes::from(response));
+        self.out.push_final(Bytes::from(response));
         self.phase = Phase::Draining;
     }
 
@@ -425,7 +561,7 @@ impl ClientConn {
         now: Tick,
     ) {
         self.out
-            .push(Bytes::from(http::switching_protocols(accept_key)));
+            .push_unchecked(Bytes::from(http::switching_protocols(accept_key)));
         let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(config));
         self.phase = Phase::WebSocket(Box::new(Session {
             ws,
@@ -437,20 +573,20 @@ impl ClientConn {
         }));
     }
 
-    /// Reads every complete message into `inbox` until the socket would block.
+    /// The next complete message, or `None` once the socket would block or this pass's read
+    /// budget (one fill of `input`, see [`SharedInput::readiness`]) is spent. The reactor
+    /// acts on each message before asking for the next, so a flood is judged (rate limit,
+    /// slow consumer) as it is parsed, not after. Call [`SharedInput::begin`] first.
     ///
     /// # Errors
     /// How reading ended for good; the reactor closes the connection accordingly.
-    pub fn read_messages(
+    pub fn next_message(
         &mut self,
         now: Tick,
         input: &mut SharedInput,
-        inbox: &mut Vec<Inbound>,
-    ) -> Result<(), ReadEnd> {
-        input.start = 0;
-        input.end = 0;
+    ) -> Result<Option<Inbound>, ReadEnd> {
         let Phase::WebSocket(session) = &mut self.phase else {
-            return Ok(());
+            return Ok(None);
         };
         let mut io = WsIo {
             socket: &mut self.socket,
@@ -460,17 +596,19 @@ impl ClientConn {
         loop {
             let message = match session.ws.read(&mut io) {
                 Ok(message) => message,
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(read_end(e)),
             };
             // Any frame counts as life (RFC 6455 pings, pongs, data).
             session.last_seen = now;
             match message {
-                Message::Text(text) => inbox.push(Inbound::Text(text)),
-                Message::Binary(_) => inbox.push(Inbound::Binary),
-                // Pongs to pings are queued by tungstenite; a close is answered on the next read.
-                Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
+                Message::Text(text) => return Ok(Some(Inbound::Text(text))),
+                Message::Binary(_) => return Ok(Some(Inbound::Binary)),
+                // tungstenite queues the Pong on its next read or write.
+                Message::Ping(_) => return Ok(Some(Inbound::Ping)),
+                // A close is answered on the next read.
+                Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
             }
         }
     }
@@ -488,13 +626,9 @@ impl ClientConn {
     }
 
     /// Queues a shared, pre-encoded frame. Returns false when the WebSocket no longer accepts
-    /// frames.
+    /// frames, or the frame would go over `max_output_buffer` (see [`is_slow`](Self::is_slow)).
     pub fn send_frame(&mut self, frame: Bytes) -> bool {
-        if !self.is_open() {
-            return false;
-        }
-        self.out.push(frame);
-        true
+        self.is_open() && self.out.push(frame)
     }
 
     /// Queues a Close frame, if the WebSocket can still send one. Nothing may follow it.
@@ -561,8 +695,13 @@ impl ClientConn {
     ///
     /// # Errors
     /// A fatal socket error; the connection must be dropped.
-    pub fn flush(&mut self) -> io::Result<usize> {
+    pub fn flush(&mut self, now: Tick) -> io::Result<usize> {
         let written = self.out.write_to(&mut self.socket)?;
+        self.stalled_since = match self.stalled_since {
+            _ if self.out.is_empty() => None,
+            Some(since) if written == 0 => Some(since),
+            _ => Some(now),
+        };
         if self.out.is_empty() && self.is_draining() && !self.write_shut {
             self.write_shut = true;
             // The peer may already be gone; dropping the connection then is right anyway.
@@ -589,6 +728,12 @@ impl ClientConn {
     pub fn is_handshaking(&self) -> bool {
         matches!(self.phase, Phase::Request { .. })
     }
+}
+
+/// True when `frame` is exactly one unmasked Pong frame, as tungstenite writes them.
+fn is_pong_frame(frame: &[u8]) -> bool {
+    const FIN_PONG: u8 = 0x8A;
+    matches!(frame, [FIN_PONG, len, ..] if usize::from(*len) <= 125 && frame.len() == 2 + usize::from(*len))
 }
 
 fn read_end(error: WsError) -> ReadEnd {
@@ -652,7 +797,7 @@ mod tests {
 
     #[test]
     fn partial_vectored_writes_keep_order() {
-        let mut queue = OutQueue::default();
+        let mut queue = OutQueue::new(usize::MAX);
         for chunk in ["abc", "defg", "h", "ijkl"] {
             queue.push(Bytes::from_static(chunk.as_bytes()));
         }
@@ -684,5 +829,51 @@ mod tests {
             8,
             "the started chunk stays, the rest is dropped"
         );
+    }
+
+    #[test]
+    fn every_chunk_counts_against_the_limit_but_the_last_words() {
+        let mut queue = OutQueue::new(10);
+        assert!(queue.push(Bytes::from_static(b"12345678")));
+        assert!(!queue.push(Bytes::from_static(b"abc")), "over the limit");
+        assert!(queue.is_overflowed());
+        assert!(
+            !queue.push(Bytes::from_static(b"a")),
+            "an overflowed queue takes nothing"
+        );
+        queue.push_final(Bytes::from_static(b"close frame"));
+        assert_eq!(queue.len(), 19, "the close frame goes in regardless");
+    }
+
+    #[test]
+    fn only_the_most_recent_pong_waits() {
+        let pong = |payload: &'static [u8]| {
+            let mut frame = vec![0x8A, payload.len() as u8];
+            frame.extend_from_slice(payload);
+            Bytes::from(frame)
+        };
+        let mut queue = OutQueue::new(1024);
+        for n in 0..1000u32 {
+            queue.push_pong(Bytes::from(n.to_be_bytes().to_vec()));
+        }
+        assert_eq!(queue.len(), 4, "1000 Pongs in a row leave one");
+        assert!(is_pong_frame(&pong(b"hi")));
+        assert!(!is_pong_frame(&[0x88, 0x02, 0x03, 0xE8]), "a Close frame");
+        assert!(!is_pong_frame(&[0x8A, 0x05, 1]), "a truncated Pong");
+        queue.push(Bytes::from_static(b"event"));
+        queue.push_pong(pong(b"a"));
+        queue.push_pong(pong(b"b"));
+        assert_eq!(
+            queue.len(),
+            4 + 5 + 3,
+            "an event in between keeps the earlier Pong"
+        );
+        let mut sink = Trickle {
+            taken: Vec::new(),
+            limit: 1000,
+            calls: 0,
+        };
+        queue.write_to(&mut sink).unwrap();
+        assert_eq!(&sink.taken[9..], &pong(b"b")[..]);
     }
 }

@@ -10,7 +10,7 @@
 //! config file and nothing else; it never panics on bad input.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -32,6 +32,9 @@ const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
+const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_SEND_BUFFER_SIZE: usize = 64 * 1024;
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024;
 const DEFAULT_MAX_SUBSCRIPTIONS: usize = 100;
@@ -42,14 +45,14 @@ const DEFAULT_READ_BUFFER_SIZE: usize = 128;
 const DEFAULT_RATE_LIMIT: f64 = 20.0;
 const DEFAULT_RATE_BURST: u32 = 50;
 const DEFAULT_RATE_LIMIT_STRIKES: u32 = 20;
-const DEFAULT_CONNECT_RATE_PER_IP: f64 = 200.0;
 const DEFAULT_PUBLISH_SOCKET_MODE: u32 = 0o660;
-const DEFAULT_MAX_PUBLISHERS: usize = 64;
+const DEFAULT_MAX_PUBLISHERS: usize = 1024;
 const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 3;
 const DEFAULT_HISTORY_SIZE: usize = 100;
 const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(300);
 const DEFAULT_HISTORY_MAX_BYTES: usize = 1024 * 1024;
+const DEFAULT_MAX_QUIET_CHANNELS: usize = 100_000;
 /// Environment variable that can hold the HS256 secret, to keep it out of process listings.
 pub const JWT_SECRET_ENV: &str = "SIDECAST_JWT_SECRET";
 
@@ -73,6 +76,15 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Upper bound on a graceful shutdown.
     pub shutdown_timeout: Duration,
+    /// A graceful shutdown closes WebSockets over this window rather than all at once, so
+    /// their reconnects do not arrive as one storm. See [`Config::drain_window`].
+    pub shutdown_drain: Duration,
+    /// A connection whose queued output has not moved for this long is a slow consumer
+    /// (close 1008), however little it holds.
+    pub write_stall_timeout: Duration,
+    /// `SO_SNDBUF` of each WebSocket connection, in bytes: what the kernel may hold for a
+    /// peer on top of `max_output_buffer`. 0 leaves the kernel's autotuning on (megabytes).
+    pub send_buffer_size: usize,
     /// Open WebSockets at most; the next upgrade gets HTTP 503.
     pub max_connections: usize,
     /// Largest client frame or message, in bytes (close 1009 beyond).
@@ -102,8 +114,12 @@ pub struct Config {
     /// Messages dropped by the rate limit, without the client calming down in between,
     /// before the connection is closed with 1008.
     pub rate_limit_strikes: u32,
-    /// New TCP connections per second per peer IP; bursts of twice that are allowed.
-    pub connect_rate_per_ip: f64,
+    /// New WebSockets per second per client address (bursts of twice that); `None`, the
+    /// default, turns the limit off. IPv6 addresses count per /64.
+    pub connect_rate_per_ip: Option<f64>,
+    /// Proxies whose `X-Forwarded-For` names the client address for `connect_rate_per_ip`
+    /// and the logs. Empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<Cidr>,
     /// File mode of the publish socket.
     pub publish_socket_mode: u32,
     /// Open publish-port connections at most.
@@ -120,6 +136,9 @@ pub struct Config {
     pub history_ttl: Duration,
     /// Bytes of event frames each channel's history may hold.
     pub history_max_bytes: usize,
+    /// Channels that never had an event, remembered (with their epoch) for `history_ttl`
+    /// after their last subscriber left, at most at once.
+    pub max_quiet_channels: usize,
     /// Whether `GET /` serves the dashboard and the server publishes its stats feed.
     pub dashboard: Dashboard,
 }
@@ -134,6 +153,9 @@ impl Default for Config {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            shutdown_drain: DEFAULT_SHUTDOWN_DRAIN,
+            write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
+            send_buffer_size: DEFAULT_SEND_BUFFER_SIZE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
@@ -147,7 +169,8 @@ impl Default for Config {
             rate_limit: DEFAULT_RATE_LIMIT,
             rate_burst: DEFAULT_RATE_BURST,
             rate_limit_strikes: DEFAULT_RATE_LIMIT_STRIKES,
-            connect_rate_per_ip: DEFAULT_CONNECT_RATE_PER_IP,
+            connect_rate_per_ip: None,
+            trusted_proxies: Vec::new(),
             publish_socket_mode: DEFAULT_PUBLISH_SOCKET_MODE,
             max_publishers: DEFAULT_MAX_PUBLISHERS,
             jwt: None,
@@ -156,12 +179,21 @@ impl Default for Config {
             history_size: DEFAULT_HISTORY_SIZE,
             history_ttl: DEFAULT_HISTORY_TTL,
             history_max_bytes: DEFAULT_HISTORY_MAX_BYTES,
+            max_quiet_channels: DEFAULT_MAX_QUIET_CHANNELS,
             dashboard: Dashboard::Auto,
         }
     }
 }
 
 impl Config {
+    /// The window a graceful shutdown spreads its closes over: `shutdown_drain`, shortened
+    /// where needed so that the last connection closed still has `close_timeout` before
+    /// `shutdown_timeout` ends everything.
+    pub fn drain_window(&self) -> Duration {
+        let latest = self.shutdown_timeout.saturating_sub(self.close_timeout);
+        self.shutdown_drain.min(latest)
+    }
+
     /// Whether the dashboard and its stats feed are on: `auto` means "when listening on a
     /// loopback address", where only this machine can reach it.
     pub fn dashboard_enabled(&self) -> bool {
@@ -275,6 +307,21 @@ pub struct Settings {
     #[arg(long, value_name = "DURATION")]
     #[serde(default, deserialize_with = "parse")]
     pub shutdown_timeout: Option<HumanDuration>,
+    /// On shutdown, close WebSockets spread over this window so their reconnects do not
+    /// arrive at once [default: 3s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "parse")]
+    pub shutdown_drain: Option<HumanDuration>,
+    /// Close a connection whose queued output has not moved for this long (slow consumer,
+    /// 1008) [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "parse")]
+    pub write_stall_timeout: Option<HumanDuration>,
+    /// Kernel send buffer (SO_SNDBUF) per WebSocket; 0 keeps the kernel's autotuning
+    /// [default: 64KiB]
+    #[arg(long, value_name = "SIZE")]
+    #[serde(default, deserialize_with = "parse")]
+    pub send_buffer_size: Option<ByteSize>,
     /// Open WebSockets at most; further upgrades get HTTP 503 [default: 10000]
     #[arg(long, value_name = "COUNT")]
     #[serde(default)]
@@ -328,15 +375,21 @@ pub struct Settings {
     #[arg(long, value_name = "COUNT")]
     #[serde(default)]
     pub rate_limit_strikes: Option<u32>,
-    /// New connections per second per client IP (bursts of twice that) [default: 200]
+    /// New WebSockets per second per client address, bursts of twice that; recommended when
+    /// clients connect directly, not through a proxy [default: none, off]
     #[arg(long, value_name = "PER_SECOND")]
     #[serde(default)]
     pub connect_rate_per_ip: Option<f64>,
+    /// Proxy addresses or CIDRs whose X-Forwarded-For is believed, e.g. 10.0.0.0/8
+    /// (repeatable, or comma-separated) [default: none, so the TCP peer is the client]
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "parse_list")]
+    pub trusted_proxies: Vec<Cidr>,
     /// File mode of the publish socket, in octal [default: 0660]
     #[arg(long, value_name = "MODE")]
     #[serde(default, deserialize_with = "parse")]
     pub publish_socket_mode: Option<FileMode>,
-    /// Open publish-port connections at most [default: 64]
+    /// Open publish-port connections at most; an idle one holds about 300 B [default: 1024]
     #[arg(long, value_name = "COUNT")]
     #[serde(default)]
     pub max_publishers: Option<usize>,
@@ -375,6 +428,11 @@ pub struct Settings {
     #[arg(long, value_name = "SIZE")]
     #[serde(default, deserialize_with = "parse")]
     pub history_max_bytes: Option<ByteSize>,
+    /// Channels without any event remembered at once after their last subscriber left, so a
+    /// resume at seq 0 is not told of a gap [default: 100000]
+    #[arg(long, value_name = "COUNT")]
+    #[serde(default)]
+    pub max_quiet_channels: Option<usize>,
     /// Serve the dashboard at GET / and publish stats to sidecast:stats once a second: auto
     /// (when listening on loopback), on or off [default: auto]
     #[arg(long, value_name = "WHEN")]
@@ -400,6 +458,73 @@ where
         Scalar::Text(text) => text,
     };
     text.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// Deserializes a list of strings through `FromStr`.
+fn parse_list<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    Vec::<String>::deserialize(deserializer)?
+        .iter()
+        .map(|text| text.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// An address block written like `10.0.0.0/8`, `fd00::/8` or a single address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// True when `ip` lies in the block (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        match (self.addr, ip) {
+            (IpAddr::V4(block), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(block) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(block), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(block) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an address or CIDR block like 10.0.0.0/8 or fd00::/8");
+        let (addr, prefix) = s
+            .trim()
+            .split_once('/')
+            .map_or((s.trim(), None), |(a, p)| (a, Some(p)));
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 impl Settings {
@@ -429,6 +554,9 @@ impl Settings {
             handshake_timeout: self.handshake_timeout.or(lower.handshake_timeout),
             close_timeout: self.close_timeout.or(lower.close_timeout),
             shutdown_timeout: self.shutdown_timeout.or(lower.shutdown_timeout),
+            shutdown_drain: self.shutdown_drain.or(lower.shutdown_drain),
+            write_stall_timeout: self.write_stall_timeout.or(lower.write_stall_timeout),
+            send_buffer_size: self.send_buffer_size.or(lower.send_buffer_size),
             max_connections: self.max_connections.or(lower.max_connections),
             max_message_size: self.max_message_size.or(lower.max_message_size),
             max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
@@ -447,6 +575,11 @@ impl Settings {
             rate_burst: self.rate_burst.or(lower.rate_burst),
             rate_limit_strikes: self.rate_limit_strikes.or(lower.rate_limit_strikes),
             connect_rate_per_ip: self.connect_rate_per_ip.or(lower.connect_rate_per_ip),
+            trusted_proxies: if self.trusted_proxies.is_empty() {
+                lower.trusted_proxies
+            } else {
+                self.trusted_proxies
+            },
             publish_socket_mode: self.publish_socket_mode.or(lower.publish_socket_mode),
             max_publishers: self.max_publishers.or(lower.max_publishers),
             jwt_secret: self.jwt_secret.or(lower.jwt_secret),
@@ -459,6 +592,7 @@ impl Settings {
             history_size: self.history_size.or(lower.history_size),
             history_ttl: self.history_ttl.or(lower.history_ttl),
             history_max_bytes: self.history_max_bytes.or(lower.history_max_bytes),
+            max_quiet_channels: self.max_quiet_channels.or(lower.max_quiet_channels),
             dashboard: self.dashboard.or(lower.dashboard),
         }
     }
@@ -546,6 +680,9 @@ impl Config {
             handshake_timeout: duration(s.handshake_timeout, d.handshake_timeout),
             close_timeout: duration(s.close_timeout, d.close_timeout),
             shutdown_timeout: duration(s.shutdown_timeout, d.shutdown_timeout),
+            shutdown_drain: duration(s.shutdown_drain, d.shutdown_drain),
+            write_stall_timeout: duration(s.write_stall_timeout, d.write_stall_timeout),
+            send_buffer_size: size(s.send_buffer_size, d.send_buffer_size),
             max_connections: s.max_connections.unwrap_or(d.max_connections),
             max_message_size: size(s.max_message_size, d.max_message_size),
             max_subscriptions: s.max_subscriptions.unwrap_or(d.max_subscriptions),
@@ -559,7 +696,8 @@ impl Config {
             rate_limit: s.rate_limit.unwrap_or(d.rate_limit),
             rate_burst: s.rate_burst.unwrap_or(d.rate_burst),
             rate_limit_strikes: s.rate_limit_strikes.unwrap_or(d.rate_limit_strikes),
-            connect_rate_per_ip: s.connect_rate_per_ip.unwrap_or(d.connect_rate_per_ip),
+            connect_rate_per_ip: s.connect_rate_per_ip,
+            trusted_proxies: s.trusted_proxies,
             publish_socket_mode: s.publish_socket_mode.map_or(d.publish_socket_mode, |m| m.0),
             max_publishers: s.max_publishers.unwrap_or(d.max_publishers),
             jwt: jwt_key(s.jwt_secret, s.jwt_public_key, s.jwt_algorithm)?,
@@ -570,6 +708,7 @@ impl Config {
             history_size: s.history_size.unwrap_or(d.history_size),
             history_ttl: duration(s.history_ttl, d.history_ttl),
             history_max_bytes: size(s.history_max_bytes, d.history_max_bytes),
+            max_quiet_channels: s.max_quiet_channels.unwrap_or(d.max_quiet_channels),
             dashboard: s.dashboard.unwrap_or(d.dashboard),
         };
         config.validate()?;
@@ -585,6 +724,8 @@ impl Config {
             ("handshake_timeout", self.handshake_timeout),
             ("close_timeout", self.close_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("shutdown_drain", self.shutdown_drain),
+            ("write_stall_timeout", self.write_stall_timeout),
             ("history_ttl", self.history_ttl),
         ];
         for (key, value) in durations {
@@ -604,10 +745,11 @@ impl Config {
                 ),
             );
         }
-        for (key, value) in [
-            ("rate_limit", self.rate_limit),
-            ("connect_rate_per_ip", self.connect_rate_per_ip),
-        ] {
+        let rates = [
+            Some(("rate_limit", self.rate_limit)),
+            self.connect_rate_per_ip.map(|r| ("connect_rate_per_ip", r)),
+        ];
+        for (key, value) in rates.into_iter().flatten() {
             if !(value.is_finite() && value > 0.0) {
                 return invalid(key, format!("must be a positive number, got {value}"));
             }
@@ -704,6 +846,28 @@ mod tests {
     }
 
     #[test]
+    fn cidr_blocks() {
+        let block = |s: &str| s.parse::<Cidr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(block("10.0.0.0/8").contains(ip("10.200.3.4")));
+        assert!(!block("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(block("10.1.2.3").contains(ip("10.1.2.3")));
+        assert!(!block("10.1.2.3").contains(ip("10.1.2.4")));
+        assert!(block("0.0.0.0/0").contains(ip("8.8.8.8")));
+        assert!(block("fd00::/8").contains(ip("fd12::1")));
+        assert!(
+            block("127.0.0.1").contains(ip("::ffff:127.0.0.1")),
+            "IPv4-mapped"
+        );
+        assert!(!block("fd00::/8").contains(ip("10.0.0.1")));
+        for bad in ["10.0.0.0/33", "nope", "::/129", "1.2.3.4/"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        let config = from_flags(&["--trusted-proxies", "10.0.0.0/8,192.168.0.1"]).unwrap();
+        assert_eq!(config.trusted_proxies.len(), 2);
+    }
+
+    #[test]
     fn dashboard_is_on_by_default_only_on_loopback() {
         let on = |args: &[&str]| from_flags(args).unwrap().dashboard_enabled();
         assert!(on(&[]));
@@ -771,5 +935,12 @@ mod tests {
         assert!(error.unwrap_err().to_string().contains("heartbeat_timeout"));
         let error = from_flags(&["--max-connections", "0"]);
         assert!(error.unwrap_err().to_string().contains("max_connections"));
+        let error = from_flags(&["--connect-rate-per-ip", "0"]);
+        assert!(
+            error
+                .unwrap_err()
+                .to_string()
+                .contains("connect_rate_per_ip")
+        );
     }
 }

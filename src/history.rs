@@ -18,8 +18,11 @@ pub struct HistoryLimits {
     pub size: usize,
     /// Bytes of frames per channel.
     pub max_bytes: usize,
-    /// Age limit, in ticks.
+    /// Age limit, in ticks. Also how long a channel that never had an event keeps its
+    /// epoch after its last subscriber left (see `Hub`).
     pub ttl_ticks: u64,
+    /// Channels that never had an event and have no subscriber, kept at most at once.
+    pub quiet_channels: usize,
 }
 
 impl HistoryLimits {
@@ -28,6 +31,7 @@ impl HistoryLimits {
         size: 0,
         max_bytes: 0,
         ttl_ticks: 0,
+        quiet_channels: 0,
     };
 }
 
@@ -155,6 +159,7 @@ mod tests {
         size: 3,
         max_bytes: 100,
         ttl_ticks: 50,
+        quiet_channels: 0,
     };
 
     fn frame(n: usize) -> Bytes {

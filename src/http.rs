@@ -14,7 +14,10 @@
 //! A head that is not complete within `max_header_size` bytes → 431. An upgrade whose
 //! `Origin` the [`OriginPolicy`] does not permit → 403, before anything else happens.
 
+use std::net::IpAddr;
+
 use crate::assets::Asset;
+use crate::config::Cidr;
 
 /// Most headers accepted in one request (more → 431).
 const MAX_HEADERS: usize = 48;
@@ -55,6 +58,9 @@ pub enum Route {
         accept_key: String,
         /// The bearer token: the `token` query parameter or `Authorization: Bearer`.
         token: Option<String>,
+        /// Every `X-Forwarded-For` header, joined by commas; believed only from a trusted
+        /// proxy (see [`client_address`]).
+        forwarded_for: Option<String>,
     },
     /// `GET /health`
     Health,
@@ -215,7 +221,40 @@ fn upgrade(
     });
     let from_header = header("Authorization").and_then(|v| v.trim().strip_prefix("Bearer "));
     let token = from_query.or(from_header).map(|t| t.trim().to_string());
-    Ok(Route::Upgrade { accept_key, token })
+    let forwarded: Vec<&str> = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("X-Forwarded-For"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .collect();
+    let forwarded_for = (!forwarded.is_empty()).then(|| forwarded.join(","));
+    Ok(Route::Upgrade {
+        accept_key,
+        token,
+        forwarded_for,
+    })
+}
+
+/// The client's address as far as it can be known. The TCP peer, unless the peer is one of
+/// the `trusted` proxies: then the rightmost address in `X-Forwarded-For` that is not itself
+/// a trusted proxy (each proxy appends the address it received from, so anything left of the
+/// first untrusted hop could have been written by the client). A malformed entry stops the
+/// walk at the last address known to be real.
+pub fn client_address(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[Cidr]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|block| block.contains(ip));
+    let mut client = peer;
+    let Some(forwarded_for) = forwarded_for else {
+        return client;
+    };
+    for hop in forwarded_for.rsplit(',') {
+        if !is_trusted(client) {
+            break;
+        }
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) => client = ip,
+            Err(_) => break,
+        }
+    }
+    client
 }
 
 /// The 101 response completing a WebSocket upgrade.
@@ -275,7 +314,8 @@ mod tests {
             routed,
             Route::Upgrade {
                 accept_key,
-                token: Some("abc".into())
+                token: Some("abc".into()),
+                forwarded_for: None,
             }
         );
         let bearer =
@@ -284,6 +324,40 @@ mod tests {
             matches!(route(&bearer).unwrap().unwrap().0, Route::Upgrade { token: Some(t), .. } if t == "xyz")
         );
         assert_eq!(len, request.len());
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let proxied = upgrade_request("/ws").replace(
+            "Host: x",
+            "Host: x\r\nX-Forwarded-For: 1.1.1.1, 203.0.113.7\r\nX-Forwarded-For: 10.0.0.2",
+        );
+        let Route::Upgrade { forwarded_for, .. } = route(&proxied).unwrap().unwrap().0 else {
+            panic!("an upgrade");
+        };
+        let forwarded_for = forwarded_for.as_deref();
+        assert_eq!(forwarded_for, Some("1.1.1.1, 203.0.113.7,10.0.0.2"));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let trusted = ["10.0.0.0/8".parse::<Cidr>().unwrap()];
+        assert_eq!(
+            client_address(ip("10.0.0.1"), forwarded_for, &trusted),
+            ip("203.0.113.7"),
+            "the rightmost untrusted hop; 1.1.1.1 could be the client's own invention"
+        );
+        assert_eq!(
+            client_address(ip("192.0.2.9"), forwarded_for, &trusted),
+            ip("192.0.2.9"),
+            "an untrusted peer's header is ignored"
+        );
+        assert_eq!(
+            client_address(ip("10.0.0.1"), forwarded_for, &[]),
+            ip("10.0.0.1")
+        );
+        assert_eq!(
+            client_address(ip("10.0.0.1"), Some("garbage, 10.0.0.3"), &trusted),
+            ip("10.0.0.3"),
+            "a malformed hop stops the walk"
+        );
     }
 
     #[test]

@@ -4,11 +4,15 @@
 //! Invariants (checked by `check_invariants` in debug builds):
 //! - `by_name` and `channels` hold the same channels, under the same names;
 //! - a channel with subscribers is *active*; `active` counts them;
-//! - a channel that loses its last subscriber is freed, unless it was ever published to: then
-//!   it stays *dormant*, keeping its name, `seq`, epoch and history, so a client can resume;
-//! - [`Hub::sweep`] expires old history and forgets dormant channels whose history is empty,
-//!   so channels nobody watches cost nothing once `history_ttl` has passed. A forgotten
-//!   channel that is used again starts a new epoch with `seq` 0.
+//! - a channel that loses its last subscriber stays *dormant*, keeping its name, `seq`, epoch
+//!   and history, so a client can resume. One that never had an event (*quiet*) stays for
+//!   `history_ttl` too, so that a page resuming it at `seq` 0 hears "nothing missed" rather
+//!   than a gap; at most `quiet_channels` are kept at once (`quiet` counts them), past that
+//!   a quiet channel is freed when its last subscriber leaves;
+//! - [`Hub::sweep`] expires old history and forgets dormant channels whose history is empty
+//!   and that nobody has watched for `history_ttl`, so channels nobody watches cost nothing
+//!   once that has passed. A forgotten channel that is used again starts a new epoch with
+//!   `seq` 0.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,6 +44,15 @@ struct Channel {
     history: History,
     /// Insertion-ordered for cache-friendly iteration; O(1) removal by `swap_remove`.
     subscribers: IndexSet<ConnId>,
+    /// When the last subscriber left (the creation tick, `Tick(0)`, if none ever came).
+    idle_since: Tick,
+}
+
+impl Channel {
+    /// No subscriber and no event ever: only its epoch is worth keeping.
+    fn is_quiet(&self) -> bool {
+        self.subscribers.is_empty() && self.seq == 0
+    }
 }
 
 /// The registry of channels.
@@ -47,6 +60,8 @@ pub struct Hub {
     by_name: HashMap<Arc<str>, usize>,
     channels: Slab<Channel>,
     active: usize,
+    /// Quiet channels kept (see the module invariants).
+    quiet: usize,
     limits: HistoryLimits,
     history_events: usize,
     history_bytes: usize,
@@ -74,6 +89,7 @@ impl Hub {
             by_name: HashMap::new(),
             channels: Slab::new(),
             active: 0,
+            quiet: 0,
             limits,
             history_events: 0,
             history_bytes: 0,
@@ -146,9 +162,13 @@ impl Hub {
                 continue;
             };
             let delta = channel.history.expire(now, self.limits);
-            let forgotten = channel.subscribers.is_empty() && channel.history.is_empty();
+            let forgotten = channel.subscribers.is_empty()
+                && channel.history.is_empty()
+                && now.since(channel.idle_since) >= self.limits.ttl_ticks;
+            let was_quiet = channel.is_quiet();
             self.apply(delta);
             if forgotten {
+                self.quiet -= usize::from(was_quiet);
                 let channel = self.channels.remove(key);
                 self.by_name.remove(&channel.name);
             }
@@ -161,11 +181,19 @@ impl Hub {
         self.active
     }
 
+    /// Channels remembered, with subscribers or dormant.
+    pub fn known_channels(&self) -> usize {
+        self.channels.len()
+    }
+
     /// Adds `conn` to `name`'s subscribers (a no-op if it already is one). Returns the channel
     /// and its latest sequence number.
     pub fn subscribe(&mut self, name: &ChannelName, conn: ConnId) -> (ChannelId, u64) {
-        let key = self.entry(name.as_str());
+        let (key, created) = self.entry(name.as_str());
         let channel = &mut self.channels[key];
+        if !created && channel.is_quiet() {
+            self.quiet -= 1;
+        }
         if channel.subscribers.is_empty() {
             self.active += 1;
         }
@@ -175,9 +203,9 @@ impl Hub {
         (ChannelId(key as u32), seq)
     }
 
-    /// Removes `conn` from the channel's subscribers, freeing the channel when it was the last
-    /// and nothing was ever published to it.
-    pub fn unsubscribe(&mut self, id: ChannelId, conn: ConnId) {
+    /// Removes `conn` from the channel's subscribers. When it was the last, the channel
+    /// becomes dormant at `now`; a quiet one is freed instead once `quiet_channels` are kept.
+    pub fn unsubscribe(&mut self, id: ChannelId, conn: ConnId, now: Tick) {
         let key = id.0 as usize;
         let Some(channel) = self.channels.get_mut(key) else {
             debug_assert!(false, "unsubscribe from a freed channel");
@@ -188,9 +216,14 @@ impl Hub {
         }
         self.active -= 1;
         channel.subscribers = IndexSet::new(); // release the set's memory
-        if channel.seq == 0 {
-            let channel = self.channels.remove(key);
-            self.by_name.remove(&channel.name);
+        channel.idle_since = now;
+        if channel.is_quiet() {
+            if self.quiet < self.limits.quiet_channels {
+                self.quiet += 1;
+            } else {
+                let channel = self.channels.remove(key);
+                self.by_name.remove(&channel.name);
+            }
         }
         self.check_invariants();
     }
@@ -204,8 +237,11 @@ impl Hub {
     /// Takes the next sequence number of `name` and returns it with the subscribers to
     /// deliver to. The name must be valid (see [`crate::wire::check_channel`]).
     pub fn publish(&mut self, name: &str) -> (ChannelId, u64, &Slice<ConnId>) {
-        let key = self.entry(name);
+        let (key, created) = self.entry(name);
         let channel = &mut self.channels[key];
+        if !created && channel.is_quiet() {
+            self.quiet -= 1;
+        }
         channel.seq += 1;
         (
             ChannelId(key as u32),
@@ -214,9 +250,10 @@ impl Hub {
         )
     }
 
-    fn entry(&mut self, name: &str) -> usize {
+    /// The channel's slab key, and whether it was created just now.
+    fn entry(&mut self, name: &str) -> (usize, bool) {
         if let Some(&key) = self.by_name.get(name) {
-            return key;
+            return (key, false);
         }
         let name: Arc<str> = name.into();
         self.epochs_made += 1;
@@ -229,10 +266,11 @@ impl Hub {
             epoch,
             history: History::default(),
             subscribers: IndexSet::new(),
+            idle_since: Tick(0),
         });
         assert!(key <= u32::MAX as usize, "more than 2^32 channels");
         self.by_name.insert(name, key);
-        key
+        (key, true)
     }
 
     #[cfg(debug_assertions)]
@@ -244,6 +282,8 @@ impl Hub {
             .filter(|(_, c)| !c.subscribers.is_empty())
             .count();
         debug_assert_eq!(active, self.active);
+        let quiet = self.channels.iter().filter(|(_, c)| c.is_quiet()).count();
+        debug_assert_eq!(quiet, self.quiet);
     }
 
     #[cfg(not(debug_assertions))]
@@ -285,13 +325,13 @@ mod tests {
     fn empty_channels_are_freed_and_seq_is_never_reused() {
         let mut hub = Hub::new();
         let (a, _) = hub.subscribe(&name("a"), conn(1));
-        hub.unsubscribe(a, conn(1));
+        hub.unsubscribe(a, conn(1), Tick(0));
         assert_eq!(hub.active_channels(), 0);
         assert!(hub.by_name.is_empty(), "never published: freed entirely");
 
         let (a, _) = hub.subscribe(&name("a"), conn(1));
         hub.publish("a");
-        hub.unsubscribe(a, conn(1));
+        hub.unsubscribe(a, conn(1), Tick(0));
         assert_eq!(hub.find("a"), None);
         assert_eq!(
             hub.subscribe(&name("a"), conn(2)).1,
@@ -307,6 +347,7 @@ mod tests {
             size: 10,
             max_bytes: 1 << 20,
             ttl_ticks: 100,
+            quiet_channels: 0,
         };
         let mut hub = Hub::with_history(limits);
         let frame = Bytes::from_static(b"event");
@@ -323,6 +364,55 @@ mod tests {
         assert_eq!(hub.history_totals(), (0, 0));
         assert_eq!(hub.publish("dormant").1, 1, "forgotten: a new epoch from 0");
         assert_eq!(hub.publish("watched").1, 2);
+    }
+
+    #[test]
+    fn a_quiet_channel_keeps_its_epoch_for_the_ttl_within_the_quiet_limit() {
+        let limits = HistoryLimits {
+            size: 10,
+            max_bytes: 1 << 20,
+            ttl_ticks: 100,
+            quiet_channels: 2,
+        };
+        let mut hub = Hub::with_history(limits);
+        let (a, _) = hub.subscribe(&name("a"), conn(1));
+        let epoch = hub.epoch(a).to_string();
+        hub.unsubscribe(a, conn(1), Tick(10));
+        let (a, seq) = hub.subscribe(&name("a"), conn(2));
+        assert_eq!((seq, hub.epoch(a)), (0, epoch.as_str()), "the same epoch");
+        assert_eq!(
+            hub.resume(a, 0, &epoch, Tick(20)).map(|f| f.len()),
+            Some(0),
+            "nothing was missed"
+        );
+        hub.unsubscribe(a, conn(2), Tick(20));
+        // An event while nobody watches lands in the same epoch, so a resume replays it.
+        let (id, seq, _) = hub.publish("a");
+        hub.record(id, seq, &Bytes::from_static(b"e1"), Tick(30));
+        let (a, _) = hub.subscribe(&name("a"), conn(3));
+        assert_eq!(hub.resume(a, 0, &epoch, Tick(40)).map(|f| f.len()), Some(1));
+        hub.unsubscribe(a, conn(3), Tick(40));
+
+        for (n, channel) in ["b", "c", "d"].into_iter().enumerate() {
+            let (id, _) = hub.subscribe(&name(channel), conn(10 + n as u32));
+            hub.unsubscribe(id, conn(10 + n as u32), Tick(50));
+        }
+        assert_eq!(
+            hub.quiet, 2,
+            "b and c are kept, d is over the limit and freed"
+        );
+        assert!(hub.by_name.contains_key("c") && !hub.by_name.contains_key("d"));
+        hub.sweep(Tick(149), 1000);
+        assert!(
+            hub.by_name.contains_key("b"),
+            "not yet history_ttl since it was left"
+        );
+        hub.sweep(Tick(150), 1000);
+        assert_eq!(hub.quiet, 0);
+        assert!(
+            hub.channels.is_empty(),
+            "every channel forgotten after the TTL"
+        );
     }
 
     #[test]
@@ -358,7 +448,7 @@ mod tests {
                 .map(|i| hub.subscribe(&name(&format!("c{}", i % 3)), conn(round * 10 + i)))
                 .collect();
             for (i, (id, _)) in ids.into_iter().enumerate() {
-                hub.unsubscribe(id, conn(round * 10 + i as u32));
+                hub.unsubscribe(id, conn(round * 10 + i as u32), Tick(0));
             }
         }
         assert_eq!(hub.active_channels(), 0);

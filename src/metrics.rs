@@ -152,6 +152,8 @@ pub struct Metrics {
 pub struct Gauges {
     /// Channels with subscribers.
     pub channels: usize,
+    /// Channels the server remembers: with subscribers, or dormant (see `Hub`).
+    pub known_channels: usize,
     /// Seconds since start.
     pub uptime_secs: u64,
     /// Events held in channel histories.
@@ -191,6 +193,12 @@ impl Metrics {
             "gauge",
             "Channels with subscribers.",
             gauges.channels as u64,
+        );
+        metric(
+            "sidecast_channels_known",
+            "gauge",
+            "Channels remembered: with subscribers, or dormant with their seq, epoch and history.",
+            gauges.known_channels as u64,
         );
         metric(
             "sidecast_publishers",
@@ -290,6 +298,7 @@ mod tests {
         metrics.disconnected(DisconnectReason::SlowConsumer);
         let text = metrics.render(&Gauges {
             channels: 2,
+            known_channels: 2,
             uptime_secs: 9,
             history_events: 0,
             history_bytes: 0,
@@ -312,6 +321,7 @@ mod tests {
         }
         let text = metrics.render(&Gauges {
             channels: 0,
+            known_channels: 0,
             uptime_secs: 0,
             history_events: 0,
             history_bytes: 0,

@@ -4,10 +4,12 @@
 //! This module owns line framing, command parsing and reply rendering. It knows nothing of
 //! WebSockets: executing a command is the [`Sink`]'s job (the reactor's fan-out).
 //!
-//! Invariants: lines are executed in the order received; the input buffer never holds more
-//! than one partial line of at most `max_line` bytes plus one read chunk; a line longer than
-//! `max_line` is refused and the connection closed, since the rest of the stream can no longer
-//! be framed with confidence.
+//! Invariants: lines are executed in the order received; the sink's budget is checked before
+//! every line, and lines read but not executed wait for the next pass; a connection's own
+//! buffer holds at most one partial line of at most `max_line` bytes plus the rest of one read
+//! chunk, and keeps at most a few KiB of capacity once drained; a line longer than `max_line`
+//! is refused and the connection closed, since the rest of the stream can no longer be framed
+//! with confidence.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -18,9 +20,6 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::wire::{RESERVED_PREFIX, check_channel};
-
-/// Bytes read from the socket per call.
-const READ_CHUNK: usize = 64 * 1024;
 
 /// What a command publishes to.
 #[derive(Debug, PartialEq)]
@@ -285,9 +284,11 @@ pub struct PublisherConn {
     /// Serial number, for logs.
     pub serial: u64,
     socket: UnixStream,
-    /// Read buffer; bytes `..filled` hold a partial line (and, transiently, fresh reads).
-    input: Vec<u8>,
-    filled: usize,
+    /// Bytes received and not yet executed: one partial line, or, when the fan-out budget ran
+    /// out in the middle of a read, the lines after it. Usually empty.
+    pending: Vec<u8>,
+    /// `pending[..scanned]` holds no newline, so a search resumes there.
+    scanned: usize,
     output: Vec<u8>,
     written: usize,
     /// Commands refused since the reactor last collected the count (for metrics).
@@ -296,14 +297,29 @@ pub struct PublisherConn {
     pub is_finished: bool,
 }
 
+/// Capacity a publisher's buffers may keep between reads; a burst that needed more gives it
+/// back, so an idle publisher costs a few hundred bytes whatever it once sent.
+const STEADY_CAPACITY: usize = 4 * 1024;
+
+/// How far [`PublisherConn::execute_lines`] got.
+struct Progress {
+    /// Bytes executed (complete lines and their newlines).
+    consumed: usize,
+    /// The sink ran out of capacity before the last complete line.
+    paused: bool,
+}
+
+/// A line longer than `max_publish_line`.
+struct LineTooLong;
+
 impl PublisherConn {
     /// A new connection.
     pub fn new(serial: u64, socket: UnixStream) -> PublisherConn {
         PublisherConn {
             serial,
             socket,
-            input: Vec::new(),
-            filled: 0,
+            pending: Vec::new(),
+            scanned: 0,
             output: Vec::new(),
             written: 0,
             errors: 0,
@@ -316,34 +332,76 @@ impl PublisherConn {
         &mut self.socket
     }
 
-    /// Reads until the socket would block, executing each complete line in order.
-    pub fn read_and_execute(&mut self, max_line: usize, sink: &mut impl Sink) -> ReadStatus {
+    /// Executes complete lines in order until the socket would block or the sink's budget is
+    /// spent. The budget is checked before every line, so a pass never executes more than its
+    /// share; what was read but not executed waits in `pending` for the next pass. Reads go
+    /// through `chunk`, a buffer the reactor shares between publishers.
+    pub fn read_and_execute(
+        &mut self,
+        max_line: usize,
+        chunk: &mut [u8],
+        sink: &mut impl Sink,
+    ) -> ReadStatus {
+        let status = self.read_lines(max_line, chunk, sink);
+        if self.pending.capacity() > STEADY_CAPACITY.max(2 * self.pending.len()) {
+            self.pending
+                .shrink_to(STEADY_CAPACITY.max(self.pending.len()));
+        }
+        status
+    }
+
+    fn read_lines(
+        &mut self,
+        max_line: usize,
+        chunk: &mut [u8],
+        sink: &mut impl Sink,
+    ) -> ReadStatus {
+        // Lines a spent budget left over from the previous pass go first.
+        if !self.pending.is_empty() {
+            match self.execute_pending(max_line, sink) {
+                Ok(true) => return ReadStatus::Paused,
+                Ok(false) => {}
+                Err(LineTooLong) => return self.refuse_long_line(max_line),
+            }
+        }
         loop {
             if !sink.has_capacity() {
                 return ReadStatus::Paused;
             }
-            // Room for one more chunk; only newly added bytes are zeroed, once.
-            if self.input.len() < self.filled + READ_CHUNK {
-                self.input.resize(self.filled + READ_CHUNK, 0);
-            }
-            match self.socket.read(&mut self.input[self.filled..]) {
+            match self.socket.read(chunk) {
                 Ok(0) => {
-                    let rest = std::mem::take(&mut self.input);
-                    let rest = &rest[..std::mem::take(&mut self.filled)];
+                    let rest = std::mem::take(&mut self.pending);
                     if rest.len() > max_line {
-                        self.refuse_long_line(max_line);
-                        return ReadStatus::Broken;
+                        return self.refuse_long_line(max_line);
                     }
                     if !rest.is_empty() {
-                        self.execute(rest, sink);
+                        self.execute(&rest, sink);
                     }
                     return ReadStatus::Finished;
                 }
+                Ok(n) if self.pending.is_empty() => {
+                    // The common case: execute straight from the shared chunk, keep the rest.
+                    let fresh = &chunk[..n];
+                    let progress = match self.execute_lines(fresh, 0, max_line, sink) {
+                        Ok(progress) => progress,
+                        Err(LineTooLong) => return self.refuse_long_line(max_line),
+                    };
+                    let rest = &fresh[progress.consumed..];
+                    if !progress.paused && rest.len() > max_line {
+                        return self.refuse_long_line(max_line);
+                    }
+                    self.pending.extend_from_slice(rest);
+                    self.scanned = if progress.paused { 0 } else { rest.len() };
+                    if progress.paused {
+                        return ReadStatus::Paused;
+                    }
+                }
                 Ok(n) => {
-                    let fresh = self.filled;
-                    self.filled += n;
-                    if !self.execute_complete_lines(fresh, max_line, sink) {
-                        return ReadStatus::Broken;
+                    self.pending.extend_from_slice(&chunk[..n]);
+                    match self.execute_pending(max_line, sink) {
+                        Ok(true) => return ReadStatus::Paused,
+                        Ok(false) => {}
+                        Err(LineTooLong) => return self.refuse_long_line(max_line),
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadStatus::Pending,
@@ -356,37 +414,55 @@ impl PublisherConn {
         }
     }
 
-    /// Executes the complete lines in `input[..filled]`; `fresh` is where the bytes just read
-    /// begin (no newline lies before it). Keeps the partial last line at the front. Returns
-    /// false when a line exceeds `max_line`.
-    fn execute_complete_lines(
+    /// Executes the complete lines in `pending`, keeping the rest. Returns true when the
+    /// budget ran out before the last complete line.
+    fn execute_pending(
         &mut self,
-        fresh: usize,
         max_line: usize,
         sink: &mut impl Sink,
-    ) -> bool {
-        let input = std::mem::take(&mut self.input);
-        let filled = &input[..self.filled];
-        let mut line_start = 0;
-        let mut search_from = fresh;
-        while let Some(pos) = filled[search_from..].iter().position(|&b| b == b'\n') {
-            let end = search_from + pos;
-            if end - line_start > max_line {
-                self.refuse_long_line(max_line);
-                return false;
+    ) -> Result<bool, LineTooLong> {
+        let pending = std::mem::take(&mut self.pending);
+        let progress = self.execute_lines(&pending, self.scanned, max_line, sink)?;
+        let rest = pending.len() - progress.consumed;
+        if !progress.paused && rest > max_line {
+            return Err(LineTooLong);
+        }
+        self.pending = pending;
+        self.pending.drain(..progress.consumed);
+        self.scanned = if progress.paused { 0 } else { rest };
+        Ok(progress.paused)
+    }
+
+    /// Executes the complete lines of `bytes` in order while the sink has capacity; no newline
+    /// lies before `search_from`.
+    fn execute_lines(
+        &mut self,
+        bytes: &[u8],
+        search_from: usize,
+        max_line: usize,
+        sink: &mut impl Sink,
+    ) -> Result<Progress, LineTooLong> {
+        let mut consumed = 0;
+        let mut search_from = search_from;
+        while let Some(pos) = bytes[search_from..].iter().position(|&b| b == b'\n') {
+            if !sink.has_capacity() {
+                return Ok(Progress {
+                    consumed,
+                    paused: true,
+                });
             }
-            self.execute(&filled[line_start..end], sink);
-            line_start = end + 1;
-            search_from = line_start;
+            let end = search_from + pos;
+            if end - consumed > max_line {
+                return Err(LineTooLong);
+            }
+            self.execute(&bytes[consumed..end], sink);
+            consumed = end + 1;
+            search_from = consumed;
         }
-        if filled.len() - line_start > max_line {
-            self.refuse_long_line(max_line);
-            return false;
-        }
-        self.input = input;
-        self.input.copy_within(line_start..self.filled, 0);
-        self.filled -= line_start;
-        true
+        Ok(Progress {
+            consumed,
+            paused: false,
+        })
     }
 
     fn execute(&mut self, line: &[u8], sink: &mut impl Sink) {
@@ -431,13 +507,16 @@ impl PublisherConn {
         }
     }
 
-    fn refuse_long_line(&mut self, max_line: usize) {
+    /// Refuses a line over `max_line`: the rest of the stream can no longer be framed with
+    /// confidence, so the connection ends after this error reply.
+    fn refuse_long_line(&mut self, max_line: usize) -> ReadStatus {
         self.errors += 1;
         let message = format!("line longer than max_publish_line ({max_line} bytes); closing");
         log::warn!("publisher={}: {message}", self.serial);
         self.output
             .extend_from_slice(error_reply(None, &message).as_bytes());
-        self.input = Vec::new();
+        self.pending = Vec::new();
+        ReadStatus::Broken
     }
 
     /// Unsent reply bytes.
@@ -461,6 +540,7 @@ impl PublisherConn {
         }
         if self.written == self.output.len() {
             self.output.clear();
+            self.output.shrink_to(STEADY_CAPACITY);
             self.written = 0;
         }
         Ok(())
@@ -603,15 +683,16 @@ mod tests {
     }
 
     #[test]
-    fn a_spent_budget_pauses_reading_and_the_next_pass_resumes_in_order() {
+    fn a_spent_budget_pauses_before_the_next_line_and_the_next_pass_resumes_in_order() {
         let (server_side, mut worker) = UnixStream::pair().unwrap();
         let mut publisher = PublisherConn::new(1, server_side);
+        let mut chunk = vec![0; 64 * 1024];
         let mut sink = Budgeted {
             executed: Vec::new(),
             budget: 0,
         };
         assert_eq!(
-            publisher.read_and_execute(1024, &mut sink),
+            publisher.read_and_execute(1024, &mut chunk, &mut sink),
             ReadStatus::Paused
         );
         for n in 0..3 {
@@ -619,26 +700,58 @@ mod tests {
                 .write_all(format!("{{\"channel\":\"a\",\"data\":{n}}}\n").as_bytes())
                 .unwrap();
         }
+        worker.write_all(b"{\"channel\":\"a\",").unwrap();
+        // One read takes all three lines, but the budget allows one: the rest waits.
         sink.budget = 1;
-        // One read takes all three lines; the budget is checked between reads.
         assert_eq!(
-            publisher.read_and_execute(1024, &mut sink),
+            publisher.read_and_execute(1024, &mut chunk, &mut sink),
             ReadStatus::Paused
         );
-        assert_eq!(sink.executed, ["0", "1", "2"]);
-        worker
-            .write_all(b"{\"channel\":\"a\",\"data\":3}\n")
-            .unwrap();
+        assert_eq!(sink.executed, ["0"]);
+        sink.budget = 1;
+        assert_eq!(
+            publisher.read_and_execute(1024, &mut chunk, &mut sink),
+            ReadStatus::Paused
+        );
+        assert_eq!(sink.executed, ["0", "1"]);
+        worker.write_all(b"\"data\":3}\n").unwrap();
         sink.budget = 10;
         assert_eq!(
-            publisher.read_and_execute(1024, &mut sink),
+            publisher.read_and_execute(1024, &mut chunk, &mut sink),
             ReadStatus::Pending
         );
         assert_eq!(sink.executed, ["0", "1", "2", "3"]);
         drop(worker);
         assert_eq!(
-            publisher.read_and_execute(1024, &mut sink),
+            publisher.read_and_execute(1024, &mut chunk, &mut sink),
             ReadStatus::Finished
+        );
+    }
+
+    #[test]
+    fn a_drained_publisher_gives_back_the_capacity_of_a_burst() {
+        let (server_side, mut worker) = UnixStream::pair().unwrap();
+        let mut publisher = PublisherConn::new(1, server_side);
+        let mut chunk = vec![0; 64 * 1024];
+        let mut sink = Budgeted {
+            executed: Vec::new(),
+            budget: usize::MAX,
+        };
+        // A 200 KiB line arrives in pieces, so it passes through `pending`.
+        let line = format!(
+            "{{\"channel\":\"a\",\"data\":\"{}\"}}\n",
+            "x".repeat(200 * 1024)
+        );
+        for piece in line.as_bytes().chunks(16 * 1024) {
+            worker.write_all(piece).unwrap();
+            publisher.read_and_execute(1024 * 1024, &mut chunk, &mut sink);
+        }
+        assert_eq!(sink.executed.len(), 1);
+        assert!(publisher.pending.is_empty());
+        assert!(
+            publisher.pending.capacity() <= STEADY_CAPACITY,
+            "{} bytes kept",
+            publisher.pending.capacity()
         );
     }
 

@@ -4,7 +4,19 @@
 //! succeeds while at least one is left. Used per connection (client messages) and per peer
 //! IP (new connections).
 
+use std::net::IpAddr;
+
 use crate::timer::Tick;
+
+/// The key a client address is rate-limited under: an IPv4 address as it is, an IPv6
+/// address by its /64, since one subscriber line usually owns a whole /64 and could
+/// otherwise take a fresh bucket per connection.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
+}
 
 /// How fast a bucket refills and how much it holds.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -68,6 +80,15 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_addresses_share_a_bucket_per_64() {
+        let key = |s: &str| address_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff::9"), "2001:db8:1:2::");
+        assert_eq!(key("203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("::ffff:203.0.113.7"), "203.0.113.7");
+    }
 
     #[test]
     fn bursts_then_refills_at_the_rate() {

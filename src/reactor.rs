@@ -41,7 +41,9 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::assets::Asset;
 use crate::auth::{Identity, Verifier};
-use crate::client::{Admission, ClientConn, ConnId, Inbound, ReadEnd, RequestOutcome, SharedInput};
+use crate::client::{
+    Admission, ClientConn, ConnId, Inbound, ReadEnd, Readiness, RequestOutcome, SharedInput,
+};
 use crate::config::{Config, TIMER_TICK};
 use crate::error::StartupError;
 use crate::history::HistoryLimits;
@@ -49,7 +51,7 @@ use crate::http::{self, OriginPolicy, Refusal, Route};
 use crate::hub::Hub;
 use crate::metrics::{DisconnectReason, Gauges, Metrics};
 use crate::publish::{self, Published, PublisherConn, ReadStatus, Seqs, Sink, Target};
-use crate::ratelimit::{Rate, TokenBucket};
+use crate::ratelimit::{self, Rate, TokenBucket};
 use crate::stats::StatsFeed;
 use crate::timer::{Tick, TickSource, TimerWheel};
 use crate::token::{self, Source};
@@ -60,8 +62,12 @@ use crate::wire::{self, ErrorCode, EventTarget, Reply, Request};
 /// flushing, handshakes or heartbeats, and queues grow by at most this much per pass. 64k is 64
 /// events per connection at 1000 subscribers: one full `write_vectored` each.
 const DELIVERIES_PER_PASS: usize = 64 * 1024;
-/// Size of the read buffer shared by all connections.
-const SHARED_READ_BUFFER: usize = 64 * 1024;
+/// Size of the read buffer shared by all WebSocket connections, and so the bytes one
+/// connection may have read and parsed per pass (see `SharedInput`).
+const SHARED_READ_BUFFER: usize = 16 * 1024;
+/// Size of the read buffer shared by all publishers.
+const PUBLISH_READ_BUFFER: usize = 64 * 1024;
+
 /// How long accepting pauses after the process runs out of file descriptors.
 const ACCEPT_BACKOFF_TICKS: u64 = 10;
 /// Time between two housekeeping rounds: a history sweep and a stats snapshot.
@@ -112,9 +118,6 @@ struct Outbox {
     pass_started_us: u64,
     /// Clients with output queued since the last flush.
     dirty: Vec<usize>,
-    /// Clients that went over `max_output_buffer` since the last pass.
-    slow: Vec<ConnId>,
-    max_output_buffer: usize,
 }
 
 impl Outbox {
@@ -126,21 +129,20 @@ impl Outbox {
     }
 
     /// Queues a shared frame to one client: a refcount bump, no copy. A client that would go
-    /// over `max_output_buffer` gets nothing more and is closed at the end of the pass.
+    /// over `max_output_buffer` gets nothing more and is closed at the end of the pass (it is
+    /// dirty, and `close_slow_consumers` looks at every dirty client).
     fn deliver(&mut self, client: &mut ClientConn, frame: &Bytes) -> bool {
-        if client.close_reason.is_some() || !client.is_open() {
+        if client.close_reason.is_some() {
             return false;
         }
-        if client.queued() + frame.len() > self.max_output_buffer {
-            client.close_reason = Some(DisconnectReason::SlowConsumer);
-            self.slow.push(client.id);
+        let queued = client.send_frame(frame.clone());
+        self.mark_dirty(client);
+        if !queued {
             return false;
         }
-        client.send_frame(frame.clone());
         if client.event_pending_since_us == 0 {
             client.event_pending_since_us = self.pass_started_us.max(1);
         }
-        self.mark_dirty(client);
         true
     }
 }
@@ -205,7 +207,9 @@ impl Auth {
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let left = (identity.expires_at + self.leeway.as_secs()).saturating_sub(unix_now);
+        // Saturating: a validly signed token may carry any `exp`, up to u64::MAX.
+        let expires = identity.expires_at.saturating_add(self.leeway.as_secs());
+        let left = expires.saturating_sub(unix_now);
         now.after(self.ticks.ticks_in(Duration::from_secs(left)))
     }
 }
@@ -256,6 +260,7 @@ impl Fanout {
         let (history_events, history_bytes) = self.hub.history_totals();
         Gauges {
             channels: self.hub.active_channels(),
+            known_channels: self.hub.known_channels(),
             uptime_secs,
             history_events,
             history_bytes,
@@ -277,7 +282,7 @@ impl Fanout {
         }
         if let Some(ended) = client.end_session() {
             for channel in ended.subscriptions {
-                self.hub.unsubscribe(channel, client.id);
+                self.hub.unsubscribe(channel, client.id, self.now);
             }
             if let Some(user) = ended.user
                 && let Some(tabs) = self.users.get_mut(&user)
@@ -376,7 +381,7 @@ impl Fanout {
                     && let Some(pos) = subscriptions.iter().position(|c| *c == channel_id)
                 {
                     subscriptions.swap_remove(pos);
-                    self.hub.unsubscribe(channel_id, conn);
+                    self.hub.unsubscribe(channel_id, conn, now);
                 }
                 client.send_reply(&Reply::Unsubscribed {
                     channel: channel.as_str(),
@@ -518,8 +523,9 @@ pub struct Server {
     origins: OriginPolicy,
     /// Client messages per connection (`rate_limit`, `rate_burst`).
     message_rate: Rate,
-    /// New connections per peer IP (`connect_rate_per_ip`, bursts of twice that).
-    connect_rate: Rate,
+    /// New WebSockets per client address (`connect_rate_per_ip`, bursts of twice that), when
+    /// the limit is on.
+    connect_rate: Option<Rate>,
     connects_per_ip: HashMap<IpAddr, TokenBucket>,
     /// Publishers paused by the fan-out budget, resumed first in the next pass.
     paused_publishers: Vec<usize>,
@@ -527,7 +533,11 @@ pub struct Server {
     stats: Option<StatsFeed>,
     /// Reused buffers.
     input: SharedInput,
-    inbox: Vec<Inbound>,
+    publish_input: Box<[u8]>,
+    /// Clients whose read budget ran out in the last pass, read again first in the next.
+    ready_clients: Vec<ConnId>,
+    /// `write_stall_timeout` in ticks.
+    stall_ticks: u64,
     expired: Vec<TimerEvent>,
 }
 
@@ -576,11 +586,9 @@ impl Server {
         };
         let tick_secs = TIMER_TICK.as_secs_f64();
         let message_rate = Rate::new(config.rate_limit, f64::from(config.rate_burst), tick_secs);
-        let connect_rate = Rate::new(
-            config.connect_rate_per_ip,
-            2.0 * config.connect_rate_per_ip,
-            tick_secs,
-        );
+        let connect_rate = config
+            .connect_rate_per_ip
+            .map(|rate| Rate::new(rate, 2.0 * rate, tick_secs));
         let auth = match &config.jwt {
             Some(key) => Some(Auth {
                 verifier: Verifier::new(key, config.jwt_leeway).map_err(StartupError::Auth)?,
@@ -590,6 +598,7 @@ impl Server {
             }),
             None => None,
         };
+        let stall_ticks = ticks.ticks_in(config.write_stall_timeout);
         let mut timers = TimerWheel::new(Tick(0));
         timers.insert(
             Tick(0).after(ticks.ticks_in(HOUSEKEEPING_INTERVAL)),
@@ -622,13 +631,12 @@ impl Server {
                     size: config.history_size,
                     max_bytes: config.history_max_bytes,
                     ttl_ticks: ticks.ticks_in(config.history_ttl),
+                    quiet_channels: config.max_quiet_channels,
                 }),
                 clients: Slab::new(),
                 outbox: Outbox {
                     pass_started_us: 0,
                     dirty: Vec::new(),
-                    slow: Vec::new(),
-                    max_output_buffer: config.max_output_buffer,
                 },
                 metrics: Metrics::default(),
                 scratch: Vec::new(),
@@ -656,7 +664,9 @@ impl Server {
             paused_publishers: Vec::new(),
             stats,
             input: SharedInput::new(SHARED_READ_BUFFER),
-            inbox: Vec::new(),
+            publish_input: vec![0; PUBLISH_READ_BUFFER].into_boxed_slice(),
+            ready_clients: Vec::new(),
+            stall_ticks,
             expired: Vec::new(),
         })
     }
@@ -693,8 +703,9 @@ impl Server {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         while !self.finished {
-            // A publisher paused by the fan-out budget resumes without waiting.
-            let timeout = if self.paused_publishers.is_empty() {
+            // A publisher paused by the fan-out budget, or a client by its read budget,
+            // resumes without waiting.
+            let timeout = if self.paused_publishers.is_empty() && self.ready_clients.is_empty() {
                 self.timers
                     .next_deadline()
                     .map(|t| self.ticks.until(t, Instant::now()))
@@ -714,6 +725,16 @@ impl Server {
             self.fanout.now = now;
             for key in std::mem::take(&mut self.paused_publishers) {
                 self.on_publisher_ready(key);
+            }
+            for id in std::mem::take(&mut self.ready_clients) {
+                if self
+                    .fanout
+                    .clients
+                    .get(id.key as usize)
+                    .is_some_and(|c| c.id == id)
+                {
+                    self.on_client_readable(id.key as usize, now);
+                }
             }
             for event in events.iter() {
                 match token::decode(event.token()) {
@@ -746,7 +767,7 @@ impl Server {
                     self.arm_drain_deadline(id.key as usize, now);
                 }
             }
-            self.flush_dirty();
+            self.flush_dirty(now);
             if self.shutting_down && self.fanout.clients.is_empty() && self.publishers.is_empty() {
                 self.finished = true;
             }
@@ -780,6 +801,12 @@ impl Server {
             };
             // Events are small and latency matters more than packet count.
             let _ = socket.set_nodelay(true);
+            if self.config.send_buffer_size > 0 {
+                // Caps what the kernel holds for this peer: without it, autotuning lets a
+                // stalled reader pin megabytes the server's RSS never shows.
+                let _ = socket2::SockRef::from(&socket)
+                    .set_send_buffer_size(self.config.send_buffer_size);
+            }
             let entry = self.fanout.clients.vacant_entry();
             let key = entry.key();
             let token = token::encode(Source::Client(key));
@@ -796,20 +823,26 @@ impl Server {
                 key: key as u32,
                 generation: self.next_generation,
             };
-            let client = entry.insert(ClientConn::new(id, socket, peer));
+            let client = entry.insert(ClientConn::new(
+                id,
+                socket,
+                peer,
+                self.config.max_output_buffer,
+            ));
             let deadline = now.after(self.ticks.ticks_in(self.config.handshake_timeout));
             client.timer = Some(self.timers.insert(deadline, TimerEvent::Client(id)));
             log::debug!("conn={} accepted from {peer}", id.generation);
-            if !self.admit_connection(peer.ip(), now) {
-                self.refuse(key, Refusal::TooManyRequests, now);
-            }
         }
     }
 
-    /// Charges a new connection to its peer IP's bucket (`connect_rate_per_ip`).
-    fn admit_connection(&mut self, ip: IpAddr, now: Tick) -> bool {
+    /// Charges a new WebSocket to its client address's bucket (`connect_rate_per_ip`); always
+    /// true while the limit is off.
+    fn admit_connection(&mut self, client: IpAddr, now: Tick) -> bool {
         const SWEEP_ABOVE: usize = 4096;
-        let rate = self.connect_rate;
+        let Some(rate) = self.connect_rate else {
+            return true;
+        };
+        let ip = ratelimit::address_key(client);
         if self.connects_per_ip.len() > SWEEP_ABOVE {
             // Full buckets carry no information: forget those peers.
             self.connects_per_ip
@@ -867,7 +900,11 @@ impl Server {
         let status = if publisher.is_finished {
             ReadStatus::Finished
         } else {
-            publisher.read_and_execute(self.config.max_publish_line, &mut self.fanout)
+            publisher.read_and_execute(
+                self.config.max_publish_line,
+                &mut self.publish_input,
+                &mut self.fanout,
+            )
         };
         self.fanout.metrics.publish_errors += std::mem::take(&mut publisher.errors);
         let flushed = publisher.flush();
@@ -928,13 +965,22 @@ impl Server {
             }
             return;
         }
-        let mut inbox = std::mem::take(&mut self.inbox);
-        let result = client.read_messages(now, &mut self.input, &mut inbox);
-        for message in inbox.drain(..) {
-            self.on_message(key, message, now);
+        self.input.begin();
+        // A client closed by one of its own messages (the rate limit, say) drains: its next
+        // `next_message` is `None`, and the rest of this pass's input is discarded with it.
+        let result = loop {
+            let client = &mut self.fanout.clients[key];
+            match client.next_message(now, &mut self.input) {
+                Ok(Some(message)) => self.on_message(key, message, now),
+                Ok(None) => break Ok(()),
+                Err(end) => break Err(end),
+            }
+        };
+        let client = &mut self.fanout.clients[key];
+        self.fanout.outbox.mark_dirty(client);
+        if result.is_ok() && self.input.readiness() == Readiness::MayHaveMore {
+            self.ready_clients.push(client.id);
         }
-        self.inbox = inbox;
-        self.fanout.outbox.mark_dirty(&mut self.fanout.clients[key]);
         match result {
             Ok(()) => {}
             Err(ReadEnd::Closed) => {
@@ -961,6 +1007,16 @@ impl Server {
         if !client.is_open() {
             return;
         }
+        // Parsed before the rate limit so that a dropped request's error names its channel
+        // and id; a message is at most `max_message_size` and a pass reads a bounded amount.
+        let request = match message {
+            Inbound::Text(text) => Some(wire::parse_request(&text)),
+            Inbound::Binary => Some(Err(wire::Rejection::new(
+                ErrorCode::BinaryNotSupported,
+                "binary frames are not supported; send JSON in text frames",
+            ))),
+            Inbound::Ping => None,
+        };
         if let Admission::Limited { strikes } = client.admit_message(self.message_rate, now) {
             let limit = self.config.rate_limit_strikes;
             if strikes >= limit {
@@ -972,33 +1028,33 @@ impl Server {
                 let close = (CloseCode::Policy, "rate limit exceeded");
                 return self.close_client(key, DisconnectReason::RateLimited, Some(close), now);
             }
+            // A protocol Ping has no request to answer; it only counts.
+            let Some(request) = &request else {
+                return;
+            };
+            let (channel, id) = match request {
+                Ok(request) => request.channel_and_id(),
+                Err(rejection) => (rejection.channel.as_deref(), rejection.id.as_ref()),
+            };
             let message = format!(
                 "more than {} messages per second (burst {}); message dropped",
                 self.config.rate_limit, self.config.rate_burst
             );
-            let reply = Reply::Error {
+            client.send_reply(&Reply::Error {
                 code: ErrorCode::RateLimited,
                 message: &message,
-                channel: None,
-                id: None,
-            };
-            client.send_reply(&reply);
+                channel,
+                id,
+            });
             return self.fanout.outbox.mark_dirty(client);
         }
-        let request = match message {
-            Inbound::Text(text) => wire::parse_request(&text),
-            Inbound::Binary => Err(wire::Rejection::new(
-                ErrorCode::BinaryNotSupported,
-                "binary frames are not supported; send JSON in text frames",
-            )),
-        };
         match request {
-            Ok(request) => {
+            None => {}
+            Some(Ok(request)) => {
                 self.fanout
                     .handle_request(key, request, self.config.max_subscriptions, now)
             }
-            Err(rejection) => {
-                let client = &mut self.fanout.clients[key];
+            Some(Err(rejection)) => {
                 client.send_reply(&Reply::from(&rejection));
                 self.fanout.outbox.mark_dirty(client);
             }
@@ -1024,10 +1080,6 @@ impl Server {
                 asset,
                 if_none_match,
             } => asset.response(if_none_match.as_deref()),
-            Route::Upgrade { .. } if self.shutting_down => {
-                self.refuse(key, Refusal::Busy, now);
-                return false;
-            }
             Route::Upgrade { .. }
                 if self.fanout.metrics.connections >= self.config.max_connections as u64 =>
             {
@@ -1038,7 +1090,18 @@ impl Server {
                 self.refuse(key, Refusal::Busy, now);
                 return false;
             }
-            Route::Upgrade { accept_key, token } => {
+            Route::Upgrade {
+                accept_key,
+                token,
+                forwarded_for,
+            } => {
+                let peer = self.fanout.clients[key].peer.ip();
+                let trusted = &self.config.trusted_proxies;
+                let client = http::client_address(peer, forwarded_for.as_deref(), trusted);
+                if !self.admit_connection(client, now) {
+                    self.refuse(key, Refusal::TooManyRequests, now);
+                    return false;
+                }
                 return self.open_websocket(key, &accept_key, token.as_deref(), rest, now);
             }
         };
@@ -1190,6 +1253,10 @@ impl Server {
             // Draining took longer than close_timeout.
             return self.drop_client(key);
         };
+        if self.shutting_down {
+            // Its turn in the shutdown drain.
+            return self.close_for_shutdown(key, now);
+        }
         let timeout = self.ticks.ticks_in(self.config.heartbeat_timeout);
         if now.since(last_seen) >= timeout {
             log::info!(
@@ -1200,6 +1267,9 @@ impl Server {
             );
             let close = (CloseCode::Away, "heartbeat timeout");
             return self.close_client(key, DisconnectReason::HeartbeatTimeout, Some(close), now);
+        }
+        if client.is_slow(now, self.stall_ticks) {
+            return self.close_slow_consumer(key, now);
         }
         let expires = client.identity().map(|(_, expires)| *expires);
         if expires.is_some_and(|expires| expires <= now) {
@@ -1216,32 +1286,38 @@ impl Server {
         self.arm(key, expires.map_or(next, |expires| expires.min(next)));
     }
 
+    /// Closes every dirty client that went over `max_output_buffer` or whose output has not
+    /// moved for `write_stall_timeout`. Every path that queues output marks the client
+    /// dirty, so this sees every client that could have become slow in this pass.
     fn close_slow_consumers(&mut self, now: Tick) {
-        while let Some(id) = self.fanout.outbox.slow.pop() {
-            let key = id.key as usize;
-            // It may have closed, or been dropped and its key reused, later in this pass.
-            let Some(client) = self
-                .fanout
-                .clients
-                .get_mut(key)
-                .filter(|c| c.id == id && c.is_open())
-            else {
-                continue;
-            };
-            log::warn!(
-                "conn={} from {}: slow consumer, {} bytes unsent (max_output_buffer {}); closing",
-                client.id.generation,
-                client.peer,
-                client.queued(),
-                self.config.max_output_buffer
-            );
-            client.discard_output();
-            let close = (CloseCode::Policy, "slow consumer");
-            self.close_client(key, DisconnectReason::SlowConsumer, Some(close), now);
+        for i in 0..self.fanout.outbox.dirty.len() {
+            let key = self.fanout.outbox.dirty[i];
+            if let Some(client) = self.fanout.clients.get(key)
+                && client.is_open()
+                && client.is_slow(now, self.stall_ticks)
+            {
+                self.close_slow_consumer(key, now);
+            }
         }
     }
 
-    fn flush_dirty(&mut self) {
+    fn close_slow_consumer(&mut self, key: usize, now: Tick) {
+        let client = &mut self.fanout.clients[key];
+        log::warn!(
+            "conn={} from {}: slow consumer, {} bytes unsent (max_output_buffer {}, \
+             write_stall_timeout {:?}); closing",
+            client.id.generation,
+            client.peer,
+            client.queued(),
+            self.config.max_output_buffer,
+            self.config.write_stall_timeout
+        );
+        client.discard_output();
+        let close = (CloseCode::Policy, "slow consumer");
+        self.close_client(key, DisconnectReason::SlowConsumer, Some(close), now);
+    }
+
+    fn flush_dirty(&mut self, now: Tick) {
         let registry = self.poll.registry();
         let mut broken = Vec::new();
         for key in self.fanout.outbox.dirty.drain(..) {
@@ -1249,7 +1325,7 @@ impl Server {
                 continue;
             };
             client.is_dirty = false;
-            match client.flush() {
+            match client.flush(now) {
                 Ok(written) => self.fanout.metrics.bytes_written += written as u64,
                 Err(e) => {
                     log::debug!("conn={}: write failed: {e}", client.id.generation);
@@ -1308,8 +1384,9 @@ impl Server {
         }
     }
 
-    /// Stops accepting, executes publish lines already received, sends Close 1001 to every
-    /// client and arms the shutdown deadline. The loop ends once every connection is gone.
+    /// Stops accepting, executes publish lines already received, schedules Close 1001 for
+    /// every client over `shutdown_drain` and arms the shutdown deadline. The loop ends once
+    /// every connection is gone.
     fn begin_shutdown(&mut self, now: Tick) {
         if self.shutting_down {
             return;
@@ -1338,24 +1415,42 @@ impl Server {
                     break;
                 }
                 self.close_slow_consumers(now);
-                self.flush_dirty();
+                self.flush_dirty(now);
             }
             if self.publishers.contains(key) {
                 self.drop_publisher(key);
             }
         }
         let keys: Vec<usize> = self.fanout.clients.iter().map(|(key, _)| key).collect();
+        let mut open = Vec::with_capacity(keys.len());
         for key in keys {
             let client = &self.fanout.clients[key];
             if client.is_handshaking() {
                 self.drop_client(key);
             } else if !client.is_draining() {
-                let close = (CloseCode::Away, "server shutting down");
-                self.close_client(key, DisconnectReason::Shutdown, Some(close), now);
+                open.push(key);
+            }
+        }
+        // Spread the 1001s over the drain window: one batch per tick, as many ticks as the
+        // window holds but no more batches than connections, so a few connections close at
+        // once and ten thousand reconnect over the whole window instead of in one storm.
+        let ticks = self.ticks.ticks_in(self.config.drain_window()).max(1) as usize;
+        let per_batch = open.len().div_ceil(ticks).max(1);
+        for (i, key) in open.into_iter().enumerate() {
+            let batch = (i / per_batch) as u64;
+            if batch == 0 {
+                self.close_for_shutdown(key, now);
+            } else {
+                self.arm(key, now.after(batch));
             }
         }
         let deadline = now.after(self.ticks.ticks_in(self.config.shutdown_timeout));
         self.timers.insert(deadline, TimerEvent::ShutdownDeadline);
+    }
+
+    fn close_for_shutdown(&mut self, key: usize, now: Tick) {
+        let close = (CloseCode::Away, "server shutting down");
+        self.close_client(key, DisconnectReason::Shutdown, Some(close), now);
     }
 
     /// Sweeps part of the hub, publishes the stats snapshot (dashboard on) and schedules the

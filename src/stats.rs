@@ -96,6 +96,7 @@ mod tests {
     fn gauges() -> Gauges {
         Gauges {
             channels: 2,
+            known_channels: 2,
             uptime_secs: 7,
             history_events: 3,
             history_bytes: 300,

@@ -58,7 +58,8 @@ impl TickSource {
 
     /// A duration in whole ticks, rounded up so that nothing fires early.
     pub fn ticks_in(&self, duration: Duration) -> u64 {
-        duration.as_nanos().div_ceil(self.tick.as_nanos()) as u64
+        let ticks = duration.as_nanos().div_ceil(self.tick.as_nanos());
+        u64::try_from(ticks).unwrap_or(u64::MAX)
     }
 
     /// How long from `now` until tick `t` begins (zero if it already has).
@@ -173,11 +174,25 @@ impl<T> TimerWheel<T> {
             return None;
         }
         let first = slot_of(self.now.after(1));
-        (0..SLOTS as u64).find_map(|distance| {
-            let slot = (first + distance as usize) % SLOTS;
-            let word = self.occupied[slot / 64];
-            (word & (1 << (slot % 64)) != 0).then(|| self.now.after(1 + distance))
-        })
+        let (word, bit) = (first / 64, first % 64);
+        // The occupancy map a word at a time, from `first` round to the bits of its own word
+        // below `first`: at most 17 words, whatever the number of timers.
+        for step in 0..=WORDS {
+            let index = (word + step) % WORDS;
+            let mut bits = self.occupied[index];
+            if step == 0 {
+                bits &= u64::MAX << bit;
+            } else if step == WORDS {
+                bits &= !(u64::MAX << bit);
+            }
+            if bits != 0 {
+                let slot = index * 64 + bits.trailing_zeros() as usize;
+                let distance = (slot + SLOTS - first) % SLOTS;
+                return Some(self.now.after(1 + distance as u64));
+            }
+        }
+        debug_assert!(false, "timers exist but no slot is marked occupied");
+        None
     }
 
     fn unlink(&mut self, index: usize) -> T {
@@ -282,6 +297,8 @@ mod tests {
             (&[10, 4, 30], 4, Some(10)),
             (&[SLOTS as u64 + 2], 0, Some(2)), // lower bound: same slot, later rotation
             (&[SLOTS as u64 + 2], 2, Some(SLOTS as u64 + 2)),
+            (&[SLOTS as u64 + 9], 10, Some(SLOTS as u64 + 9)), // wraps into first's own word
+            (&[200, 700], 100, Some(200)),                   // several words on
         ];
         for (timers, now, expected) in cases {
             let mut wheel = TimerWheel::new(Tick(0));

@@ -126,6 +126,18 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's channel and id, for an error reply about it.
+    pub fn channel_and_id(&self) -> (Option<&str>, Option<&RequestId>) {
+        match self {
+            Request::Subscribe { channel, id, .. } | Request::Unsubscribe { channel, id } => {
+                (Some(channel.as_str()), id.as_ref())
+            }
+            Request::Ping { id } | Request::Refresh { id, .. } => (None, id.as_ref()),
+        }
+    }
+}
+
 /// The last event a resuming client saw on a channel.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Since {

@@ -96,7 +96,6 @@ fn allocations_for_one_publish(n: usize) -> (u64, usize) {
     let server = TestServer::start_instrumented(
         |c| {
             c.max_connections = 20_000;
-            c.connect_rate_per_ip = 1e6; // every client comes from 127.0.0.1
             c.history_size = HISTORY; // on, and small enough to fill during the warm-up
             c.dashboard = Dashboard::Off; // a stats snapshot must not land in the window
         },

@@ -351,3 +351,22 @@ fn without_auth_refresh_is_refused_and_user_publishes_still_work() {
         1
     );
 }
+
+/// Issue 9, item 13: a validly signed token with the largest `exp` must not overflow the
+/// expiry arithmetic (a panic in debug builds, a wrap to "expired" in release).
+#[test]
+fn a_token_that_never_expires_in_practice_is_accepted() {
+    let server = TestServer::start_with(|c| {
+        with_auth(c);
+        c.jwt_leeway = Duration::from_secs(10);
+    });
+    let forever = sign(
+        &json!({"sub": "u1", "exp": u64::MAX}),
+        Algorithm::HS256,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    );
+    let mut ws = connect(&server, &forever);
+    assert_eq!(ws.recv()["type"], "connected");
+    ws.send(json!({"type": "ping", "id": 1}));
+    assert_eq!(ws.recv(), json!({"type": "pong", "id": 1}));
+}

@@ -91,13 +91,41 @@ fn no_gap_and_no_duplicate_when_publishes_race_the_replay() {
     flood.join().unwrap();
 }
 
+/// Issue 9, item 8: a blip on a channel that never had an event is not a gap, and an event
+/// published while the page was away is replayed, not reported as lost.
 #[test]
-fn a_channel_freed_before_any_publish_starts_a_new_epoch() {
+fn a_quiet_channel_resumes_at_seq_0_without_a_gap_and_replays_what_came_meanwhile() {
     let server = TestServer::start();
+    let mut ws = server.ws();
+    let epoch = ws.subscribe("fresh")["epoch"].as_str().unwrap().to_string();
+    ws.close_cleanly();
+    server.wait_until("the page is gone", |s| s.health()["channels"] == 0);
+    let mut again = server.ws();
+    let reply = resume(&mut again, "fresh", 0, &epoch);
+    assert_eq!(reply["epoch"], epoch.as_str(), "{reply}");
+    assert_eq!(reply["recovered"], true, "nothing was ever missed: {reply}");
+    again.close_cleanly();
+    server.wait_until("the page is gone", |s| s.health()["channels"] == 0);
+
+    publish_n(&server, "fresh", 1..=1);
+    let mut third = server.ws();
+    let reply = resume(&mut third, "fresh", 0, &epoch);
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_eq!(third.expect_event("fresh", 1), 1, "the event is replayed");
+}
+
+#[test]
+fn a_channel_forgotten_after_history_ttl_starts_a_new_epoch() {
+    let server = TestServer::start_with(|c| {
+        c.history_ttl = Duration::from_millis(100);
+        c.dashboard = Dashboard::Off; // its stats channel would stay known
+    });
     let mut ws = server.ws();
     let old = ws.subscribe("fresh")["epoch"].as_str().unwrap().to_string();
     ws.close_cleanly();
-    server.wait_until("the channel is freed", |s| s.health()["channels"] == 0);
+    server.wait_until("the sweep forgets the quiet channel", |s| {
+        s.metric("sidecast_channels_known") == 0
+    });
     publish_n(&server, "fresh", 1..=2);
     let mut again = server.ws();
     let reply = resume(&mut again, "fresh", 0, &old);

@@ -126,10 +126,63 @@ fn a_flooding_client_is_limited_then_closed_and_others_do_not_notice() {
 #[test]
 fn connections_per_ip_are_rate_limited_with_429() {
     // 1 per second, bursts of 2.
-    let server = TestServer::start_with(|c| c.connect_rate_per_ip = 1.0);
+    let server = TestServer::start_with(|c| c.connect_rate_per_ip = Some(1.0));
     let statuses: Vec<u16> = (0..5).map(|_| status_of(server.ws_raw("/ws"))).collect();
     assert_eq!(&statuses[..2], &[101, 101], "{statuses:?}");
     assert!(statuses[2..].contains(&429), "{statuses:?}");
+}
+
+/// Issue 9, item 5: behind a proxy every browser shares one address. By default 1000 of them
+/// reconnecting at once (a restart) all get in.
+#[test]
+fn by_default_a_thousand_clients_from_one_address_all_get_in() {
+    let server = TestServer::start_with(|c| c.max_connections = 2000);
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        held.push(
+            server
+                .ws_raw("/ws")
+                .expect("no 429 with the per-IP limit off by default"),
+        );
+    }
+    assert_eq!(server.health()["connections"], 1000);
+    assert_eq!(server.metric("sidecast_http_refusals_total"), 0);
+}
+
+/// With the limit on, a trusted proxy's X-Forwarded-For names the client, so one abusive
+/// browser behind the proxy is refused while another behind the same proxy is not; an
+/// untrusted peer cannot pick its own key by sending the header.
+#[test]
+fn behind_a_trusted_proxy_the_limit_keys_by_x_forwarded_for() {
+    let server = TestServer::start_with(|c| {
+        c.connect_rate_per_ip = Some(1.0);
+        c.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    });
+    let from =
+        |client: &str| status_of(server.ws_with_headers("/ws", &[("X-Forwarded-For", client)]));
+    let abusive: Vec<u16> = (0..4).map(|_| from("203.0.113.7")).collect();
+    assert_eq!(&abusive[..2], &[101, 101], "{abusive:?}");
+    assert!(abusive[2..].contains(&429), "{abusive:?}");
+    assert_eq!(
+        from("198.51.100.1"),
+        101,
+        "another client behind the same proxy"
+    );
+    assert_eq!(from("2001:db8:1:2::1"), 101);
+    assert_eq!(from("2001:db8:1:2::2"), 101);
+    assert_eq!(from("2001:db8:1:2::3"), 429, "IPv6 counts per /64");
+
+    let untrusted = TestServer::start_with(|c| c.connect_rate_per_ip = Some(1.0));
+    let spoofed: Vec<u16> = (0..4)
+        .map(|n| {
+            let forged = format!("192.0.2.{n}");
+            status_of(untrusted.ws_with_headers("/ws", &[("X-Forwarded-For", &forged)]))
+        })
+        .collect();
+    assert!(
+        spoofed.contains(&429),
+        "a forged header is ignored: {spoofed:?}"
+    );
 }
 
 #[test]

@@ -43,8 +43,6 @@ impl SpawnedServer {
                 "--heartbeat-timeout",
                 "20m",
             ])
-            // Every bench client comes from one loopback address.
-            .args(["--connect-rate-per-ip", "1000000"])
             .args([
                 "--listen",
                 &addr.to_string(),

@@ -72,6 +72,11 @@ impl TestServer {
         }
     }
 
+    /// Starts the graceful shutdown, as SIGTERM would; `Drop` then waits for it to finish.
+    pub fn shutdown(&self) {
+        self.handle.shutdown().expect("the server is running");
+    }
+
     /// A WebSocket client that has received its `connected` message.
     #[track_caller]
     pub fn ws(&self) -> Ws {

@@ -1,0 +1,350 @@
+//! Regression tests for issue 9 ("Hold under abuse and at production defaults"), named after
+//! its items. Each floods or stalls a real server and measures what it costs, with a tracking
+//! allocator that counts the bytes the server's thread holds, not only that it survives.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{PATIENCE, TestServer, Ws};
+use serde_json::json;
+use sidecast::config::Dashboard;
+
+struct Tracking;
+
+thread_local! {
+    static TRACKED: Cell<bool> = const { Cell::new(false) };
+}
+/// Bytes allocated and not yet freed by the tracked (server) thread.
+static LIVE: AtomicI64 = AtomicI64::new(0);
+/// The most `LIVE` has been since the last `reset_peak`.
+static PEAK: AtomicI64 = AtomicI64::new(0);
+/// One tracked server at a time: the counters are global.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn track(delta: i64) {
+    if TRACKED.with(Cell::get) {
+        let live = LIVE.fetch_add(delta, Ordering::Relaxed) + delta;
+        PEAK.fetch_max(live, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; it only counts.
+unsafe impl GlobalAlloc for Tracking {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        track(layout.size() as i64);
+        // SAFETY: the caller upholds `alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        track(-(layout.size() as i64));
+        // SAFETY: the caller upholds `dealloc`'s contract.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        track(new_size as i64 - layout.size() as i64);
+        // SAFETY: the caller upholds `realloc`'s contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Tracking = Tracking;
+
+/// A server whose thread's heap is tracked.
+fn tracked_server(configure: impl FnOnce(&mut sidecast::Config)) -> TestServer {
+    TestServer::start_instrumented(
+        |c| {
+            c.dashboard = Dashboard::Off; // no stats snapshots in the measurements
+            configure(c);
+        },
+        || TRACKED.with(|t| t.set(true)),
+    )
+}
+
+fn live() -> i64 {
+    LIVE.load(Ordering::Relaxed)
+}
+
+fn reset_peak() -> i64 {
+    let now = live();
+    PEAK.store(now, Ordering::Relaxed);
+    now
+}
+
+fn peak() -> i64 {
+    PEAK.load(Ordering::Relaxed)
+}
+
+/// A masked client frame with an empty payload (the mask key is all zeros).
+fn empty_masked(opcode: u8) -> [u8; 6] {
+    [0x80 | opcode, 0x80, 0, 0, 0, 0]
+}
+
+/// A masked text frame (mask key zero, so the payload goes as it is).
+fn masked_text(text: &str) -> Vec<u8> {
+    assert!(text.len() < 126);
+    let mut frame = vec![0x81, 0x80 | text.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(text.as_bytes());
+    frame
+}
+
+/// Writes `bytes` from another thread (the server may stop reading, or close), ignoring
+/// errors; returns when everything was written or the connection broke.
+fn flood(stream: &TcpStream, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
+    let mut stream = stream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for chunk in bytes.chunks(64 * 1024) {
+            if stream.write_all(chunk).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Item 1: 400,000 Pings from a client that never reads cost the server one pending Pong,
+/// not 400,000 of them; Pings count toward the message rate limit.
+#[test]
+fn issue_9_item_1_a_ping_flood_holds_one_pong() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = tracked_server(|c| {
+        // Isolate the Pong path from the rate limit.
+        c.rate_limit = 1e9;
+        c.rate_burst = u32::MAX;
+    });
+    let mut ws = server.ws();
+    let before = reset_peak();
+    let mut pings = Vec::with_capacity(400_000 * 6);
+    for _ in 0..400_000 {
+        pings.extend_from_slice(&empty_masked(0x9));
+    }
+    pings.extend_from_slice(&masked_text(r#"{"type":"subscribe","channel":"done"}"#));
+    flood(ws.raw(), pings).join().unwrap();
+    server.wait_until("every Ping was read", |s| s.health()["channels"] == 1);
+    let grew = peak() - before;
+    eprintln!("400,000 Pings: the server's heap peaked {grew} bytes above its start");
+    assert!(
+        grew < 64 * 1024,
+        "the server's heap grew by {grew} bytes under 2.4 MB of Pings"
+    );
+    drop(ws);
+
+    let limited = tracked_server(|c| {
+        c.rate_limit = 10.0;
+        c.rate_burst = 10;
+        c.rate_limit_strikes = 5;
+    });
+    let mut ws = limited.ws();
+    let pings: Vec<u8> = (0..1000).flat_map(|_| empty_masked(0x9)).collect();
+    ws.raw().write_all(&pings).unwrap();
+    let close = ws.expect_close();
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1008, "rate limit exceeded")
+    );
+}
+
+/// Item 2: 400,000 application pings in one burst are closed with 1008 after the rate limit,
+/// and parsing stops there: the server reads a bounded amount per pass, and once the
+/// connection is gone its heap is back where it was.
+#[test]
+fn issue_9_item_2_an_app_ping_flood_is_cut_and_leaves_nothing_behind() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = tracked_server(|_| {});
+    let mut neighbour = server.ws();
+    let before = reset_peak();
+    let mut ws = server.ws();
+    let ping = masked_text(r#"{"type":"ping"}"#);
+    let burst: Vec<u8> = (0..400_000).flat_map(|_| ping.iter().copied()).collect();
+    let writer = flood(ws.raw(), burst);
+    let close = ws.expect_close();
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1008, "rate limit exceeded")
+    );
+    drop(ws);
+    writer.join().unwrap();
+    let grew = peak() - before;
+    eprintln!("400,000 app pings: the server's heap peaked {grew} bytes above its start");
+    assert!(
+        grew < 256 * 1024,
+        "the heap grew by {grew} bytes under an 8 MB burst"
+    );
+    server.wait_until("the flooder's memory is given back", |_| {
+        live() - before < 32 * 1024
+    });
+    neighbour.send(json!({"type": "ping", "id": 1}));
+    assert_eq!(neighbour.recv(), json!({"type": "pong", "id": 1}));
+}
+
+/// Item 4: what a stalled reader can pin is bounded in the kernel too (`send_buffer_size`),
+/// and a reader that stops for `write_stall_timeout` is cut even while its queue is small.
+#[test]
+fn issue_9_item_4_a_stalled_reader_pins_little_kernel_memory_and_is_cut_in_time() {
+    let server = TestServer::start_with(|c| {
+        c.max_output_buffer = 64 * 1024;
+        c.send_buffer_size = 16 * 1024;
+        c.dashboard = Dashboard::Off;
+    });
+    let mut stalled = server.ws();
+    stalled.subscribe("video");
+    // One event per round trip, so every event is flushed before the next: the kernel's
+    // buffers fill before the queue does.
+    let event = json!({"id": 1, "channel": "video", "data": "x".repeat(1000)}).to_string();
+    let mut publisher = server.publisher();
+    let started = Instant::now();
+    loop {
+        assert!(started.elapsed() < PATIENCE, "never cut");
+        publisher.send(&event);
+        if publisher.reply()["delivered"] == 0 {
+            break; // cut
+        }
+    }
+    // Everything written left the queue and sits in the kernel: in the server's send buffer
+    // (bounded by `send_buffer_size`, which Linux doubles) or in the client's receive buffer,
+    // which is the client's to size.
+    let written = server.metric("sidecast_bytes_written_total") as usize;
+    let client_side = socket2::SockRef::from(&*stalled.raw())
+        .recv_buffer_size()
+        .unwrap();
+    let server_side = written.saturating_sub(client_side);
+    eprintln!("stalled reader: {written} bytes written, {client_side} B client receive buffer");
+    assert!(
+        server_side <= 2 * 16 * 1024 + 16 * 1024,
+        "{server_side} bytes waited in the server's send buffer ({written} written, \
+         {client_side} held by the client)"
+    );
+
+    let server = TestServer::start_with(|c| {
+        c.write_stall_timeout = Duration::from_millis(300);
+        c.send_buffer_size = 4096;
+        c.dashboard = Dashboard::Off;
+    });
+    let mut stalled = server.ws();
+    stalled.subscribe("slow");
+    let mut publisher = server.publisher();
+    let started = Instant::now();
+    let mut published = 0;
+    while server.metric("sidecast_disconnects_total{reason=\"slow_consumer\"}") == 0 {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "a stalled reader was never cut"
+        );
+        publisher.send(&json!({"channel": "slow", "data": "y".repeat(500)}).to_string());
+        published += 560;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        published < 1024 * 1024 / 2,
+        "cut by the time rule, far below max_output_buffer ({published} bytes published)"
+    );
+}
+
+/// Item 6: a worker pool of 200 processes publishes at once, and an idle publisher costs
+/// the server's heap well under a KiB once it has published.
+#[test]
+fn issue_9_item_6_two_hundred_publishers_at_once_and_what_an_idle_one_costs() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = tracked_server(|_| {});
+    let mut watcher = server.ws();
+    watcher.subscribe("jobs");
+    let before = live();
+    let mut workers: Vec<_> = (0..200).map(|_| server.publisher()).collect();
+    for (n, worker) in workers.iter_mut().enumerate() {
+        worker.send(&json!({"id": n, "channel": "jobs", "data": n}).to_string());
+    }
+    for worker in &mut workers {
+        assert_eq!(worker.reply()["ok"], true);
+    }
+    for _ in 0..200 {
+        watcher.recv();
+    }
+    let per_publisher = (live() - before) / 200;
+    eprintln!("an idle publisher holds {per_publisher} bytes of the server's heap");
+    assert!(
+        per_publisher < 1024,
+        "an idle publisher holds {per_publisher} bytes of the server's heap"
+    );
+}
+
+/// Item 7: a graceful shutdown spreads its 1001s over `shutdown_drain`, so 1000 pages do
+/// not all reconnect in the same instant.
+#[test]
+fn issue_9_item_7_shutdown_spreads_a_thousand_closes_over_the_drain_window() {
+    let server = TestServer::start_with(|c| {
+        c.shutdown_drain = Duration::from_secs(1);
+        c.max_connections = 2000;
+        c.dashboard = Dashboard::Off;
+    });
+    let mut clients: Vec<Ws> = (0..1000).map(|_| server.ws()).collect();
+    let streams: Vec<&mut TcpStream> = clients.iter_mut().map(Ws::raw).collect();
+    for stream in &streams {
+        stream.set_nonblocking(true).unwrap();
+    }
+    let started = Instant::now();
+    server.shutdown();
+    let mut closed_at: Vec<Option<Duration>> = vec![None; streams.len()];
+    let mut buf = [0u8; 256];
+    while closed_at.iter().any(Option::is_none) {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "not every client got its close"
+        );
+        for (i, stream) in streams.iter().enumerate() {
+            if closed_at[i].is_none() {
+                let mut reader: &TcpStream = stream;
+                match reader.read(&mut buf) {
+                    Ok(n) if n >= 4 && buf[0] == 0x88 => {
+                        assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), 1001);
+                        closed_at[i] = Some(started.elapsed());
+                    }
+                    Ok(0) => panic!("client {i} was dropped without a close frame"),
+                    _ => {}
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut times: Vec<Duration> = closed_at.into_iter().flatten().collect();
+    times.sort();
+    let spread = times[times.len() - 1] - times[0];
+    let median = times[times.len() / 2] - times[0];
+    eprintln!(
+        "1000 closes: first {:?}, median +{median:?}, last +{spread:?}",
+        times[0]
+    );
+    assert!(
+        spread >= Duration::from_millis(700) && median >= Duration::from_millis(300),
+        "closes bunched: last +{spread:?}, median +{median:?}"
+    );
+}
+
+/// Item 10: an error about a request, a rate-limited one included, names its channel and id,
+/// so the client can tell which request was dropped and retry it.
+#[test]
+fn issue_9_item_10_a_rate_limited_request_is_named_in_its_error() {
+    let server = TestServer::start_with(|c| {
+        c.rate_limit = 1.0;
+        c.rate_burst = 1;
+        c.rate_limit_strikes = 10;
+    });
+    let mut ws = server.ws();
+    ws.send(json!({"type": "subscribe", "channel": "a", "id": 1}));
+    ws.send(json!({"type": "subscribe", "channel": "b", "id": 2}));
+    assert_eq!(ws.recv()["type"], "subscribed");
+    let error = ws.recv();
+    assert_eq!(error["code"], "rate_limited", "{error}");
+    assert_eq!(
+        (&error["channel"], &error["id"]),
+        (&json!("b"), &json!(2)),
+        "{error}"
+    );
+}
