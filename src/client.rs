@@ -56,14 +56,22 @@ const MAX_IOVECS: usize = 64;
 /// A push past it is refused and marks the queue *overflowed*, which makes the connection a
 /// slow consumer. Only the last words of a connection, one Close frame or one HTTP response,
 /// go in unchecked, so that a slow consumer can still be told why it is closed.
+///
+/// Fields are packed (32-bit offset, limit and tick) because every connection holds one:
+/// chunks are at most a frame of `max_publish_line` or an HTTP response, far below 4 GiB
+/// (`Config` caps the sizes at 1 GiB).
 pub struct OutQueue {
     chunks: VecDeque<Bytes>,
-    /// Bytes of the front chunk already written.
-    offset: usize,
     /// Unsent bytes in total.
     len: usize,
+    /// Bytes of the front chunk already written.
+    offset: u32,
     /// Unsent bytes allowed.
-    limit: usize,
+    limit: u32,
+    /// While `is_stalled`: the tick (its low 32 bits) since which queued bytes have not moved.
+    stalled_since: u32,
+    /// Bytes are queued and the last flush wrote none of them.
+    is_stalled: bool,
     /// A push was refused for going over `limit`.
     overflowed: bool,
     /// The last chunk is a Pong that has not started to leave: a newer Pong replaces it.
@@ -75,9 +83,11 @@ impl OutQueue {
     pub fn new(limit: usize) -> OutQueue {
         OutQueue {
             chunks: VecDeque::new(),
-            offset: 0,
             len: 0,
-            limit,
+            offset: 0,
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            stalled_since: 0,
+            is_stalled: false,
             overflowed: false,
             pong_at_tail: false,
         }
@@ -86,7 +96,7 @@ impl OutQueue {
     /// Appends a chunk if it fits within the limit. Returns false, and marks the queue
     /// overflowed, when it does not.
     pub fn push(&mut self, chunk: Bytes) -> bool {
-        if self.overflowed || self.len + chunk.len() > self.limit {
+        if self.overflowed || self.len + chunk.len() > self.limit as usize {
             self.overflowed = true;
             return false;
         }
@@ -127,6 +137,24 @@ impl OutQueue {
         self.overflowed
     }
 
+    /// True when queued bytes have not moved for `stall` ticks.
+    pub fn is_stalled(&self, now: Tick, stall: u64) -> bool {
+        // Wrapping 32-bit ticks: exact for stalls under 497 days.
+        let stalled_for = (now.0 as u32).wrapping_sub(self.stalled_since);
+        self.is_stalled && u64::from(stalled_for) >= stall
+    }
+
+    /// Records how a flush at `now` went: a stall begins when bytes stay queued and none
+    /// moved, and ends when some do.
+    fn note_flush(&mut self, written: usize, now: Tick) {
+        if self.is_empty() {
+            self.is_stalled = false;
+        } else if written > 0 || !self.is_stalled {
+            self.is_stalled = true;
+            self.stalled_since = now.0 as u32;
+        }
+    }
+
     /// Unsent bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -148,7 +176,7 @@ impl OutQueue {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut count = 0;
             for (i, chunk) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
-                let start = if i == 0 { self.offset } else { 0 };
+                let start = if i == 0 { self.offset as usize } else { 0 };
                 slices[i] = IoSlice::new(&chunk[start..]);
                 count += 1;
             }
@@ -172,7 +200,10 @@ impl OutQueue {
         let keep = usize::from(self.offset > 0);
         self.chunks.truncate(keep);
         self.pong_at_tail = false;
-        self.len = self.chunks.front().map_or(0, |c| c.len() - self.offset);
+        self.len = self
+            .chunks
+            .front()
+            .map_or(0, |c| c.len() - self.offset as usize);
         if keep == 0 {
             self.offset = 0;
         }
@@ -186,9 +217,9 @@ impl OutQueue {
                 .front()
                 .expect("consumed more than queued")
                 .len();
-            let left = front - self.offset;
+            let left = front - self.offset as usize;
             if n < left {
-                self.offset += n;
+                self.offset += n as u32;
                 return;
             }
             n -= left;
@@ -413,9 +444,6 @@ pub struct ClientConn {
     /// When the oldest event still queued here was read from its publisher, in microseconds
     /// since the server started; 0 when no event is queued.
     pub event_pending_since_us: u64,
-    /// Since when queued output has not moved: the tick of the last flush that wrote
-    /// something (or found the queue empty) while bytes remain. `None` while nothing waits.
-    stalled_since: Option<Tick>,
     socket: TcpStream,
     phase: Phase,
     out: OutQueue,
@@ -439,7 +467,6 @@ impl ClientConn {
             wants_writable: false,
             close_reason: None,
             event_pending_since_us: 0,
-            stalled_since: None,
             socket,
             phase: Phase::Request { head: Vec::new() },
             out: OutQueue::new(max_output_buffer),
@@ -471,7 +498,7 @@ impl ClientConn {
     /// `stall` ticks: either way the peer does not keep up, and the connection is a slow
     /// consumer.
     pub fn is_slow(&self, now: Tick, stall: u64) -> bool {
-        self.out.is_overflowed() || self.stalled_since.is_some_and(|t| now.since(t) >= stall)
+        self.out.is_overflowed() || self.out.is_stalled(now, stall)
     }
 
     /// When a frame was last received, for an open WebSocket.
@@ -697,11 +724,7 @@ impl ClientConn {
     /// A fatal socket error; the connection must be dropped.
     pub fn flush(&mut self, now: Tick) -> io::Result<usize> {
         let written = self.out.write_to(&mut self.socket)?;
-        self.stalled_since = match self.stalled_since {
-            _ if self.out.is_empty() => None,
-            Some(since) if written == 0 => Some(since),
-            _ => Some(now),
-        };
+        self.out.note_flush(written, now);
         if self.out.is_empty() && self.is_draining() && !self.write_shut {
             self.write_shut = true;
             // The peer may already be gone; dropping the connection then is right anyway.

@@ -784,6 +784,17 @@ impl Config {
                 return invalid(key, format!("must be at least {minimum}, got {value}"));
             }
         }
+        // A connection's queue counts in 32 bits (see `OutQueue`).
+        const MAXIMUM: usize = 1 << 30;
+        for (key, value) in [
+            ("max_output_buffer", self.max_output_buffer),
+            ("max_publish_line", self.max_publish_line),
+            ("max_message_size", self.max_message_size),
+        ] {
+            if value > MAXIMUM {
+                return invalid(key, format!("must be at most 1GiB, got {value}"));
+            }
+        }
         Ok(())
     }
 }
@@ -935,6 +946,8 @@ mod tests {
         assert!(error.unwrap_err().to_string().contains("heartbeat_timeout"));
         let error = from_flags(&["--max-connections", "0"]);
         assert!(error.unwrap_err().to_string().contains("max_connections"));
+        let error = from_flags(&["--max-output-buffer", "2GiB"]);
+        assert!(error.unwrap_err().to_string().contains("max_output_buffer"));
         let error = from_flags(&["--connect-rate-per-ip", "0"]);
         assert!(
             error

@@ -76,12 +76,13 @@ pub enum Route {
 }
 
 /// A request refused before any upgrade, with its HTTP status.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// 400: the head is not valid HTTP/1.x, or the upgrade is malformed.
     BadRequest(&'static str),
-    /// 403: the `Origin` is not allowed (or missing while `require_origin` is on).
-    Forbidden,
+    /// 403: the `Origin` is not allowed (or missing while `require_origin` is on). Carries
+    /// the origin, for the operator's log.
+    Forbidden(Option<String>),
     /// 404: unknown path.
     NotFound,
     /// 405: a method other than GET.
@@ -98,10 +99,10 @@ pub enum Refusal {
 
 impl Refusal {
     /// The complete HTTP response, which closes the connection.
-    pub fn response(self) -> Vec<u8> {
-        let (status, extra, body) = match self {
+    pub fn response(&self) -> Vec<u8> {
+        let (status, extra, body) = match *self {
             Refusal::BadRequest(why) => ("400 Bad Request", "", why),
-            Refusal::Forbidden => ("403 Forbidden", "", "origin not allowed"),
+            Refusal::Forbidden(_) => ("403 Forbidden", "", "origin not allowed"),
             Refusal::NotFound => ("404 Not Found", "", "not found"),
             Refusal::MethodNotAllowed => ("405 Method Not Allowed", "Allow: GET\r\n", "only GET"),
             Refusal::UpgradeRequired => (
@@ -200,8 +201,9 @@ fn upgrade(
     if !has_token("Upgrade", "websocket") || !has_token("Connection", "upgrade") {
         return Err(Refusal::UpgradeRequired);
     }
-    if !origins.permits(header("Origin").map(str::trim), header("Host")) {
-        return Err(Refusal::Forbidden);
+    let origin = header("Origin").map(str::trim);
+    if !origins.permits(origin, header("Host")) {
+        return Err(Refusal::Forbidden(origin.map(str::to_string)));
     }
     if header("Sec-WebSocket-Version").map(str::trim) != Some("13") {
         return Err(Refusal::UpgradeRequired);
@@ -440,7 +442,10 @@ mod tests {
         }
         let request =
             upgrade_request("/ws").replace("Host: x", "Host: x\r\nOrigin: https://evil.example");
-        assert_eq!(route(&request), Err(Refusal::Forbidden));
+        assert_eq!(
+            route(&request),
+            Err(Refusal::Forbidden(Some("https://evil.example".into())))
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! configuration or usage.
 
 use std::io::{self, BufRead};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -139,7 +139,7 @@ fn publish_one(socket: &PathBuf, channel: &str, json: &str) -> ExitCode {
         }
     };
     let result = Publisher::connect(socket)
-        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))
+        .map_err(|e| unreachable_socket(socket, &e))
         .and_then(|mut p| {
             p.publish_confirmed(channel, data)
                 .map_err(|e| e.to_string())
@@ -159,10 +159,36 @@ fn publish_one(socket: &PathBuf, channel: &str, json: &str) -> ExitCode {
     }
 }
 
+/// Why the publish socket cannot be reached, and what to check.
+fn unreachable_socket(socket: &Path, error: &io::Error) -> String {
+    let path = socket.display();
+    let hint = match error.kind() {
+        io::ErrorKind::NotFound => {
+            format!("no socket there: is `sidecast serve` running, with --publish-socket {path}?")
+        }
+        io::ErrorKind::ConnectionRefused => {
+            "the file exists but no server listens on it (left by a stopped server?)".into()
+        }
+        io::ErrorKind::PermissionDenied => {
+            "permission denied: the socket's mode is publish_socket_mode (0660 by default); \
+             run as its owner or group"
+                .into()
+        }
+        _ => error.to_string(),
+    };
+    format!("cannot connect to {path}: {hint}")
+}
+
 /// Forwards stdin line by line, then prints every reply until the server closes.
 fn publish_stdin(socket: &PathBuf) -> ExitCode {
-    let run = || -> io::Result<bool> {
-        let mut publisher = Publisher::connect(socket)?;
+    let mut publisher = match Publisher::connect(socket) {
+        Ok(publisher) => publisher,
+        Err(e) => {
+            eprintln!("sidecast: {}", unreachable_socket(socket, &e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut run = || -> io::Result<bool> {
         for line in io::stdin().lock().lines() {
             publisher.send_line(&line?)?;
         }

@@ -72,6 +72,8 @@ const PUBLISH_READ_BUFFER: usize = 64 * 1024;
 const ACCEPT_BACKOFF_TICKS: u64 = 10;
 /// Time between two housekeeping rounds: a history sweep and a stats snapshot.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// At most one log line about refused upgrades per this interval (see `RefusalLog`).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Channel slots one history sweep examines: a full cycle over a million channels takes
 /// about four minutes, at a bounded cost per round.
 const SWEEP_SLOTS: usize = 4096;
@@ -87,6 +89,26 @@ enum TimerEvent {
     Housekeeping,
     /// The graceful shutdown's time is up.
     ShutdownDeadline,
+}
+
+/// Rate-limits the info line about refused upgrades: a misconfigured page retries forever,
+/// and the log must say so without repeating it a thousand times.
+#[derive(Default)]
+struct RefusalLog {
+    quiet_until: Tick,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    /// Whether a line may be logged now; if so, how many were held back since the last one.
+    fn admit(&mut self, now: Tick, interval: u64) -> Option<u64> {
+        if now < self.quiet_until {
+            self.suppressed += 1;
+            return None;
+        }
+        self.quiet_until = now.after(interval);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 /// Asks a running [`Server`] to shut down gracefully, from any thread.
@@ -538,6 +560,7 @@ pub struct Server {
     ready_clients: Vec<ConnId>,
     /// `write_stall_timeout` in ticks.
     stall_ticks: u64,
+    refusal_log: RefusalLog,
     expired: Vec<TimerEvent>,
 }
 
@@ -667,6 +690,7 @@ impl Server {
             publish_input: vec![0; PUBLISH_READ_BUFFER].into_boxed_slice(),
             ready_clients: Vec::new(),
             stall_ticks,
+            refusal_log: RefusalLog::default(),
             expired: Vec::new(),
         })
     }
@@ -1119,6 +1143,34 @@ impl Server {
             client.id.generation,
             client.peer
         );
+        // What an operator must hear of: a page that will retry forever until they act.
+        let advice = match &refusal {
+            Refusal::Forbidden(Some(origin)) => Some(format!(
+                "refused a WebSocket from a page at origin {origin}: not allowed (allow it with \
+                 --allowed-origin {origin}, or allowed_origin in the config file)"
+            )),
+            Refusal::Forbidden(None) => Some(
+                "refused a WebSocket without an Origin header: require_origin is on".to_string(),
+            ),
+            Refusal::TooManyRequests => Some(format!(
+                "refused a WebSocket from {}: over connect_rate_per_ip ({}/s); behind a proxy, \
+                 list it in trusted_proxies",
+                client.peer.ip(),
+                self.config.connect_rate_per_ip.unwrap_or_default()
+            )),
+            _ => None,
+        };
+        if let Some(advice) = advice
+            && let Some(suppressed) = self
+                .refusal_log
+                .admit(now, self.ticks.ticks_in(REFUSAL_LOG_INTERVAL))
+        {
+            let more = match suppressed {
+                0 => String::new(),
+                n => format!(" ({n} more refusals since the last such line)"),
+            };
+            log::info!("{advice}{more}");
+        }
         client.respond(refusal.response());
         self.fanout.metrics.http_refusals += 1;
         self.fanout.outbox.mark_dirty(client);

@@ -21,7 +21,7 @@ const SLOTS: usize = 1024;
 const WORDS: usize = SLOTS / 64;
 
 /// A point in time, counted in ticks since the [`TickSource`] started.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Tick(pub u64);
 
 impl Tick {
@@ -298,7 +298,7 @@ mod tests {
             (&[SLOTS as u64 + 2], 0, Some(2)), // lower bound: same slot, later rotation
             (&[SLOTS as u64 + 2], 2, Some(SLOTS as u64 + 2)),
             (&[SLOTS as u64 + 9], 10, Some(SLOTS as u64 + 9)), // wraps into first's own word
-            (&[200, 700], 100, Some(200)),                   // several words on
+            (&[200, 700], 100, Some(200)),                     // several words on
         ];
         for (timers, now, expected) in cases {
             let mut wheel = TimerWheel::new(Tick(0));

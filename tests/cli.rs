@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{PATIENCE, RawPublisher, Ws};
@@ -20,6 +21,8 @@ struct Process {
     child: Child,
     addr: SocketAddr,
     socket: PathBuf,
+    /// Every log line after the first, as the server writes them.
+    log: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -53,12 +56,40 @@ impl Process {
             .parse()
             .unwrap();
         // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
         Process {
             child,
             addr,
             socket,
+            log,
             _dir: dir,
+        }
+    }
+
+    /// Waits until a log line contains `needle`, and returns every such line.
+    #[track_caller]
+    fn wait_for_log(&self, needle: &str) -> Vec<String> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let found: Vec<String> = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|line| line.contains(needle))
+                .cloned()
+                .collect();
+            if !found.is_empty() {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "no log line with {needle:?}");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -329,4 +360,55 @@ fn the_jwt_secret_can_come_from_the_environment() {
         (u16::from(close.code), close.reason.as_str()),
         (4001, "unauthorized")
     );
+}
+
+/// Issue 9, item 12: a page refused by the origin check retries forever; the operator learns
+/// of it at the default log level, once per interval, with the setting that fixes it.
+#[test]
+fn refused_origins_are_logged_at_info_with_the_fix_and_rate_limited() {
+    let server = Process::serve(&[]);
+    for _ in 0..5 {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        write!(
+            stream,
+            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Origin: https://app.example.com\r\n\r\n",
+            server.addr
+        )
+        .unwrap();
+        let mut response = String::new();
+        let _ = std::io::Read::read_to_string(&mut stream, &mut response);
+        assert!(response.starts_with("HTTP/1.1 403"), "{response}");
+    }
+    let lines = server.wait_for_log("origin https://app.example.com");
+    assert!(
+        lines[0].contains("--allowed-origin https://app.example.com"),
+        "{lines:?}"
+    );
+    assert_eq!(lines.len(), 1, "five refusals, one line: {lines:?}");
+}
+
+/// Issue 9, item 15: a publish that cannot reach the socket says whether a server runs there.
+#[test]
+fn publish_explains_a_missing_or_stale_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let stderr_of = |socket: &Path| {
+        let output = Command::new(BIN)
+            .args(["publish", "--socket", socket.to_str().unwrap(), "a", "1"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        String::from_utf8(output.stderr).unwrap()
+    };
+    let missing = dir.path().join("missing.sock");
+    assert!(
+        stderr_of(&missing).contains("is `sidecast serve` running"),
+        "{}",
+        stderr_of(&missing)
+    );
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stderr_of(&stale).contains("no server listens on it"));
 }

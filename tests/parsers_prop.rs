@@ -82,7 +82,27 @@ proptest! {
             }
             Ok(None) => prop_assert!(request.len() < MAX_HEADER),
             Err(Refusal::MethodNotAllowed) => prop_assert_ne!(method.as_str(), "GET"),
-            Err(refusal) => prop_assert!(!refusal.response().is_empty()),
+            Err(refusal) => {
+                let bare = path.split('?').next().unwrap();
+                match &refusal {
+                    Refusal::NotFound => prop_assert!(
+                        !["/ws", "/health", "/metrics"].contains(&bare) && Asset::at(bare).is_none(),
+                        "{bare} exists"
+                    ),
+                    Refusal::UpgradeRequired | Refusal::Forbidden(_) => prop_assert_eq!(bare, "/ws"),
+                    Refusal::HeaderTooLarge => prop_assert!(request.len() > MAX_HEADER),
+                    Refusal::BadRequest(_) => {} // a malformed head, or a bad upgrade key
+                    Refusal::MethodNotAllowed | Refusal::TooManyRequests | Refusal::Busy => {
+                        prop_assert!(false, "the parser never refuses a GET with {refusal:?}")
+                    }
+                }
+                // A complete response: a 4xx status line, and the body the head declares.
+                let response = String::from_utf8(refusal.response()).unwrap();
+                let (head, body) = response.split_once("\r\n\r\n").unwrap();
+                prop_assert!(head.starts_with("HTTP/1.1 4"), "{head}");
+                let declared = format!("Content-Length: {}\r\n", body.len());
+                prop_assert!(head.contains(declared.trim_end()), "{head}");
+            }
         }
     }
 
