@@ -15,10 +15,26 @@ export interface EventMeta {
 
 /** An `error` reply from the server, or a client-side failure. */
 export interface SidecastError {
-  /** A protocol error code (e.g. "forbidden"), a close code (4001, 4003), or "connect_failed" / "get_token_failed". */
+  /**
+   * A protocol error code (e.g. "forbidden"), a close code (4001, 4003, 4008), or a client
+   * code: "connect_failed", "get_token_failed", "unreachable".
+   */
   code: string | number;
   message: string;
+  /** The channel of the refused request, when it had one. */
   channel?: string;
+  /** The id of the refused request, when it had one. */
+  id?: number | string;
+  /** True when the client has stopped reconnecting because of it. */
+  fatal?: boolean;
+}
+
+/** An event the server directed to this page's user (`{"user": ...}` on the publish port). */
+export interface UserEvent<T = Json> {
+  data: T;
+  /** `user:<userId>`. */
+  channel: string;
+  seq: number;
 }
 
 export interface SidecastOptions {
@@ -60,12 +76,15 @@ export interface SidecastEvents {
   gap: { channel: string };
   error: SidecastError;
   broadcast: Json;
+  user: UserEvent;
 }
 
 export declare class Sidecast {
   /** Connects at once and keeps reconnecting until `close()`. */
   constructor(url: string, options?: SidecastOptions);
   readonly status: Status;
+  /** The authenticated user (the token's `sub`) once connected; null with authentication off. */
+  readonly userId: string | null;
   on<K extends keyof SidecastEvents>(event: K, listener: (value: SidecastEvents[K]) => void): () => void;
   subscribe<T = Json>(
     channel: string,

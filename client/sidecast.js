@@ -10,15 +10,24 @@
 //   client resumes with `since` {seq, epoch} and drops any event it has already delivered;
 // - exactly one WebSocket is current; events from an abandoned one are ignored;
 // - requests leave within the message budget the server announces in `connected`, so the
-//   server's rate limit never drops one (a page may resubscribe to 100 channels at once).
+//   server's rate limit never drops one (a page may resubscribe to 100 channels at once); one
+//   it drops anyway (its error names the request's id) is sent again;
+// - the queue of requests waiting for the budget holds at most one per channel (the latest
+//   wish wins) and one ping, so it is bounded by the page's own channels;
+// - an error about a request only affects the subscription that request made: a late refusal
+//   of an old subscribe never removes a newer subscription to the same channel.
 
 const CHANNEL_NAME = /^[A-Za-z0-9_:.-]{1,128}$/;
 
 /** Close codes after which reconnecting cannot help (4001 only without `getToken`). */
 const UNAUTHORIZED = 4001;
 const DISCONNECTED_BY_SERVER = 4003;
+/** The user is at `max_connections_per_user`: reported, and retried with the backoff. */
+const TOO_MANY_CONNECTIONS = 4008;
 /** What a browser reports for a connection lost without a close: used for the watchdog's. */
 const ABNORMAL_CLOSURE = 1006;
+/** Consecutive attempts that never reach `connected` before the page is told (once). */
+const UNREACHABLE_AFTER = 3;
 /** setTimeout's longest delay; a longer one would fire at once. */
 const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 
@@ -57,10 +66,17 @@ export class Sidecast {
   #watchdogTimer = null;
   #stableTimer = null;
   #refreshTimer = null;
-  /** Requests waiting for the budget: { rate, burst, tokens, at } on this connection. */
-  #outbox = [];
+  /** Requests waiting for the budget, by key (a channel, or the type): the latest wins. */
+  #outbox = new Map();
+  /** { rate, burst, tokens, at } on this connection. */
   #budget = null;
   #outboxTimer = null;
+  /** Requests sent and not answered yet, by id. */
+  #inFlight = new Map();
+  #nextId = 1;
+  #userId = null;
+  /** Attempts since the last `connected`; the page hears of it once at UNREACHABLE_AFTER. */
+  #failedAttempts = 0;
 
   /**
    * @param {string} url the server's WebSocket URL, e.g. "ws://localhost:3001/ws"
@@ -68,6 +84,9 @@ export class Sidecast {
    */
   constructor(url, options = {}) {
     this.#url = new URL(url);
+    if (this.#url.protocol !== "ws:" && this.#url.protocol !== "wss:") {
+      throw new TypeError(`${JSON.stringify(url)} is not a ws:// or wss:// URL`);
+    }
     this.#options = { ...DEFAULTS, ...options };
     this.#token = options.token;
     this.#start();
@@ -78,9 +97,15 @@ export class Sidecast {
     return this.#status;
   }
 
+  /** The authenticated user (`sub`) from the server's `connected`; null with auth off. */
+  get userId() {
+    return this.#userId;
+  }
+
   /**
-   * Listens to "status" (s), "gap" ({channel}), "error" ({code, message, ...}) or
-   * "broadcast" (data). Returns a function that stops listening.
+   * Listens to "status" (s), "gap" ({channel}), "error" ({code, message, ...}),
+   * "broadcast" (data) or "user" ({data, channel, seq}: an event the server directed to this
+   * page's user). Returns a function that stops listening.
    */
   on(event, listener) {
     if (!this.#listeners.has(event)) this.#listeners.set(event, new Set());
@@ -102,9 +127,9 @@ export class Sidecast {
     const sub = { onEvent, onGap: options.onGap, onError: options.onError };
     let state = this.#channels.get(channel);
     if (!state) {
-      state = { seq: null, epoch: null, subs: new Set() };
+      state = { seq: null, epoch: null, subs: new Set(), requestId: null };
       this.#channels.set(channel, state);
-      if (this.#status === "connected") this.#send({ type: "subscribe", channel });
+      if (this.#status === "connected") this.#subscribeOnServer(channel, state);
     }
     state.subs.add(sub);
     return {
@@ -145,8 +170,13 @@ export class Sidecast {
     try {
       ws = new WebSocketImpl(url.href);
     } catch (error) {
-      this.#emit("error", { code: "connect_failed", message: String(error) });
-      this.#scheduleReconnect();
+      // The browser refused the URL itself (a blocked port, mixed content...): retrying the
+      // same URL cannot help, so the client stops and says why.
+      // (Later, so listeners added right after the constructor hear of it too.)
+      this.#closed = true;
+      this.#setStatus("disconnected");
+      const fatal = { code: "connect_failed", message: String(error), fatal: true };
+      queueMicrotask(() => this.#emit("error", fatal));
       return;
     }
     this.#ws = ws;
@@ -166,6 +196,8 @@ export class Sidecast {
     }
     switch (msg.type) {
       case "connected":
+        this.#failedAttempts = 0;
+        this.#userId = msg.userId ?? null;
         this.#heartbeatMs = msg.heartbeatMs || this.#heartbeatMs;
         this.#budget = {
           rate: msg.rateLimit || 20,
@@ -176,16 +208,19 @@ export class Sidecast {
         this.#armWatchdog(this.#heartbeatMs / 2);
         this.#stableTimer = setTimeout(() => (this.#attempt = 0), this.#options.stableAfterMs);
         this.#scheduleRefresh();
-        for (const [channel, state] of this.#channels) {
-          const since = state.epoch === null ? undefined : { seq: state.seq, epoch: state.epoch };
-          this.#send({ type: "subscribe", channel, since });
-        }
+        for (const [channel, state] of this.#channels) this.#subscribeOnServer(channel, state);
         this.#setStatus("connected");
         break;
       case "subscribed":
+        this.#inFlight.delete(msg.id);
         this.#onSubscribed(msg);
         break;
+      case "unsubscribed":
+      case "pong":
+        this.#inFlight.delete(msg.id);
+        break;
       case "refreshed":
+        this.#inFlight.delete(msg.id);
         this.#scheduleRefresh();
         break;
       case "event":
@@ -214,6 +249,10 @@ export class Sidecast {
   }
 
   #onEvent({ channel, seq, data }) {
+    if (this.#userId !== null && channel === `user:${this.#userId}`) {
+      // Directed to this page's user: it arrives whether or not the page subscribed, once.
+      this.#emit("user", { data, channel, seq });
+    }
     const state = this.#channels.get(channel);
     if (!state || (state.seq !== null && seq <= state.seq)) return;
     state.seq = seq;
@@ -222,23 +261,68 @@ export class Sidecast {
   }
 
   #onError(error) {
+    const request = this.#inFlight.get(error.id);
+    this.#inFlight.delete(error.id);
+    if (error.code === "rate_limited" && request) {
+      // Dropped by the server's limit after all (its clock runs apart from ours): wait for
+      // a full refill and send it again, if it is still what the page wants.
+      if (this.#budget) this.#budget.tokens = 0;
+      this.#retry(request);
+      return;
+    }
     const state = error.channel === undefined ? undefined : this.#channels.get(error.channel);
     const refusesSubscription = ["invalid_channel", "forbidden", "too_many_subscriptions"];
-    if (state && refusesSubscription.includes(error.code)) {
+    // Only the subscription this request made: a newer one to the same channel stays.
+    if (state && refusesSubscription.includes(error.code) && state.requestId === error.id) {
       this.#channels.delete(error.channel);
       for (const sub of state.subs) this.#call(sub.onError, error);
     }
     this.#emit("error", error);
   }
 
+  /** Sends a dropped request again when it still stands for what the page wants. */
+  #retry(request) {
+    const state = this.#channels.get(request.channel);
+    switch (request.type) {
+      case "subscribe":
+        if (state && state.requestId === request.id) this.#subscribeOnServer(request.channel, state);
+        break;
+      case "unsubscribe":
+        if (!state) this.#send({ type: "unsubscribe", channel: request.channel });
+        break;
+      case "refresh":
+        this.#send({ type: "refresh", token: this.#token });
+        break;
+      // A dropped ping needs no answer: any frame proves the connection alive.
+    }
+  }
+
+  /** Subscribes on the server, resuming from the last event delivered when there is one. */
+  #subscribeOnServer(channel, state) {
+    const since = state.epoch === null ? undefined : { seq: state.seq, epoch: state.epoch };
+    state.requestId = this.#send({ type: "subscribe", channel, since });
+  }
+
   async #onClose(code, reason) {
+    const wasConnected = this.#status === "connected";
     this.#abandon();
     if (this.#closed) return;
     this.#setStatus("disconnected");
+    if (!wasConnected && ++this.#failedAttempts === UNREACHABLE_AFTER) {
+      // Browsers hide why a WebSocket failed to open, so say what it usually is.
+      this.#emit("error", {
+        code: "unreachable",
+        message:
+          `${UNREACHABLE_AFTER} attempts in a row failed to connect to ${this.#url.href}; still ` +
+          "retrying. The server may be down, or refusing this page's origin (HTTP 403: see " +
+          "allowed_origin in the server's configuration and its log).",
+      });
+    }
     if (code === DISCONNECTED_BY_SERVER || (code === UNAUTHORIZED && !this.#options.getToken)) {
-      this.#emit("error", { code, message: reason || "closed by the server" });
+      this.#emit("error", { code, message: reason || "closed by the server", fatal: true });
       return;
     }
+    if (code === TOO_MANY_CONNECTIONS) this.#emit("error", { code, message: reason });
     if (code === UNAUTHORIZED && !(await this.#fetchToken())) return;
     this.#scheduleReconnect();
   }
@@ -310,8 +394,10 @@ export class Sidecast {
     clearTimeout(this.#watchdogTimer);
     clearTimeout(this.#stableTimer);
     clearTimeout(this.#outboxTimer);
+    this.#outboxTimer = null;
     clearTimeout(this.#refreshTimer);
-    this.#outbox = [];
+    this.#outbox.clear();
+    this.#inFlight.clear();
     if (this.#ws) {
       this.#ws.onmessage = null;
       this.#ws.onclose = null;
@@ -319,22 +405,34 @@ export class Sidecast {
     }
   }
 
+  /**
+   * Queues a request with a fresh id and returns the id. A request still waiting for the
+   * same channel (or a ping waiting behind another) is replaced: only the latest wish leaves.
+   */
   #send(request) {
-    this.#outbox.push(request);
-    if (this.#outbox.length === 1) this.#flush();
+    const id = this.#nextId++;
+    const key = request.channel ?? request.type;
+    this.#outbox.delete(key);
+    this.#outbox.set(key, { ...request, id });
+    if (this.#outboxTimer === null) this.#flush();
+    return id;
   }
 
   /** Sends queued requests while the budget has tokens, then waits for the next one. */
   #flush() {
+    this.#outboxTimer = null;
     const budget = this.#budget;
     const now = Date.now();
     budget.tokens = Math.min(budget.burst, budget.tokens + ((now - budget.at) / 1000) * budget.rate);
     budget.at = now;
-    while (this.#outbox.length > 0 && budget.tokens >= 1) {
+    for (const [key, request] of this.#outbox) {
+      if (budget.tokens < 1) break;
       budget.tokens -= 1;
-      this.#ws.send(JSON.stringify(this.#outbox.shift()));
+      this.#outbox.delete(key);
+      this.#inFlight.set(request.id, request);
+      this.#ws.send(JSON.stringify(request));
     }
-    if (this.#outbox.length > 0) {
+    if (this.#outbox.size > 0) {
       // A little past the refill, so the server's bucket (on its own clock) has it too.
       const waitMs = ((1 - budget.tokens) / budget.rate) * 1000 + 20;
       this.#outboxTimer = setTimeout(() => this.#flush(), waitMs);

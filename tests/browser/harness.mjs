@@ -178,6 +178,8 @@ export async function startProxy(target) {
     }
   });
   server.listen(0, "127.0.0.1");
+  // A failed test must not keep this process alive through its proxy.
+  server.unref();
   await once(server, "listening");
   const port = server.address().port;
   return {

@@ -11,7 +11,9 @@ const status: Status = client.status;
 const off = client.on("status", (s: Status) => console.log(s));
 off();
 client.on("gap", ({ channel }) => console.log(channel));
-client.on("error", (error) => console.log(error.code, error.message));
+client.on("error", (error) => console.log(error.code, error.message, error.id, error.fatal));
+client.on("user", ({ data, channel, seq }) => console.log(data, channel, seq));
+const user: string | null = client.userId;
 
 interface Progress {
   progress: number;
@@ -34,4 +36,4 @@ export function RenderProgress({ id }: { id: number }) {
 client.subscribe("x", (data: string, meta: string) => meta);
 // @ts-expect-error: no such event
 client.on("message", () => {});
-export { status };
+export { status, user };
