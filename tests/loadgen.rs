@@ -38,3 +38,26 @@ fn a_short_run_delivers_every_event_once() {
         s.health()["connections"] == 0
     });
 }
+
+/// Issue 9, item 5: when the server refuses bench clients, the report says why.
+#[test]
+fn refused_connections_are_counted_with_their_reason() {
+    let server = TestServer::start_with(|c| c.connect_rate_per_ip = Some(1.0));
+    let mut plan = Plan::preset(Preset::Idle);
+    plan.connections = 10;
+    plan.channels = 1;
+    plan.steps = vec![Step {
+        rate: 0,
+        duration: Duration::from_millis(10),
+    }];
+    let target = Target {
+        addr: server.addr,
+        socket: server.socket.clone(),
+        pid: None,
+    };
+    let report = loadgen::run(&plan, &target, false).unwrap();
+    let refused = report.refused_upgrades["HTTP/1.1 429 Too Many Requests"];
+    assert_eq!(refused, 8, "bursts of 2 get in: {report:?}");
+    assert_eq!(report.failed_connections, 8);
+    assert!(report.render().contains("connect_rate_per_ip"), "{}", report.render());
+}

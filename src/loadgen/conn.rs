@@ -56,7 +56,9 @@ pub struct BenchConn {
 pub enum ConnFailure {
     /// An I/O error or EOF.
     Io(io::Error),
-    /// The server answered something unexpected (not 101, a close frame, a broken frame).
+    /// The server answered the upgrade with this HTTP status line instead of 101.
+    Refused(String),
+    /// The server answered something unexpected (a close frame, a broken frame).
     Protocol(String),
 }
 
@@ -150,7 +152,7 @@ impl BenchConn {
                     .next()
                     .unwrap_or("")
                     .to_string();
-                return Err(ConnFailure::Protocol(format!("upgrade refused: {line}")));
+                return Err(ConnFailure::Refused(line));
             }
             self.phase = Phase::Open;
             at = end + 4;

@@ -15,6 +15,7 @@
 pub mod conn;
 pub mod spawn;
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -210,6 +211,8 @@ pub struct Report {
     pub duplicated: u64,
     /// Clients whose connection failed.
     pub failed_connections: usize,
+    /// Of those, upgrades the server refused, by HTTP status line.
+    pub refused_upgrades: BTreeMap<String, usize>,
 }
 
 /// The socket address of a `ws://host:port/path` URL.
@@ -265,6 +268,8 @@ struct Runner {
     lost: u64,
     duplicated: u64,
     failed: usize,
+    /// Upgrades the server refused, by HTTP status line.
+    refused: BTreeMap<String, usize>,
     start: Instant,
     buf: Vec<u8>,
     padding: String,
@@ -294,6 +299,7 @@ pub fn run(plan: &Plan, target: &Target, progress: bool) -> io::Result<Report> {
         lost: 0,
         duplicated: 0,
         failed: 0,
+        refused: BTreeMap::new(),
         start: Instant::now(),
         buf: vec![0; 256 * 1024],
         padding: "x".repeat(plan.padding),
@@ -348,6 +354,7 @@ pub fn run(plan: &Plan, target: &Target, progress: bool) -> io::Result<Report> {
         lost: runner.lost + runner.missing(),
         duplicated: runner.duplicated,
         failed_connections: runner.failed,
+        refused_upgrades: std::mem::take(&mut runner.refused),
     })
 }
 
@@ -433,6 +440,10 @@ impl Runner {
         if let Err(failure) = result {
             match failure {
                 ConnFailure::Io(e) => log::warn!("bench client {key}: {e}"),
+                ConnFailure::Refused(status) => {
+                    log::debug!("bench client {key}: upgrade refused: {status}");
+                    *self.refused.entry(status).or_default() += 1;
+                }
                 ConnFailure::Protocol(why) => log::warn!("bench client {key}: {why}"),
             }
             self.failed += 1;
@@ -650,6 +661,25 @@ impl Report {
             "\n  lost {}  duplicated {}  failed connections {}\n",
             self.lost, self.duplicated, self.failed_connections
         );
+        for (status, count) in &self.refused_upgrades {
+            out += &format!(
+                "  {count} upgrade(s) refused with {status}: {}\n",
+                why_refused(status)
+            );
+        }
         out
+    }
+}
+
+/// What a refusal the bench met means, and which server setting governs it.
+fn why_refused(status: &str) -> &'static str {
+    match status.split_whitespace().nth(1) {
+        Some("429") => {
+            "the server's connect_rate_per_ip (every bench client comes from one address); \
+             raise it or leave it off for a load test"
+        }
+        Some("503") => "the server's max_connections is reached; raise it (and ulimit -n)",
+        Some("403") => "the server's origin check (allowed_origin, require_origin)",
+        _ => "see docs/protocol.md, \"HTTP on the WebSocket port\"",
     }
 }
