@@ -10,8 +10,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde_json::value::RawValue;
 use sidecast::config::{DEFAULT_PUBLISH_SOCKET, Settings};
+use sidecast::loadgen::soak::{self, SoakPlan, SoakReport};
 use sidecast::loadgen::spawn::SpawnedServer;
-use sidecast::loadgen::{self, Plan, Preset, Step, Target};
+use sidecast::loadgen::{self, Plan, Preset, Report, Step, Target};
 use sidecast::{Config, Publisher, Server};
 
 #[derive(Parser)]
@@ -244,15 +245,18 @@ fn bench(args: BenchArgs) -> ExitCode {
     if let Some(duration) = args.duration {
         plan.steps.iter_mut().for_each(|s| s.duration = duration.0);
     }
-    let spawned = if args.spawn {
-        let exe = std::env::current_exe().expect("the running binary has a path");
-        match SpawnedServer::start(
+    let exe = std::env::current_exe().expect("the running binary has a path");
+    let spawn = || {
+        SpawnedServer::start(
             &exe,
             addr,
             &args.socket,
             args.server_cpu,
             plan.connections + 100,
-        ) {
+        )
+    };
+    let mut spawned = if args.spawn {
+        match spawn() {
             Ok(server) => Some(server),
             Err(e) => {
                 eprintln!("sidecast: cannot start the server: {e}");
@@ -262,21 +266,53 @@ fn bench(args: BenchArgs) -> ExitCode {
     } else {
         None
     };
+    if args.preset == Preset::Soak {
+        let soak = SoakPlan {
+            duration: plan.steps[0].duration,
+            channels: plan.channels,
+            steady: plan.connections,
+            rate: plan.steps[0].rate,
+            ..SoakPlan::default()
+        };
+        let pid = args.pid.or(spawned.as_ref().map(SpawnedServer::pid));
+        let mut restart = || {
+            spawned = None; // SIGTERM, and wait for the exit
+            let server = spawn()?;
+            let pid = server.pid();
+            spawned = Some(server);
+            Ok(Some(pid))
+        };
+        let hook: Option<soak::RestartHook<'_>> =
+            if args.spawn { Some(&mut restart) } else { None };
+        let result = soak::run(&soak, addr, args.socket.clone(), pid, hook, !args.json);
+        return print_report(result, args.json, SoakReport::render);
+    }
     let target = Target {
         addr,
         socket: args.socket,
         pid: args.pid.or(spawned.as_ref().map(SpawnedServer::pid)),
     };
-    match loadgen::run(&plan, &target, !args.json) {
-        Ok(report) if args.json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).expect("reports serialize")
-            );
+    print_report(
+        loadgen::run(&plan, &target, !args.json),
+        args.json,
+        Report::render,
+    )
+}
+
+/// Prints a bench report, as JSON with `--json`.
+fn print_report<R: serde::Serialize>(
+    result: io::Result<R>,
+    json: bool,
+    render: fn(&R) -> String,
+) -> ExitCode {
+    match result {
+        Ok(report) if json => {
+            let text = serde_json::to_string_pretty(&report).expect("reports serialize");
+            println!("{text}");
             ExitCode::SUCCESS
         }
         Ok(report) => {
-            print!("{}", report.render());
+            print!("{}", render(&report));
             ExitCode::SUCCESS
         }
         Err(e) => {

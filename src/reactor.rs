@@ -277,6 +277,13 @@ impl Fanout {
         (seq, delivered)
     }
 
+    /// True while `id` names a connection still in the slab (its key may have been reused).
+    fn is_current(&self, id: ConnId) -> bool {
+        self.clients
+            .get(id.key as usize)
+            .is_some_and(|c| c.id == id)
+    }
+
     /// The values `/metrics` and the stats feed sample rather than count.
     fn gauges(&self, uptime_secs: u64) -> Gauges {
         let (history_events, history_bytes) = self.hub.history_totals();
@@ -751,12 +758,7 @@ impl Server {
                 self.on_publisher_ready(key);
             }
             for id in std::mem::take(&mut self.ready_clients) {
-                if self
-                    .fanout
-                    .clients
-                    .get(id.key as usize)
-                    .is_some_and(|c| c.id == id)
-                {
+                if self.fanout.is_current(id) {
                     self.on_client_readable(id.key as usize, now);
                 }
             }
@@ -782,12 +784,7 @@ impl Server {
             self.fire_timers(now);
             self.close_slow_consumers(now);
             for id in std::mem::take(&mut self.fanout.closed_by_command) {
-                if self
-                    .fanout
-                    .clients
-                    .get(id.key as usize)
-                    .is_some_and(|c| c.id == id)
-                {
+                if self.fanout.is_current(id) {
                     self.arm_drain_deadline(id.key as usize, now);
                 }
             }
@@ -1344,9 +1341,10 @@ impl Server {
     fn close_slow_consumers(&mut self, now: Tick) {
         for i in 0..self.fanout.outbox.dirty.len() {
             let key = self.fanout.outbox.dirty[i];
+            // `is_slow` first: it reads the connection itself, `is_open` its boxed session.
             if let Some(client) = self.fanout.clients.get(key)
-                && client.is_open()
                 && client.is_slow(now, self.stall_ticks)
+                && client.is_open()
             {
                 self.close_slow_consumer(key, now);
             }

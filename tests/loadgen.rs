@@ -59,5 +59,51 @@ fn refused_connections_are_counted_with_their_reason() {
     let refused = report.refused_upgrades["HTTP/1.1 429 Too Many Requests"];
     assert_eq!(refused, 8, "bursts of 2 get in: {report:?}");
     assert_eq!(report.failed_connections, 8);
-    assert!(report.render().contains("connect_rate_per_ip"), "{}", report.render());
+    assert!(
+        report.render().contains("connect_rate_per_ip"),
+        "{}",
+        report.render()
+    );
+}
+
+/// A short soak: while clients churn, stall and flood, the steady subscribers lose nothing
+/// and receive nothing twice.
+#[test]
+fn a_short_soak_loses_nothing_among_well_behaved_clients() {
+    let server = TestServer::start_with(|c| {
+        // So the stalled reader is cut within the short run.
+        c.write_stall_timeout = Duration::from_millis(500);
+        c.max_output_buffer = 64 * 1024;
+        c.send_buffer_size = 4096;
+    });
+    let plan = loadgen::soak::SoakPlan {
+        duration: Duration::from_secs(3),
+        channels: 5,
+        steady: 20,
+        churners: 3,
+        stalled: 1,
+        rate: 200,
+        padding: 500,
+    };
+    let report =
+        loadgen::soak::run(&plan, server.addr, server.socket.clone(), None, None, false).unwrap();
+    assert!(report.published > 100, "{report:?}");
+    assert_eq!((report.lost, report.duplicated), (0, 0), "{report:?}");
+    assert_eq!(
+        report.steady_received,
+        report.published * 4,
+        "each event to its 4 subscribers"
+    );
+    assert!(
+        report.churn_cycles > 0 && report.resumes_recovered > 0,
+        "{report:?}"
+    );
+    assert!(
+        report.disconnects["rate_limited"] > 0,
+        "the flooder was cut: {report:?}"
+    );
+    assert!(
+        report.disconnects["slow_consumer"] > 0,
+        "the stalled reader was cut: {report:?}"
+    );
 }

@@ -13,6 +13,7 @@
 //! generator, not the server.
 
 pub mod conn;
+pub mod soak;
 pub mod spawn;
 
 use std::collections::BTreeMap;
@@ -53,6 +54,10 @@ pub enum Preset {
     /// 9000 subscribed connections (over 900 channels) held 5 s without events: memory,
     /// handshakes and idle CPU.
     Idle,
+    /// 10 minutes (`--duration`) of 200 steady subscribers over 50 channels at 200
+    /// publishes/s, while others churn, stall and flood, and the server restarts half way
+    /// (with `--spawn`): memory over time, loss among the steady ones (see [`soak`]).
+    Soak,
 }
 
 /// One rate step.
@@ -108,6 +113,15 @@ impl Plan {
                 (1000, 1, steps.collect(), true)
             }
             Preset::Channels => (5000, 5000, steady(2000), false),
+            Preset::Soak => (
+                200,
+                50,
+                vec![Step {
+                    rate: 200,
+                    duration: Duration::from_secs(600),
+                }],
+                false,
+            ),
             Preset::Idle => (
                 9000,
                 900,
