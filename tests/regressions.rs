@@ -185,6 +185,32 @@ fn issue_9_item_2_an_app_ping_flood_is_cut_and_leaves_nothing_behind() {
     assert_eq!(neighbour.recv(), json!({"type": "pong", "id": 1}));
 }
 
+/// Item 3: the fan-out budget (64k frames a pass) holds within one read of the publish
+/// socket: 1300 short lines to 1000 subscribers queue at most a budget's worth of frames
+/// before the pass flushes them, not 1.3 million at once.
+#[test]
+fn issue_9_item_3_one_read_of_many_lines_queues_one_budget_per_pass() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = tracked_server(|c| c.max_connections = 2000);
+    // Subscribed, then never read: the kernel takes what each pass flushes.
+    let mut subscribers: Vec<Ws> = (0..1000).map(|_| server.ws()).collect();
+    for ws in &mut subscribers {
+        ws.subscribe("wide");
+    }
+    let before = reset_peak();
+    let lines: String = (0..1300)
+        .map(|n| format!("{{\"channel\":\"wide\",\"data\":{n}}}\n"))
+        .collect();
+    let mut publisher = server.publisher();
+    publisher.send_bytes(lines.as_bytes());
+    publisher.send(r#"{"id":"last","channel":"wide","data":"last"}"#);
+    assert_eq!(publisher.reply()["delivered"], 1000);
+    let grew = peak() - before;
+    eprintln!("1300 lines to 1000 subscribers: the heap peaked {grew} bytes above its start");
+    // 1.3 million queued handles would be over 40 MB.
+    assert!(grew < 8 * 1024 * 1024, "the heap grew by {grew} bytes");
+}
+
 /// Item 4: what a stalled reader can pin is bounded in the kernel too (`send_buffer_size`),
 /// and a reader that stops for `write_stall_timeout` is cut even while its queue is small.
 #[test]
