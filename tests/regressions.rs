@@ -211,6 +211,35 @@ fn issue_9_item_3_one_read_of_many_lines_queues_one_budget_per_pass() {
     assert!(grew < 8 * 1024 * 1024, "the heap grew by {grew} bytes");
 }
 
+/// Item 8's price: a quiet channel (never an event) is remembered after its last subscriber
+/// left, so its epoch survives a blip; what that costs per channel, and that the
+/// `max_quiet_channels` bound holds.
+#[test]
+fn issue_9_item_8_quiet_channels_cost_little_and_are_bounded() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = tracked_server(|c| {
+        c.max_quiet_channels = 2000;
+        c.rate_limit = 1e9;
+        c.rate_burst = u32::MAX;
+    });
+    let mut ws = server.ws();
+    let before = live();
+    for n in 0..3000 {
+        ws.send(json!({"type": "subscribe", "channel": format!("order:{n}")}));
+        ws.send(json!({"type": "unsubscribe", "channel": format!("order:{n}")}));
+        ws.recv();
+        ws.recv();
+    }
+    assert_eq!(
+        server.metric("sidecast_channels_known"),
+        2000,
+        "the bound holds"
+    );
+    let per_channel = (live() - before) / 2000;
+    eprintln!("a quiet channel holds {per_channel} bytes of the server's heap");
+    assert!(per_channel < 512, "{per_channel} bytes per quiet channel");
+}
+
 /// Item 4: what a stalled reader can pin is bounded in the kernel too (`send_buffer_size`),
 /// and a reader that stops for `write_stall_timeout` is cut even while its queue is small.
 #[test]
