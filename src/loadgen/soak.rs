@@ -3,8 +3,9 @@
 //!
 //! Roles, each on its own threads (blocking tungstenite clients; the soak measures the
 //! server, not the generator's speed):
-//! - a **publisher** publishes `rate` events per second round robin over `channels` channels,
-//!   each confirmed, and remembers the last seq of every channel;
+//! - a **publisher**, once every steady subscriber is subscribed, publishes `rate` events per
+//!   second round robin over `channels` channels, each confirmed, and remembers the last seq
+//!   of every channel;
 //! - **steady** subscribers each hold one channel and check every event's seq: a skipped seq
 //!   is lost, a repeated one duplicated. After a disconnect they resubscribe with `since`; a
 //!   resume the server answers with `recovered:false` is a *reported* gap (a restart makes
@@ -135,6 +136,9 @@ struct Shared {
     publishing_done: AtomicBool,
     /// Set when every thread should stop.
     stop: AtomicBool,
+    /// Steady subscribers subscribed for the first time: publishing starts once all are, so
+    /// each of them sees every event.
+    steady_ready: AtomicU64,
     /// The last confirmed seq of each channel.
     last_seq: Mutex<Vec<u64>>,
 }
@@ -162,6 +166,7 @@ pub fn run(
         counters: Counters::default(),
         publishing_done: AtomicBool::new(false),
         stop: AtomicBool::new(false),
+        steady_ready: AtomicU64::new(0),
         last_seq: Mutex::new(vec![0; plan.channels]),
     });
     let mut threads = Vec::new();
@@ -288,6 +293,12 @@ fn publish(shared: &Shared, socket: &PathBuf) -> u64 {
     let interval = Duration::from_secs_f64(1.0 / plan.rate.max(1) as f64);
     let mut publisher = None;
     let mut confirmed = 0;
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    while shared.steady_ready.load(Ordering::Relaxed) < plan.steady as u64
+        && Instant::now() < ready_by
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut next = Instant::now();
     let mut n = 0u64;
     while !shared.publishing_done.load(Ordering::Relaxed) {
@@ -425,6 +436,9 @@ fn steady(shared: &Shared, channel: usize) {
         let Some(now_at) = subscribe(&mut ws, channel, &at, counters) else {
             continue;
         };
+        if at.epoch.is_none() {
+            shared.steady_ready.fetch_add(1, Ordering::Relaxed);
+        }
         at = now_at;
         while !tail_done(shared, channel, &at, &mut tail_deadline) {
             match read_json(&mut ws) {
