@@ -4,9 +4,11 @@
 mod common;
 
 use std::io::Write;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use common::{TestServer, close_of, drain_frames};
+use common::{PATIENCE, TestServer, close_of, drain_frames};
 use serde_json::json;
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -147,6 +149,8 @@ fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving() {
     slow.subscribe("feed");
     let mut fast = server.ws();
     fast.subscribe("feed");
+    let progress = Arc::new(AtomicU64::new(0));
+    let read = Arc::clone(&progress);
     let reader = std::thread::spawn(move || {
         let mut seq = 0;
         loop {
@@ -156,6 +160,7 @@ fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving() {
             }
             seq += 1;
             assert_eq!(event["seq"], seq, "the fast client misses nothing");
+            read.store(seq, Ordering::Relaxed);
         }
     });
     // Publish 16 KiB events until the slow client is no longer among the recipients. Kernel
@@ -164,6 +169,9 @@ fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving() {
     let payload = "x".repeat(16 * 1024);
     let mut published = 0;
     for id in 0..4000 {
+        // The fast client keeps up, however the threads are scheduled: at most 8 events
+        // (128 KiB, half its max_output_buffer) ahead of it.
+        keep_within(&progress, id, 8);
         publisher.send(&json!({"id": id, "channel": "feed", "data": payload}).to_string());
         published += 1;
         if publisher.reply()["delivered"] == 1 {
@@ -184,6 +192,17 @@ fn a_client_that_stops_reading_is_cut_off_and_others_keep_receiving() {
     );
 }
 
+/// Waits until a reader has `published - window` events or more, so a test's publisher stays
+/// at most `window` events ahead of a client that reads as fast as it is scheduled.
+#[track_caller]
+fn keep_within(progress: &AtomicU64, published: u64, window: u64) {
+    let deadline = Instant::now() + PATIENCE;
+    while progress.load(Ordering::Relaxed) + window < published {
+        assert!(Instant::now() < deadline, "the fast reader stopped reading");
+        std::thread::yield_now();
+    }
+}
+
 /// VmRSS of this process (server and clients together), in KiB.
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -201,9 +220,12 @@ fn fifty_megabytes_to_a_client_that_never_reads_keep_memory_bounded() {
     let mut fast = server.ws();
     fast.subscribe("video");
     const EVENTS: u64 = 3200; // × 16 KiB = 50 MiB
+    let progress = Arc::new(AtomicU64::new(0));
+    let read = Arc::clone(&progress);
     let reader = std::thread::spawn(move || {
         for seq in 1..=EVENTS {
             fast.expect_event("video", seq);
+            read.store(seq, Ordering::Relaxed);
         }
     });
     let before = rss_kib();
@@ -211,6 +233,8 @@ fn fifty_megabytes_to_a_client_that_never_reads_keep_memory_bounded() {
     let payload = "x".repeat(16 * 1024);
     let mut peak = before;
     for n in 1..=EVENTS {
+        // At most 32 events (512 KiB) ahead of the fast client, however it is scheduled.
+        keep_within(&progress, n - 1, 32);
         publisher.send(&json!({"id": n, "channel": "video", "data": payload}).to_string());
         publisher.reply();
         if n % 100 == 0 {
