@@ -98,7 +98,7 @@ pub struct Config {
     /// Longest publish line, in bytes.
     pub max_publish_line: usize,
     /// Initial size of a connection's own buffer for partial frames (sockets are read through
-    /// one shared 64 KiB buffer; this one grows only while a larger frame is incomplete).
+    /// one shared 16 KiB buffer; this one grows only while a larger frame is incomplete).
     pub read_buffer_size: usize,
     /// Log level; `RUST_LOG`, when set, takes precedence.
     pub log_level: LevelFilter,
