@@ -248,8 +248,8 @@ pub struct SharedInput {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
-    /// Socket reads made for the current connection in this pass.
-    reads: u32,
+    /// The current connection has had its one socket read of this pass.
+    has_read: bool,
     /// The pass's read filled the buffer: the socket may hold more.
     budget_spent: bool,
 }
@@ -261,7 +261,7 @@ impl SharedInput {
             buf: vec![0; size].into_boxed_slice(),
             start: 0,
             end: 0,
-            reads: 0,
+            has_read: false,
             budget_spent: false,
         }
     }
@@ -270,7 +270,7 @@ impl SharedInput {
     pub fn begin(&mut self) {
         self.start = 0;
         self.end = 0;
-        self.reads = 0;
+        self.has_read = false;
         self.budget_spent = false;
     }
 
@@ -298,7 +298,7 @@ impl Read for WsIo<'_> {
             return Err(io::ErrorKind::WouldBlock.into());
         };
         if input.start == input.end {
-            if input.reads > 0 {
+            if input.has_read {
                 // One read per connection and pass; the rest waits in the kernel. A read that
                 // filled the buffer may have left more there; a short one emptied the socket,
                 // and new bytes bring a new readiness event.
@@ -306,7 +306,7 @@ impl Read for WsIo<'_> {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             let n = self.socket.read(&mut input.buf)?;
-            input.reads += 1;
+            input.has_read = true;
             input.start = 0;
             input.end = n;
         }
@@ -587,8 +587,11 @@ impl ClientConn {
         rate: Rate,
         now: Tick,
     ) {
-        self.out
-            .push_unchecked(Bytes::from(http::switching_protocols(accept_key)));
+        // The first chunk of an empty queue: it always fits (`max_output_buffer` ≥ 1 KiB).
+        let pushed = self
+            .out
+            .push(Bytes::from(http::switching_protocols(accept_key)));
+        debug_assert!(pushed);
         let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(config));
         self.phase = Phase::WebSocket(Box::new(Session {
             ws,

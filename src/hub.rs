@@ -189,11 +189,8 @@ impl Hub {
     /// Adds `conn` to `name`'s subscribers (a no-op if it already is one). Returns the channel
     /// and its latest sequence number.
     pub fn subscribe(&mut self, name: &ChannelName, conn: ConnId) -> (ChannelId, u64) {
-        let (key, created) = self.entry(name.as_str());
+        let key = self.entry(name.as_str());
         let channel = &mut self.channels[key];
-        if !created && channel.is_quiet() {
-            self.quiet -= 1;
-        }
         if channel.subscribers.is_empty() {
             self.active += 1;
         }
@@ -237,11 +234,8 @@ impl Hub {
     /// Takes the next sequence number of `name` and returns it with the subscribers to
     /// deliver to. The name must be valid (see [`crate::wire::check_channel`]).
     pub fn publish(&mut self, name: &str) -> (ChannelId, u64, &Slice<ConnId>) {
-        let (key, created) = self.entry(name);
+        let key = self.entry(name);
         let channel = &mut self.channels[key];
-        if !created && channel.is_quiet() {
-            self.quiet -= 1;
-        }
         channel.seq += 1;
         (
             ChannelId(key as u32),
@@ -250,10 +244,12 @@ impl Hub {
         )
     }
 
-    /// The channel's slab key, and whether it was created just now.
-    fn entry(&mut self, name: &str) -> (usize, bool) {
+    /// The slab key of the channel called `name`, created if missing. Its callers are about
+    /// to give it a subscriber or an event, so a quiet one stops counting as quiet here.
+    fn entry(&mut self, name: &str) -> usize {
         if let Some(&key) = self.by_name.get(name) {
-            return (key, false);
+            self.quiet -= usize::from(self.channels[key].is_quiet());
+            return key;
         }
         let name: Arc<str> = name.into();
         self.epochs_made += 1;
@@ -270,7 +266,7 @@ impl Hub {
         });
         assert!(key <= u32::MAX as usize, "more than 2^32 channels");
         self.by_name.insert(name, key);
-        (key, true)
+        key
     }
 
     #[cfg(debug_assertions)]

@@ -309,6 +309,14 @@ struct Progress {
     paused: bool,
 }
 
+impl Progress {
+    /// How much of the `rest` left after the executed lines is known to hold no newline: all
+    /// of it when the lines ran out, none when the budget did (more lines may follow).
+    fn scanned(&self, rest: usize) -> usize {
+        if self.paused { 0 } else { rest }
+    }
+}
+
 /// A line longer than `max_publish_line`.
 struct LineTooLong;
 
@@ -358,10 +366,9 @@ impl PublisherConn {
     ) -> ReadStatus {
         // Lines a spent budget left over from the previous pass go first.
         if !self.pending.is_empty() {
-            match self.execute_pending(max_line, sink) {
-                Ok(true) => return ReadStatus::Paused,
-                Ok(false) => {}
-                Err(LineTooLong) => return self.refuse_long_line(max_line),
+            let executed = self.execute_pending(max_line, sink);
+            if let Some(status) = self.stop_after(executed, max_line) {
+                return status;
             }
         }
         loop {
@@ -379,29 +386,16 @@ impl PublisherConn {
                     }
                     return ReadStatus::Finished;
                 }
-                Ok(n) if self.pending.is_empty() => {
-                    // The common case: execute straight from the shared chunk, keep the rest.
-                    let fresh = &chunk[..n];
-                    let progress = match self.execute_lines(fresh, 0, max_line, sink) {
-                        Ok(progress) => progress,
-                        Err(LineTooLong) => return self.refuse_long_line(max_line),
-                    };
-                    let rest = &fresh[progress.consumed..];
-                    if !progress.paused && rest.len() > max_line {
-                        return self.refuse_long_line(max_line);
-                    }
-                    self.pending.extend_from_slice(rest);
-                    self.scanned = if progress.paused { 0 } else { rest.len() };
-                    if progress.paused {
-                        return ReadStatus::Paused;
-                    }
-                }
                 Ok(n) => {
-                    self.pending.extend_from_slice(&chunk[..n]);
-                    match self.execute_pending(max_line, sink) {
-                        Ok(true) => return ReadStatus::Paused,
-                        Ok(false) => {}
-                        Err(LineTooLong) => return self.refuse_long_line(max_line),
+                    let executed = if self.pending.is_empty() {
+                        // The common case: execute straight from the shared chunk.
+                        self.execute_fresh(&chunk[..n], max_line, sink)
+                    } else {
+                        self.pending.extend_from_slice(&chunk[..n]);
+                        self.execute_pending(max_line, sink)
+                    };
+                    if let Some(status) = self.stop_after(executed, max_line) {
+                        return status;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadStatus::Pending,
@@ -414,27 +408,51 @@ impl PublisherConn {
         }
     }
 
-    /// Executes the complete lines in `pending`, keeping the rest. Returns true when the
-    /// budget ran out before the last complete line.
+    /// What a batch of executed lines means for the read: stop (paused, or a line too long),
+    /// or read on.
+    fn stop_after(
+        &mut self,
+        executed: Result<Progress, LineTooLong>,
+        max_line: usize,
+    ) -> Option<ReadStatus> {
+        match executed {
+            Ok(progress) if progress.paused => Some(ReadStatus::Paused),
+            Ok(_) => None,
+            Err(LineTooLong) => Some(self.refuse_long_line(max_line)),
+        }
+    }
+
+    /// Executes the complete lines of a fresh read while `pending` is empty, and keeps what
+    /// follows them.
+    fn execute_fresh(
+        &mut self,
+        fresh: &[u8],
+        max_line: usize,
+        sink: &mut impl Sink,
+    ) -> Result<Progress, LineTooLong> {
+        let progress = self.execute_lines(fresh, 0, max_line, sink)?;
+        let rest = &fresh[progress.consumed..];
+        self.pending.extend_from_slice(rest);
+        self.scanned = progress.scanned(rest.len());
+        Ok(progress)
+    }
+
+    /// Executes the complete lines in `pending`, keeping the rest.
     fn execute_pending(
         &mut self,
         max_line: usize,
         sink: &mut impl Sink,
-    ) -> Result<bool, LineTooLong> {
-        let pending = std::mem::take(&mut self.pending);
+    ) -> Result<Progress, LineTooLong> {
+        let mut pending = std::mem::take(&mut self.pending);
         let progress = self.execute_lines(&pending, self.scanned, max_line, sink)?;
-        let rest = pending.len() - progress.consumed;
-        if !progress.paused && rest > max_line {
-            return Err(LineTooLong);
-        }
+        pending.drain(..progress.consumed);
+        self.scanned = progress.scanned(pending.len());
         self.pending = pending;
-        self.pending.drain(..progress.consumed);
-        self.scanned = if progress.paused { 0 } else { rest };
-        Ok(progress.paused)
+        Ok(progress)
     }
 
     /// Executes the complete lines of `bytes` in order while the sink has capacity; no newline
-    /// lies before `search_from`.
+    /// lies before `search_from`. Refuses a line over `max_line`, complete or not.
     fn execute_lines(
         &mut self,
         bytes: &[u8],
@@ -458,6 +476,10 @@ impl PublisherConn {
             self.execute(&bytes[consumed..end], sink);
             consumed = end + 1;
             search_from = consumed;
+        }
+        // What is left is one partial line: it may not already be too long.
+        if bytes.len() - consumed > max_line {
+            return Err(LineTooLong);
         }
         Ok(Progress {
             consumed,

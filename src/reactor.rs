@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! loop {
-//!     poll(timeout = next timer deadline)
+//!     poll(timeout = next timer deadline, or 0 while a publisher or client was paused)
 //!     read the clock once → `now`
+//!     resume what a budget paused: publishers (fan-out), clients (one read per pass)
 //!     dispatch events: accept; read requests, frames, publish lines (fan-out only queues)
-//!     fire due timers: handshake deadlines, heartbeats, drain deadlines, housekeeping, shutdown
-//!     close slow consumers found while queueing
+//!     fire due timers: handshake deadlines, heartbeats, drain deadlines, housekeeping,
+//!                      shutdown-drain turns, shutdown
+//!     close slow consumers among the dirty connections (over the limit, or stalled)
 //!     flush every dirty connection: one write_vectored per connection and pass
 //!     exit once shut down and drained
 //! }
