@@ -10,8 +10,8 @@
 use std::net::TcpListener;
 
 use clap::ValueEnum;
-use sidecast::loadgen::spawn::SpawnedServer;
-use sidecast::loadgen::{self, Plan, Preset, Target};
+use sidecast::bench::spawn::SpawnedServer;
+use sidecast::bench::{self as loadgen, Plan, Preset, Target};
 
 fn main() {
     let named: Vec<Preset> = std::env::args()

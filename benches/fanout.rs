@@ -8,8 +8,8 @@ use std::io;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::value::RawValue;
-use sidecast::client::OutQueue;
-use sidecast::wire::{EventTarget, event_frame};
+use sidecast::ws::OutQueue;
+use sidecast::ws::wire::{EventTarget, event_frame};
 
 fn encode_enqueue_flush(c: &mut Criterion) {
     let data = RawValue::from_string(format!(

@@ -3,7 +3,7 @@
 //! any fan-out. `data` stays borrowed, so payload size should barely matter.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use sidecast::publish::parse_command;
+use sidecast::publish::command::parse_command;
 
 fn parse(c: &mut Criterion) {
     let big = format!(

@@ -1,12 +1,15 @@
 //! How expensive is subscription churn? 10,000 connections each subscribe to one of 100
-//! channels and unsubscribe again, through the hub's real code (channel creation and release
-//! included). Reported per subscribe + unsubscribe pair.
+//! channels and unsubscribe again, through the hub and the in-memory engine as the fan-out
+//! drives them (channel creation and release, watch and unwatch included). Reported per
+//! subscribe + unsubscribe pair.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use sidecast::client::ConnId;
-use sidecast::hub::Hub;
-use sidecast::timer::Tick;
-use sidecast::wire::ChannelName;
+use sidecast::engine::{Engine, MemoryEngine};
+use sidecast::fanout::Hub;
+use sidecast::fanout::hub::Joined;
+use sidecast::reactor::timer::Tick;
+use sidecast::ws::ConnId;
+use sidecast::ws::wire::ChannelName;
 
 const CONNECTIONS: u32 = 10_000;
 const CHANNELS: u32 = 100;
@@ -16,6 +19,7 @@ fn churn(c: &mut Criterion) {
         .map(|i| ChannelName::parse(&format!("project:{i}")).expect("valid"))
         .collect();
     let mut hub = Hub::new();
+    let mut engine = MemoryEngine::default();
     let mut held = Vec::with_capacity(CONNECTIONS as usize);
     let mut group = c.benchmark_group("registry");
     group.throughput(Throughput::Elements(u64::from(CONNECTIONS)));
@@ -28,10 +32,16 @@ fn churn(c: &mut Criterion) {
                 };
                 // A multiplicative step scatters connections over channels.
                 let name = &names[(key.wrapping_mul(2_654_435_761) % CHANNELS) as usize];
-                held.push((hub.subscribe(name, conn).0, conn));
+                let (channel, joined) = hub.subscribe(name, conn);
+                if joined == Joined::First {
+                    engine.watch(name.as_str());
+                }
+                held.push((channel, conn));
             }
             for (channel, conn) in held.drain(..) {
-                hub.unsubscribe(channel, conn, Tick(0));
+                if let Some(name) = hub.unsubscribe(channel, conn) {
+                    engine.unwatch(&name, Tick(0));
+                }
             }
         })
     });

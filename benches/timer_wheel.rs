@@ -3,7 +3,7 @@
 //! Reported per timer, so the figure is the insert + expire cost of one heartbeat.
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use sidecast::timer::{Tick, TimerWheel};
+use sidecast::reactor::timer::{Tick, TimerWheel};
 
 const TIMERS: u64 = 100_000;
 const SPREAD_TICKS: u64 = 6_000;

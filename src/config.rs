@@ -20,7 +20,7 @@ use serde::{Deserialize, Deserializer};
 
 use jsonwebtoken::Algorithm;
 
-use crate::auth::{JwtKey, Verifier};
+use crate::auth::jwt::{JwtKey, Verifier};
 use crate::error::ConfigError;
 
 /// Default address for WebSocket and HTTP.

@@ -4,48 +4,49 @@
 //! hold WebSocket connections, subscribe to channels and receive each event as it is published.
 //! `docs/protocol.md` is the wire contract and `docs/architecture.md` the design.
 //!
-//! # Layout
-//! - [`assets`]: the browser client and the dashboard, compiled in and served over HTTP.
-//! - [`auth`]: JWT verification and channel permissions.
-//! - [`reactor`]: the `mio` event loop ([`Server`]): accept, dispatch, timers, flush, shutdown.
-//! - [`client`]: one TCP connection on the WebSocket port: phases, read side, output queue.
-//! - [`http`]: request heads (httparse) → routes and canned responses.
-//! - [`wire`]: the WebSocket JSON protocol: requests, replies, event frames.
-//! - [`hub`]: channels, their subscribers, sequence numbers and epochs.
-//! - [`history`]: each channel's recent event frames, for resuming clients.
-//! - [`publish`]: one publish-port connection: line framing, commands, replies.
-//! - [`publisher`]: a blocking [`Publisher`] client for Rust workers.
-//! - [`timer`]: the hashed timer wheel behind heartbeats and deadlines.
-//! - [`ratelimit`]: token buckets for client messages and connections per IP.
-//! - [`token`]: `mio::Token` ↔ event source.
-//! - [`metrics`]: counters and their Prometheus rendering.
-//! - [`stats`]: the once-a-second stats feed the dashboard watches.
-//! - [`loadgen`]: the `sidecast bench` load generator.
-//! - [`config`], [`error`]: settings and the errors that leave a module.
+//! # The crate map
+//! - [`reactor`]: the loop only: poll, dispatch by token, act on verdicts, flush, reap; the
+//!   listeners, the timer wheel, the clock, shutdown. It knows sockets and phases, not
+//!   channels, users or JSON. Start at [`Server::run`].
+//! - [`ws`]: the browser side: one connection's state machine and output queue, HTTP
+//!   routing, the JSON wire types, and [`ws::session`], which judges a client's request and
+//!   returns a verdict.
+//! - [`fanout`]: one publish to every subscriber's queue, whole, in `fanout/mod.rs`; the hub
+//!   (channel → local subscribers), the per-user index, the connection slab and its dirty
+//!   list. It carries out session verdicts.
+//! - [`engine`]: where sequence numbers are assigned and events kept for resuming: the
+//!   [`Engine`](engine::Engine) interface and the in-memory engine.
+//! - [`publish`]: the worker side: publish-port connections, commands and replies, and the
+//!   Rust [`Publisher`].
+//! - [`auth`]: JWT verification, upgrade admission (per-IP rate, token, per-user limit), token
+//!   buckets.
+//! - [`ops`]: metrics, the stats feed, health, the served assets.
+//! - [`config`]: every setting declared once; [`error`]: errors that leave a module, and
+//!   [`Close`](error::Close), the verdict for every way a WebSocket ends.
+//!
+//! # The path of one event
+//! `publish::port` reads a line from a worker and `publish::command` parses it →
+//! [`fanout::Fanout`] (as the port's [`Sink`](publish::Sink)) takes the next seq from the
+//! engine, encodes one frame, queues it to each subscriber's [`OutQueue`](ws::OutQueue) and
+//! hands it to the engine's history → the reactor flushes every connection the fan-out listed
+//! as dirty, one `write_vectored` each, and writes the worker's reply line.
 //!
 //! Everything runs on the thread that calls [`Server::run`]; the only cross-thread object is
 //! the [`ShutdownHandle`].
 #![warn(missing_docs)]
 
-pub mod assets;
 pub mod auth;
-pub mod client;
+#[doc(hidden)]
+pub mod bench;
 pub mod config;
+pub mod engine;
 pub mod error;
-pub mod history;
-pub mod http;
-pub mod hub;
-pub mod loadgen;
-pub mod metrics;
+pub mod fanout;
+pub mod ops;
 pub mod publish;
-pub mod publisher;
-pub mod ratelimit;
 pub mod reactor;
-pub mod stats;
-pub mod timer;
-pub mod token;
-pub mod wire;
+pub mod ws;
 
 pub use config::Config;
-pub use publisher::Publisher;
-pub use reactor::{Server, ShutdownHandle};
+pub use publish::Publisher;
+pub use reactor::{Clock, Listeners, Server, ShutdownHandle};

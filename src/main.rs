@@ -9,10 +9,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use serde_json::value::RawValue;
+use sidecast::bench::soak::{self, SoakPlan, SoakReport};
+use sidecast::bench::spawn::SpawnedServer;
+use sidecast::bench::{self as loadgen, Plan, Preset, Report, Step, Target};
 use sidecast::config::{DEFAULT_PUBLISH_SOCKET, Settings};
-use sidecast::loadgen::soak::{self, SoakPlan, SoakReport};
-use sidecast::loadgen::spawn::SpawnedServer;
-use sidecast::loadgen::{self, Plan, Preset, Report, Step, Target};
 use sidecast::{Config, Publisher, Server};
 
 #[derive(Parser)]

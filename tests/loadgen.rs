@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use sidecast::loadgen::{self, Plan, Preset, Step, Target};
+use sidecast::bench::{self as loadgen, Plan, Preset, Step, Target};
 
 #[test]
 fn a_short_run_delivers_every_event_once() {

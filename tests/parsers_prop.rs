@@ -4,10 +4,10 @@
 
 use proptest::prelude::*;
 use serde_json::Value;
-use sidecast::assets::Asset;
-use sidecast::http::{self, OriginPolicy, Refusal, Route};
-use sidecast::publish::{self, Target};
-use sidecast::wire::{self, ErrorCode, Request, check_channel};
+use sidecast::ops::assets::Asset;
+use sidecast::publish::{Target, command as publish};
+use sidecast::ws::http::{self, OriginPolicy, Refusal, Route};
+use sidecast::ws::wire::{self, ErrorCode, Request, check_channel};
 
 const MAX_HEADER: usize = 1024;
 

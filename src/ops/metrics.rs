@@ -3,74 +3,7 @@
 
 use std::fmt::Write;
 
-/// Why a WebSocket connection ended: the `reason` label of `sidecast_disconnects_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DisconnectReason {
-    /// The client sent a Close frame.
-    ClientClosed,
-    /// The connection vanished without a close handshake (EOF, reset).
-    Reset,
-    /// No frame from the client for `heartbeat_timeout`.
-    HeartbeatTimeout,
-    /// More than `max_output_buffer` bytes were waiting to be written (close 1008).
-    SlowConsumer,
-    /// An RFC 6455 violation (close 1002).
-    ProtocolError,
-    /// A frame or message above `max_message_size` (close 1009).
-    MessageTooBig,
-    /// A text message that is not UTF-8 (close 1007).
-    InvalidUtf8,
-    /// The server shut down (close 1001).
-    Shutdown,
-    /// The client kept sending over the rate limit (close 1008).
-    RateLimited,
-    /// No valid token at the upgrade (close 4001 `unauthorized`).
-    Unauthorized,
-    /// The token expired without a refresh (close 4001 `token expired`).
-    TokenExpired,
-    /// The user already had `max_connections_per_user` open (close 4008).
-    UserLimit,
-    /// A publisher's `{"op":"disconnect"}` (close 4003).
-    DisconnectedByServer,
-}
-
-impl DisconnectReason {
-    /// Every reason, in label order.
-    pub const ALL: [DisconnectReason; 13] = [
-        DisconnectReason::ClientClosed,
-        DisconnectReason::Reset,
-        DisconnectReason::HeartbeatTimeout,
-        DisconnectReason::SlowConsumer,
-        DisconnectReason::ProtocolError,
-        DisconnectReason::MessageTooBig,
-        DisconnectReason::InvalidUtf8,
-        DisconnectReason::Shutdown,
-        DisconnectReason::RateLimited,
-        DisconnectReason::Unauthorized,
-        DisconnectReason::TokenExpired,
-        DisconnectReason::UserLimit,
-        DisconnectReason::DisconnectedByServer,
-    ];
-
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            DisconnectReason::ClientClosed => "client_closed",
-            DisconnectReason::Reset => "reset",
-            DisconnectReason::HeartbeatTimeout => "heartbeat_timeout",
-            DisconnectReason::SlowConsumer => "slow_consumer",
-            DisconnectReason::ProtocolError => "protocol_error",
-            DisconnectReason::MessageTooBig => "message_too_big",
-            DisconnectReason::InvalidUtf8 => "invalid_utf8",
-            DisconnectReason::Shutdown => "shutdown",
-            DisconnectReason::RateLimited => "rate_limited",
-            DisconnectReason::Unauthorized => "unauthorized",
-            DisconnectReason::TokenExpired => "token_expired",
-            DisconnectReason::UserLimit => "user_limit",
-            DisconnectReason::DisconnectedByServer => "disconnected_by_server",
-        }
-    }
-}
+use crate::error::Close;
 
 /// Upper bounds of the latency buckets, in microseconds (50 µs to 1 s).
 pub const LATENCY_BOUNDS_US: [u64; 14] = [
@@ -145,7 +78,7 @@ pub struct Metrics {
     pub http_refusals: u64,
     /// Publish→write latency.
     pub latency: LatencyHistogram,
-    disconnects: [u64; DisconnectReason::ALL.len()],
+    disconnects: [u64; Close::ALL.len()],
 }
 
 /// Values sampled at render time rather than counted.
@@ -164,13 +97,13 @@ pub struct Gauges {
 
 impl Metrics {
     /// Counts a WebSocket disconnect.
-    pub fn disconnected(&mut self, reason: DisconnectReason) {
-        self.disconnects[reason as usize] += 1;
+    pub fn disconnected(&mut self, close: Close) {
+        self.disconnects[close as usize] += 1;
     }
 
     /// Disconnects counted so far for `reason`.
-    pub fn disconnects(&self, reason: DisconnectReason) -> u64 {
-        self.disconnects[reason as usize]
+    pub fn disconnects(&self, close: Close) -> u64 {
+        self.disconnects[close as usize]
     }
 
     /// Renders everything in the Prometheus text exposition format (version 0.0.4).
@@ -271,7 +204,7 @@ impl Metrics {
             out,
             "# HELP {name} WebSocket connections closed, by reason.\n# TYPE {name} counter\n"
         );
-        for reason in DisconnectReason::ALL {
+        for reason in Close::ALL {
             let _ = writeln!(
                 out,
                 "{name}{{reason=\"{}\"}} {}",
@@ -295,7 +228,7 @@ mod tests {
             connections: 3,
             ..Metrics::default()
         };
-        metrics.disconnected(DisconnectReason::SlowConsumer);
+        metrics.disconnected(Close::SlowConsumer);
         let text = metrics.render(&Gauges {
             channels: 2,
             known_channels: 2,

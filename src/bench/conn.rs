@@ -301,7 +301,7 @@ mod tests {
     fn parses_frames_of_each_length_format() {
         for len in [0usize, 125, 126, 65535, 65536] {
             let payload = vec![b'x'; len];
-            let frame = crate::wire::text_frame(&payload);
+            let frame = crate::ws::wire::text_frame(&payload);
             let at = parse_frame(&frame).unwrap().unwrap();
             assert_eq!((at.opcode, at.payload.len(), at.len), (1, len, frame.len()));
             assert!(parse_frame(&frame[..frame.len() - 1]).unwrap().is_none() || len == 0);

@@ -6,7 +6,7 @@
 //! server is upgraded. The client script allows any origin to load it (CORS `*`): it is public
 //! code that pages on the application's own origin import as a module.
 
-use crate::http;
+use crate::ws::http;
 
 /// A file served from memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,8 +17,8 @@ pub enum Asset {
     Dashboard,
 }
 
-const CLIENT: &str = include_str!("../client/sidecast.js");
-const DASHBOARD: &str = include_str!("assets/dashboard.html");
+const CLIENT: &str = include_str!("../../client/sidecast.js");
+const DASHBOARD: &str = include_str!("dashboard.html");
 const CLIENT_HASH: u64 = fnv1a(CLIENT.as_bytes());
 const DASHBOARD_HASH: u64 = fnv1a(DASHBOARD.as_bytes());
 

@@ -16,8 +16,8 @@
 
 use std::net::IpAddr;
 
-use crate::assets::Asset;
 use crate::config::Cidr;
+use crate::ops::assets::Asset;
 
 /// Most headers accepted in one request (more → 431).
 const MAX_HEADERS: usize = 48;

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use crate::timer::Tick;
+use crate::reactor::timer::Tick;
 
 /// How much history each channel keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,12 +1,13 @@
 //! The stats feed behind the dashboard: once a second, while the dashboard is on, the server
 //! publishes a snapshot of its gauges and counters, and the rates since the previous snapshot,
-//! to [`STATS_CHANNEL`](crate::wire::STATS_CHANNEL). The feed is not counted in the event and
+//! to [`STATS_CHANNEL`](crate::ws::wire::STATS_CHANNEL). The feed is not counted in the event and
 //! frame counters it reports.
 
 use std::fmt::Write;
 use std::time::Instant;
 
-use crate::metrics::{DisconnectReason, Gauges, LATENCY_BOUNDS_US, Metrics};
+use crate::error::Close;
+use crate::ops::metrics::{Gauges, LATENCY_BOUNDS_US, Metrics};
 
 /// Counters at the previous snapshot, to turn totals into rates.
 #[derive(Debug)]
@@ -54,7 +55,7 @@ impl StatsFeed {
             gauges.history_events,
             gauges.history_bytes,
         );
-        for (i, reason) in DisconnectReason::ALL.iter().enumerate() {
+        for (i, reason) in Close::ALL.iter().enumerate() {
             let separator = if i == 0 { "" } else { "," };
             let _ = write!(
                 json,
@@ -111,7 +112,7 @@ mod tests {
         let mut feed = StatsFeed::new(&metrics, start);
         metrics.events_published += 50;
         metrics.frames_delivered += 5000;
-        metrics.disconnected(DisconnectReason::SlowConsumer);
+        metrics.disconnected(Close::SlowConsumer);
         for _ in 0..200 {
             metrics.latency.observe(400);
         }

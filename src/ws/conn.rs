@@ -16,8 +16,7 @@
 //!   shut (FIN) and input is discarded until the peer closes, so the final bytes (a close frame
 //!   or an HTTP response) are not destroyed by a reset. A deadline bounds this state.
 
-use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 
 use bytes::Bytes;
@@ -25,16 +24,16 @@ use mio::net::TcpStream;
 use tungstenite::Message;
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
-use crate::auth::Identity;
-use crate::http::{self, OriginPolicy, Refusal, Route};
-use crate::hub::ChannelId;
-use crate::metrics::DisconnectReason;
-use crate::ratelimit::{Rate, TokenBucket};
-use crate::timer::{Tick, TimerKey};
-use crate::wire::{self, Reply};
+use crate::auth::ratelimit::Rate;
+use crate::error::Close;
+use crate::fanout::hub::ChannelId;
+use crate::reactor::timer::{Tick, TimerKey};
+use crate::ws::http::{self, OriginPolicy, Refusal, Route};
+use crate::ws::outqueue::OutQueue;
+use crate::ws::session::{Inbound, Session};
+use crate::ws::wire::{self, Reply};
 
 /// Identifies a connection across slab-key reuse: `generation` is unique per accepted
 /// connection, so a stale id (in a timer or subscriber list) is detectable.
@@ -44,192 +43,6 @@ pub struct ConnId {
     pub key: u32,
     /// Unique per accepted connection.
     pub generation: u32,
-}
-
-/// Most chunks handed to one `write_vectored` call (Linux's `UIO_MAXIOV` is 1024).
-const MAX_IOVECS: usize = 64;
-
-/// Bytes waiting to be written to one socket, in order. Chunks are shared, reference-counted
-/// buffers: an event frame queued to 10k connections exists once in memory.
-///
-/// Every chunk counts against `limit` (`max_output_buffer`): events, replies, Pings and Pongs.
-/// A push past it is refused and marks the queue *overflowed*, which makes the connection a
-/// slow consumer. Only the last words of a connection, one Close frame or one HTTP response,
-/// go in unchecked, so that a slow consumer can still be told why it is closed.
-///
-/// Fields are packed (32-bit offset, limit and tick) because every connection holds one:
-/// chunks are at most a frame of `max_publish_line` or an HTTP response, far below 4 GiB
-/// (`Config` caps the sizes at 1 GiB).
-pub struct OutQueue {
-    chunks: VecDeque<Bytes>,
-    /// Unsent bytes in total.
-    len: usize,
-    /// Bytes of the front chunk already written.
-    offset: u32,
-    /// Unsent bytes allowed.
-    limit: u32,
-    /// While `is_stalled`: the tick (its low 32 bits) since which queued bytes have not moved.
-    stalled_since: u32,
-    /// Bytes are queued and the last flush wrote none of them.
-    is_stalled: bool,
-    /// A push was refused for going over `limit`.
-    overflowed: bool,
-    /// The last chunk is a Pong that has not started to leave: a newer Pong replaces it.
-    pong_at_tail: bool,
-}
-
-impl OutQueue {
-    /// An empty queue holding at most `limit` unsent bytes.
-    pub fn new(limit: usize) -> OutQueue {
-        OutQueue {
-            chunks: VecDeque::new(),
-            len: 0,
-            offset: 0,
-            limit: u32::try_from(limit).unwrap_or(u32::MAX),
-            stalled_since: 0,
-            is_stalled: false,
-            overflowed: false,
-            pong_at_tail: false,
-        }
-    }
-
-    /// Appends a chunk if it fits within the limit. Returns false, and marks the queue
-    /// overflowed, when it does not.
-    pub fn push(&mut self, chunk: Bytes) -> bool {
-        if self.overflowed || self.len + chunk.len() > self.limit as usize {
-            self.overflowed = true;
-            return false;
-        }
-        self.push_unchecked(chunk);
-        true
-    }
-
-    /// Appends a Pong. RFC 6455 §5.5.3 lets an endpoint answer only the most recent Ping, so
-    /// a Pong still waiting at the tail is replaced: a client that pings without reading
-    /// holds one Pong here, not one per Ping.
-    pub fn push_pong(&mut self, pong: Bytes) -> bool {
-        let started = self.chunks.len() == 1 && self.offset > 0;
-        if self.pong_at_tail && !started {
-            let last = self.chunks.pop_back().expect("a Pong at the tail");
-            self.len -= last.len();
-        }
-        let pushed = self.push(pong);
-        self.pong_at_tail = pushed;
-        pushed
-    }
-
-    /// Appends a connection's last chunk (its Close frame or HTTP response) whatever the
-    /// limit: nothing may follow it, so it costs at most one chunk per connection.
-    pub fn push_final(&mut self, chunk: Bytes) {
-        self.push_unchecked(chunk);
-    }
-
-    fn push_unchecked(&mut self, chunk: Bytes) {
-        self.pong_at_tail = false;
-        if !chunk.is_empty() {
-            self.len += chunk.len();
-            self.chunks.push_back(chunk);
-        }
-    }
-
-    /// True once a push was refused for going over the limit.
-    pub fn is_overflowed(&self) -> bool {
-        self.overflowed
-    }
-
-    /// True when queued bytes have not moved for `stall` ticks.
-    pub fn is_stalled(&self, now: Tick, stall: u64) -> bool {
-        // Wrapping 32-bit ticks: exact for stalls under 497 days.
-        let stalled_for = (now.0 as u32).wrapping_sub(self.stalled_since);
-        self.is_stalled && u64::from(stalled_for) >= stall
-    }
-
-    /// Records how a flush at `now` went: a stall begins when bytes stay queued and none
-    /// moved, and ends when some do.
-    fn note_flush(&mut self, written: usize, now: Tick) {
-        if self.is_empty() {
-            self.is_stalled = false;
-        } else if written > 0 || !self.is_stalled {
-            self.is_stalled = true;
-            self.stalled_since = now.0 as u32;
-        }
-    }
-
-    /// Unsent bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True when everything was written.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Writes as much as the socket takes, several chunks per `write_vectored` call. Returns
-    /// the bytes written; `WouldBlock` is not an error, it just leaves bytes queued.
-    ///
-    /// # Errors
-    /// Any other I/O error, or a zero-length write.
-    pub fn write_to(&mut self, sink: &mut impl Write) -> io::Result<usize> {
-        let mut written = 0;
-        while !self.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut count = 0;
-            for (i, chunk) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
-                let start = if i == 0 { self.offset as usize } else { 0 };
-                slices[i] = IoSlice::new(&chunk[start..]);
-                count += 1;
-            }
-            match sink.write_vectored(&slices[..count]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    written += n;
-                    self.consume(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(written)
-    }
-
-    /// Drops every chunk not yet started, keeping a partially written one so that the byte
-    /// stream stays valid frame by frame.
-    pub fn keep_partial_only(&mut self) {
-        let keep = usize::from(self.offset > 0);
-        self.chunks.truncate(keep);
-        self.pong_at_tail = false;
-        self.len = self
-            .chunks
-            .front()
-            .map_or(0, |c| c.len() - self.offset as usize);
-        if keep == 0 {
-            self.offset = 0;
-        }
-    }
-
-    fn consume(&mut self, mut n: usize) {
-        self.len -= n;
-        while n > 0 {
-            let front = self
-                .chunks
-                .front()
-                .expect("consumed more than queued")
-                .len();
-            let left = front - self.offset as usize;
-            if n < left {
-                self.offset += n as u32;
-                return;
-            }
-            n -= left;
-            self.offset = 0;
-            self.chunks.pop_front();
-            if self.chunks.is_empty() {
-                self.pong_at_tail = false;
-            }
-        }
-    }
 }
 
 /// The reactor's read buffer, shared by every connection (one thread, one reader at a time).
@@ -337,17 +150,11 @@ impl Write for WsIo<'_> {
     }
 }
 
-/// An open WebSocket.
-struct Session {
+/// An open WebSocket: its framing, when it was last heard from, and its request state.
+struct Open {
     ws: WebSocketContext,
-    subscriptions: Vec<ChannelId>,
     last_seen: Tick,
-    /// Client messages allowed (`rate_limit`, `rate_burst`).
-    messages: TokenBucket,
-    /// Messages dropped by the limit since the bucket was last full.
-    strikes: u32,
-    /// The authenticated user and when their token expires; `None` with auth off.
-    auth: Option<Box<(Identity, Tick)>>,
+    session: Session,
 }
 
 /// What a WebSocket session leaves behind when it ends.
@@ -359,33 +166,10 @@ pub struct Ended {
     pub user: Option<Box<str>>,
 }
 
-/// The rate limit's verdict on one client message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// Within the limit.
-    Accepted,
-    /// Over the limit: drop it. `strikes` counts drops since the client last calmed down.
-    Limited {
-        /// Drops so far.
-        strikes: u32,
-    },
-}
-
 enum Phase {
     Request { head: Vec<u8> },
-    WebSocket(Box<Session>),
+    WebSocket(Box<Open>),
     Draining,
-}
-
-/// What the client sent, handed to the reactor.
-#[derive(Debug)]
-pub enum Inbound {
-    /// A text message.
-    Text(tungstenite::Utf8Bytes),
-    /// A binary message (refused with an error reply).
-    Binary,
-    /// A protocol Ping (already answered): it counts toward the message rate limit.
-    Ping,
 }
 
 /// Whether a read pass left the socket empty.
@@ -422,28 +206,51 @@ pub enum ReadEnd {
     Closed,
     /// The peer vanished without a close handshake (EOF or reset).
     Reset,
-    /// The peer broke RFC 6455 or a limit: close with this code.
-    Violation(CloseCode, &'static str, DisconnectReason),
+    /// The peer broke RFC 6455 or a limit.
+    Violation(Close),
+}
+
+/// The connection deadlines, in ticks.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// `heartbeat_interval`: time between Pings.
+    pub heartbeat_interval: u64,
+    /// `heartbeat_timeout`: silence allowed.
+    pub heartbeat_timeout: u64,
+    /// `write_stall_timeout`: how long queued output may sit without moving.
+    pub write_stall: u64,
+}
+
+/// What a connection's timer firing means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deadline {
+    /// The request head did not arrive in `handshake_timeout`: drop the connection.
+    HandshakeTimeout,
+    /// Closing took longer than `close_timeout`: drop the connection.
+    CloseTimeout,
+    /// End the WebSocket.
+    Close(Close),
+    /// A Ping was queued; arm the timer again for this tick.
+    Next(Tick),
 }
 
 /// One TCP connection on the WebSocket port.
 pub struct ClientConn {
-    /// This connection's identity.
-    pub id: ConnId,
+    id: ConnId,
     /// The peer's address, for logs.
-    pub peer: SocketAddr,
+    peer: SocketAddr,
     /// The timer currently armed for this connection: handshake deadline, heartbeat, or drain
     /// deadline, depending on the phase.
-    pub timer: Option<TimerKey>,
-    /// True while the connection sits in the reactor's dirty list.
-    pub is_dirty: bool,
+    timer: Option<TimerKey>,
+    /// True while the connection sits in the fan-out's dirty list (see [`ClientConn::list`]).
+    listed: bool,
     /// True while WRITABLE interest is registered (only while a write would block).
-    pub wants_writable: bool,
+    wants_writable: bool,
     /// Why the connection is being closed, once that is decided.
-    pub close_reason: Option<DisconnectReason>,
+    close: Option<Close>,
     /// When the oldest event still queued here was read from its publisher, in microseconds
     /// since the server started; 0 when no event is queued.
-    pub event_pending_since_us: u64,
+    event_pending_since_us: u64,
     socket: TcpStream,
     phase: Phase,
     out: OutQueue,
@@ -463,9 +270,9 @@ impl ClientConn {
             id,
             peer,
             timer: None,
-            is_dirty: false,
+            listed: false,
             wants_writable: false,
-            close_reason: None,
+            close: None,
             event_pending_since_us: 0,
             socket,
             phase: Phase::Request { head: Vec::new() },
@@ -474,9 +281,74 @@ impl ClientConn {
         }
     }
 
+    /// This connection's identity.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// The peer's address (the TCP peer, before any proxy header).
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
     /// The socket, for (re)registration.
     pub fn socket(&mut self) -> &mut TcpStream {
         &mut self.socket
+    }
+
+    /// Replaces the armed timer's key, returning the previous one (to cancel).
+    pub fn replace_timer(&mut self, timer: Option<TimerKey>) -> Option<TimerKey> {
+        std::mem::replace(&mut self.timer, timer)
+    }
+
+    /// Why the connection is closing, once decided.
+    pub fn close_reason(&self) -> Option<Close> {
+        self.close
+    }
+
+    /// Puts the connection on the dirty list if it has work for the next flush (bytes queued
+    /// since the last one, or a write side to shut) and is not on it yet. Returns true when
+    /// the caller must add it: the fan-out's `Clients` calls this whenever a borrow of the
+    /// connection ends, so no path that queues output can leave it unflushed.
+    pub fn list(&mut self) -> bool {
+        let due = self.out.take_pushed()
+            || (self.is_draining() && !self.write_shut && self.out.is_empty());
+        let newly = due && !self.listed;
+        self.listed |= newly;
+        newly
+    }
+
+    /// Lists the connection whatever it holds: the socket became writable.
+    pub fn relist(&mut self) -> bool {
+        let newly = !self.listed;
+        self.listed = true;
+        newly
+    }
+
+    /// Records that an event frame was queued in a pass that began at `pass_started_us`.
+    pub fn note_event(&mut self, pass_started_us: u64) {
+        if self.event_pending_since_us == 0 {
+            self.event_pending_since_us = pass_started_us.max(1);
+        }
+    }
+
+    /// After a flush that emptied the queue: when its oldest event was read, if it held one.
+    pub fn take_event_start(&mut self) -> Option<u64> {
+        if self.out.is_empty() && self.event_pending_since_us != 0 {
+            Some(std::mem::take(&mut self.event_pending_since_us))
+        } else {
+            None
+        }
+    }
+
+    /// Whether WRITABLE interest should change: `Some(wanted)` when the queue started or
+    /// stopped holding bytes the kernel would not take.
+    pub fn interest_change(&mut self) -> Option<bool> {
+        let wanted = !self.out.is_empty();
+        (wanted != self.wants_writable).then(|| {
+            self.wants_writable = wanted;
+            wanted
+        })
     }
 
     /// True while the WebSocket is open and accepts frames.
@@ -509,33 +381,24 @@ impl ClientConn {
         }
     }
 
-    /// Charges one client message to the rate limit.
-    pub fn admit_message(&mut self, rate: Rate, now: Tick) -> Admission {
-        let Phase::WebSocket(session) = &mut self.phase else {
-            return Admission::Accepted;
-        };
-        if session.messages.is_full(rate, now) {
-            session.strikes = 0;
-        }
-        if session.messages.try_take(rate, now) {
-            Admission::Accepted
-        } else {
-            session.strikes += 1;
-            Admission::Limited {
-                strikes: session.strikes,
-            }
-        }
-    }
-
     /// True when this WebSocket is subscribed to `channel`.
     pub fn is_subscribed(&self, channel: ChannelId) -> bool {
-        matches!(&self.phase, Phase::WebSocket(s) if s.subscriptions.contains(&channel))
+        self.session()
+            .is_some_and(|s| s.subscriptions().contains(&channel))
     }
 
-    /// The channels this WebSocket is subscribed to.
-    pub fn subscriptions_mut(&mut self) -> Option<&mut Vec<ChannelId>> {
+    /// The request state of an open WebSocket.
+    pub fn session(&self) -> Option<&Session> {
+        match &self.phase {
+            Phase::WebSocket(open) => Some(&open.session),
+            _ => None,
+        }
+    }
+
+    /// The request state of an open WebSocket, to change it.
+    pub fn session_mut(&mut self) -> Option<&mut Session> {
         match &mut self.phase {
-            Phase::WebSocket(s) => Some(&mut s.subscriptions),
+            Phase::WebSocket(open) => Some(&mut open.session),
             _ => None,
         }
     }
@@ -593,13 +456,10 @@ impl ClientConn {
             .push(Bytes::from(http::switching_protocols(accept_key)));
         debug_assert!(pushed);
         let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(config));
-        self.phase = Phase::WebSocket(Box::new(Session {
+        self.phase = Phase::WebSocket(Box::new(Open {
             ws,
-            subscriptions: Vec::new(),
             last_seen: now,
-            messages: TokenBucket::full(rate, now),
-            strikes: 0,
-            auth: None,
+            session: Session::new(rate, now),
         }));
     }
 
@@ -661,8 +521,22 @@ impl ClientConn {
         self.is_open() && self.out.push(frame)
     }
 
-    /// Queues a Close frame, if the WebSocket can still send one. Nothing may follow it.
-    pub fn send_close(&mut self, code: CloseCode, reason: &'static str) {
+    /// Ends the WebSocket for `close` (the first reason given sticks), queuing its Close
+    /// frame if the connection can still send one. Returns what the session held when it was
+    /// open, `None` if it had already ended (or never opened).
+    pub fn end(&mut self, close: Close) -> Option<Ended> {
+        self.close.get_or_insert(close);
+        if let Some((code, reason)) = close.frame() {
+            self.send_close(code, reason);
+        }
+        self.end_session()
+    }
+
+    fn send_close(
+        &mut self,
+        code: tungstenite::protocol::frame::coding::CloseCode,
+        reason: &'static str,
+    ) {
         if let Phase::WebSocket(session) = &mut self.phase
             && session.ws.can_write()
         {
@@ -682,35 +556,16 @@ impl ClientConn {
 
     /// Moves to `Draining`. Returns what the session held when the connection was an open
     /// WebSocket, `None` otherwise.
-    pub fn end_session(&mut self) -> Option<Ended> {
+    fn end_session(&mut self) -> Option<Ended> {
         match std::mem::replace(&mut self.phase, Phase::Draining) {
-            Phase::WebSocket(session) => {
-                let Session {
-                    subscriptions,
-                    auth,
-                    ..
-                } = *session;
+            Phase::WebSocket(open) => {
+                let mut session = open.session;
                 Some(Ended {
-                    subscriptions,
-                    user: auth.map(|auth| auth.0.user),
+                    subscriptions: session.take_subscriptions(),
+                    user: session.take_identity().map(|identity| identity.user),
                 })
             }
             Phase::Request { .. } | Phase::Draining => None,
-        }
-    }
-
-    /// Records who the client is and when its token expires.
-    pub fn set_identity(&mut self, identity: Identity, expires: Tick) {
-        if let Phase::WebSocket(session) = &mut self.phase {
-            session.auth = Some(Box::new((identity, expires)));
-        }
-    }
-
-    /// The authenticated user and their token's expiry tick.
-    pub fn identity(&self) -> Option<&(Identity, Tick)> {
-        match &self.phase {
-            Phase::WebSocket(session) => session.auth.as_deref(),
-            _ => None,
         }
     }
 
@@ -726,6 +581,7 @@ impl ClientConn {
     /// # Errors
     /// A fatal socket error; the connection must be dropped.
     pub fn flush(&mut self, now: Tick) -> io::Result<usize> {
+        self.listed = false;
         let written = self.out.write_to(&mut self.socket)?;
         self.out.note_flush(written, now);
         if self.out.is_empty() && self.is_draining() && !self.write_shut {
@@ -750,6 +606,42 @@ impl ClientConn {
         }
     }
 
+    /// Decides what the connection's timer firing at `now` means: for an open WebSocket, the
+    /// silence deadline, a slow consumer, the token's expiry, or the next Ping (queued here).
+    /// One timer per connection: the earliest of the next Ping, the silence deadline and the
+    /// token's expiry (a refresh moves the expiry later; the early wake re-arms).
+    pub fn on_deadline(&mut self, now: Tick, timing: &Timing) -> Deadline {
+        if self.is_handshaking() {
+            return Deadline::HandshakeTimeout;
+        }
+        let Some(last_seen) = self.last_seen() else {
+            return Deadline::CloseTimeout;
+        };
+        if now.since(last_seen) >= timing.heartbeat_timeout {
+            return Deadline::Close(Close::HeartbeatTimeout);
+        }
+        if self.is_slow(now, timing.write_stall) {
+            return Deadline::Close(Close::SlowConsumer);
+        }
+        let expires = self.session().and_then(|s| s.identity()).map(|(_, at)| *at);
+        if expires.is_some_and(|expires| expires <= now) {
+            return Deadline::Close(Close::TokenExpired);
+        }
+        self.send_ping();
+        let next = now
+            .after(timing.heartbeat_interval)
+            .min(last_seen.after(timing.heartbeat_timeout));
+        Deadline::Next(expires.map_or(next, |expires| expires.min(next)))
+    }
+
+    /// When the next heartbeat is due after the upgrade at `now`: the first Ping, or the
+    /// token's expiry if that comes first.
+    pub fn first_deadline(&self, now: Tick, timing: &Timing) -> Tick {
+        let next_ping = now.after(timing.heartbeat_interval);
+        let expires = self.session().and_then(|s| s.identity()).map(|(_, at)| *at);
+        expires.map_or(next_ping, |e| e.min(next_ping))
+    }
+
     /// True when the request phase is still running (the handshake deadline applies).
     pub fn is_handshaking(&self) -> bool {
         matches!(self.phase, Phase::Request { .. })
@@ -768,21 +660,9 @@ fn read_end(error: WsError) -> ReadEnd {
         WsError::Io(_) | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
             ReadEnd::Reset
         }
-        WsError::Capacity(_) => ReadEnd::Violation(
-            CloseCode::Size,
-            "message too big",
-            DisconnectReason::MessageTooBig,
-        ),
-        WsError::Utf8(_) => ReadEnd::Violation(
-            CloseCode::Invalid,
-            "invalid UTF-8",
-            DisconnectReason::InvalidUtf8,
-        ),
-        _ => ReadEnd::Violation(
-            CloseCode::Protocol,
-            "protocol error",
-            DisconnectReason::ProtocolError,
-        ),
+        WsError::Capacity(_) => ReadEnd::Violation(Close::MessageTooBig),
+        WsError::Utf8(_) => ReadEnd::Violation(Close::InvalidUtf8),
+        _ => ReadEnd::Violation(Close::ProtocolError),
     }
 }
 
@@ -790,116 +670,10 @@ fn read_end(error: WsError) -> ReadEnd {
 mod tests {
     use super::*;
 
-    /// Accepts `limit` bytes per call, then blocks.
-    struct Trickle {
-        taken: Vec<u8>,
-        limit: usize,
-        calls: usize,
-    }
-
-    impl Write for Trickle {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.write_vectored(&[IoSlice::new(buf)])
-        }
-
-        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-            if self.calls == 3 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            self.calls += 1;
-            let mut n = 0;
-            for b in bufs {
-                let take = b.len().min(self.limit - n);
-                self.taken.extend_from_slice(&b[..take]);
-                n += take;
-            }
-            Ok(n)
-        }
-
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
-    fn partial_vectored_writes_keep_order() {
-        let mut queue = OutQueue::new(usize::MAX);
-        for chunk in ["abc", "defg", "h", "ijkl"] {
-            queue.push(Bytes::from_static(chunk.as_bytes()));
-        }
-        let mut sink = Trickle {
-            taken: Vec::new(),
-            limit: 5,
-            calls: 0,
-        };
-        assert_eq!(queue.write_to(&mut sink).unwrap(), 12);
-        assert_eq!(sink.taken, b"abcdefghijkl");
-        assert!(queue.is_empty());
-
-        queue.push(Bytes::from_static(b"0123456789"));
-        queue.push(Bytes::from_static(b"xyz"));
-        let mut sink = Trickle {
-            taken: Vec::new(),
-            limit: 2,
-            calls: 2,
-        };
-        assert_eq!(
-            queue.write_to(&mut sink).unwrap(),
-            2,
-            "one write, then WouldBlock"
-        );
-        assert_eq!(queue.len(), 11);
-        queue.keep_partial_only();
-        assert_eq!(
-            queue.len(),
-            8,
-            "the started chunk stays, the rest is dropped"
-        );
-    }
-
-    #[test]
-    fn every_chunk_counts_against_the_limit_but_the_last_words() {
-        let mut queue = OutQueue::new(10);
-        assert!(queue.push(Bytes::from_static(b"12345678")));
-        assert!(!queue.push(Bytes::from_static(b"abc")), "over the limit");
-        assert!(queue.is_overflowed());
-        assert!(
-            !queue.push(Bytes::from_static(b"a")),
-            "an overflowed queue takes nothing"
-        );
-        queue.push_final(Bytes::from_static(b"close frame"));
-        assert_eq!(queue.len(), 19, "the close frame goes in regardless");
-    }
-
-    #[test]
-    fn only_the_most_recent_pong_waits() {
-        let pong = |payload: &'static [u8]| {
-            let mut frame = vec![0x8A, payload.len() as u8];
-            frame.extend_from_slice(payload);
-            Bytes::from(frame)
-        };
-        let mut queue = OutQueue::new(1024);
-        for n in 0..1000u32 {
-            queue.push_pong(Bytes::from(n.to_be_bytes().to_vec()));
-        }
-        assert_eq!(queue.len(), 4, "1000 Pongs in a row leave one");
-        assert!(is_pong_frame(&pong(b"hi")));
+    fn recognizes_the_pongs_tungstenite_writes() {
+        assert!(is_pong_frame(&[0x8A, 0x02, b'h', b'i']));
         assert!(!is_pong_frame(&[0x88, 0x02, 0x03, 0xE8]), "a Close frame");
         assert!(!is_pong_frame(&[0x8A, 0x05, 1]), "a truncated Pong");
-        queue.push(Bytes::from_static(b"event"));
-        queue.push_pong(pong(b"a"));
-        queue.push_pong(pong(b"b"));
-        assert_eq!(
-            queue.len(),
-            4 + 5 + 3,
-            "an event in between keeps the earlier Pong"
-        );
-        let mut sink = Trickle {
-            taken: Vec::new(),
-            limit: 1000,
-            calls: 0,
-        };
-        queue.write_to(&mut sink).unwrap();
-        assert_eq!(&sink.taken[9..], &pong(b"b")[..]);
     }
 }

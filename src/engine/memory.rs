@@ -1,0 +1,386 @@
+//! The in-memory engine: each channel's seq, epoch and history live in this process.
+//!
+//! Invariants (checked by `check_invariants` in debug builds):
+//! - `by_name` and `logs` hold the same channels, under the same names;
+//! - a channel this node watches (it has local subscribers) is always kept;
+//! - an unwatched channel stays *dormant*, keeping its seq, epoch and history, so a client
+//!   can resume. One that never had an event (*quiet*) stays for `history_ttl` too, so that a
+//!   page resuming it at `seq` 0 hears "nothing missed" rather than a gap; at most
+//!   `quiet_channels` are kept at once (`quiet` counts them), past that a quiet channel is
+//!   freed when it stops being watched;
+//! - [`MemoryEngine::sweep`] expires old history and forgets unwatched channels whose history
+//!   is empty and that nobody has watched for `history_ttl`, so channels nobody watches cost
+//!   nothing once that has passed. A forgotten channel that is used again starts a new epoch
+//!   with `seq` 0.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use slab::Slab;
+
+use super::history::{Delta, History, HistoryLimits};
+use super::{Engine, EngineGauges, Position};
+use crate::reactor::timer::Tick;
+use crate::ws::wire::Since;
+
+/// Channel slots one sweep examines: a full cycle over a million channels takes about four
+/// minutes at one sweep a second, at a bounded cost per round.
+const SWEEP_SLOTS: usize = 4096;
+
+struct Log {
+    name: Arc<str>,
+    seq: u64,
+    /// Random, fixed when the channel (and so its history) begins: a resuming client whose
+    /// epoch differs knows the sequence numbers it holds are from another history.
+    epoch: Box<str>,
+    history: History,
+    /// This node has subscribers to the channel.
+    watched: bool,
+    /// When it was last unwatched (the creation tick, `Tick(0)`, if it never was watched).
+    idle_since: Tick,
+}
+
+impl Log {
+    /// Unwatched, and no event ever: only its epoch is worth keeping.
+    fn is_quiet(&self) -> bool {
+        !self.watched && self.seq == 0
+    }
+}
+
+/// Seqs, epochs and histories of every channel, in memory.
+pub struct MemoryEngine {
+    by_name: HashMap<Arc<str>, usize>,
+    logs: Slab<Log>,
+    /// Quiet channels kept (see the module invariants).
+    quiet: usize,
+    limits: HistoryLimits,
+    history_events: usize,
+    history_bytes: usize,
+    epoch_seed: RandomState,
+    epochs_made: u64,
+    /// The slab slot the next sweep starts at.
+    sweep_cursor: usize,
+}
+
+impl Default for MemoryEngine {
+    fn default() -> MemoryEngine {
+        MemoryEngine::new(HistoryLimits::DISABLED)
+    }
+}
+
+impl MemoryEngine {
+    /// An empty engine keeping each channel's recent events within `limits`.
+    pub fn new(limits: HistoryLimits) -> MemoryEngine {
+        MemoryEngine {
+            by_name: HashMap::new(),
+            logs: Slab::new(),
+            quiet: 0,
+            limits,
+            history_events: 0,
+            history_bytes: 0,
+            epoch_seed: RandomState::new(),
+            epochs_made: 0,
+            sweep_cursor: 0,
+        }
+    }
+
+    /// Expires old history and forgets channels neither watched nor holding history, examining
+    /// at most `slots` slab slots from where the previous sweep stopped: a bounded amount of
+    /// work however many channels there are.
+    pub fn sweep_slots(&mut self, now: Tick, slots: usize) {
+        let capacity = self.logs.capacity();
+        for _ in 0..slots.min(capacity) {
+            let key = self.sweep_cursor % capacity;
+            self.sweep_cursor = key + 1;
+            let Some(log) = self.logs.get_mut(key) else {
+                continue;
+            };
+            let delta = log.history.expire(now, self.limits);
+            let forgotten = !log.watched
+                && log.history.is_empty()
+                && now.since(log.idle_since) >= self.limits.ttl_ticks;
+            let was_quiet = log.is_quiet();
+            self.apply(delta);
+            if forgotten {
+                self.quiet -= usize::from(was_quiet);
+                self.forget(key);
+            }
+        }
+        self.check_invariants();
+    }
+
+    fn apply(&mut self, delta: Delta) {
+        self.history_events = self.history_events.saturating_add_signed(delta.events);
+        self.history_bytes = self.history_bytes.saturating_add_signed(delta.bytes);
+    }
+
+    fn forget(&mut self, key: usize) {
+        let log = self.logs.remove(key);
+        self.by_name.remove(&log.name);
+    }
+
+    /// The slab key of the channel called `name`, created if missing. Its callers are about
+    /// to watch it or give it an event, so a quiet one stops counting as quiet here.
+    fn entry(&mut self, name: &str) -> usize {
+        if let Some(&key) = self.by_name.get(name) {
+            self.quiet -= usize::from(self.logs[key].is_quiet());
+            return key;
+        }
+        let name: Arc<str> = name.into();
+        self.epochs_made += 1;
+        let mut hasher = self.epoch_seed.build_hasher();
+        hasher.write_u64(self.epochs_made);
+        let epoch = format!("{:08x}", hasher.finish() as u32).into_boxed_str();
+        let key = self.logs.insert(Log {
+            name: Arc::clone(&name),
+            seq: 0,
+            epoch,
+            history: History::default(),
+            watched: false,
+            idle_since: Tick(0),
+        });
+        self.by_name.insert(name, key);
+        key
+    }
+
+    #[cfg(debug_assertions)]
+    fn check_invariants(&self) {
+        debug_assert_eq!(self.by_name.len(), self.logs.len());
+        let quiet = self.logs.iter().filter(|(_, l)| l.is_quiet()).count();
+        debug_assert_eq!(quiet, self.quiet);
+    }
+
+    #[cfg(not(debug_assertions))]
+    fn check_invariants(&self) {}
+}
+
+impl Engine for MemoryEngine {
+    fn next_seq(&mut self, channel: &str) -> u64 {
+        let key = self.entry(channel);
+        let log = &mut self.logs[key];
+        log.seq += 1;
+        log.seq
+    }
+
+    fn keeps_history(&self) -> bool {
+        self.limits.size > 0
+    }
+
+    fn record(&mut self, channel: &str, seq: u64, frame: &Bytes, now: Tick) {
+        let Some(&key) = self.by_name.get(channel) else {
+            debug_assert!(false, "record before next_seq");
+            return;
+        };
+        let delta = self.logs[key].history.record(seq, frame, now, self.limits);
+        self.apply(delta);
+    }
+
+    fn position(&mut self, channel: &str) -> Position<'_> {
+        let key = match self.by_name.get(channel) {
+            Some(&key) => key,
+            None => self.entry(channel),
+        };
+        let log = &self.logs[key];
+        Position {
+            seq: log.seq,
+            epoch: &log.epoch,
+        }
+    }
+
+    fn replay(&mut self, channel: &str, since: &Since, now: Tick) -> Option<Vec<Bytes>> {
+        let &key = self.by_name.get(channel)?;
+        let log = &mut self.logs[key];
+        let delta = log.history.expire(now, self.limits);
+        let missed = (*log.epoch == *since.epoch)
+            .then(|| {
+                log.history
+                    .after(since.seq, log.seq)
+                    .map(|frames| frames.cloned().collect())
+            })
+            .flatten();
+        self.apply(delta);
+        missed
+    }
+
+    fn watch(&mut self, channel: &str) {
+        let key = self.entry(channel);
+        self.logs[key].watched = true;
+        self.check_invariants();
+    }
+
+    fn unwatch(&mut self, channel: &str, now: Tick) {
+        let Some(&key) = self.by_name.get(channel) else {
+            debug_assert!(false, "unwatch of an unknown channel");
+            return;
+        };
+        let log = &mut self.logs[key];
+        log.watched = false;
+        log.idle_since = now;
+        if log.is_quiet() {
+            if self.quiet < self.limits.quiet_channels {
+                self.quiet += 1;
+            } else {
+                self.forget(key);
+            }
+        }
+        self.check_invariants();
+    }
+
+    fn sweep(&mut self, now: Tick) {
+        self.sweep_slots(now, SWEEP_SLOTS);
+    }
+
+    fn gauges(&self) -> EngineGauges {
+        EngineGauges {
+            known_channels: self.logs.len(),
+            history_events: self.history_events,
+            history_bytes: self.history_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HistoryLimits = HistoryLimits {
+        size: 10,
+        max_bytes: 1 << 20,
+        ttl_ticks: 100,
+        quiet_channels: 0,
+    };
+
+    fn since(seq: u64, epoch: &str) -> Since {
+        Since {
+            seq,
+            epoch: epoch.to_string(),
+        }
+    }
+
+    fn epoch(engine: &mut MemoryEngine, channel: &str) -> String {
+        engine.position(channel).epoch.to_string()
+    }
+
+    #[test]
+    fn seqs_count_per_channel_and_survive_while_watched_or_dormant() {
+        let mut engine = MemoryEngine::default();
+        assert_eq!(engine.next_seq("nobody"), 1);
+        assert_eq!(engine.next_seq("nobody"), 2);
+        engine.watch("a");
+        assert_eq!(engine.position("a").seq, 0);
+        assert_eq!(engine.next_seq("a"), 1);
+        engine.unwatch("a", Tick(0));
+        engine.watch("a");
+        assert_eq!(
+            engine.position("a").seq,
+            1,
+            "a dormant channel kept its seq"
+        );
+        assert_eq!(engine.next_seq("a"), 2);
+        engine.unwatch("a", Tick(0));
+        engine.watch("b");
+        engine.unwatch("b", Tick(0));
+        assert!(
+            !engine.by_name.contains_key("b"),
+            "never published and no quiet channels allowed: freed entirely"
+        );
+    }
+
+    #[test]
+    fn sweeps_forget_channels_nobody_watches_once_their_history_expires() {
+        let mut engine = MemoryEngine::new(LIMITS);
+        let frame = Bytes::from_static(b"event");
+        let seq = engine.next_seq("dormant");
+        engine.record("dormant", seq, &frame, Tick(0));
+        engine.watch("watched");
+        let seq = engine.next_seq("watched");
+        engine.record("watched", seq, &frame, Tick(0));
+        engine.sweep_slots(Tick(50), 1000);
+        assert_eq!(engine.logs.len(), 2, "history still young");
+        assert_eq!(engine.next_seq("dormant"), 2);
+        engine.sweep_slots(Tick(500), 1000);
+        assert_eq!(engine.logs.len(), 1, "the watched channel stays");
+        assert_eq!(engine.gauges().history_events, 0);
+        assert_eq!(engine.gauges().history_bytes, 0);
+        assert_eq!(
+            engine.next_seq("dormant"),
+            1,
+            "forgotten: a new epoch from 0"
+        );
+        assert_eq!(engine.next_seq("watched"), 2);
+    }
+
+    #[test]
+    fn a_quiet_channel_keeps_its_epoch_for_the_ttl_within_the_quiet_limit() {
+        let mut engine = MemoryEngine::new(HistoryLimits {
+            quiet_channels: 2,
+            ..LIMITS
+        });
+        engine.watch("a");
+        let first = epoch(&mut engine, "a");
+        engine.unwatch("a", Tick(10));
+        engine.watch("a");
+        assert_eq!(engine.position("a").seq, 0);
+        assert_eq!(epoch(&mut engine, "a"), first, "the same epoch");
+        assert_eq!(
+            engine
+                .replay("a", &since(0, &first), Tick(20))
+                .map(|f| f.len()),
+            Some(0),
+            "nothing was missed"
+        );
+        engine.unwatch("a", Tick(20));
+        // An event while nobody watches lands in the same epoch, so a resume replays it.
+        let seq = engine.next_seq("a");
+        engine.record("a", seq, &Bytes::from_static(b"e1"), Tick(30));
+        engine.watch("a");
+        assert_eq!(
+            engine
+                .replay("a", &since(0, &first), Tick(40))
+                .map(|f| f.len()),
+            Some(1)
+        );
+        assert_eq!(engine.replay("a", &since(0, "other"), Tick(40)), None);
+        engine.unwatch("a", Tick(40));
+
+        for channel in ["b", "c", "d"] {
+            engine.watch(channel);
+            engine.unwatch(channel, Tick(50));
+        }
+        assert_eq!(
+            engine.quiet, 2,
+            "b and c are kept, d is over the limit and freed"
+        );
+        assert!(engine.by_name.contains_key("c") && !engine.by_name.contains_key("d"));
+        engine.sweep_slots(Tick(149), 1000);
+        assert!(
+            engine.by_name.contains_key("b"),
+            "not yet history_ttl since it was left"
+        );
+        engine.sweep_slots(Tick(150), 1000);
+        assert_eq!(engine.quiet, 0);
+        assert!(
+            engine.logs.is_empty(),
+            "every channel forgotten after the TTL"
+        );
+    }
+
+    #[test]
+    fn a_sweep_examines_a_bounded_number_of_slots_and_wraps() {
+        let mut engine = MemoryEngine::default();
+        for i in 0..10 {
+            engine.next_seq(&format!("c{i}"));
+        }
+        engine.sweep_slots(Tick(0), 4);
+        assert_eq!(engine.logs.len(), 6);
+        let all = engine.logs.capacity();
+        engine.sweep_slots(Tick(0), all);
+        assert_eq!(engine.logs.len(), 0);
+        engine.next_seq("again");
+        engine.sweep_slots(Tick(0), all);
+        assert_eq!(engine.logs.len(), 0, "the cursor wrapped around");
+    }
+}

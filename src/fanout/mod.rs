@@ -1,0 +1,438 @@
+//! One publish to every subscriber's queue, and the WebSocket sessions it serves.
+//!
+//! The path of one event, top to bottom in this file: a publish command arrives through
+//! [`Sink::publish`] (from `publish::port`) → [`Fanout::fan_out`] takes the channel's next
+//! seq from the [`Engine`] → encodes one frame, shared by every recipient → queues it to each
+//! local subscriber in the [`Hub`] (and, for a `{"user":...}` publish, to each of the user's
+//! connections not subscribed already) → hands it to the engine's history. The reactor then
+//! flushes every connection the [`Clients`] guard listed.
+//!
+//! - [`hub`]: channel → local subscribers.
+//! - [`users`]: user → open connections.
+//! - [`clients`]: the connection slab and its dirty list.
+//!
+//! It also carries out the [`Verdict`]s of client sessions (subscribe, resume, refresh) and
+//! opens and ends sessions, since each of those changes the hub, the user index and the
+//! engine together. Invariants: a connection is in the hub, the user index and the
+//! `connections` gauge exactly while its session is open; [`Fanout::end`] takes it out of all
+//! three, once. The fan-out never writes to a socket.
+
+pub mod clients;
+pub mod hub;
+pub mod users;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use crate::auth::admission::Auth;
+use crate::engine::Engine;
+use crate::error::Close;
+use crate::ops::metrics::{Gauges, Metrics};
+use crate::publish::{Published, Seqs, Sink, Target};
+use crate::reactor::timer::Tick;
+use crate::ws::conn::{ClientConn, ConnId};
+use crate::ws::session::{Inbound, Rules, Verdict};
+use crate::ws::wire::{self, EventTarget, Reply};
+
+pub use clients::Clients;
+pub use hub::Hub;
+pub use users::Users;
+
+/// Fan-out work per loop pass: frames queued (a line to a channel without subscribers counts
+/// as one). Past it, publishers pause until the next pass, so one busy channel cannot delay
+/// flushing, handshakes or heartbeats, and queues grow by at most this much per pass. 64k is 64
+/// events per connection at 1000 subscribers: one full `write_vectored` each.
+const DELIVERIES_PER_PASS: usize = 64 * 1024;
+
+/// What sessions are told and judged by, from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionSettings {
+    /// Random per process, so client ids differ across restarts.
+    pub instance: u32,
+    /// `heartbeat_interval`, for the `connected` reply.
+    pub heartbeat_ms: u64,
+    /// Messages per second and burst.
+    pub rate: crate::auth::ratelimit::Rate,
+    /// `rate_limit`.
+    pub rate_limit: f64,
+    /// `rate_burst`.
+    pub rate_burst: u32,
+    /// `rate_limit_strikes`.
+    pub rate_limit_strikes: u32,
+    /// `max_subscriptions`.
+    pub max_subscriptions: usize,
+}
+
+/// The current loop pass, as the fan-out sees it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pass {
+    now: Tick,
+    /// When this pass read its input, in microseconds since the server started.
+    started_us: u64,
+    /// The Unix time, in seconds.
+    unix_secs: u64,
+    /// Frames queued so far (see `DELIVERIES_PER_PASS`).
+    deliveries: usize,
+}
+
+/// Connections, channels and counters: everything a publish touches.
+pub struct Fanout {
+    clients: Clients,
+    hub: Hub,
+    engine: Box<dyn Engine>,
+    users: Users,
+    auth: Option<Auth>,
+    settings: SessionSettings,
+    metrics: Metrics,
+    pass: Pass,
+    /// Reused to build event payloads.
+    scratch: Vec<u8>,
+    /// Connections closed by a publisher's command; the reactor arms their drain deadline.
+    closed_by_command: Vec<ConnId>,
+}
+
+impl Fanout {
+    /// An empty fan-out over `engine`; `auth` when tokens are required.
+    pub fn new(engine: Box<dyn Engine>, auth: Option<Auth>, settings: SessionSettings) -> Fanout {
+        Fanout {
+            clients: Clients::default(),
+            hub: Hub::new(),
+            engine,
+            users: Users::default(),
+            auth,
+            settings,
+            metrics: Metrics::default(),
+            pass: Pass::default(),
+            scratch: Vec::new(),
+            closed_by_command: Vec::new(),
+        }
+    }
+
+    /// Starts a loop pass at tick `now`, `started_us` after the server started, at Unix time
+    /// `unix_secs`: the fan-out budget is fresh.
+    pub fn begin_pass(&mut self, now: Tick, started_us: u64, unix_secs: u64) {
+        self.pass = Pass {
+            now,
+            started_us,
+            unix_secs,
+            deliveries: 0,
+        };
+    }
+
+    /// A fresh fan-out budget within the same pass: the shutdown executes every line already
+    /// received, flushing between budgets.
+    pub fn refill_budget(&mut self) {
+        self.pass.deliveries = 0;
+    }
+
+    /// The connections.
+    pub fn clients(&self) -> &Clients {
+        &self.clients
+    }
+
+    /// The connections, to change.
+    pub fn clients_mut(&mut self) -> &mut Clients {
+        &mut self.clients
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The counters, to count what the reactor sees (bytes written, refusals, timeouts).
+    pub fn metrics_mut(&mut self) -> &mut Metrics {
+        &mut self.metrics
+    }
+
+    // ---- the path of one event ----
+
+    /// Publishes one event to one channel: one sequence number, one encoded frame shared by
+    /// every subscriber, by every connection of `user` not subscribed to it already, and by
+    /// the channel's history. Returns the seq and how many connections it was queued to.
+    pub fn fan_out(&mut self, channel: &str, data: &RawValue, user: Option<&str>) -> (u64, usize) {
+        let seq = self.engine.next_seq(channel);
+        let subscribers = self.hub.subscribers(channel);
+        let tabs = user.map_or(&[][..], |user| self.users.connections(user));
+        self.pass.deliveries += (subscribers.len() + tabs.len()).max(1);
+        if subscribers.is_empty() && tabs.is_empty() && !self.engine.keeps_history() {
+            return (seq, 0);
+        }
+        let frame = wire::event_frame(EventTarget::Channel(channel, seq), data, &mut self.scratch);
+        let started_us = self.pass.started_us;
+        let mut delivered = 0;
+        for id in subscribers {
+            let mut conn = self
+                .clients
+                .get_mut(id.key as usize)
+                .expect("live subscriber");
+            debug_assert_eq!(conn.id(), *id, "the hub holds only live connections");
+            delivered += usize::from(deliver(&mut conn, &frame, started_us));
+        }
+        if !tabs.is_empty() {
+            let channel_id = self.hub.find(channel);
+            for id in tabs {
+                let mut conn = self
+                    .clients
+                    .get_mut(id.key as usize)
+                    .expect("live user tab");
+                if !channel_id.is_some_and(|c| conn.is_subscribed(c)) {
+                    delivered += usize::from(deliver(&mut conn, &frame, started_us));
+                }
+            }
+        }
+        self.engine.record(channel, seq, &frame, self.pass.now);
+        (seq, delivered)
+    }
+
+    /// [`fan_out`](Fanout::fan_out), counted as a published event.
+    fn publish_to(&mut self, channel: &str, data: &RawValue, user: Option<&str>) -> (u64, usize) {
+        let (seq, delivered) = self.fan_out(channel, data, user);
+        self.metrics.events_published += 1;
+        self.metrics.frames_delivered += delivered as u64;
+        (seq, delivered)
+    }
+
+    /// One frame to every open WebSocket; broadcasts have no seq and no history.
+    fn broadcast(&mut self, data: &RawValue) -> usize {
+        let frame = wire::event_frame(EventTarget::Broadcast, data, &mut self.scratch);
+        let started_us = self.pass.started_us;
+        let mut delivered = 0;
+        self.clients
+            .for_each(|conn| delivered += usize::from(deliver(conn, &frame, started_us)));
+        self.metrics.events_published += 1;
+        self.metrics.frames_delivered += delivered as u64;
+        self.pass.deliveries += delivered.max(1);
+        delivered
+    }
+
+    // ---- sessions ----
+
+    /// Opens the session of a connection just upgraded: checks its token (with
+    /// authentication on), indexes its user and sends `connected`. Returns when its token
+    /// expires, if it has one.
+    ///
+    /// # Errors
+    /// The close verdict for a refused token or a user at `max_connections_per_user`.
+    pub fn open(&mut self, key: usize, token: Option<&str>) -> Result<Option<Tick>, Close> {
+        self.metrics.connections += 1;
+        self.metrics.connections_opened += 1;
+        let mut conn = self.clients.get_mut(key).expect("an upgraded connection");
+        let id = conn.id();
+        let mut expires = None;
+        if let Some(auth) = &self.auth {
+            let users = &self.users;
+            let identity = auth
+                .admit(token, |user| users.connections(user).len())
+                .map_err(|(close, detail)| {
+                    log::debug!("conn={} from {}: {detail}", id.generation, conn.peer());
+                    close
+                })?;
+            self.users.add(&identity.user, id);
+            let tick = auth.expiry_tick(&identity, self.pass.now, self.pass.unix_secs);
+            expires = Some(tick);
+            let session = conn.session_mut().expect("an open session");
+            session.set_identity(identity, tick);
+        }
+        let settings = &self.settings;
+        let client_id = format!("{:08x}{:08x}", settings.instance, id.generation);
+        let session = conn.session().expect("an open session");
+        let user_id = session
+            .identity()
+            .map(|(identity, _)| identity.user.clone());
+        conn.send_reply(&Reply::Connected {
+            client_id: &client_id,
+            heartbeat_ms: settings.heartbeat_ms,
+            rate_limit: settings.rate_limit,
+            rate_burst: settings.rate_burst,
+            user_id: user_id.as_deref(),
+        });
+        Ok(expires)
+    }
+
+    /// Judges one client message and carries out the verdict. Returns a close verdict for
+    /// the reactor to act on.
+    pub fn on_message(&mut self, key: usize, message: Inbound) -> Option<Close> {
+        let now = self.pass.now;
+        let mut conn = self.clients.get_mut(key)?;
+        if !conn.is_open() {
+            return None;
+        }
+        let settings = &self.settings;
+        let rules = Rules {
+            rate: settings.rate,
+            rate_limit: settings.rate_limit,
+            rate_burst: settings.rate_burst,
+            strikes: settings.rate_limit_strikes,
+            max_subscriptions: settings.max_subscriptions,
+            verifier: self.auth.as_ref().map(Auth::verifier),
+        };
+        let session = conn.session_mut()?;
+        let verdict = session.on_message(message, &rules, &self.hub, now);
+        let conn_id = conn.id();
+        match verdict {
+            Verdict::Nothing => {}
+            Verdict::Close(close) => return Some(close),
+            Verdict::Reject(rejection) => conn.send_reply(&Reply::from(&rejection)),
+            Verdict::Pong { id } => conn.send_reply(&Reply::Pong { id: id.as_ref() }),
+            Verdict::Subscribe { channel, since, id } => {
+                let name = channel.as_str();
+                let (channel_id, joined) = self.hub.subscribe(&channel, conn_id);
+                if joined == hub::Joined::First {
+                    self.engine.watch(name);
+                }
+                conn.session_mut()?.add_subscription(channel_id);
+                // Replayed within this call: on one thread no publish can land between the
+                // replay and live delivery, so there is no gap and no duplicate.
+                let missed = since.map(|since| self.engine.replay(name, &since, now));
+                let position = self.engine.position(name);
+                conn.send_reply(&Reply::Subscribed {
+                    channel: name,
+                    seq: position.seq,
+                    epoch: position.epoch,
+                    recovered: missed.as_ref().map(Option::is_some),
+                    id: id.as_ref(),
+                });
+                for frame in missed.flatten().unwrap_or_default() {
+                    deliver(&mut conn, &frame, self.pass.started_us);
+                }
+            }
+            Verdict::Unsubscribe { channel, id } => {
+                if let Some(channel_id) = self.hub.find(channel.as_str())
+                    && conn.session_mut()?.remove_subscription(channel_id)
+                    && let Some(name) = self.hub.unsubscribe(channel_id, conn_id)
+                {
+                    self.engine.unwatch(&name, now);
+                }
+                conn.send_reply(&Reply::Unsubscribed {
+                    channel: channel.as_str(),
+                    id: id.as_ref(),
+                });
+            }
+            Verdict::Refresh { identity, id } => {
+                let auth = self.auth.as_ref()?;
+                let expires_at = identity.expires_at;
+                let tick = auth.expiry_tick(&identity, now, self.pass.unix_secs);
+                conn.session_mut()?.set_identity(identity, tick);
+                conn.send_reply(&Reply::Refreshed {
+                    expires_at,
+                    id: id.as_ref(),
+                });
+            }
+        }
+        None
+    }
+
+    /// Ends a connection's session for `close` (the first reason given sticks), queuing the
+    /// Close frame: leaves every channel, forgets its user, updates the gauge and counts the
+    /// disconnect, once.
+    pub fn end(&mut self, key: usize, close: Close) {
+        let now = self.pass.now;
+        let Some(mut conn) = self.clients.get_mut(key) else {
+            return;
+        };
+        let Some(ended) = conn.end(close) else {
+            return;
+        };
+        let id = conn.id();
+        for channel in ended.subscriptions {
+            if let Some(name) = self.hub.unsubscribe(channel, id) {
+                self.engine.unwatch(&name, now);
+            }
+        }
+        if let Some(user) = ended.user {
+            self.users.remove(&user, id);
+        }
+        let reason = conn.close_reason().unwrap_or(close);
+        self.metrics.connections -= 1;
+        self.metrics.disconnected(reason);
+        log::debug!("conn={} closed: {}", id.generation, reason.label());
+    }
+
+    /// Connections a publisher's `disconnect` closed in this pass.
+    pub fn take_closed_by_command(&mut self) -> Vec<ConnId> {
+        std::mem::take(&mut self.closed_by_command)
+    }
+
+    // ---- upkeep and gauges ----
+
+    /// Publishes the stats snapshot to its reserved channel (not counted as an event).
+    pub fn publish_stats(&mut self, snapshot: String) {
+        let data = RawValue::from_string(snapshot).expect("the stats feed renders valid JSON");
+        self.fan_out(wire::STATS_CHANNEL, &data, None);
+    }
+
+    /// The engine's periodic upkeep.
+    pub fn sweep(&mut self, now: Tick) {
+        self.engine.sweep(now);
+    }
+
+    /// Channels with local subscribers.
+    pub fn active_channels(&self) -> usize {
+        self.hub.active_channels()
+    }
+
+    /// The values `/metrics` and the stats feed sample rather than count.
+    pub fn gauges(&self, uptime_secs: u64) -> Gauges {
+        let engine = self.engine.gauges();
+        Gauges {
+            channels: self.hub.active_channels(),
+            known_channels: engine.known_channels,
+            uptime_secs,
+            history_events: engine.history_events,
+            history_bytes: engine.history_bytes,
+        }
+    }
+}
+
+/// Queues a shared frame to one connection: a refcount bump, no copy. A connection that
+/// would go over `max_output_buffer` gets nothing more; its queue is marked overflowed, so
+/// the reactor closes it as a slow consumer at the end of the pass.
+fn deliver(conn: &mut ClientConn, frame: &Bytes, started_us: u64) -> bool {
+    if conn.close_reason().is_some() || !conn.send_frame(frame.clone()) {
+        return false;
+    }
+    conn.note_event(started_us);
+    true
+}
+
+impl Sink for Fanout {
+    fn publish(&mut self, target: &Target<'_>, data: &RawValue) -> Published {
+        let (seqs, delivered) = match target {
+            Target::Channel(channel) => {
+                let (seq, delivered) = self.publish_to(channel, data, None);
+                (Seqs::One(seq), delivered)
+            }
+            Target::Channels(channels) => {
+                let mut seqs = Vec::with_capacity(channels.len());
+                let mut delivered = 0;
+                for channel in channels {
+                    let (seq, count) = self.publish_to(channel, data, None);
+                    seqs.push(seq);
+                    delivered += count;
+                }
+                (Seqs::Many(seqs), delivered)
+            }
+            Target::User(user) => {
+                let channel = format!("user:{user}");
+                let (seq, delivered) = self.publish_to(&channel, data, Some(user));
+                (Seqs::One(seq), delivered)
+            }
+            Target::Broadcast => (Seqs::None, self.broadcast(data)),
+        };
+        Published { seqs, delivered }
+    }
+
+    fn disconnect_user(&mut self, user: &str) -> usize {
+        let tabs = self.users.connections(user).to_vec();
+        for id in &tabs {
+            self.end(id.key as usize, Close::DisconnectedByServer);
+            self.closed_by_command.push(*id);
+        }
+        tabs.len()
+    }
+
+    fn has_capacity(&self) -> bool {
+        self.pass.deliveries < DELIVERIES_PER_PASS
+    }
+}

@@ -1,0 +1,400 @@
+//! Publish commands: one JSON line → a [`Command`], and the reply lines a publisher reads.
+//!
+//! Parsing borrows from the line (`data` stays the publisher's bytes, as a `RawValue`), so a
+//! command costs no copy of its payload. Executing one is the [`Sink`]'s job: the fan-out.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use crate::ws::wire::{RESERVED_PREFIX, check_channel};
+
+/// What a command publishes to.
+#[derive(Debug, PartialEq)]
+pub enum Target<'a> {
+    /// `"channel": "..."`
+    Channel(Cow<'a, str>),
+    /// `"channels": [...]`, each with its own sequence number.
+    Channels(Vec<Cow<'a, str>>),
+    /// `"broadcast": true`: every open WebSocket.
+    Broadcast,
+    /// `"user": "u1"`: every connection of that user, as an event on `user:u1`.
+    User(Cow<'a, str>),
+}
+
+/// What a command does.
+#[derive(Debug)]
+pub enum Action<'a> {
+    /// Publish `data` to `target`.
+    Publish {
+        /// Where the event goes.
+        target: Target<'a>,
+        /// The event payload, byte for byte as the publisher wrote it.
+        data: &'a RawValue,
+    },
+    /// `{"op":"disconnect","user":"u1"}`: close every connection of that user (4003).
+    DisconnectUser(Cow<'a, str>),
+}
+
+/// A parsed publish command.
+#[derive(Debug)]
+pub struct Command<'a> {
+    /// Present when the publisher wants a reply: a JSON number or string, echoed verbatim.
+    pub id: Option<&'a RawValue>,
+    /// What to do.
+    pub action: Action<'a>,
+}
+
+/// A refused command.
+#[derive(Debug)]
+pub struct CommandError<'a> {
+    /// The command's id, when it could be read.
+    pub id: Option<&'a RawValue>,
+    /// Why it was refused.
+    pub message: String,
+}
+
+/// Sequence numbers taken by one publish.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seqs {
+    /// A broadcast has none.
+    None,
+    /// A single-channel publish.
+    One(u64),
+    /// A multi-channel publish, in the command's channel order.
+    Many(Vec<u64>),
+}
+
+/// The result of executing one command.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Published {
+    /// Sequence numbers taken.
+    pub seqs: Seqs,
+    /// Connections the event was queued to.
+    pub delivered: usize,
+}
+
+/// Executes publish commands: the reactor's fan-out.
+pub trait Sink {
+    /// Publishes `data` to `target`.
+    fn publish(&mut self, target: &Target<'_>, data: &RawValue) -> Published;
+
+    /// Closes every connection of `user`; returns how many.
+    fn disconnect_user(&mut self, user: &str) -> usize;
+
+    /// False once this loop pass has done its share of fan-out: the publisher stops reading
+    /// and resumes in the next pass, after the queued frames were flushed.
+    fn has_capacity(&self) -> bool;
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommand<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    channels: Option<Vec<Cow<'a, str>>>,
+    broadcast: Option<bool>,
+    #[serde(borrow)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: DataField<'a>,
+}
+
+/// `data` as written, telling a missing field from `null` (which `Option` cannot).
+#[derive(Default)]
+enum DataField<'a> {
+    #[default]
+    Missing,
+    Present(&'a RawValue),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for DataField<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&RawValue>::deserialize(deserializer).map(DataField::Present)
+    }
+}
+
+/// Reads just the id of a command that failed to parse, so its error reply can carry it.
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+}
+
+/// Parses one command line (without its line terminator).
+///
+/// # Errors
+/// Why the line is not a valid command, with its id when it has a readable one.
+pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
+    let raw: RawCommand<'_> = serde_json::from_slice(line).map_err(|e| CommandError {
+        id: serde_json::from_slice::<IdOnly<'_>>(line)
+            .ok()
+            .and_then(|c| c.id)
+            .filter(|id| is_valid_id(id)),
+        message: format!("invalid command: {e}"),
+    })?;
+    let id = raw.id;
+    let fail = |message: String| Err(CommandError { id, message });
+    if id.is_some_and(|id| !is_valid_id(id)) {
+        return Err(CommandError {
+            id: None,
+            message: "id must be a number or a string".into(),
+        });
+    }
+    let check_user = |user: &str| {
+        check_channel(&format!("user:{user}"))
+            .map_err(|why| format!("invalid user {user:?}: {why}"))
+    };
+    match raw.op.as_deref() {
+        None => {}
+        Some("disconnect") => {
+            let (Some(user), None, None, None, DataField::Missing) =
+                (raw.user, raw.channel, raw.channels, raw.broadcast, raw.data)
+            else {
+                return fail("disconnect takes exactly a user".into());
+            };
+            if let Err(why) = check_user(&user) {
+                return fail(why);
+            }
+            return Ok(Command {
+                id,
+                action: Action::DisconnectUser(user),
+            });
+        }
+        Some(other) => return fail(format!("unknown op {other:?}")),
+    }
+    let target = match (raw.channel, raw.channels, raw.broadcast, raw.user) {
+        (Some(channel), None, None, None) => Target::Channel(channel),
+        (None, Some(channels), None, None) => Target::Channels(channels),
+        (None, None, Some(true), None) => Target::Broadcast,
+        (None, None, None, Some(user)) => Target::User(user),
+        (None, None, Some(false), None) => {
+            return fail("broadcast must be true when present".into());
+        }
+        _ => return fail("give exactly one of channel, channels, broadcast or user".into()),
+    };
+    let check_publishable = |name: &str| match check_channel(name) {
+        Err(why) => Err(format!("invalid channel {name:?}: {why}")),
+        Ok(()) if name.starts_with(RESERVED_PREFIX) => Err(format!(
+            "channel {name:?} is reserved: {RESERVED_PREFIX}* channels are the server's own"
+        )),
+        Ok(()) => Ok(()),
+    };
+    match &target {
+        Target::Channel(name) => {
+            if let Err(why) = check_publishable(name) {
+                return fail(why);
+            }
+        }
+        Target::Channels(names) => {
+            if names.is_empty() {
+                return fail("channels is empty".into());
+            }
+            for (i, name) in names.iter().enumerate() {
+                if let Err(why) = check_publishable(name) {
+                    return fail(why);
+                }
+                if names[..i].contains(name) {
+                    return fail(format!("channel {name:?} is listed twice"));
+                }
+            }
+        }
+        Target::User(user) => {
+            if let Err(why) = check_user(user) {
+                return fail(why);
+            }
+        }
+        Target::Broadcast => {}
+    }
+    let DataField::Present(data) = raw.data else {
+        return fail("missing field `data`".into());
+    };
+    Ok(Command {
+        id,
+        action: Action::Publish { target, data },
+    })
+}
+
+fn is_valid_id(id: &RawValue) -> bool {
+    matches!(id.get().as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
+}
+
+/// Renders the success reply of a command with an id.
+pub fn ok_reply(id: &RawValue, target: &Target<'_>, published: &Published) -> String {
+    let mut line = format!("{{\"id\":{},\"ok\":true", id.get());
+    match (&published.seqs, target) {
+        (Seqs::One(seq), _) => {
+            let _ = write!(line, ",\"seq\":{seq}");
+        }
+        (Seqs::Many(seqs), Target::Channels(names)) => {
+            line.push_str(",\"seqs\":{");
+            for (i, (name, seq)) in names.iter().zip(seqs).enumerate() {
+                let comma = if i == 0 { "" } else { "," };
+                // Validated channel names need no escaping.
+                let _ = write!(line, "{comma}\"{name}\":{seq}");
+            }
+            line.push('}');
+        }
+        _ => {}
+    }
+    let _ = writeln!(line, ",\"delivered\":{}}}", published.delivered);
+    line
+}
+
+/// Renders an error reply; `id` is `null` when the command had none that could be read.
+pub fn error_reply(id: Option<&RawValue>, message: &str) -> String {
+    let id = id.map_or("null", RawValue::get);
+    let message = serde_json::to_string(message).expect("strings always serialize");
+    format!("{{\"id\":{id},\"ok\":false,\"error\":{message}}}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_string()).unwrap()
+    }
+
+    fn error_of(line: &str) -> (Option<String>, String) {
+        let e = parse_command(line.as_bytes()).unwrap_err();
+        (e.id.map(|id| id.get().to_string()), e.message)
+    }
+
+    #[test]
+    fn parses_each_target() {
+        let publish = |line: &'static [u8]| match parse_command(line).unwrap() {
+            Command {
+                id,
+                action: Action::Publish { target, data },
+            } => (
+                id.map(|i| i.get().to_string()),
+                target,
+                data.get().to_string(),
+            ),
+            other => panic!("not a publish: {other:?}"),
+        };
+        let (id, target, data) = publish(br#"{"channel":"project:42","data":{"p":1}}"#);
+        assert_eq!(
+            (id, target, data.as_str()),
+            (None, Target::Channel("project:42".into()), r#"{"p":1}"#)
+        );
+        let (id, target, data) = publish(br#"{"id":"x","channels":["a","b"],"data":[1, 2]}"#);
+        assert_eq!(target, Target::Channels(vec!["a".into(), "b".into()]));
+        assert_eq!((id.as_deref(), data.as_str()), (Some(r#""x""#), "[1, 2]"));
+        let (_, target, data) = publish(br#"{"id":7,"broadcast":true,"data":null}"#);
+        assert_eq!((target, data.as_str()), (Target::Broadcast, "null"));
+        assert_eq!(
+            publish(br#"{"user":"u1","data":1}"#).1,
+            Target::User("u1".into())
+        );
+        assert_eq!(
+            publish(br#"{"channel":"\u0061","data":1}"#).1,
+            Target::Channel("a".into()),
+            "escapes decoded"
+        );
+        let disconnect = parse_command(br#"{"id":1,"op":"disconnect","user":"u1"}"#).unwrap();
+        assert!(matches!(disconnect.action, Action::DisconnectUser(user) if user == "u1"));
+    }
+
+    #[test]
+    fn refuses_bad_commands_keeping_the_id() {
+        assert_eq!(error_of("not json").0, None);
+        let (id, message) = error_of(r#"{"id":3,"chanel":"a","data":1}"#);
+        assert_eq!(id.as_deref(), Some("3"));
+        assert!(message.contains("unknown field `chanel`"), "{message}");
+        assert!(
+            error_of(r#"{"id":3,"channel":"a"}"#)
+                .1
+                .contains("missing field `data`")
+        );
+        assert!(
+            error_of(r#"{"id":3,"channel":"a","broadcast":true,"data":1}"#)
+                .1
+                .contains("exactly one")
+        );
+        assert!(error_of(r#"{"id":3,"data":1}"#).1.contains("exactly one"));
+        assert!(
+            error_of(r#"{"id":3,"user":"a b","data":1}"#)
+                .1
+                .contains("invalid user")
+        );
+        assert!(
+            error_of(r#"{"id":3,"op":"disconnect","user":"u1","data":1}"#)
+                .1
+                .contains("exactly a user")
+        );
+        assert!(
+            error_of(r#"{"id":3,"op":"explode","user":"u1"}"#)
+                .1
+                .contains("unknown op")
+        );
+        assert!(
+            error_of(r#"{"id":3,"broadcast":false,"data":1}"#)
+                .1
+                .contains("must be true")
+        );
+        assert!(
+            error_of(r#"{"id":3,"channel":"a b","data":1}"#)
+                .1
+                .contains("invalid channel")
+        );
+        for reserved in [
+            r#"{"id":3,"channel":"sidecast:stats","data":1}"#,
+            r#"{"id":3,"channels":["a","sidecast:x"],"data":1}"#,
+        ] {
+            assert!(error_of(reserved).1.contains("reserved"), "{reserved}");
+        }
+        assert!(
+            error_of(r#"{"id":3,"channels":[],"data":1}"#)
+                .1
+                .contains("empty")
+        );
+        assert!(
+            error_of(r#"{"id":3,"channels":["a","a"],"data":1}"#)
+                .1
+                .contains("twice")
+        );
+        assert_eq!(error_of(r#"{"id":{},"channel":"a","data":1}"#).0, None);
+    }
+
+    #[test]
+    fn replies_are_single_json_lines() {
+        let id = raw("7");
+        let one = Published {
+            seqs: Seqs::One(18),
+            delivered: 1000,
+        };
+        assert_eq!(
+            ok_reply(&id, &Target::Channel("a".into()), &one),
+            "{\"id\":7,\"ok\":true,\"seq\":18,\"delivered\":1000}\n"
+        );
+        let many = Published {
+            seqs: Seqs::Many(vec![18, 3]),
+            delivered: 2,
+        };
+        let target = Target::Channels(vec!["project:42".into(), "order:7".into()]);
+        assert_eq!(
+            ok_reply(&id, &target, &many),
+            "{\"id\":7,\"ok\":true,\"seqs\":{\"project:42\":18,\"order:7\":3},\"delivered\":2}\n"
+        );
+        let all = Published {
+            seqs: Seqs::None,
+            delivered: 5,
+        };
+        assert_eq!(
+            ok_reply(&id, &Target::Broadcast, &all),
+            "{\"id\":7,\"ok\":true,\"delivered\":5}\n"
+        );
+        assert_eq!(
+            error_reply(None, "bad \"x\""),
+            "{\"id\":null,\"ok\":false,\"error\":\"bad \\\"x\\\"\"}\n"
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! The worker side: the publish port and the Rust client that talks to it.
+//!
+//! - [`port`]: one publish-port connection: line framing, execution order, budgets, replies.
+//! - [`command`]: a command line parsed, and the reply lines rendered; the [`Sink`] that
+//!   executes commands (the fan-out).
+//! - [`publisher`]: [`Publisher`], a blocking client for Rust workers.
+//!
+//! Must not know WebSocket framing: what a publish becomes on the wire is the fan-out's
+//! business.
+
+pub mod command;
+pub mod port;
+pub mod publisher;
+
+pub use command::{Published, Seqs, Sink, Target};
+pub use port::{PublisherConn, ReadStatus};
+pub use publisher::Publisher;

@@ -1,0 +1,848 @@
+//! The event loop: one thread, one `mio::Poll`, every socket non-blocking.
+//!
+//! ```text
+//! loop {
+//!     poll(timeout = next timer deadline, or 0 while a publisher or client was paused)
+//!     read the clock once → `now`
+//!     resume what a budget paused: publishers (fan-out), clients (one read per pass)
+//!     dispatch events: accept; read requests, frames, publish lines (fan-out only queues)
+//!     fire due timers: connection deadlines, accept backoff, housekeeping, shutdown
+//!     close slow consumers among the dirty connections (over the limit, or stalled)
+//!     flush every dirty connection: one write_vectored per connection and pass
+//!     exit once shut down and drained
+//! }
+//! ```
+//! The reactor knows sockets, tokens, timers and phases, and nothing of channels, users,
+//! tokens' claims or JSON: `ws` parses and judges a connection's input, `fanout` carries out
+//! the verdicts, `publish` runs the publish port, and the reactor acts on what they return.
+//! Invariants:
+//! - every connection with output queued is on the fan-out's dirty list (kept by the
+//!   `Clients` guard); WRITABLE interest is registered only while a connection has output the
+//!   kernel would not take;
+//! - each connection has at most one armed timer, whose meaning follows its phase;
+//! - [`Server::drop_client`] is the only place that deregisters a connection and removes it.
+//!
+//! - [`accept`]: listeners, accepting, descriptor backoff.
+//! - [`shutdown`]: the [`ShutdownHandle`], signals, the drain.
+//! - [`clock`]: the time source, steppable in tests.
+//! - [`timer`]: the hashed timer wheel. [`token`]: `mio::Token` ↔ event source.
+
+pub mod accept;
+pub mod clock;
+pub mod shutdown;
+pub mod timer;
+pub mod token;
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, UnixListener};
+use mio::{Events, Interest, Poll, Registry, Waker};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use tungstenite::protocol::WebSocketConfig;
+
+use crate::auth::admission::{self, Auth, ConnectRate, RefusalLog};
+use crate::auth::jwt::Verifier;
+use crate::auth::ratelimit::Rate;
+use crate::config::{Config, TIMER_TICK};
+use crate::engine::MemoryEngine;
+use crate::engine::history::HistoryLimits;
+use crate::error::{Close, StartupError};
+use crate::fanout::{Fanout, SessionSettings};
+use crate::ops::assets::Asset;
+use crate::ops::health::health_json;
+use crate::ops::stats::StatsFeed;
+use crate::publish::{PublisherConn, ReadStatus};
+use crate::ws::conn::{
+    ClientConn, ConnId, Deadline, ReadEnd, Readiness, RequestOutcome, SharedInput, Timing,
+};
+use crate::ws::http::{self, OriginPolicy, Refusal, Route};
+pub use accept::Listeners;
+use accept::SocketFile;
+pub use clock::Clock;
+pub use shutdown::ShutdownHandle;
+use timer::{Tick, TickSource, TimerWheel};
+use token::Source;
+
+/// Size of the read buffer shared by all WebSocket connections, and so the bytes one
+/// connection may have read and parsed per pass (see `SharedInput`).
+const SHARED_READ_BUFFER: usize = 16 * 1024;
+/// Size of the read buffer shared by all publishers.
+const PUBLISH_READ_BUFFER: usize = 64 * 1024;
+/// Time between two housekeeping rounds: an engine sweep and a stats snapshot.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// At most one log line about refused upgrades per this interval (see `RefusalLog`).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What a timer stands for.
+#[derive(Debug, Clone, Copy)]
+enum TimerEvent {
+    /// The connection's current deadline: handshake, heartbeat or drain, by phase.
+    Client(ConnId),
+    /// Retry accepting after running out of file descriptors.
+    ResumeAccept,
+    /// Once a second: the engine's sweep, the stats snapshot.
+    Housekeeping,
+    /// The graceful shutdown's time is up.
+    ShutdownDeadline,
+}
+
+/// The listeners while the server accepts.
+struct Listening {
+    ws: TcpListener,
+    publish: UnixListener,
+    /// Dropped (the file removed) when the listeners close.
+    _socket_file: Option<SocketFile>,
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    poll: Poll,
+    listening: Option<Listening>,
+    signals: Option<Signals>,
+    waker: Arc<Waker>,
+    local_addr: std::net::SocketAddr,
+    publishers: Slab<PublisherConn>,
+    fanout: Fanout,
+    timers: TimerWheel<TimerEvent>,
+    clock: Clock,
+    ticks: TickSource,
+    started: Instant,
+    config: Config,
+    ws_config: WebSocketConfig,
+    timing: Timing,
+    /// Which pages may open a WebSocket.
+    origins: OriginPolicy,
+    /// Client messages per connection (`rate_limit`, `rate_burst`).
+    message_rate: Rate,
+    connect_rate: ConnectRate,
+    refusal_log: RefusalLog,
+    /// The dashboard's stats feed, while the dashboard is on.
+    stats: Option<StatsFeed>,
+    next_generation: u32,
+    next_publisher: u64,
+    accept_paused: bool,
+    shutting_down: bool,
+    finished: bool,
+    /// Publishers paused by the fan-out budget, resumed first in the next pass.
+    paused_publishers: Vec<usize>,
+    /// Clients whose read budget ran out in the last pass, read again first in the next.
+    ready_clients: Vec<ConnId>,
+    /// Reused buffers.
+    input: SharedInput,
+    publish_input: Box<[u8]>,
+    expired: Vec<TimerEvent>,
+    flushing: Vec<usize>,
+}
+
+impl Server {
+    /// Binds the listeners `config` describes (see [`Listeners::bind`]).
+    ///
+    /// # Errors
+    /// A [`StartupError`] naming the address or path at fault.
+    pub fn bind(config: Config) -> Result<Server, StartupError> {
+        let listeners = Listeners::bind(&config)?;
+        Server::new(config, listeners, Clock::system())
+    }
+
+    /// A server on `listeners`, reading the time from `clock`: the seam for tests that bind
+    /// their own sockets or step time.
+    ///
+    /// # Errors
+    /// The event loop cannot be set up, or the JWT key cannot be used.
+    pub fn new(config: Config, listeners: Listeners, clock: Clock) -> Result<Server, StartupError> {
+        let poll = Poll::new()?;
+        let (mut ws, mut publish, socket_file) = listeners.into_mio()?;
+        let local_addr = ws.local_addr()?;
+        let registry = poll.registry();
+        registry.register(&mut ws, token::encode(Source::Listener), Interest::READABLE)?;
+        registry.register(
+            &mut publish,
+            token::encode(Source::PublishListener),
+            Interest::READABLE,
+        )?;
+        let waker = Arc::new(Waker::new(registry, token::encode(Source::Waker))?);
+        let started = clock.now();
+        let ticks = TickSource::new(started, TIMER_TICK);
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(config.read_buffer_size)
+            .write_buffer_size(0)
+            .max_write_buffer_size(config.max_output_buffer)
+            .max_message_size(Some(config.max_message_size))
+            .max_frame_size(Some(config.max_message_size));
+        let tick_secs = TIMER_TICK.as_secs_f64();
+        let message_rate = Rate::new(config.rate_limit, f64::from(config.rate_burst), tick_secs);
+        let connect_rate = config
+            .connect_rate_per_ip
+            .map(|rate| Rate::new(rate, 2.0 * rate, tick_secs));
+        let auth = match &config.jwt {
+            Some(key) => Some(Auth::new(
+                Verifier::new(key, config.jwt_leeway).map_err(StartupError::Auth)?,
+                config.jwt_leeway,
+                config.max_connections_per_user,
+                ticks,
+            )),
+            None => None,
+        };
+        let engine = MemoryEngine::new(HistoryLimits {
+            size: config.history_size,
+            max_bytes: config.history_max_bytes,
+            ttl_ticks: ticks.ticks_in(config.history_ttl),
+            quiet_channels: config.max_quiet_channels,
+        });
+        let settings = SessionSettings {
+            instance: random_u32(),
+            heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
+            rate: message_rate,
+            rate_limit: config.rate_limit,
+            rate_burst: config.rate_burst,
+            rate_limit_strikes: config.rate_limit_strikes,
+            max_subscriptions: config.max_subscriptions,
+        };
+        let timing = Timing {
+            heartbeat_interval: ticks.ticks_in(config.heartbeat_interval),
+            heartbeat_timeout: ticks.ticks_in(config.heartbeat_timeout),
+            write_stall: ticks.ticks_in(config.write_stall_timeout),
+        };
+        let mut timers = TimerWheel::new(Tick(0));
+        timers.insert(
+            Tick(0).after(ticks.ticks_in(HOUSEKEEPING_INTERVAL)),
+            TimerEvent::Housekeeping,
+        );
+        let fanout = Fanout::new(Box::new(engine), auth, settings);
+        let stats = config
+            .dashboard_enabled()
+            .then(|| StatsFeed::new(fanout.metrics(), started));
+        log::info!(
+            "listening on ws://{local_addr}/ws, publish socket {}",
+            config.publish_socket.display()
+        );
+        Ok(Server {
+            poll,
+            listening: Some(Listening {
+                ws,
+                publish,
+                _socket_file: socket_file,
+            }),
+            signals: None,
+            waker,
+            local_addr,
+            publishers: Slab::new(),
+            fanout,
+            timers,
+            clock,
+            ticks,
+            started,
+            origins: OriginPolicy {
+                allowed: config.allowed_origins.clone(),
+                require: config.require_origin,
+            },
+            config,
+            ws_config,
+            timing,
+            message_rate,
+            connect_rate: ConnectRate::new(connect_rate),
+            refusal_log: RefusalLog::default(),
+            stats,
+            next_generation: 0,
+            next_publisher: 0,
+            accept_paused: false,
+            shutting_down: false,
+            finished: false,
+            paused_publishers: Vec::new(),
+            ready_clients: Vec::new(),
+            input: SharedInput::new(SHARED_READ_BUFFER),
+            publish_input: vec![0; PUBLISH_READ_BUFFER].into_boxed_slice(),
+            expired: Vec::new(),
+            flushing: Vec::new(),
+        })
+    }
+
+    /// The bound WebSocket/HTTP address (useful with port 0).
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that starts a graceful shutdown from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(Arc::clone(&self.waker))
+    }
+
+    /// Turns SIGTERM and SIGINT into a graceful shutdown; a second signal exits at once.
+    ///
+    /// # Errors
+    /// The signal handlers cannot be installed.
+    pub fn handle_signals(&mut self) -> Result<(), StartupError> {
+        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        self.poll.registry().register(
+            &mut signals,
+            token::encode(Source::Signal),
+            Interest::READABLE,
+        )?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    /// Runs the event loop until a graceful shutdown completes.
+    ///
+    /// # Errors
+    /// Only if polling itself fails; connection errors never end the loop.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        while !self.finished {
+            // A publisher paused by the fan-out budget, or a client by its read budget,
+            // resumes without waiting.
+            let timeout = if self.paused_publishers.is_empty() && self.ready_clients.is_empty() {
+                self.timers
+                    .next_deadline()
+                    .map(|t| self.ticks.until(t, self.clock.now()))
+            } else {
+                Some(Duration::ZERO)
+            };
+            self.turn(&mut events, timeout)?;
+        }
+        log::info!("stopped");
+        Ok(())
+    }
+
+    /// One pass of the loop.
+    fn turn(&mut self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
+        if let Err(e) = self.poll.poll(events, timeout) {
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        let pass_started = self.clock.now();
+        let now = self.ticks.tick_at(pass_started);
+        let started_us = micros_since(self.started, pass_started);
+        self.fanout
+            .begin_pass(now, started_us, self.clock.unix_secs());
+        for key in std::mem::take(&mut self.paused_publishers) {
+            self.on_publisher_ready(key);
+        }
+        for id in std::mem::take(&mut self.ready_clients) {
+            if self.fanout.clients().is_current(id) {
+                self.on_client_readable(id.key as usize, now);
+            }
+        }
+        for event in events.iter() {
+            match token::decode(event.token()) {
+                Source::Listener => self.accept_clients(now),
+                Source::PublishListener => self.accept_publishers(),
+                Source::Signal => self.on_signal(now),
+                Source::Waker => self.begin_shutdown(now),
+                Source::Client(key) => {
+                    if event.is_writable()
+                        && let Some(mut client) = self.fanout.clients_mut().get_mut(key)
+                    {
+                        client.mark_writable();
+                    }
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        self.on_client_readable(key, now);
+                    }
+                }
+                Source::Publisher(key) => self.on_publisher_ready(key),
+            }
+        }
+        self.fire_timers(now);
+        self.close_slow_consumers(now);
+        for id in self.fanout.take_closed_by_command() {
+            if self.fanout.clients().is_current(id) {
+                self.arm_close_deadline(id.key as usize, now);
+            }
+        }
+        self.flush_dirty(now);
+        if self.shutting_down && self.fanout.clients().is_empty() && self.publishers.is_empty() {
+            self.finished = true;
+        }
+        Ok(())
+    }
+
+    fn on_publisher_ready(&mut self, key: usize) {
+        let Some(publisher) = self.publishers.get_mut(key) else {
+            return;
+        };
+        let status = if publisher.is_finished {
+            ReadStatus::Finished
+        } else {
+            publisher.read_and_execute(
+                self.config.max_publish_line,
+                &mut self.publish_input,
+                &mut self.fanout,
+            )
+        };
+        self.fanout.metrics_mut().publish_errors += std::mem::take(&mut publisher.errors);
+        let flushed = publisher.flush();
+        let over = publisher.queued() > self.config.max_output_buffer;
+        if over {
+            log::warn!(
+                "publisher={}: more than {} bytes of unread replies; closing",
+                publisher.serial,
+                self.config.max_output_buffer
+            );
+        }
+        let done = match status {
+            ReadStatus::Pending => false,
+            ReadStatus::Paused => {
+                if !self.paused_publishers.contains(&key) {
+                    self.paused_publishers.push(key);
+                }
+                false
+            }
+            ReadStatus::Finished => {
+                publisher.is_finished = true;
+                publisher.queued() == 0
+            }
+            ReadStatus::Broken => true,
+        };
+        if done || over || flushed.is_err() {
+            self.drop_publisher(key);
+        }
+    }
+
+    fn drop_publisher(&mut self, key: usize) {
+        let mut publisher = self.publishers.remove(key);
+        let _ = self.poll.registry().deregister(publisher.socket());
+        self.fanout.metrics_mut().publishers -= 1;
+        log::debug!("publisher={} disconnected", publisher.serial);
+    }
+
+    fn on_client_readable(&mut self, key: usize, now: Tick) {
+        let Some(mut client) = self.fanout.clients_mut().get_mut(key) else {
+            return;
+        };
+        if client.is_handshaking() {
+            match client.read_request(self.config.max_header_size, &self.origins) {
+                RequestOutcome::Incomplete => return,
+                RequestOutcome::Gone => {
+                    drop(client);
+                    return self.drop_client(key);
+                }
+                RequestOutcome::Refused(refusal) => {
+                    drop(client);
+                    return self.refuse(key, refusal, now);
+                }
+                RequestOutcome::Routed { route, rest } => {
+                    drop(client);
+                    if !self.route(key, route, rest, now) {
+                        return;
+                    }
+                }
+            }
+        } else if client.is_draining() {
+            if client.discard_input() {
+                drop(client);
+                self.drop_client(key);
+            }
+            return;
+        } else {
+            drop(client);
+        }
+        self.input.begin();
+        // A client closed by one of its own messages (the rate limit, say) drains: its next
+        // `next_message` is `None`, and the rest of this pass's input is discarded with it.
+        let result = loop {
+            let mut client = self
+                .fanout
+                .clients_mut()
+                .get_mut(key)
+                .expect("a live client");
+            match client.next_message(now, &mut self.input) {
+                Ok(Some(message)) => {
+                    drop(client);
+                    if let Some(close) = self.fanout.on_message(key, message) {
+                        self.close_client(key, close, now);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(end) => break Err(end),
+            }
+        };
+        if result.is_ok() && self.input.readiness() == Readiness::MayHaveMore {
+            let id = self.fanout.clients().get(key).expect("a live client").id();
+            self.ready_clients.push(id);
+        }
+        match result {
+            Ok(()) => {}
+            Err(ReadEnd::Closed) => self.close_client(key, Close::ClientClosed, now),
+            Err(ReadEnd::Reset) => {
+                self.fanout.end(key, Close::Reset);
+                self.drop_client(key);
+            }
+            Err(ReadEnd::Violation(close)) => {
+                let client = self.fanout.clients().get(key).expect("a live client");
+                log::warn!(
+                    "conn={} from {}: {}; closing",
+                    client.id().generation,
+                    client.peer(),
+                    close.label()
+                );
+                self.close_client(key, close, now);
+            }
+        }
+    }
+
+    /// Answers a complete request. Returns true when the connection is now a WebSocket.
+    fn route(&mut self, key: usize, route: Route, rest: Vec<u8>, now: Tick) -> bool {
+        let uptime_secs = self.uptime_secs();
+        let response = match route {
+            Route::Health => http::ok(
+                "application/json",
+                &health_json(
+                    self.fanout.metrics().connections,
+                    self.fanout.active_channels(),
+                    uptime_secs,
+                ),
+            ),
+            Route::Metrics => http::ok(
+                "text/plain; version=0.0.4; charset=utf-8",
+                &self
+                    .fanout
+                    .metrics()
+                    .render(&self.fanout.gauges(uptime_secs)),
+            ),
+            Route::Asset {
+                asset: Asset::Dashboard,
+                ..
+            } if self.stats.is_none() => {
+                self.refuse(key, Refusal::NotFound, now);
+                return false;
+            }
+            Route::Asset {
+                asset,
+                if_none_match,
+            } => asset.response(if_none_match.as_deref()),
+            Route::Upgrade { .. }
+                if self.fanout.metrics().connections >= self.config.max_connections as u64 =>
+            {
+                log::warn!(
+                    "max_connections ({}) reached; refusing an upgrade",
+                    self.config.max_connections
+                );
+                self.refuse(key, Refusal::Busy, now);
+                return false;
+            }
+            Route::Upgrade {
+                accept_key,
+                token,
+                forwarded_for,
+            } => {
+                let peer = self
+                    .fanout
+                    .clients()
+                    .get(key)
+                    .expect("a live client")
+                    .peer();
+                let trusted = &self.config.trusted_proxies;
+                let client = http::client_address(peer.ip(), forwarded_for.as_deref(), trusted);
+                if !self.connect_rate.admit(client, now) {
+                    self.refuse(key, Refusal::TooManyRequests, now);
+                    return false;
+                }
+                return self.open_websocket(key, &accept_key, token.as_deref(), rest, now);
+            }
+        };
+        let mut client = self
+            .fanout
+            .clients_mut()
+            .get_mut(key)
+            .expect("a live client");
+        client.respond(response);
+        drop(client);
+        self.arm_close_deadline(key, now);
+        false
+    }
+
+    fn refuse(&mut self, key: usize, refusal: Refusal, now: Tick) {
+        let mut client = self
+            .fanout
+            .clients_mut()
+            .get_mut(key)
+            .expect("a live client");
+        let peer = client.peer();
+        log::debug!(
+            "conn={} from {peer}: refused: {refusal:?}",
+            client.id().generation
+        );
+        client.respond(refusal.response());
+        drop(client);
+        if let Some(advice) =
+            admission::advice(&refusal, peer.ip(), self.config.connect_rate_per_ip)
+            && let Some(suppressed) = self
+                .refusal_log
+                .admit(now, self.ticks.ticks_in(REFUSAL_LOG_INTERVAL))
+        {
+            let more = match suppressed {
+                0 => String::new(),
+                n => format!(" ({n} more refusals since the last such line)"),
+            };
+            log::info!("{advice}{more}");
+        }
+        self.fanout.metrics_mut().http_refusals += 1;
+        self.arm_close_deadline(key, now);
+    }
+
+    /// Completes the upgrade. With authentication on, an invalid token or a user at
+    /// `max_connections_per_user` is closed at once (4001, 4008) before anything else is sent.
+    /// Returns true when the WebSocket is open.
+    fn open_websocket(
+        &mut self,
+        key: usize,
+        accept_key: &str,
+        token: Option<&str>,
+        rest: Vec<u8>,
+        now: Tick,
+    ) -> bool {
+        let mut client = self
+            .fanout
+            .clients_mut()
+            .get_mut(key)
+            .expect("a live client");
+        client.upgrade(accept_key, rest, self.ws_config, self.message_rate, now);
+        drop(client);
+        if let Err(close) = self.fanout.open(key, token) {
+            self.close_client(key, close, now);
+            return false;
+        }
+        let client = self.fanout.clients().get(key).expect("a live client");
+        log::debug!("conn={} upgraded", client.id().generation);
+        let first = client.first_deadline(now, &self.timing);
+        self.arm(key, first);
+        true
+    }
+
+    /// Replaces the connection's timer.
+    fn arm(&mut self, key: usize, at: Tick) {
+        let mut client = self
+            .fanout
+            .clients_mut()
+            .get_mut(key)
+            .expect("a live client");
+        let id = client.id();
+        let timer = self.timers.insert(at, TimerEvent::Client(id));
+        if let Some(old) = client.replace_timer(Some(timer)) {
+            self.timers.cancel(old);
+        }
+    }
+
+    /// Ends the client's session for `close` and gives it `close_timeout` to finish closing.
+    fn close_client(&mut self, key: usize, close: Close, now: Tick) {
+        self.fanout.end(key, close);
+        self.arm_close_deadline(key, now);
+    }
+
+    fn arm_close_deadline(&mut self, key: usize, now: Tick) {
+        let at = now.after(self.ticks.ticks_in(self.config.close_timeout));
+        self.arm(key, at);
+    }
+
+    fn fire_timers(&mut self, now: Tick) {
+        let mut expired = std::mem::take(&mut self.expired);
+        self.timers.advance(now, &mut expired);
+        for event in expired.drain(..) {
+            match event {
+                TimerEvent::Client(id) => self.on_client_timer(id, now),
+                TimerEvent::ResumeAccept => {
+                    self.accept_paused = false;
+                    self.accept_clients(now);
+                }
+                TimerEvent::Housekeeping => self.housekeeping(now),
+                TimerEvent::ShutdownDeadline => {
+                    log::warn!(
+                        "shutdown_timeout reached; dropping {} connection(s)",
+                        self.fanout.clients().len()
+                    );
+                    self.finished = true;
+                }
+            }
+        }
+        self.expired = expired;
+    }
+
+    fn on_client_timer(&mut self, id: ConnId, now: Tick) {
+        let key = id.key as usize;
+        let Some(mut client) = self.fanout.clients_mut().current(id) else {
+            return;
+        };
+        client.replace_timer(None);
+        if self.shutting_down && client.is_open() {
+            // Its turn in the shutdown drain.
+            drop(client);
+            return self.close_client(key, Close::Shutdown, now);
+        }
+        let deadline = client.on_deadline(now, &self.timing);
+        let peer = client.peer();
+        drop(client);
+        match deadline {
+            Deadline::HandshakeTimeout => {
+                log::debug!("conn={} from {peer}: handshake timeout", id.generation);
+                self.fanout.metrics_mut().handshake_timeouts += 1;
+                self.drop_client(key);
+            }
+            Deadline::CloseTimeout => self.drop_client(key),
+            Deadline::Close(Close::SlowConsumer) => self.close_slow_consumer(key, now),
+            Deadline::Close(close) => {
+                log::info!(
+                    "conn={} from {peer}: closing ({})",
+                    id.generation,
+                    close.label()
+                );
+                self.close_client(key, close, now);
+            }
+            Deadline::Next(at) => self.arm(key, at),
+        }
+    }
+
+    /// Closes every dirty client that went over `max_output_buffer` or whose output has not
+    /// moved for `write_stall_timeout`. Every path that queues output lists the client as
+    /// dirty, so this sees every client that could have become slow in this pass.
+    fn close_slow_consumers(&mut self, now: Tick) {
+        let mut i = 0;
+        while let Some(&key) = self.fanout.clients().dirty().get(i) {
+            i += 1;
+            // `is_slow` first: it reads the connection itself, `is_open` its boxed session.
+            if let Some(client) = self.fanout.clients().get(key)
+                && client.is_slow(now, self.timing.write_stall)
+                && client.is_open()
+            {
+                self.close_slow_consumer(key, now);
+            }
+        }
+    }
+
+    fn close_slow_consumer(&mut self, key: usize, now: Tick) {
+        let mut client = self
+            .fanout
+            .clients_mut()
+            .get_mut(key)
+            .expect("a live client");
+        log::warn!(
+            "conn={} from {}: slow consumer, {} bytes unsent (max_output_buffer {}, \
+             write_stall_timeout {:?}); closing",
+            client.id().generation,
+            client.peer(),
+            client.queued(),
+            self.config.max_output_buffer,
+            self.config.write_stall_timeout
+        );
+        client.discard_output();
+        drop(client);
+        self.close_client(key, Close::SlowConsumer, now);
+    }
+
+    fn flush_dirty(&mut self, now: Tick) {
+        let registry = self.poll.registry();
+        let mut dirty = std::mem::take(&mut self.flushing);
+        self.fanout.clients_mut().take_dirty(&mut dirty);
+        let mut broken = Vec::new();
+        for &key in &dirty {
+            let Some(mut client) = self.fanout.clients_mut().get_mut(key) else {
+                continue;
+            };
+            let written = match client.flush(now) {
+                Ok(written) => written,
+                Err(e) => {
+                    log::debug!("conn={}: write failed: {e}", client.id().generation);
+                    broken.push(key);
+                    continue;
+                }
+            };
+            let latency = client
+                .take_event_start()
+                .map(|since| micros_since(self.started, self.clock.now()).saturating_sub(since));
+            if let Some(wanted) = client.interest_change()
+                && let Err(e) = set_interest(registry, &mut client, key, wanted)
+            {
+                log::error!("conn={}: reregister failed: {e}", client.id().generation);
+                broken.push(key);
+            }
+            drop(client);
+            let metrics = self.fanout.metrics_mut();
+            metrics.bytes_written += written as u64;
+            if let Some(latency) = latency {
+                metrics.latency.observe(latency);
+            }
+        }
+        self.flushing = dirty;
+        for key in broken {
+            self.drop_client(key);
+        }
+    }
+
+    /// Deregisters and forgets a client; the only place that removes from the slab.
+    fn drop_client(&mut self, key: usize) {
+        if self.fanout.clients().get(key).is_none() {
+            return;
+        }
+        self.fanout.end(key, Close::Reset);
+        let mut client = self
+            .fanout
+            .clients_mut()
+            .remove(key)
+            .expect("a live client");
+        if let Some(timer) = client.replace_timer(None) {
+            self.timers.cancel(timer);
+        }
+        let _ = self.poll.registry().deregister(client.socket());
+    }
+
+    /// The engine's sweep, the stats snapshot (dashboard on), and the next round.
+    fn housekeeping(&mut self, now: Tick) {
+        self.fanout.sweep(now);
+        let uptime_secs = self.uptime_secs();
+        if let Some(feed) = &mut self.stats {
+            let gauges = self.fanout.gauges(uptime_secs);
+            let snapshot = feed.snapshot(self.fanout.metrics(), &gauges, self.clock.now());
+            self.fanout.publish_stats(snapshot);
+        }
+        if !self.shutting_down {
+            let next = now.after(self.ticks.ticks_in(HOUSEKEEPING_INTERVAL));
+            self.timers.insert(next, TimerEvent::Housekeeping);
+        }
+    }
+
+    fn uptime_secs(&self) -> u64 {
+        self.clock
+            .now()
+            .saturating_duration_since(self.started)
+            .as_secs()
+    }
+}
+
+fn micros_since(start: Instant, instant: Instant) -> u64 {
+    instant.saturating_duration_since(start).as_micros() as u64
+}
+
+fn set_interest(
+    registry: &Registry,
+    client: &mut ClientConn,
+    key: usize,
+    writable: bool,
+) -> io::Result<()> {
+    let interest = if writable {
+        Interest::READABLE | Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    };
+    registry.reregister(
+        client.socket(),
+        token::encode(Source::Client(key)),
+        interest,
+    )
+}
+
+/// Random per process, so client ids differ across restarts.
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish() as u32
+}
+
+#[cfg(test)]
+mod tests;
