@@ -1,4 +1,5 @@
-//! The `sidecast` command: `serve` runs the server, `publish` sends events to one.
+//! The `sidecast` command: `serve` runs the server, `publish` sends events to one, `bench`
+//! load-tests one, `config` prints or checks a config file.
 //!
 //! Exit codes: 0 success; 1 runtime or startup failure (bind, socket in use); 2 bad
 //! configuration or usage.
@@ -12,7 +13,7 @@ use serde_json::value::RawValue;
 use sidecast::bench::soak::{self, SoakPlan, SoakReport};
 use sidecast::bench::spawn::SpawnedServer;
 use sidecast::bench::{self as loadgen, Plan, Preset, Report, Step, Target};
-use sidecast::config::{DEFAULT_PUBLISH_SOCKET, Settings};
+use sidecast::config::{self, Settings};
 use sidecast::{Config, Publisher, Server};
 
 #[derive(Parser)]
@@ -32,10 +33,16 @@ enum Command {
     Serve(Box<Settings>),
     /// Load-test a running sidecast (or one it spawns) and print latency, throughput and memory
     Bench(Box<BenchArgs>),
+    /// Print a config file of every setting with its default, or check one (--check FILE)
+    Config {
+        /// Validate this TOML file instead: exit 0 if `serve --config FILE` would accept it
+        #[arg(long, value_name = "FILE")]
+        check: Option<PathBuf>,
+    },
     /// Publish an event (CHANNEL JSON), or NDJSON commands read from stdin; prints replies
     Publish {
         /// The server's publish socket
-        #[arg(long, value_name = "PATH", default_value = DEFAULT_PUBLISH_SOCKET)]
+        #[arg(long, value_name = "PATH", default_value = config::default_of("publish_socket"))]
         socket: PathBuf,
         /// Channel to publish to (omit both arguments to read commands from stdin)
         #[arg(requires = "json")]
@@ -89,6 +96,11 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(settings) => serve(*settings),
         Command::Bench(args) => bench(*args),
+        Command::Config { check: None } => {
+            print!("{}", config::render_defaults());
+            ExitCode::SUCCESS
+        }
+        Command::Config { check: Some(file) } => check_config(file),
         Command::Publish {
             socket,
             channel: Some(channel),
@@ -127,6 +139,24 @@ fn serve(settings: Settings) -> ExitCode {
         Err(e) => {
             log::error!("event loop failed: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sidecast config --check FILE`: loads the file as `serve --config FILE` would.
+fn check_config(file: PathBuf) -> ExitCode {
+    let settings = Settings {
+        config: Some(file.clone()),
+        ..Settings::default()
+    };
+    match Config::load(settings) {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sidecast: {e}");
+            ExitCode::from(2)
         }
     }
 }

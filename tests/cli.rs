@@ -1,5 +1,5 @@
-//! The `sidecast` binary: graceful shutdown on a real SIGTERM, exit codes, `--help`, and
-//! `sidecast publish`.
+//! The `sidecast` binary: graceful shutdown on a real SIGTERM, exit codes, `--help`,
+//! `sidecast publish` and `sidecast config`.
 
 mod common;
 
@@ -214,6 +214,33 @@ fn bad_configuration_exits_2_naming_the_setting() {
 
     let (code, _) = run(&["serve", "--config", "/nonexistent/sidecast.toml"]);
     assert_eq!(code, 2);
+}
+
+#[test]
+fn config_prints_every_default_and_checks_a_file() {
+    let output = Command::new(BIN).arg("config").output().unwrap();
+    assert!(output.status.success());
+    let printed = String::from_utf8(output.stdout).unwrap();
+    for key in [
+        "listen = \"127.0.0.1:3001\"",
+        "heartbeat_interval = \"30s\"",
+        "max_connections = 10000",
+    ] {
+        assert!(printed.contains(key), "{key} in {printed}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sidecast.toml");
+    std::fs::write(&file, &printed).unwrap();
+    let (code, text) = run(&["config", "--check", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "the printed file is valid: {text}");
+    std::fs::write(
+        &file,
+        printed.replace("max_connections = 10000", "max_connections = 0"),
+    )
+    .unwrap();
+    let (code, text) = run(&["config", "--check", file.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(text.contains("max_connections"), "{text}");
 }
 
 #[test]

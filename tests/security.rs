@@ -44,7 +44,7 @@ fn by_default_only_same_host_pages_may_connect() {
 #[test]
 fn an_origin_whitelist_and_require_origin() {
     let server = TestServer::start_with(|c| {
-        c.allowed_origins = vec!["https://app.example.com".into()];
+        c.allowed_origin = vec!["https://app.example.com".into()];
         c.require_origin = true;
     });
     assert_eq!(
@@ -62,7 +62,7 @@ fn an_origin_whitelist_and_require_origin() {
         "a list replaces same-host"
     );
     assert_eq!(status_of(server.ws_raw("/ws")), 403, "Origin is required");
-    let any = TestServer::start_with(|c| c.allowed_origins = vec!["*".into()]);
+    let any = TestServer::start_with(|c| c.allowed_origin = vec!["*".into()]);
     assert_eq!(
         status_of(any.ws_with_headers("/ws", &[("Origin", "https://anything.test")])),
         101

@@ -195,7 +195,7 @@ pub fn run(
     let started = Instant::now();
     let mut restarted = restart.is_none();
     while started.elapsed() < plan.duration {
-        let (rss_kib, fds) = footprint(pid);
+        let (rss_kib, fds) = super::probe::footprint(pid);
         report.samples.push(Sample {
             at_secs: started.elapsed().as_secs_f64(),
             rss_kib,
@@ -213,7 +213,7 @@ pub fn run(
         }
         if !restarted && started.elapsed() >= plan.duration / 2 {
             restarted = true;
-            add_disconnects(&mut report.disconnects, addr);
+            super::probe::add_disconnects(&mut report.disconnects, addr);
             if let Some(restart) = restart.as_mut() {
                 pid = restart()?;
                 report.restarts += 1;
@@ -230,14 +230,14 @@ pub fn run(
     for thread in threads {
         let _ = thread.join();
     }
-    let (rss_kib, fds) = footprint(pid);
+    let (rss_kib, fds) = super::probe::footprint(pid);
     report.samples.push(Sample {
         at_secs: started.elapsed().as_secs_f64(),
         rss_kib,
         fds,
     });
     log::debug!("soak tail took {:?}", tail.elapsed());
-    add_disconnects(&mut report.disconnects, addr);
+    super::probe::add_disconnects(&mut report.disconnects, addr);
     let c = &shared.counters;
     report.steady_received = c.steady_received.load(Ordering::Relaxed);
     report.lost = c.lost.load(Ordering::Relaxed);
@@ -576,43 +576,4 @@ fn masked_text(text: &str) -> Vec<u8> {
     frame.extend_from_slice(&[0, 0, 0, 0]);
     frame.extend_from_slice(text.as_bytes());
     frame
-}
-
-/// The server's RSS (KiB) and open descriptors.
-fn footprint(pid: Option<u32>) -> (Option<u64>, Option<usize>) {
-    let dir = match pid {
-        Some(pid) => format!("/proc/{pid}"),
-        None => return (None, None),
-    };
-    let rss = std::fs::read_to_string(format!("{dir}/status"))
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-            line.split_whitespace().nth(1)?.parse().ok()
-        });
-    let fds = std::fs::read_dir(format!("{dir}/fd"))
-        .ok()
-        .map(Iterator::count);
-    (rss, fds)
-}
-
-/// Adds the server's `sidecast_disconnects_total` counters to `into`.
-fn add_disconnects(into: &mut BTreeMap<String, u64>, addr: SocketAddr) {
-    let Ok(mut stream) = TcpStream::connect(addr) else {
-        return;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: soak\r\n\r\n");
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("sidecast_disconnects_total{reason=\"") else {
-            continue;
-        };
-        if let Some((reason, value)) = rest.split_once("\"} ")
-            && let Ok(value) = value.parse::<u64>()
-        {
-            *into.entry(reason.to_string()).or_default() += value;
-        }
-    }
 }

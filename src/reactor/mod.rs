@@ -23,11 +23,13 @@
 //! - [`Server::drop_client`] is the only place that deregisters a connection and removes it.
 //!
 //! - [`accept`]: listeners, accepting, descriptor backoff.
+//! - `clients`: a WebSocket-port connection's input, routing, timer, flush and reap.
 //! - [`shutdown`]: the [`ShutdownHandle`], signals, the drain.
 //! - [`clock`]: the time source, steppable in tests.
 //! - [`timer`]: the hashed timer wheel. [`token`]: `mio::Token` ↔ event source.
 
 pub mod accept;
+mod clients;
 pub mod clock;
 pub mod shutdown;
 pub mod timer;
@@ -38,28 +40,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, UnixListener};
-use mio::{Events, Interest, Poll, Registry, Waker};
+use mio::{Events, Interest, Poll, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
 
-use crate::auth::admission::{self, Auth, ConnectRate, RefusalLog};
+use crate::auth::admission::{Auth, ConnectRate, RefusalLog};
 use crate::auth::jwt::Verifier;
 use crate::auth::ratelimit::Rate;
 use crate::config::{Config, TIMER_TICK};
 use crate::engine::MemoryEngine;
 use crate::engine::history::HistoryLimits;
-use crate::error::{Close, StartupError};
+use crate::error::StartupError;
 use crate::fanout::{Fanout, SessionSettings};
-use crate::ops::assets::Asset;
-use crate::ops::health::health_json;
 use crate::ops::stats::StatsFeed;
 use crate::publish::{PublisherConn, ReadStatus};
-use crate::ws::conn::{
-    ClientConn, ConnId, Deadline, ReadEnd, Readiness, RequestOutcome, SharedInput, Timing,
-};
-use crate::ws::http::{self, OriginPolicy, Refusal, Route};
+use crate::ws::conn::{ConnId, SharedInput, Timing};
+use crate::ws::http::OriginPolicy;
 pub use accept::Listeners;
 use accept::SocketFile;
 pub use clock::Clock;
@@ -237,7 +235,7 @@ impl Server {
             ticks,
             started,
             origins: OriginPolicy {
-                allowed: config.allowed_origins.clone(),
+                allowed: config.allowed_origin.clone(),
                 require: config.require_origin,
             },
             config,
@@ -412,235 +410,6 @@ impl Server {
         log::debug!("publisher={} disconnected", publisher.serial);
     }
 
-    fn on_client_readable(&mut self, key: usize, now: Tick) {
-        let Some(mut client) = self.fanout.clients_mut().get_mut(key) else {
-            return;
-        };
-        if client.is_handshaking() {
-            match client.read_request(self.config.max_header_size, &self.origins) {
-                RequestOutcome::Incomplete => return,
-                RequestOutcome::Gone => {
-                    drop(client);
-                    return self.drop_client(key);
-                }
-                RequestOutcome::Refused(refusal) => {
-                    drop(client);
-                    return self.refuse(key, refusal, now);
-                }
-                RequestOutcome::Routed { route, rest } => {
-                    drop(client);
-                    if !self.route(key, route, rest, now) {
-                        return;
-                    }
-                }
-            }
-        } else if client.is_draining() {
-            if client.discard_input() {
-                drop(client);
-                self.drop_client(key);
-            }
-            return;
-        } else {
-            drop(client);
-        }
-        self.input.begin();
-        // A client closed by one of its own messages (the rate limit, say) drains: its next
-        // `next_message` is `None`, and the rest of this pass's input is discarded with it.
-        let result = loop {
-            let mut client = self
-                .fanout
-                .clients_mut()
-                .get_mut(key)
-                .expect("a live client");
-            match client.next_message(now, &mut self.input) {
-                Ok(Some(message)) => {
-                    drop(client);
-                    if let Some(close) = self.fanout.on_message(key, message) {
-                        self.close_client(key, close, now);
-                    }
-                }
-                Ok(None) => break Ok(()),
-                Err(end) => break Err(end),
-            }
-        };
-        if result.is_ok() && self.input.readiness() == Readiness::MayHaveMore {
-            let id = self.fanout.clients().get(key).expect("a live client").id();
-            self.ready_clients.push(id);
-        }
-        match result {
-            Ok(()) => {}
-            Err(ReadEnd::Closed) => self.close_client(key, Close::ClientClosed, now),
-            Err(ReadEnd::Reset) => {
-                self.fanout.end(key, Close::Reset);
-                self.drop_client(key);
-            }
-            Err(ReadEnd::Violation(close)) => {
-                let client = self.fanout.clients().get(key).expect("a live client");
-                log::warn!(
-                    "conn={} from {}: {}; closing",
-                    client.id().generation,
-                    client.peer(),
-                    close.label()
-                );
-                self.close_client(key, close, now);
-            }
-        }
-    }
-
-    /// Answers a complete request. Returns true when the connection is now a WebSocket.
-    fn route(&mut self, key: usize, route: Route, rest: Vec<u8>, now: Tick) -> bool {
-        let uptime_secs = self.uptime_secs();
-        let response = match route {
-            Route::Health => http::ok(
-                "application/json",
-                &health_json(
-                    self.fanout.metrics().connections,
-                    self.fanout.active_channels(),
-                    uptime_secs,
-                ),
-            ),
-            Route::Metrics => http::ok(
-                "text/plain; version=0.0.4; charset=utf-8",
-                &self
-                    .fanout
-                    .metrics()
-                    .render(&self.fanout.gauges(uptime_secs)),
-            ),
-            Route::Asset {
-                asset: Asset::Dashboard,
-                ..
-            } if self.stats.is_none() => {
-                self.refuse(key, Refusal::NotFound, now);
-                return false;
-            }
-            Route::Asset {
-                asset,
-                if_none_match,
-            } => asset.response(if_none_match.as_deref()),
-            Route::Upgrade { .. }
-                if self.fanout.metrics().connections >= self.config.max_connections as u64 =>
-            {
-                log::warn!(
-                    "max_connections ({}) reached; refusing an upgrade",
-                    self.config.max_connections
-                );
-                self.refuse(key, Refusal::Busy, now);
-                return false;
-            }
-            Route::Upgrade {
-                accept_key,
-                token,
-                forwarded_for,
-            } => {
-                let peer = self
-                    .fanout
-                    .clients()
-                    .get(key)
-                    .expect("a live client")
-                    .peer();
-                let trusted = &self.config.trusted_proxies;
-                let client = http::client_address(peer.ip(), forwarded_for.as_deref(), trusted);
-                if !self.connect_rate.admit(client, now) {
-                    self.refuse(key, Refusal::TooManyRequests, now);
-                    return false;
-                }
-                return self.open_websocket(key, &accept_key, token.as_deref(), rest, now);
-            }
-        };
-        let mut client = self
-            .fanout
-            .clients_mut()
-            .get_mut(key)
-            .expect("a live client");
-        client.respond(response);
-        drop(client);
-        self.arm_close_deadline(key, now);
-        false
-    }
-
-    fn refuse(&mut self, key: usize, refusal: Refusal, now: Tick) {
-        let mut client = self
-            .fanout
-            .clients_mut()
-            .get_mut(key)
-            .expect("a live client");
-        let peer = client.peer();
-        log::debug!(
-            "conn={} from {peer}: refused: {refusal:?}",
-            client.id().generation
-        );
-        client.respond(refusal.response());
-        drop(client);
-        if let Some(advice) =
-            admission::advice(&refusal, peer.ip(), self.config.connect_rate_per_ip)
-            && let Some(suppressed) = self
-                .refusal_log
-                .admit(now, self.ticks.ticks_in(REFUSAL_LOG_INTERVAL))
-        {
-            let more = match suppressed {
-                0 => String::new(),
-                n => format!(" ({n} more refusals since the last such line)"),
-            };
-            log::info!("{advice}{more}");
-        }
-        self.fanout.metrics_mut().http_refusals += 1;
-        self.arm_close_deadline(key, now);
-    }
-
-    /// Completes the upgrade. With authentication on, an invalid token or a user at
-    /// `max_connections_per_user` is closed at once (4001, 4008) before anything else is sent.
-    /// Returns true when the WebSocket is open.
-    fn open_websocket(
-        &mut self,
-        key: usize,
-        accept_key: &str,
-        token: Option<&str>,
-        rest: Vec<u8>,
-        now: Tick,
-    ) -> bool {
-        let mut client = self
-            .fanout
-            .clients_mut()
-            .get_mut(key)
-            .expect("a live client");
-        client.upgrade(accept_key, rest, self.ws_config, self.message_rate, now);
-        drop(client);
-        if let Err(close) = self.fanout.open(key, token) {
-            self.close_client(key, close, now);
-            return false;
-        }
-        let client = self.fanout.clients().get(key).expect("a live client");
-        log::debug!("conn={} upgraded", client.id().generation);
-        let first = client.first_deadline(now, &self.timing);
-        self.arm(key, first);
-        true
-    }
-
-    /// Replaces the connection's timer.
-    fn arm(&mut self, key: usize, at: Tick) {
-        let mut client = self
-            .fanout
-            .clients_mut()
-            .get_mut(key)
-            .expect("a live client");
-        let id = client.id();
-        let timer = self.timers.insert(at, TimerEvent::Client(id));
-        if let Some(old) = client.replace_timer(Some(timer)) {
-            self.timers.cancel(old);
-        }
-    }
-
-    /// Ends the client's session for `close` and gives it `close_timeout` to finish closing.
-    fn close_client(&mut self, key: usize, close: Close, now: Tick) {
-        self.fanout.end(key, close);
-        self.arm_close_deadline(key, now);
-    }
-
-    fn arm_close_deadline(&mut self, key: usize, now: Tick) {
-        let at = now.after(self.ticks.ticks_in(self.config.close_timeout));
-        self.arm(key, at);
-    }
-
     fn fire_timers(&mut self, now: Tick) {
         let mut expired = std::mem::take(&mut self.expired);
         self.timers.advance(now, &mut expired);
@@ -662,133 +431,6 @@ impl Server {
             }
         }
         self.expired = expired;
-    }
-
-    fn on_client_timer(&mut self, id: ConnId, now: Tick) {
-        let key = id.key as usize;
-        let Some(mut client) = self.fanout.clients_mut().current(id) else {
-            return;
-        };
-        client.replace_timer(None);
-        if self.shutting_down && client.is_open() {
-            // Its turn in the shutdown drain.
-            drop(client);
-            return self.close_client(key, Close::Shutdown, now);
-        }
-        let deadline = client.on_deadline(now, &self.timing);
-        let peer = client.peer();
-        drop(client);
-        match deadline {
-            Deadline::HandshakeTimeout => {
-                log::debug!("conn={} from {peer}: handshake timeout", id.generation);
-                self.fanout.metrics_mut().handshake_timeouts += 1;
-                self.drop_client(key);
-            }
-            Deadline::CloseTimeout => self.drop_client(key),
-            Deadline::Close(Close::SlowConsumer) => self.close_slow_consumer(key, now),
-            Deadline::Close(close) => {
-                log::info!(
-                    "conn={} from {peer}: closing ({})",
-                    id.generation,
-                    close.label()
-                );
-                self.close_client(key, close, now);
-            }
-            Deadline::Next(at) => self.arm(key, at),
-        }
-    }
-
-    /// Closes every dirty client that went over `max_output_buffer` or whose output has not
-    /// moved for `write_stall_timeout`. Every path that queues output lists the client as
-    /// dirty, so this sees every client that could have become slow in this pass.
-    fn close_slow_consumers(&mut self, now: Tick) {
-        let mut i = 0;
-        while let Some(&key) = self.fanout.clients().dirty().get(i) {
-            i += 1;
-            // `is_slow` first: it reads the connection itself, `is_open` its boxed session.
-            if let Some(client) = self.fanout.clients().get(key)
-                && client.is_slow(now, self.timing.write_stall)
-                && client.is_open()
-            {
-                self.close_slow_consumer(key, now);
-            }
-        }
-    }
-
-    fn close_slow_consumer(&mut self, key: usize, now: Tick) {
-        let mut client = self
-            .fanout
-            .clients_mut()
-            .get_mut(key)
-            .expect("a live client");
-        log::warn!(
-            "conn={} from {}: slow consumer, {} bytes unsent (max_output_buffer {}, \
-             write_stall_timeout {:?}); closing",
-            client.id().generation,
-            client.peer(),
-            client.queued(),
-            self.config.max_output_buffer,
-            self.config.write_stall_timeout
-        );
-        client.discard_output();
-        drop(client);
-        self.close_client(key, Close::SlowConsumer, now);
-    }
-
-    fn flush_dirty(&mut self, now: Tick) {
-        let registry = self.poll.registry();
-        let mut dirty = std::mem::take(&mut self.flushing);
-        self.fanout.clients_mut().take_dirty(&mut dirty);
-        let mut broken = Vec::new();
-        for &key in &dirty {
-            let Some(mut client) = self.fanout.clients_mut().get_mut(key) else {
-                continue;
-            };
-            let written = match client.flush(now) {
-                Ok(written) => written,
-                Err(e) => {
-                    log::debug!("conn={}: write failed: {e}", client.id().generation);
-                    broken.push(key);
-                    continue;
-                }
-            };
-            let latency = client
-                .take_event_start()
-                .map(|since| micros_since(self.started, self.clock.now()).saturating_sub(since));
-            if let Some(wanted) = client.interest_change()
-                && let Err(e) = set_interest(registry, &mut client, key, wanted)
-            {
-                log::error!("conn={}: reregister failed: {e}", client.id().generation);
-                broken.push(key);
-            }
-            drop(client);
-            let metrics = self.fanout.metrics_mut();
-            metrics.bytes_written += written as u64;
-            if let Some(latency) = latency {
-                metrics.latency.observe(latency);
-            }
-        }
-        self.flushing = dirty;
-        for key in broken {
-            self.drop_client(key);
-        }
-    }
-
-    /// Deregisters and forgets a client; the only place that removes from the slab.
-    fn drop_client(&mut self, key: usize) {
-        if self.fanout.clients().get(key).is_none() {
-            return;
-        }
-        self.fanout.end(key, Close::Reset);
-        let mut client = self
-            .fanout
-            .clients_mut()
-            .remove(key)
-            .expect("a live client");
-        if let Some(timer) = client.replace_timer(None) {
-            self.timers.cancel(timer);
-        }
-        let _ = self.poll.registry().deregister(client.socket());
     }
 
     /// The engine's sweep, the stats snapshot (dashboard on), and the next round.
@@ -816,24 +458,6 @@ impl Server {
 
 fn micros_since(start: Instant, instant: Instant) -> u64 {
     instant.saturating_duration_since(start).as_micros() as u64
-}
-
-fn set_interest(
-    registry: &Registry,
-    client: &mut ClientConn,
-    key: usize,
-    writable: bool,
-) -> io::Result<()> {
-    let interest = if writable {
-        Interest::READABLE | Interest::WRITABLE
-    } else {
-        Interest::READABLE
-    };
-    registry.reregister(
-        client.socket(),
-        token::encode(Source::Client(key)),
-        interest,
-    )
 }
 
 /// Random per process, so client ids differ across restarts.

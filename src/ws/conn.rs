@@ -31,6 +31,8 @@ use crate::error::Close;
 use crate::fanout::hub::ChannelId;
 use crate::reactor::timer::{Tick, TimerKey};
 use crate::ws::http::{self, OriginPolicy, Refusal, Route};
+use crate::ws::io::WsIo;
+pub use crate::ws::io::{Readiness, SharedInput};
 use crate::ws::outqueue::OutQueue;
 use crate::ws::session::{Inbound, Session};
 use crate::ws::wire::{self, Reply};
@@ -43,111 +45,6 @@ pub struct ConnId {
     pub key: u32,
     /// Unique per accepted connection.
     pub generation: u32,
-}
-
-/// The reactor's read buffer, shared by every connection (one thread, one reader at a time).
-/// A socket is read into it in large chunks; tungstenite then copies out only what it needs,
-/// so a connection's own buffer holds at most a partial frame.
-///
-/// It is also each connection's read budget for one loop pass: one socket read of at most
-/// its size. A connection that filled it may have more waiting in the kernel, which stays
-/// there until the next pass, so a flooding client costs one buffer of parsing per pass and
-/// everyone else gets their turn.
-///
-/// Invariant: empty between connections. A connection's pass starts with
-/// [`begin`](SharedInput::begin) and reads messages until `next_message` returns `None`,
-/// which drains it completely, or stops early because the connection is closing anyway.
-pub struct SharedInput {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-    /// The current connection has had its one socket read of this pass.
-    has_read: bool,
-    /// The pass's read filled the buffer: the socket may hold more.
-    budget_spent: bool,
-}
-
-impl SharedInput {
-    /// A shared buffer of `size` bytes.
-    pub fn new(size: usize) -> SharedInput {
-        SharedInput {
-            buf: vec![0; size].into_boxed_slice(),
-            start: 0,
-            end: 0,
-            has_read: false,
-            budget_spent: false,
-        }
-    }
-
-    /// Starts one connection's turn: empty, with a fresh read budget.
-    pub fn begin(&mut self) {
-        self.start = 0;
-        self.end = 0;
-        self.has_read = false;
-        self.budget_spent = false;
-    }
-
-    /// Whether the connection whose turn it is may have more waiting in the kernel.
-    pub fn readiness(&self) -> Readiness {
-        if self.budget_spent {
-            Readiness::MayHaveMore
-        } else {
-            Readiness::Drained
-        }
-    }
-}
-
-/// The stream tungstenite sees: reads come from the socket through the shared input, writes
-/// go to the `OutQueue` (and so never block).
-struct WsIo<'a> {
-    socket: &'a mut TcpStream,
-    input: Option<&'a mut SharedInput>,
-    out: &'a mut OutQueue,
-}
-
-impl Read for WsIo<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(input) = self.input.as_deref_mut() else {
-            return Err(io::ErrorKind::WouldBlock.into());
-        };
-        if input.start == input.end {
-            if input.has_read {
-                // One read per connection and pass; the rest waits in the kernel. A read that
-                // filled the buffer may have left more there; a short one emptied the socket,
-                // and new bytes bring a new readiness event.
-                input.budget_spent = input.end == input.buf.len();
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let n = self.socket.read(&mut input.buf)?;
-            input.has_read = true;
-            input.start = 0;
-            input.end = n;
-        }
-        let n = buf.len().min(input.end - input.start);
-        buf[..n].copy_from_slice(&input.buf[input.start..input.start + n]);
-        input.start += n;
-        Ok(n)
-    }
-}
-
-impl Write for WsIo<'_> {
-    /// tungstenite writes only Pongs and Close frames (everything else is pre-framed and
-    /// queued directly), one frame per call. A Pong over the limit is refused by the queue,
-    /// which makes the connection a slow consumer; tungstenite is told it was written, so it
-    /// keeps no copy either.
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let chunk = Bytes::copy_from_slice(buf);
-        if is_pong_frame(buf) {
-            self.out.push_pong(chunk);
-        } else {
-            self.out.push_final(chunk);
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// An open WebSocket: its framing, when it was last heard from, and its request state.
@@ -170,15 +67,6 @@ enum Phase {
     Request { head: Vec<u8> },
     WebSocket(Box<Open>),
     Draining,
-}
-
-/// Whether a read pass left the socket empty.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Readiness {
-    /// The socket would block: wait for the next readiness event.
-    Drained,
-    /// The pass's read budget ran out: the socket may hold more, read it next pass.
-    MayHaveMore,
 }
 
 /// How a request head ended.
@@ -582,14 +470,24 @@ impl ClientConn {
     /// A fatal socket error; the connection must be dropped.
     pub fn flush(&mut self, now: Tick) -> io::Result<usize> {
         self.listed = false;
-        let written = self.out.write_to(&mut self.socket)?;
-        self.out.note_flush(written, now);
+        let written = self.out.flush_into(&mut self.socket, now)?;
         if self.out.is_empty() && self.is_draining() && !self.write_shut {
             self.write_shut = true;
             // The peer may already be gone; dropping the connection then is right anyway.
             let _ = self.socket.shutdown(Shutdown::Write);
         }
         Ok(written)
+    }
+
+    /// The part of a flush above the kernel: writes queued output into `sink` (the socket,
+    /// or for benchmarks any `Write`), takes the connection off the dirty list and records
+    /// whether its output moved.
+    ///
+    /// # Errors
+    /// What `sink` returns, but `WouldBlock`.
+    pub fn flush_user_space(&mut self, sink: &mut impl Write, now: Tick) -> io::Result<usize> {
+        self.listed = false;
+        self.out.flush_into(sink, now)
     }
 
     /// While draining: discards input. Returns true once the peer has closed.
@@ -648,12 +546,6 @@ impl ClientConn {
     }
 }
 
-/// True when `frame` is exactly one unmasked Pong frame, as tungstenite writes them.
-fn is_pong_frame(frame: &[u8]) -> bool {
-    const FIN_PONG: u8 = 0x8A;
-    matches!(frame, [FIN_PONG, len, ..] if usize::from(*len) <= 125 && frame.len() == 2 + usize::from(*len))
-}
-
 fn read_end(error: WsError) -> ReadEnd {
     match error {
         WsError::ConnectionClosed | WsError::AlreadyClosed => ReadEnd::Closed,
@@ -663,17 +555,5 @@ fn read_end(error: WsError) -> ReadEnd {
         WsError::Capacity(_) => ReadEnd::Violation(Close::MessageTooBig),
         WsError::Utf8(_) => ReadEnd::Violation(Close::InvalidUtf8),
         _ => ReadEnd::Violation(Close::ProtocolError),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recognizes_the_pongs_tungstenite_writes() {
-        assert!(is_pong_frame(&[0x8A, 0x02, b'h', b'i']));
-        assert!(!is_pong_frame(&[0x88, 0x02, 0x03, 0xE8]), "a Close frame");
-        assert!(!is_pong_frame(&[0x8A, 0x05, 1]), "a truncated Pong");
     }
 }

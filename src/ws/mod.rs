@@ -3,6 +3,7 @@
 //!
 //! - [`conn`]: one connection's state machine (request → WebSocket → draining) and its read
 //!   side; it returns verdicts, the reactor acts on them.
+//! - [`io`]: the stream tungstenite sees: the shared read buffer in, the out queue out.
 //! - [`outqueue`]: the connection's bounded queue of outbound bytes, the single owner of their
 //!   order.
 //! - [`http`]: request heads (httparse) → routes and canned responses.
@@ -14,6 +15,7 @@
 
 pub mod conn;
 pub mod http;
+pub mod io;
 pub mod outqueue;
 pub mod session;
 pub mod wire;

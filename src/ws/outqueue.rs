@@ -122,9 +122,20 @@ impl OutQueue {
         self.is_stalled && u64::from(stalled_for) >= stall
     }
 
+    /// Writes what `sink` takes ([`write_to`](OutQueue::write_to)) and records how the flush
+    /// at `now` went for the stall check.
+    ///
+    /// # Errors
+    /// As `write_to`.
+    pub fn flush_into(&mut self, sink: &mut impl Write, now: Tick) -> io::Result<usize> {
+        let written = self.write_to(sink)?;
+        self.note_flush(written, now);
+        Ok(written)
+    }
+
     /// Records how a flush at `now` went: a stall begins when bytes stay queued and none
     /// moved, and ends when some do.
-    pub(crate) fn note_flush(&mut self, written: usize, now: Tick) {
+    fn note_flush(&mut self, written: usize, now: Tick) {
         if self.is_empty() {
             self.is_stalled = false;
         } else if written > 0 || !self.is_stalled {

@@ -1,0 +1,523 @@
+//! Settings → a validated, typed [`Config`].
+//!
+//! ```text
+//!  declared defaults ◄── TOML file (--config) ◄── command-line flags
+//!         └────────────── merged Settings ──► Config::from_settings ──► Config
+//! ```
+//! Every setting is declared once, below, in [`settings!`](declare): its name (the flag
+//! `--some-name` is the key `some_name`), its type, its default, its value name and its doc.
+//! From that come the flags and the TOML schema ([`Settings`], each field optional so layers
+//! can merge), the typed [`Config`] and its `Default`, the `[default: …]` in `--help`, and
+//! [`SETTINGS`], the table `sidecast config` prints. Adding a setting is one line here, plus
+//! its range check in `validate` if it has one.
+//!
+//! This module reads the config file and nothing else; it never panics on bad input.
+//!
+//! - [`declare`]: the `settings!` macro.
+//! - [`values`]: the types settings are written in, and TOML parsing through `FromStr`.
+
+mod declare;
+pub mod values;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use log::LevelFilter;
+
+use crate::auth::jwt::{JwtKey, Verifier};
+use crate::error::ConfigError;
+use declare::settings;
+pub use values::{ByteSize, Cidr, Dashboard, FileMode, HumanDuration, JwtAlgorithm, Setting};
+
+/// Environment variable that can hold the HS256 secret, to keep it out of process listings.
+pub const JWT_SECRET_ENV: &str = "SIDECAST_JWT_SECRET";
+
+/// The shortest duration setting: the timer wheel's tick.
+pub const TIMER_TICK: Duration = Duration::from_millis(10);
+
+settings! {
+    values {
+        listen: SocketAddr = "127.0.0.1:3001", "ADDR", "Address for WebSocket and HTTP; port 0 picks a free port";
+        publish_socket: PathBuf = "./sidecast.sock", "PATH", "Path of the publish port's Unix socket";
+        heartbeat_interval: HumanDuration = "30s", "DURATION", "Time between WebSocket Pings to each client";
+        heartbeat_timeout: HumanDuration = "60s", "DURATION", "Close a client silent for this long (longer than heartbeat_interval)";
+        handshake_timeout: HumanDuration = "10s", "DURATION", "Drop a TCP connection that has not completed its HTTP request by then";
+        close_timeout: HumanDuration = "2s", "DURATION", "Drop a closing connection that has not finished closing by then";
+        shutdown_timeout: HumanDuration = "5s", "DURATION", "Exit at the latest this long after SIGTERM/SIGINT";
+        shutdown_drain: HumanDuration = "3s", "DURATION", "On shutdown, close WebSockets spread over this window so their reconnects do not arrive at once";
+        write_stall_timeout: HumanDuration = "10s", "DURATION", "Close a connection whose queued output has not moved for this long (slow consumer, 1008)";
+        send_buffer_size: ByteSize = "64KiB", "SIZE", "Kernel send buffer (SO_SNDBUF) per WebSocket; 0 keeps the kernel's autotuning (megabytes)";
+        max_connections: usize = "10000", "COUNT", "Open WebSockets at most; further upgrades get HTTP 503";
+        max_message_size: ByteSize = "64KiB", "SIZE", "Largest client frame or message; larger ones close with 1009";
+        max_subscriptions: usize = "100", "COUNT", "Channels one connection may subscribe to";
+        max_output_buffer: ByteSize = "1MiB", "SIZE", "Unsent bytes per connection before it is closed as a slow consumer (1008)";
+        max_header_size: ByteSize = "8KiB", "SIZE", "Largest HTTP request head; larger ones get 431";
+        max_publish_line: ByteSize = "1MiB", "SIZE", "Longest publish line; longer ones get an error and the publisher is closed";
+        read_buffer_size: ByteSize = "128B", "SIZE", "Per-connection buffer for partial client frames; grows as needed";
+        log_level: LevelFilter = "info", "LEVEL", "Log level: error, warn, info, debug, trace or off; RUST_LOG overrides it";
+        require_origin: bool = "false", "BOOL", "Refuse WebSocket upgrades without an Origin header (non-browser clients)"
+            [num_args = 0..=1, require_equals = true, default_missing_value = "true"];
+        rate_limit: f64 = "20", "PER_SECOND", "Client messages per second per connection";
+        rate_burst: u32 = "50", "COUNT", "Client messages a connection may send in one burst";
+        rate_limit_strikes: u32 = "20", "COUNT", "Rate-limited messages before the connection is closed with 1008";
+        publish_socket_mode: FileMode = "0660", "MODE", "File mode of the publish socket, in octal";
+        max_publishers: usize = "1024", "COUNT", "Open publish-port connections at most; an idle one holds about 300 B";
+        jwt_leeway: HumanDuration = "10s", "DURATION", "Accept tokens this long past their exp";
+        max_connections_per_user: usize = "3", "COUNT", "Open WebSockets per authenticated user; the next is closed with 4008";
+        history_size: usize = "100", "COUNT", "Recent events each channel keeps so reconnecting clients can resume; 0 disables";
+        history_ttl: HumanDuration = "5m", "DURATION", "Events older than this leave the history";
+        history_max_bytes: ByteSize = "1MiB", "SIZE", "Bytes of events each channel's history may hold";
+        max_quiet_channels: usize = "100000", "COUNT", "Channels without any event remembered at once after their last subscriber left, so a resume at seq 0 is not told of a gap";
+        dashboard: Dashboard = "auto", "WHEN", "Serve the dashboard at GET / and publish stats to sidecast:stats once a second: auto (when listening on loopback), on or off";
+    }
+    options {
+        connect_rate_per_ip: f64, "PER_SECOND", "New WebSockets per second per client address, bursts of twice that; recommended when clients connect directly, not through a proxy", "off";
+    }
+    inputs {
+        jwt_secret: String, "SECRET", "Turn on authentication with HS256 tokens signed with this secret (or set SIDECAST_JWT_SECRET)", "auth off";
+        jwt_public_key: PathBuf, "FILE", "Turn on authentication with RS256/ES256 tokens, verified with this PEM public key", "auth off";
+        jwt_algorithm: JwtAlgorithm, "ALGORITHM", "The algorithm of --jwt-public-key: RS256 or ES256", "needed with jwt_public_key";
+    }
+    lists {
+        allowed_origin: String, "ORIGIN", "Origin allowed to open a WebSocket, e.g. https://app.example.com, or * (repeatable)", "so only same-host pages";
+        trusted_proxies: Cidr, "CIDR", "Proxy addresses or CIDRs whose X-Forwarded-For is believed, e.g. 10.0.0.0/8 (repeatable, or comma-separated)", "so the TCP peer is the client"
+            [value_delimiter = ','];
+    }
+    derived {
+        /// How tokens are verified (from `jwt_secret`, or `jwt_public_key` and
+        /// `jwt_algorithm`); `None` turns authentication off.
+        jwt: Option<JwtKey> = jwt_key;
+    }
+}
+
+/// One declared setting, as `sidecast config` prints it.
+#[derive(Clone, Copy, Debug)]
+pub struct Declared {
+    /// The TOML key (and, with dashes, the flag).
+    pub key: &'static str,
+    /// What the value looks like.
+    pub value_name: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+    /// The default, for settings that always have a value.
+    pub default: Option<&'static str>,
+    /// Written as a TOML string.
+    pub quoted: bool,
+    /// A TOML array.
+    pub list: bool,
+}
+
+/// The declared default of `key`, as text (`None` for a setting that is off by default).
+pub fn default_of(key: &str) -> Option<&'static str> {
+    SETTINGS
+        .iter()
+        .find(|s| s.key == key)
+        .and_then(|s| s.default)
+}
+
+/// Parses a declared default; a default that does not parse is a bug caught by every test.
+fn declared_default<T: Setting>(key: &str, text: &str) -> T::Value {
+    match text.parse::<T>() {
+        Ok(value) => value.value(),
+        Err(_) => panic!("the declared default of {key} ({text:?}) does not parse"),
+    }
+}
+
+/// A complete TOML file of every setting with its default and doc: what `sidecast config`
+/// prints. Settings that are off by default are commented out.
+pub fn render_defaults() -> String {
+    let mut out = String::from(
+        "# sidecast configuration: every setting with its default.\n\
+         # Use it with `sidecast serve --config FILE`; flags override the file.\n",
+    );
+    for setting in SETTINGS {
+        let _ = write!(out, "\n# {}\n", setting.doc);
+        let value = |text: &str| {
+            if setting.quoted {
+                format!("{text:?}")
+            } else {
+                text.to_string()
+            }
+        };
+        match (setting.default, setting.list) {
+            (Some(default), _) => {
+                let _ = writeln!(out, "{} = {}", setting.key, value(default));
+            }
+            (None, true) => {
+                let _ = writeln!(out, "# {} = [{}]", setting.key, value(setting.value_name));
+            }
+            (None, false) => {
+                let _ = writeln!(out, "# {} = {}", setting.key, value(setting.value_name));
+            }
+        }
+    }
+    out
+}
+
+impl Config {
+    /// The window a graceful shutdown spreads its closes over: `shutdown_drain`, shortened
+    /// where needed so that the last connection closed still has `close_timeout` before
+    /// `shutdown_timeout` ends everything.
+    pub fn drain_window(&self) -> Duration {
+        let latest = self.shutdown_timeout.saturating_sub(self.close_timeout);
+        self.shutdown_drain.min(latest)
+    }
+
+    /// Whether the dashboard and its stats feed are on: `auto` means "when listening on a
+    /// loopback address", where only this machine can reach it.
+    pub fn dashboard_enabled(&self) -> bool {
+        match self.dashboard {
+            Dashboard::Auto => self.listen.ip().is_loopback(),
+            Dashboard::On => true,
+            Dashboard::Off => false,
+        }
+    }
+
+    /// Resolves command-line settings: reads the `--config` file if one is named, lets the
+    /// flags override it, fills in defaults and validates.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file or setting at fault.
+    pub fn load(flags: Settings) -> Result<Config, ConfigError> {
+        let mut settings = match &flags.config {
+            Some(path) => {
+                let file = Settings::from_file(path)?;
+                flags.over(file)
+            }
+            None => flags,
+        };
+        if settings.jwt_secret.is_none() && settings.jwt_public_key.is_none() {
+            settings.jwt_secret = std::env::var(JWT_SECRET_ENV).ok().filter(|s| !s.is_empty());
+        }
+        Config::from_settings(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |key: &'static str, message: String| Err(ConfigError::Invalid { key, message });
+        let durations = [
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("heartbeat_timeout", self.heartbeat_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("close_timeout", self.close_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("shutdown_drain", self.shutdown_drain),
+            ("write_stall_timeout", self.write_stall_timeout),
+            ("history_ttl", self.history_ttl),
+        ];
+        for (key, value) in durations {
+            if value < TIMER_TICK {
+                return invalid(
+                    key,
+                    format!("must be at least {TIMER_TICK:?}, got {value:?}"),
+                );
+            }
+        }
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return invalid(
+                "heartbeat_timeout",
+                format!(
+                    "must be longer than heartbeat_interval ({:?}), got {:?}",
+                    self.heartbeat_interval, self.heartbeat_timeout
+                ),
+            );
+        }
+        let rates = [
+            Some(("rate_limit", self.rate_limit)),
+            self.connect_rate_per_ip.map(|r| ("connect_rate_per_ip", r)),
+        ];
+        for (key, value) in rates.into_iter().flatten() {
+            if !(value.is_finite() && value > 0.0) {
+                return invalid(key, format!("must be a positive number, got {value}"));
+            }
+        }
+        for origin in &self.allowed_origin {
+            let valid = origin == "*"
+                || origin.split_once("://").is_some_and(|(scheme, host)| {
+                    !scheme.is_empty() && !host.is_empty() && !host.contains('/')
+                });
+            if !valid {
+                return invalid(
+                    "allowed_origin",
+                    format!("{origin:?} is not an origin like https://app.example.com or *"),
+                );
+            }
+        }
+        let minimums = [
+            ("rate_burst", self.rate_burst as usize, 1),
+            ("rate_limit_strikes", self.rate_limit_strikes as usize, 1),
+            ("max_publishers", self.max_publishers, 1),
+            ("max_connections_per_user", self.max_connections_per_user, 1),
+            ("max_connections", self.max_connections, 1),
+            ("max_subscriptions", self.max_subscriptions, 1),
+            ("max_message_size", self.max_message_size, 128),
+            ("max_output_buffer", self.max_output_buffer, 1024),
+            ("max_header_size", self.max_header_size, 256),
+            ("max_publish_line", self.max_publish_line, 128),
+            ("read_buffer_size", self.read_buffer_size, 64),
+        ];
+        for (key, value, minimum) in minimums {
+            if value < minimum {
+                return invalid(key, format!("must be at least {minimum}, got {value}"));
+            }
+        }
+        // A connection's queue counts in 32 bits (see `OutQueue`).
+        const MAXIMUM: usize = 1 << 30;
+        for (key, value) in [
+            ("max_output_buffer", self.max_output_buffer),
+            ("max_publish_line", self.max_publish_line),
+            ("max_message_size", self.max_message_size),
+        ] {
+            if value > MAXIMUM {
+                return invalid(key, format!("must be at most 1GiB, got {value}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// Reads a TOML settings file.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not TOML, has an unknown key or a bad value.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// The verification key the settings describe, read from its file when it is a public key.
+fn jwt_key(s: &Settings) -> Result<Option<JwtKey>, ConfigError> {
+    let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+    match (
+        s.jwt_secret.clone(),
+        s.jwt_public_key.clone(),
+        s.jwt_algorithm,
+    ) {
+        (None, None, None) => Ok(None),
+        (Some(_), Some(_), _) => invalid(
+            "jwt_secret",
+            "give either jwt_secret or jwt_public_key, not both".into(),
+        ),
+        (Some(_), None, Some(_)) => invalid(
+            "jwt_algorithm",
+            "applies to jwt_public_key; jwt_secret is HS256".into(),
+        ),
+        (Some(secret), None, None) if secret.len() < 32 => invalid(
+            "jwt_secret",
+            format!("must be at least 32 bytes for HS256, got {}", secret.len()),
+        ),
+        (Some(secret), None, None) => Ok(Some(JwtKey::Secret(secret.into_bytes()))),
+        (None, Some(_), None) => invalid(
+            "jwt_algorithm",
+            "jwt_public_key needs jwt_algorithm (RS256 or ES256)".into(),
+        ),
+        (None, None, Some(_)) => invalid("jwt_algorithm", "needs jwt_public_key".into()),
+        (None, Some(path), Some(algorithm)) => {
+            let pem = std::fs::read(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let algorithm = match algorithm {
+                JwtAlgorithm::Rs256 => Algorithm::RS256,
+                JwtAlgorithm::Es256 => Algorithm::ES256,
+            };
+            let key = JwtKey::PublicKey { pem, algorithm };
+            match Verifier::new(&key, Duration::ZERO) {
+                Ok(_) => Ok(Some(key)),
+                Err(e) => invalid("jwt_public_key", format!("{}: {e}", path.display())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+    use std::net::IpAddr;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn from_flags(args: &[&str]) -> Result<Config, ConfigError> {
+        let cli =
+            Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).unwrap();
+        Config::load(cli.settings)
+    }
+
+    #[test]
+    fn help_advertises_the_real_defaults() {
+        // Passing every "[default: X]" from --help explicitly must give the default config.
+        let command = Cli::command();
+        let mut args = Vec::new();
+        for arg in command
+            .get_arguments()
+            .filter(|a| a.get_long() != Some("config"))
+        {
+            let help = arg.get_help().expect("every flag has help").to_string();
+            let (_, default) = help.split_once("[default: ").expect(&help);
+            let default = default.trim_end_matches(']');
+            if default.starts_with("none") {
+                continue; // an empty list, or an optional setting that is off by default
+            }
+            args.push(format!("--{}={default}", arg.get_long().unwrap()));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(from_flags(&args).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_printed_defaults_are_a_config_file_that_gives_the_defaults() {
+        let text = render_defaults();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecast.toml");
+        std::fs::write(&path, &text).unwrap();
+        let config = from_flags(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(config, Config::default());
+        for setting in SETTINGS {
+            assert!(text.contains(setting.key), "{} is printed", setting.key);
+        }
+        assert!(
+            text.contains("# connect_rate_per_ip = PER_SECOND"),
+            "off: commented out"
+        );
+        assert_eq!(default_of("publish_socket"), Some("./sidecast.sock"));
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecast.toml");
+        std::fs::write(
+            &path,
+            "heartbeat_interval = \"5s\"\nmax_message_size = \"16KiB\"\nmax_connections = 7\n\
+             max_output_buffer = 4096\n",
+        )
+        .unwrap();
+        let config =
+            from_flags(&["--config", path.to_str().unwrap(), "--max-connections", "9"]).unwrap();
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(config.max_message_size, 16 * 1024);
+        assert_eq!(config.max_output_buffer, 4096);
+        assert_eq!(config.max_connections, 9);
+        assert_eq!(
+            config.heartbeat_timeout,
+            Config::default().heartbeat_timeout
+        );
+    }
+
+    #[test]
+    fn cidr_blocks() {
+        let block = |s: &str| s.parse::<Cidr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(block("10.0.0.0/8").contains(ip("10.200.3.4")));
+        assert!(!block("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(block("10.1.2.3").contains(ip("10.1.2.3")));
+        assert!(!block("10.1.2.3").contains(ip("10.1.2.4")));
+        assert!(block("0.0.0.0/0").contains(ip("8.8.8.8")));
+        assert!(block("fd00::/8").contains(ip("fd12::1")));
+        assert!(
+            block("127.0.0.1").contains(ip("::ffff:127.0.0.1")),
+            "IPv4-mapped"
+        );
+        assert!(!block("fd00::/8").contains(ip("10.0.0.1")));
+        for bad in ["10.0.0.0/33", "nope", "::/129", "1.2.3.4/"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        let config = from_flags(&["--trusted-proxies", "10.0.0.0/8,192.168.0.1"]).unwrap();
+        assert_eq!(config.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn dashboard_is_on_by_default_only_on_loopback() {
+        let on = |args: &[&str]| from_flags(args).unwrap().dashboard_enabled();
+        assert!(on(&[]));
+        assert!(on(&["--listen", "[::1]:3001"]));
+        assert!(!on(&["--listen", "0.0.0.0:3001"]));
+        assert!(on(&["--listen", "0.0.0.0:3001", "--dashboard", "on"]));
+        assert!(!on(&["--dashboard", "off"]));
+    }
+
+    #[test]
+    fn jwt_settings() {
+        let secret = "s".repeat(32);
+        let config = from_flags(&["--jwt-secret", &secret]).unwrap();
+        assert_eq!(
+            config.jwt,
+            Some(JwtKey::Secret(secret.clone().into_bytes()))
+        );
+        assert_eq!(from_flags(&[]).unwrap().jwt, None, "auth is off by default");
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("key.pem");
+        std::fs::write(&pem, "not a key").unwrap();
+        let pem = pem.to_str().unwrap();
+        for (args, key) in [
+            (vec!["--jwt-secret", "short"], "jwt_secret"),
+            (
+                vec![
+                    "--jwt-secret",
+                    &secret,
+                    "--jwt-public-key",
+                    pem,
+                    "--jwt-algorithm",
+                    "RS256",
+                ],
+                "jwt_secret",
+            ),
+            (vec!["--jwt-public-key", pem], "jwt_algorithm"),
+            (vec!["--jwt-algorithm", "ES256"], "jwt_algorithm"),
+            (
+                vec!["--jwt-public-key", pem, "--jwt-algorithm", "RS256"],
+                "jwt_public_key",
+            ),
+        ] {
+            let error = from_flags(&args).unwrap_err().to_string();
+            assert!(error.contains(key), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        for (text, needle) in [
+            ("hearbeat_interval = \"5s\"", "hearbeat_interval"),
+            ("heartbeat_interval = \"soon\"", "heartbeat_interval"),
+            ("max_message_size = \"lots\"", "max_message_size"),
+            ("listen = 3", "listen"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let error = from_flags(&["--config", path.to_str().unwrap()])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(needle), "{text}: {error}");
+        }
+        let error = from_flags(&["--heartbeat-interval", "30s", "--heartbeat-timeout", "10s"]);
+        assert!(error.unwrap_err().to_string().contains("heartbeat_timeout"));
+        let error = from_flags(&["--max-connections", "0"]);
+        assert!(error.unwrap_err().to_string().contains("max_connections"));
+        let error = from_flags(&["--max-output-buffer", "2GiB"]);
+        assert!(error.unwrap_err().to_string().contains("max_output_buffer"));
+        let error = from_flags(&["--connect-rate-per-ip", "0"]);
+        assert!(
+            error
+                .unwrap_err()
+                .to_string()
+                .contains("connect_rate_per_ip")
+        );
+    }
+}
