@@ -222,3 +222,13 @@ impl Close {
         }
     }
 }
+
+impl fmt::Display for Close {
+    /// The close code and reason sent (`1009 message too big`), or the label when none is.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.frame() {
+            Some((code, text)) => write!(f, "{} {text}", u16::from(code)),
+            None => f.write_str(self.label()),
+        }
+    }
+}

@@ -68,6 +68,23 @@ impl Clients {
         })
     }
 
+    /// The connection at `key`, to change; the caller knows it is there (it was just
+    /// looked up, or its key comes from this pass).
+    ///
+    /// # Panics
+    /// When no connection is at `key`: a reactor bug.
+    pub fn live_mut(&mut self, key: usize) -> Conn<'_> {
+        self.get_mut(key).expect("a live connection at this key")
+    }
+
+    /// The connection at `key`, to look at; as [`live_mut`](Clients::live_mut).
+    ///
+    /// # Panics
+    /// When no connection is at `key`.
+    pub fn live(&self, key: usize) -> &ClientConn {
+        self.get(key).expect("a live connection at this key")
+    }
+
     /// The connection at `key`, to look at.
     pub fn get(&self, key: usize) -> Option<&ClientConn> {
         self.slab.get(key)

@@ -162,20 +162,14 @@ impl Fanout {
         let started_us = self.pass.started_us;
         let mut delivered = 0;
         for id in subscribers {
-            let mut conn = self
-                .clients
-                .get_mut(id.key as usize)
-                .expect("live subscriber");
+            let mut conn = self.clients.live_mut(id.key as usize);
             debug_assert_eq!(conn.id(), *id, "the hub holds only live connections");
             delivered += usize::from(deliver(&mut conn, &frame, started_us));
         }
         if !tabs.is_empty() {
             let channel_id = self.hub.find(channel);
             for id in tabs {
-                let mut conn = self
-                    .clients
-                    .get_mut(id.key as usize)
-                    .expect("live user tab");
+                let mut conn = self.clients.live_mut(id.key as usize);
                 if !channel_id.is_some_and(|c| conn.is_subscribed(c)) {
                     delivered += usize::from(deliver(&mut conn, &frame, started_us));
                 }
@@ -217,7 +211,7 @@ impl Fanout {
     pub fn open(&mut self, key: usize, token: Option<&str>) -> Result<Option<Tick>, Close> {
         self.metrics.connections += 1;
         self.metrics.connections_opened += 1;
-        let mut conn = self.clients.get_mut(key).expect("an upgraded connection");
+        let mut conn = self.clients.live_mut(key);
         let id = conn.id();
         let mut expires = None;
         if let Some(auth) = &self.auth {

@@ -54,11 +54,7 @@ impl Server {
         // A client closed by one of its own messages (the rate limit, say) drains: its next
         // `next_message` is `None`, and the rest of this pass's input is discarded with it.
         let result = loop {
-            let mut client = self
-                .fanout
-                .clients_mut()
-                .get_mut(key)
-                .expect("a live client");
+            let mut client = self.fanout.clients_mut().live_mut(key);
             match client.next_message(now, &mut self.input) {
                 Ok(Some(message)) => {
                     drop(client);
@@ -71,7 +67,7 @@ impl Server {
             }
         };
         if result.is_ok() && self.input.readiness() == Readiness::MayHaveMore {
-            let id = self.fanout.clients().get(key).expect("a live client").id();
+            let id = self.fanout.clients().live(key).id();
             self.ready_clients.push(id);
         }
         match result {
@@ -82,12 +78,11 @@ impl Server {
                 self.drop_client(key);
             }
             Err(ReadEnd::Violation(close)) => {
-                let client = self.fanout.clients().get(key).expect("a live client");
+                let client = self.fanout.clients().live(key);
                 log::warn!(
-                    "conn={} from {}: {}; closing",
+                    "conn={} from {}: closing with {close}",
                     client.id().generation,
-                    client.peer(),
-                    close.label()
+                    client.peer()
                 );
                 self.close_client(key, close, now);
             }
@@ -139,12 +134,7 @@ impl Server {
                 token,
                 forwarded_for,
             } => {
-                let peer = self
-                    .fanout
-                    .clients()
-                    .get(key)
-                    .expect("a live client")
-                    .peer();
+                let peer = self.fanout.clients().live(key).peer();
                 let trusted = &self.config.trusted_proxies;
                 let client = http::client_address(peer.ip(), forwarded_for.as_deref(), trusted);
                 if !self.connect_rate.admit(client, now) {
@@ -154,11 +144,7 @@ impl Server {
                 return self.open_websocket(key, &accept_key, token.as_deref(), rest, now);
             }
         };
-        let mut client = self
-            .fanout
-            .clients_mut()
-            .get_mut(key)
-            .expect("a live client");
+        let mut client = self.fanout.clients_mut().live_mut(key);
         client.respond(response);
         drop(client);
         self.arm_close_deadline(key, now);
@@ -166,11 +152,7 @@ impl Server {
     }
 
     pub(super) fn refuse(&mut self, key: usize, refusal: Refusal, now: Tick) {
-        let mut client = self
-            .fanout
-            .clients_mut()
-            .get_mut(key)
-            .expect("a live client");
+        let mut client = self.fanout.clients_mut().live_mut(key);
         let peer = client.peer();
         log::debug!(
             "conn={} from {peer}: refused: {refusal:?}",
@@ -205,18 +187,14 @@ impl Server {
         rest: Vec<u8>,
         now: Tick,
     ) -> bool {
-        let mut client = self
-            .fanout
-            .clients_mut()
-            .get_mut(key)
-            .expect("a live client");
+        let mut client = self.fanout.clients_mut().live_mut(key);
         client.upgrade(accept_key, rest, self.ws_config, self.message_rate, now);
         drop(client);
         if let Err(close) = self.fanout.open(key, token) {
             self.close_client(key, close, now);
             return false;
         }
-        let client = self.fanout.clients().get(key).expect("a live client");
+        let client = self.fanout.clients().live(key);
         log::debug!("conn={} upgraded", client.id().generation);
         let first = client.first_deadline(now, &self.timing);
         self.arm(key, first);
@@ -225,11 +203,7 @@ impl Server {
 
     /// Replaces the connection's timer.
     pub(super) fn arm(&mut self, key: usize, at: Tick) {
-        let mut client = self
-            .fanout
-            .clients_mut()
-            .get_mut(key)
-            .expect("a live client");
+        let mut client = self.fanout.clients_mut().live_mut(key);
         let id = client.id();
         let timer = self.timers.insert(at, TimerEvent::Client(id));
         if let Some(old) = client.replace_timer(Some(timer)) {
@@ -271,11 +245,7 @@ impl Server {
             Deadline::CloseTimeout => self.drop_client(key),
             Deadline::Close(Close::SlowConsumer) => self.close_slow_consumer(key, now),
             Deadline::Close(close) => {
-                log::info!(
-                    "conn={} from {peer}: closing ({})",
-                    id.generation,
-                    close.label()
-                );
+                log::info!("conn={} from {peer}: closing with {close}", id.generation);
                 self.close_client(key, close, now);
             }
             Deadline::Next(at) => self.arm(key, at),
@@ -300,11 +270,7 @@ impl Server {
     }
 
     pub(super) fn close_slow_consumer(&mut self, key: usize, now: Tick) {
-        let mut client = self
-            .fanout
-            .clients_mut()
-            .get_mut(key)
-            .expect("a live client");
+        let mut client = self.fanout.clients_mut().live_mut(key);
         log::warn!(
             "conn={} from {}: slow consumer, {} bytes unsent (max_output_buffer {}, \
              write_stall_timeout {:?}); closing",

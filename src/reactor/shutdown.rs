@@ -83,7 +83,7 @@ impl Server {
         }
         let mut open = Vec::new();
         for key in self.fanout.clients().keys() {
-            let client = self.fanout.clients().get(key).expect("a listed key");
+            let client = self.fanout.clients().live(key);
             if client.is_handshaking() {
                 self.drop_client(key);
             } else if !client.is_draining() {
