@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use serde_json::value::RawValue;
 use sidecast::bench::soak::{self, SoakPlan, SoakReport};
 use sidecast::bench::spawn::SpawnedServer;
-use sidecast::bench::{self as loadgen, Plan, Preset, Report, Step, Target};
+use sidecast::bench::{self, Plan, Preset, Report, Step, Target};
 use sidecast::config::{self, Settings};
 use sidecast::{Config, Publisher, Server};
 
@@ -95,7 +95,7 @@ struct BenchArgs {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(settings) => serve(*settings),
-        Command::Bench(args) => bench(*args),
+        Command::Bench(args) => run_bench(*args),
         Command::Config { check: None } => {
             print!("{}", config::render_defaults());
             ExitCode::SUCCESS
@@ -241,12 +241,12 @@ fn publish_stdin(socket: &PathBuf) -> ExitCode {
     }
 }
 
-fn bench(args: BenchArgs) -> ExitCode {
+fn run_bench(args: BenchArgs) -> ExitCode {
     let _ = simple_logger::SimpleLogger::new()
         .with_level(log::LevelFilter::Warn)
         .env()
         .init();
-    let addr = match loadgen::resolve_url(&args.url) {
+    let addr = match bench::resolve_url(&args.url) {
         Ok(addr) if addr.ip().is_loopback() || args.allow_remote => addr,
         Ok(addr) => {
             eprintln!(
@@ -323,7 +323,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         pid: args.pid.or(spawned.as_ref().map(SpawnedServer::pid)),
     };
     print_report(
-        loadgen::run(&plan, &target, !args.json),
+        bench::run(&plan, &target, !args.json),
         args.json,
         Report::render,
     )
