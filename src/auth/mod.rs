@@ -1,6 +1,6 @@
 //! Who may connect and how often: JWT verification, admission at the upgrade, rate limits.
 //!
-//! - [`jwt`]: tokens → an [`Identity`](jwt::Identity) and its channel permissions.
+//! - [`jwt`]: tokens → an [`Identity`] and its channel permissions.
 //! - [`admission`]: the upgrade's verdicts: per-IP connect rate, token and per-user limit.
 //! - [`ratelimit`]: token buckets counted in timer ticks.
 //!

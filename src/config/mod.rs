@@ -4,7 +4,7 @@
 //!  declared defaults ◄── TOML file (--config) ◄── command-line flags
 //!         └────────────── merged Settings ──► Config::from_settings ──► Config
 //! ```
-//! Every setting is declared once, below, in [`settings!`](declare): its name (the flag
+//! Every setting is declared once, below, in `settings!` (`config/declare.rs`): its name (the flag
 //! `--some-name` is the key `some_name`), its type, its default, its value name and its doc.
 //! From that come the flags and the TOML schema ([`Settings`], each field optional so layers
 //! can merge), the typed [`Config`] and its `Default`, the `[default: …]` in `--help`, and
@@ -13,7 +13,7 @@
 //!
 //! This module reads the config file and nothing else; it never panics on bad input.
 //!
-//! - [`declare`]: the `settings!` macro.
+//! - `declare`: the `settings!` macro.
 //! - [`values`]: the types settings are written in, and TOML parsing through `FromStr`.
 
 mod declare;
@@ -82,7 +82,7 @@ settings! {
         jwt_algorithm: JwtAlgorithm, "ALGORITHM", "The algorithm of --jwt-public-key: RS256 or ES256", "needed with jwt_public_key";
     }
     lists {
-        allowed_origin: String, "ORIGIN", "Origin allowed to open a WebSocket, e.g. https://app.example.com, or * (repeatable)", "so only same-host pages";
+        allowed_origin: String, "ORIGIN", "Origin allowed to open a WebSocket, e.g. `https://app.example.com`, or `*` (repeatable)", "so only same-host pages";
         trusted_proxies: Cidr, "CIDR", "Proxy addresses or CIDRs whose X-Forwarded-For is believed, e.g. 10.0.0.0/8 (repeatable, or comma-separated)", "so the TCP peer is the client"
             [value_delimiter = ','];
     }

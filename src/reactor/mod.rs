@@ -20,7 +20,7 @@
 //!   `Clients` guard); WRITABLE interest is registered only while a connection has output the
 //!   kernel would not take;
 //! - each connection has at most one armed timer, whose meaning follows its phase;
-//! - [`Server::drop_client`] is the only place that deregisters a connection and removes it.
+//! - `Server::drop_client` is the only place that deregisters a connection and removes it.
 //!
 //! - [`accept`]: listeners, accepting, descriptor backoff.
 //! - `clients`: a WebSocket-port connection's input, routing, timer, flush and reap.
