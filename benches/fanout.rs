@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use sidecast::auth::ratelimit::Rate;
 use sidecast::engine::MemoryEngine;
 use sidecast::engine::history::HistoryLimits;
+use sidecast::engine::idempotency::IdempotencyLimits;
 use sidecast::fanout::{Fanout, SessionSettings};
 use sidecast::publish::{Sink, Target};
 use sidecast::reactor::timer::Tick;
@@ -34,12 +35,17 @@ fn subscribed(subscribers: usize) -> Fanout {
         rate_limit_strikes: 20,
         max_subscriptions: 100,
     };
-    let engine = MemoryEngine::new(HistoryLimits {
+    let history = HistoryLimits {
         size: 100,
         max_bytes: 1 << 20,
         ttl_ticks: 30_000,
         quiet_channels: 0,
-    });
+    };
+    let idempotency = IdempotencyLimits {
+        limit: 0,
+        window: 0,
+    };
+    let engine = MemoryEngine::new(history, idempotency);
     let mut fanout = Fanout::new(Box::new(engine), None, settings);
     let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     let addr = listener.local_addr().expect("bound");
@@ -101,7 +107,7 @@ fn publish_and_flush(c: &mut Criterion) {
             |b, _| {
                 b.iter(|| {
                     fanout.begin_pass(Tick(0), 1, 0);
-                    let published = fanout.publish(&target, &data);
+                    let published = fanout.publish(&target, &data, None);
                     assert_eq!(published.delivered, subscribers);
                     flush(&mut fanout, &mut dirty);
                 })

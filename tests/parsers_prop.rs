@@ -136,7 +136,7 @@ proptest! {
             Ok(publish::Command { action: publish::Action::DisconnectUser(user), .. }) => {
                 prop_assert!(is_valid_user(&user));
             }
-            Ok(publish::Command { action: publish::Action::Publish { target, data }, .. }) => {
+            Ok(publish::Command { action: publish::Action::Publish { target, data, .. }, .. }) => {
                 prop_assert!(serde_json::from_str::<Value>(data.get()).is_ok());
                 match &target {
                     Target::Channel(name) => prop_assert!(check_channel(name).is_ok()),

@@ -9,6 +9,7 @@
 //! - `options`: off unless given (`Option` in `Config`);
 //! - `inputs`: flags and keys that `Config` holds only through a `derived` field;
 //! - `lists`: repeatable flags, TOML arrays;
+//! - `files`: TOML sections with no flag (they hold tables);
 //! - `derived`: `Config` fields computed from the merged settings by a function.
 
 /// See the module documentation.
@@ -20,6 +21,7 @@ macro_rules! settings {
         inputs { $( $i:ident : $ity:ty, $iname:literal, $idoc:literal, $ioff:literal ; )* }
         lists { $( $l:ident : $lty:ty, $lname:literal, $ldoc:literal, $loff:literal
                    $([ $($larg:tt)* ])? ; )* }
+        files { $( $f:ident : $fty:ty, $fdoc:literal ; )* }
         derived { $( $(#[doc = $ddoc:literal])* $d:ident : $dty:ty = $dfn:path ; )* }
     ) => {
         /// The `serve` settings: command-line flags and TOML keys (every flag `--some-name` is
@@ -57,6 +59,12 @@ macro_rules! settings {
                 #[serde(default, deserialize_with = "values::parse_list")]
                 pub $l: Vec<$lty>,
             )*
+            $(
+                #[doc = $fdoc]
+                #[arg(skip)]
+                #[serde(default)]
+                pub $f: $fty,
+            )*
         }
 
         impl Settings {
@@ -68,6 +76,7 @@ macro_rules! settings {
                     $( $o: self.$o.or(lower.$o), )*
                     $( $i: self.$i.or(lower.$i), )*
                     $( $l: if self.$l.is_empty() { lower.$l } else { self.$l }, )*
+                    $( $f: if self.$f == <$fty>::default() { lower.$f } else { self.$f }, )*
                 }
             }
         }

@@ -29,11 +29,14 @@ use log::LevelFilter;
 
 use crate::auth::jwt::{JwtKey, Verifier};
 use crate::error::ConfigError;
+use crate::publish::dapr::{Dapr, DaprSettings};
 use declare::settings;
 pub use values::{ByteSize, Cidr, Dashboard, FileMode, HumanDuration, JwtAlgorithm, Setting};
 
 /// Environment variable that can hold the HS256 secret, to keep it out of process listings.
 pub const JWT_SECRET_ENV: &str = "SIDECAST_JWT_SECRET";
+/// Environment variable that can hold the publish key of `publish_listen`.
+pub const PUBLISH_KEY_ENV: &str = "SIDECAST_PUBLISH_KEY";
 
 /// The shortest duration setting: the timer wheel's tick.
 pub const TIMER_TICK: Duration = Duration::from_millis(10);
@@ -70,10 +73,14 @@ settings! {
         history_size: usize = "100", "COUNT", "Recent events each channel keeps so reconnecting clients can resume; 0 disables";
         history_ttl: HumanDuration = "5m", "DURATION", "Events older than this leave the history";
         history_max_bytes: ByteSize = "1MiB", "SIZE", "Bytes of events each channel's history may hold";
+        max_idempotency_keys: usize = "100000", "COUNT", "Publish idempotency keys (idem, CloudEvent ids) remembered at once; the oldest is forgotten first; 0 ignores idem";
+        idempotency_window: HumanDuration = "10m", "DURATION", "How long a publish's idempotency key is remembered: a retry within it is answered with the first result";
         max_quiet_channels: usize = "100000", "COUNT", "Channels without any event remembered at once after their last subscriber left, so a resume at seq 0 is not told of a gap";
         dashboard: Dashboard = "auto", "WHEN", "Serve the dashboard at GET / and publish stats to sidecast:stats once a second: auto (when listening on loopback), on or off";
     }
     options {
+        publish_listen: SocketAddr, "ADDR", "Also take publishes over HTTP on this TCP address (for workers in other containers of the pod); needs publish_key unless it is a loopback address", "off";
+        publish_key: String, "KEY", "The key HTTP publishes on publish_listen must present (Authorization: Bearer); prefer SIDECAST_PUBLISH_KEY", "none";
         connect_rate_per_ip: f64, "PER_SECOND", "New WebSockets per second per client address, bursts of twice that; recommended when clients connect directly, not through a proxy", "off";
     }
     inputs {
@@ -86,10 +93,15 @@ settings! {
         trusted_proxies: Cidr, "CIDR", "Proxy addresses or CIDRs whose X-Forwarded-For is believed, e.g. 10.0.0.0/8 (repeatable, or comma-separated)", "so the TCP peer is the client"
             [value_delimiter = ','];
     }
+    files {
+        dapr: DaprSettings, "Dapr subscriptions ([[dapr.subscription]]): broker topics whose CloudEvents are published to channels";
+    }
     derived {
         /// How tokens are verified (from `jwt_secret`, or `jwt_public_key` and
         /// `jwt_algorithm`); `None` turns authentication off.
         jwt: Option<JwtKey> = jwt_key;
+        /// The Dapr subscriptions, checked.
+        dapr: Dapr = dapr_subscriptions;
     }
 }
 
@@ -154,8 +166,21 @@ pub fn render_defaults() -> String {
             }
         }
     }
+    out.push_str(DAPR_EXAMPLE);
     out
 }
+
+/// The commented `[[dapr.subscription]]` example `sidecast config` ends with.
+const DAPR_EXAMPLE: &str = "
+# Dapr subscriptions: events on a broker topic reach channels (see docs/publishing.md).
+# Give exactly one of channel (a template over the CloudEvent), user, or broadcast = true.
+# [[dapr.subscription]]
+# pubsubname = \"kafka-pubsub\"
+# topic = \"task-updates\"
+# route = \"/dapr/task-updates\"
+# user = \"{data.user_id}\"
+# bulk = false
+";
 
 impl Config {
     /// The window a graceful shutdown spreads its closes over: `shutdown_drain`, shortened
@@ -192,6 +217,11 @@ impl Config {
         if settings.jwt_secret.is_none() && settings.jwt_public_key.is_none() {
             settings.jwt_secret = std::env::var(JWT_SECRET_ENV).ok().filter(|s| !s.is_empty());
         }
+        if settings.publish_key.is_none() {
+            settings.publish_key = std::env::var(PUBLISH_KEY_ENV)
+                .ok()
+                .filter(|s| !s.is_empty());
+        }
         Config::from_settings(settings)
     }
 
@@ -224,6 +254,26 @@ impl Config {
                     self.heartbeat_interval, self.heartbeat_timeout
                 ),
             );
+        }
+        if let Some(addr) = self.publish_listen {
+            match &self.publish_key {
+                None if !addr.ip().is_loopback() => {
+                    return invalid(
+                        "publish_listen",
+                        format!(
+                            "{addr} is not a loopback address: set a publish key \
+                             ({PUBLISH_KEY_ENV}, or publish_key) so that only your workers publish"
+                        ),
+                    );
+                }
+                Some(key) if key.len() < 16 => {
+                    return invalid(
+                        "publish_key",
+                        format!("must be at least 16 bytes, got {}", key.len()),
+                    );
+                }
+                _ => {}
+            }
         }
         let rates = [
             Some(("rate_limit", self.rate_limit)),
@@ -294,6 +344,14 @@ impl Settings {
             message: e.to_string(),
         })
     }
+}
+
+/// The Dapr subscriptions the file describes, checked.
+fn dapr_subscriptions(s: &Settings) -> Result<Dapr, ConfigError> {
+    Dapr::new(&s.dapr).map_err(|message| ConfigError::Invalid {
+        key: "dapr.subscription",
+        message,
+    })
 }
 
 /// The verification key the settings describe, read from its file when it is a public key.
@@ -443,6 +501,20 @@ mod tests {
     }
 
     #[test]
+    fn dapr_subscriptions_come_from_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecast.toml");
+        let sub =
+            "[[dapr.subscription]]\npubsubname = \"kafka\"\ntopic = \"t\"\nroute = \"/dapr/t\"\n";
+        std::fs::write(&path, format!("{sub}user = \"{{data.user_id}}\"\n")).unwrap();
+        let config = from_flags(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(config.dapr.route("/dapr/t"), Some(0));
+        std::fs::write(&path, sub).unwrap();
+        let error = from_flags(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(error.to_string().contains("dapr.subscription"), "{error}");
+    }
+
+    #[test]
     fn dashboard_is_on_by_default_only_on_loopback() {
         let on = |args: &[&str]| from_flags(args).unwrap().dashboard_enabled();
         assert!(on(&[]));
@@ -512,6 +584,17 @@ mod tests {
         assert!(error.unwrap_err().to_string().contains("max_connections"));
         let error = from_flags(&["--max-output-buffer", "2GiB"]);
         assert!(error.unwrap_err().to_string().contains("max_output_buffer"));
+        let error = from_flags(&["--publish-listen", "0.0.0.0:3002"]);
+        assert!(error.unwrap_err().to_string().contains("publish_listen"));
+        let error = from_flags(&["--publish-listen", "0.0.0.0:3002", "--publish-key", "short"]);
+        assert!(error.unwrap_err().to_string().contains("publish_key"));
+        let key = "a-key-long-enough-for-this";
+        let config = from_flags(&["--publish-listen", "0.0.0.0:3002", "--publish-key", key]);
+        assert!(config.is_ok(), "a key makes a public address acceptable");
+        assert!(
+            from_flags(&["--publish-listen", "127.0.0.1:3002"]).is_ok(),
+            "loopback"
+        );
         let error = from_flags(&["--connect-rate-per-ip", "0"]);
         assert!(
             error

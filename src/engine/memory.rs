@@ -22,7 +22,9 @@ use bytes::Bytes;
 use slab::Slab;
 
 use super::history::{Delta, History, HistoryLimits};
+use super::idempotency::{Idempotency, IdempotencyLimits};
 use super::{Engine, EngineGauges, Position};
+use crate::publish::Published;
 use crate::reactor::timer::Tick;
 use crate::ws::wire::Since;
 
@@ -63,17 +65,25 @@ pub struct MemoryEngine {
     epochs_made: u64,
     /// The slab slot the next sweep starts at.
     sweep_cursor: usize,
+    idempotency: Idempotency,
 }
+
+/// No idempotency keys: `idem` is ignored.
+const NO_IDEMPOTENCY: IdempotencyLimits = IdempotencyLimits {
+    limit: 0,
+    window: 0,
+};
 
 impl Default for MemoryEngine {
     fn default() -> MemoryEngine {
-        MemoryEngine::new(HistoryLimits::DISABLED)
+        MemoryEngine::new(HistoryLimits::DISABLED, NO_IDEMPOTENCY)
     }
 }
 
 impl MemoryEngine {
-    /// An empty engine keeping each channel's recent events within `limits`.
-    pub fn new(limits: HistoryLimits) -> MemoryEngine {
+    /// An empty engine keeping each channel's recent events within `limits`, and `idem` keys
+    /// within `idempotency`.
+    pub fn new(limits: HistoryLimits, idempotency: IdempotencyLimits) -> MemoryEngine {
         MemoryEngine {
             by_name: HashMap::new(),
             logs: Slab::new(),
@@ -84,6 +94,7 @@ impl MemoryEngine {
             epoch_seed: RandomState::new(),
             epochs_made: 0,
             sweep_cursor: 0,
+            idempotency: Idempotency::new(idempotency),
         }
     }
 
@@ -229,6 +240,14 @@ impl Engine for MemoryEngine {
         self.check_invariants();
     }
 
+    fn recall(&mut self, key: &str, now: Tick) -> Option<Published> {
+        self.idempotency.recall(key, now)
+    }
+
+    fn remember(&mut self, key: &str, published: &Published, now: Tick) {
+        self.idempotency.remember(key, published, now);
+    }
+
     fn sweep(&mut self, now: Tick) {
         self.sweep_slots(now, SWEEP_SLOTS);
     }
@@ -238,6 +257,7 @@ impl Engine for MemoryEngine {
             known_channels: self.logs.len(),
             history_events: self.history_events,
             history_bytes: self.history_bytes,
+            idempotency_keys: self.idempotency.len(),
         }
     }
 }
@@ -291,7 +311,7 @@ mod tests {
 
     #[test]
     fn sweeps_forget_channels_nobody_watches_once_their_history_expires() {
-        let mut engine = MemoryEngine::new(LIMITS);
+        let mut engine = MemoryEngine::new(LIMITS, NO_IDEMPOTENCY);
         let frame = Bytes::from_static(b"event");
         let seq = engine.next_seq("dormant");
         engine.record("dormant", seq, &frame, Tick(0));
@@ -315,10 +335,13 @@ mod tests {
 
     #[test]
     fn a_quiet_channel_keeps_its_epoch_for_the_ttl_within_the_quiet_limit() {
-        let mut engine = MemoryEngine::new(HistoryLimits {
-            quiet_channels: 2,
-            ..LIMITS
-        });
+        let mut engine = MemoryEngine::new(
+            HistoryLimits {
+                quiet_channels: 2,
+                ..LIMITS
+            },
+            NO_IDEMPOTENCY,
+        );
         engine.watch("a");
         let first = epoch(&mut engine, "a");
         engine.unwatch("a", Tick(10));

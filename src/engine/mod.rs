@@ -11,14 +11,17 @@
 //!
 //! - [`memory`]: everything in this process (the default): seqs, epochs, histories.
 //! - [`history`]: one channel's recent frames, bounded by count, bytes and age.
+//! - [`idempotency`]: publishes remembered by their `idem` key.
 //!
 //! An engine must not block or spawn threads: it runs inside the reactor's pass.
 
 pub mod history;
+pub mod idempotency;
 pub mod memory;
 
 use bytes::Bytes;
 
+use crate::publish::Published;
 use crate::reactor::timer::Tick;
 use crate::ws::wire::Since;
 
@@ -33,6 +36,8 @@ pub struct EngineGauges {
     pub history_events: usize,
     /// Bytes of event frames held for resuming clients.
     pub history_bytes: usize,
+    /// Idempotency keys remembered.
+    pub idempotency_keys: usize,
 }
 
 /// A channel's latest sequence number and the epoch it counts in.
@@ -70,6 +75,13 @@ pub trait Engine: Send {
 
     /// This node's last subscriber to `channel` left at `now`.
     fn unwatch(&mut self, channel: &str, now: Tick);
+
+    /// The result of the publish made under idempotency key `key`, if the engine still
+    /// remembers it: the fan-out answers a retry with it instead of publishing again.
+    fn recall(&mut self, key: &str, now: Tick) -> Option<Published>;
+
+    /// Remembers the result of the publish just made under `key`.
+    fn remember(&mut self, key: &str, published: &Published, now: Tick);
 
     /// Bounded periodic upkeep: expire old history, forget idle channels.
     fn sweep(&mut self, now: Tick);

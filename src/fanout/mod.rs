@@ -375,6 +375,7 @@ impl Fanout {
             uptime_secs,
             history_events: engine.history_events,
             history_bytes: engine.history_bytes,
+            idempotency_keys: engine.idempotency_keys,
         }
     }
 }
@@ -391,7 +392,17 @@ fn deliver(conn: &mut ClientConn, frame: &Bytes, started_us: u64) -> bool {
 }
 
 impl Sink for Fanout {
-    fn publish(&mut self, target: &Target<'_>, data: &RawValue) -> Published {
+    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Published {
+        let now = self.pass.now;
+        if let Some(key) = idem
+            && let Some(first) = self.engine.recall(key, now)
+        {
+            self.metrics.publish_duplicates += 1;
+            return Published {
+                duplicate: true,
+                ..first
+            };
+        }
         let (seqs, delivered) = match target {
             Target::Channel(channel) => {
                 let (seq, delivered) = self.publish_to(channel, data, None);
@@ -414,7 +425,15 @@ impl Sink for Fanout {
             }
             Target::Broadcast => (Seqs::None, self.broadcast(data)),
         };
-        Published { seqs, delivered }
+        let published = Published {
+            seqs,
+            delivered,
+            duplicate: false,
+        };
+        if let Some(key) = idem {
+            self.engine.remember(key, &published, now);
+        }
+        published
     }
 
     fn disconnect_user(&mut self, user: &str) -> usize {

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub bytes_written: u64,
     /// Publish lines refused (bad JSON, bad channel, too long).
     pub publish_errors: u64,
+    /// Publishes answered from an `idem` key already used (not published again).
+    pub publish_duplicates: u64,
     /// TCP connections dropped before completing a request head in time.
     pub handshake_timeouts: u64,
     /// Requests refused with an HTTP error status.
@@ -93,6 +95,8 @@ pub struct Gauges {
     pub history_events: usize,
     /// Bytes of event frames held in channel histories.
     pub history_bytes: usize,
+    /// Idempotency keys the engine remembers.
+    pub idempotency_keys: usize,
 }
 
 impl Metrics {
@@ -158,6 +162,12 @@ impl Metrics {
             gauges.history_bytes as u64,
         );
         metric(
+            "sidecast_idempotency_keys",
+            "gauge",
+            "Publish idempotency keys remembered (idem, CloudEvent ids).",
+            gauges.idempotency_keys as u64,
+        );
+        metric(
             "sidecast_connections_opened_total",
             "counter",
             "WebSocket upgrades completed.",
@@ -186,6 +196,12 @@ impl Metrics {
             "counter",
             "Publish lines refused.",
             self.publish_errors,
+        );
+        metric(
+            "sidecast_publish_duplicates_total",
+            "counter",
+            "Publishes answered from an idempotency key already used, not published again.",
+            self.publish_duplicates,
         );
         metric(
             "sidecast_handshake_timeouts_total",
@@ -235,6 +251,7 @@ mod tests {
             uptime_secs: 9,
             history_events: 0,
             history_bytes: 0,
+            idempotency_keys: 0,
         });
         assert!(text.contains("# TYPE sidecast_connections gauge\nsidecast_connections 3\n"));
         assert!(text.contains("sidecast_channels 2\n"));
@@ -258,6 +275,7 @@ mod tests {
             uptime_secs: 0,
             history_events: 0,
             history_bytes: 0,
+            idempotency_keys: 0,
         });
         let name = "sidecast_publish_write_latency_seconds";
         for (le, count) in [

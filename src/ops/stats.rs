@@ -101,6 +101,7 @@ mod tests {
             uptime_secs: 7,
             history_events: 3,
             history_bytes: 300,
+            idempotency_keys: 0,
         }
     }
 

@@ -32,6 +32,10 @@ pub enum Action<'a> {
         target: Target<'a>,
         /// The event payload, byte for byte as the publisher wrote it.
         data: &'a RawValue,
+        /// `"idem"`: a retry of a publish made under this key (within
+        /// `idempotency_window`) is answered with the first one's result instead of
+        /// publishing again.
+        idem: Option<Cow<'a, str>>,
     },
     /// `{"op":"disconnect","user":"u1"}`: close every connection of that user (4003).
     DisconnectUser(Cow<'a, str>),
@@ -56,7 +60,7 @@ pub struct CommandError<'a> {
 }
 
 /// Sequence numbers taken by one publish.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Seqs {
     /// A broadcast has none.
     None,
@@ -67,18 +71,24 @@ pub enum Seqs {
 }
 
 /// The result of executing one command.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Published {
     /// Sequence numbers taken.
     pub seqs: Seqs,
     /// Connections the event was queued to.
     pub delivered: usize,
+    /// True when this is a retry under an `idem` key already used: nothing was published
+    /// now, and `seqs` and `delivered` are the first publish's.
+    pub duplicate: bool,
 }
+
+/// Longest `idem` key, in bytes.
+pub const MAX_IDEM_LEN: usize = 128;
 
 /// Executes publish commands: the reactor's fan-out.
 pub trait Sink {
-    /// Publishes `data` to `target`.
-    fn publish(&mut self, target: &Target<'_>, data: &RawValue) -> Published;
+    /// Publishes `data` to `target`, once per `idem` key when one is given.
+    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Published;
 
     /// Closes every connection of `user`; returns how many.
     fn disconnect_user(&mut self, user: &str) -> usize;
@@ -102,6 +112,8 @@ struct RawCommand<'a> {
     user: Option<Cow<'a, str>>,
     #[serde(borrow)]
     op: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    idem: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     data: DataField<'a>,
 }
@@ -147,16 +159,17 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
             message: "id must be a number or a string".into(),
         });
     }
-    let check_user = |user: &str| {
-        check_channel(&format!("user:{user}"))
-            .map_err(|why| format!("invalid user {user:?}: {why}"))
-    };
     match raw.op.as_deref() {
         None => {}
         Some("disconnect") => {
-            let (Some(user), None, None, None, DataField::Missing) =
-                (raw.user, raw.channel, raw.channels, raw.broadcast, raw.data)
-            else {
+            let (Some(user), None, None, None, DataField::Missing, None) = (
+                raw.user,
+                raw.channel,
+                raw.channels,
+                raw.broadcast,
+                raw.data,
+                raw.idem,
+            ) else {
                 return fail("disconnect takes exactly a user".into());
             };
             if let Err(why) = check_user(&user) {
@@ -178,13 +191,6 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
             return fail("broadcast must be true when present".into());
         }
         _ => return fail("give exactly one of channel, channels, broadcast or user".into()),
-    };
-    let check_publishable = |name: &str| match check_channel(name) {
-        Err(why) => Err(format!("invalid channel {name:?}: {why}")),
-        Ok(()) if name.starts_with(RESERVED_PREFIX) => Err(format!(
-            "channel {name:?} is reserved: {RESERVED_PREFIX}* channels are the server's own"
-        )),
-        Ok(()) => Ok(()),
     };
     match &target {
         Target::Channel(name) => {
@@ -215,19 +221,102 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
     let DataField::Present(data) = raw.data else {
         return fail("missing field `data`".into());
     };
+    if let Some(key) = &raw.idem
+        && (key.is_empty() || key.len() > MAX_IDEM_LEN)
+    {
+        return fail(format!("idem must be 1 to {MAX_IDEM_LEN} bytes"));
+    }
     Ok(Command {
         id,
-        action: Action::Publish { target, data },
+        action: Action::Publish {
+            target,
+            data,
+            idem: raw.idem,
+        },
     })
+}
+
+/// Checks that a publisher may publish to `name`: a valid channel name, outside the
+/// server's own `sidecast:` channels.
+///
+/// # Errors
+/// Why not, naming the channel.
+pub fn check_publishable(name: &str) -> Result<(), String> {
+    match check_channel(name) {
+        Err(why) => Err(format!("invalid channel {name:?}: {why}")),
+        Ok(()) if name.starts_with(RESERVED_PREFIX) => Err(format!(
+            "channel {name:?} is reserved: {RESERVED_PREFIX}* channels are the server's own"
+        )),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Checks a user id: `user:<id>` must be a valid channel name.
+///
+/// # Errors
+/// Why not, naming the user.
+pub fn check_user(user: &str) -> Result<(), String> {
+    check_channel(&format!("user:{user}")).map_err(|why| format!("invalid user {user:?}: {why}"))
 }
 
 fn is_valid_id(id: &RawValue) -> bool {
     matches!(id.get().as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
 }
 
-/// Renders the success reply of a command with an id.
-pub fn ok_reply(id: &RawValue, target: &Target<'_>, published: &Published) -> String {
-    let mut line = format!("{{\"id\":{},\"ok\":true", id.get());
+/// One executed command: its reply line (with `"id":null` when it had no id) and whether
+/// the publisher asked for it (it had an id).
+#[derive(Debug)]
+pub struct Executed {
+    /// The reply line, newline-terminated.
+    pub reply: String,
+    /// The command succeeded.
+    pub ok: bool,
+    /// The command carried an id: a line-mode publisher reads this reply.
+    pub wanted: bool,
+}
+
+/// Parses and executes one command line (a trailing `\r` is ignored). `None` for a blank
+/// line, which is no command.
+pub fn execute(line: &[u8], sink: &mut impl Sink) -> Option<Executed> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    Some(match parse_command(line) {
+        Ok(Command {
+            id,
+            action: Action::Publish { target, data, idem },
+        }) => {
+            let published = sink.publish(&target, data, idem.as_deref());
+            Executed {
+                reply: ok_reply(id, &target, &published),
+                ok: true,
+                wanted: id.is_some(),
+            }
+        }
+        Ok(Command {
+            id,
+            action: Action::DisconnectUser(user),
+        }) => {
+            let closed = sink.disconnect_user(&user);
+            let id_text = id.map_or("null", RawValue::get);
+            Executed {
+                reply: format!("{{\"id\":{id_text},\"ok\":true,\"disconnected\":{closed}}}\n"),
+                ok: true,
+                wanted: id.is_some(),
+            }
+        }
+        Err(error) => Executed {
+            reply: error_reply(error.id, &error.message),
+            ok: false,
+            wanted: error.id.is_some(),
+        },
+    })
+}
+
+/// Renders the success reply of a command (`"id":null` without one).
+pub fn ok_reply(id: Option<&RawValue>, target: &Target<'_>, published: &Published) -> String {
+    let mut line = format!("{{\"id\":{},\"ok\":true", id.map_or("null", RawValue::get));
     match (&published.seqs, target) {
         (Seqs::One(seq), _) => {
             let _ = write!(line, ",\"seq\":{seq}");
@@ -242,6 +331,9 @@ pub fn ok_reply(id: &RawValue, target: &Target<'_>, published: &Published) -> St
             line.push('}');
         }
         _ => {}
+    }
+    if published.duplicate {
+        line.push_str(",\"duplicate\":true");
     }
     let _ = writeln!(line, ",\"delivered\":{}}}", published.delivered);
     line
@@ -272,7 +364,7 @@ mod tests {
         let publish = |line: &'static [u8]| match parse_command(line).unwrap() {
             Command {
                 id,
-                action: Action::Publish { target, data },
+                action: Action::Publish { target, data, .. },
             } => (
                 id.map(|i| i.get().to_string()),
                 target,
@@ -370,27 +462,30 @@ mod tests {
         let one = Published {
             seqs: Seqs::One(18),
             delivered: 1000,
+            duplicate: false,
         };
         assert_eq!(
-            ok_reply(&id, &Target::Channel("a".into()), &one),
+            ok_reply(Some(&id), &Target::Channel("a".into()), &one),
             "{\"id\":7,\"ok\":true,\"seq\":18,\"delivered\":1000}\n"
         );
         let many = Published {
             seqs: Seqs::Many(vec![18, 3]),
             delivered: 2,
+            duplicate: false,
         };
         let target = Target::Channels(vec!["project:42".into(), "order:7".into()]);
         assert_eq!(
-            ok_reply(&id, &target, &many),
+            ok_reply(Some(&id), &target, &many),
             "{\"id\":7,\"ok\":true,\"seqs\":{\"project:42\":18,\"order:7\":3},\"delivered\":2}\n"
         );
         let all = Published {
             seqs: Seqs::None,
             delivered: 5,
+            duplicate: true,
         };
         assert_eq!(
-            ok_reply(&id, &Target::Broadcast, &all),
-            "{\"id\":7,\"ok\":true,\"delivered\":5}\n"
+            ok_reply(Some(&id), &Target::Broadcast, &all),
+            "{\"id\":7,\"ok\":true,\"duplicate\":true,\"delivered\":5}\n"
         );
         assert_eq!(
             error_reply(None, "bad \"x\""),

@@ -1,8 +1,16 @@
-//! One connection on the publish port (a Unix stream socket): newline-delimited JSON
-//! commands in, one reply line out per command that carries an `id`.
+//! One connection on the publish port (the Unix socket, or the TCP `publish_listen`): either
+//! newline-delimited JSON commands in, one reply line out per command that carries an `id`;
+//! or HTTP/1.1 requests (see [`http`]), told apart by the first byte (a method
+//! is upper-case letters, a command begins with `{`). The TCP listener speaks HTTP only.
 //!
-//! This module owns line framing and the order of execution; [`command`](super::command)
-//! parses and renders, the [`Sink`] (the fan-out) executes. It knows nothing of WebSockets.
+//! This module owns framing and the order of execution; [`command`] parses
+//! and renders, the [`Sink`] (the fan-out) executes. It knows nothing of WebSockets.
+//!
+//! HTTP requests are served one at a time, in order: the next is not read until the
+//! response to the previous one has left, so a connection holds at most one request (a head
+//! of at most `max_header_size`, a body of at most `max_publish_line`) and one response.
+//! The lines of a `POST /publish` body are executed under the same per-pass budget as
+//! NDJSON lines; a Dapr request is executed whole.
 //!
 //! Invariants: lines are executed in the order received; the sink's budget is checked before
 //! every line, and lines read but not executed wait for the next pass; a connection's own
@@ -13,9 +21,11 @@
 
 use std::io::{self, Read, Write};
 
-use mio::net::UnixStream;
+use mio::event::Source;
+use mio::net::{TcpStream, UnixStream};
 
-use super::command::{Action, Command, Sink, error_reply, ok_reply, parse_command};
+use super::command::{self, Sink, error_reply};
+use super::http::{self, Ask, Head, HttpRules};
 /// How a read pass over a publisher ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadStatus {
@@ -30,11 +40,114 @@ pub enum ReadStatus {
     Broken,
 }
 
+/// A publish-port socket.
+pub enum Stream {
+    /// On the Unix socket: NDJSON or HTTP.
+    Unix(UnixStream),
+    /// On `publish_listen`: HTTP only.
+    Tcp(TcpStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a publish-port connection is judged by.
+#[derive(Clone, Copy)]
+pub struct PortRules<'a> {
+    /// `max_publish_line`.
+    pub max_line: usize,
+    /// The HTTP side; its `key` applies to the TCP listener only.
+    pub http: HttpRules<'a>,
+}
+
+/// How the bytes of a connection are framed, once its first byte decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Undecided,
+    Lines,
+    Http,
+}
+
+/// A `POST /publish` whose body lines are being executed.
+struct Job {
+    head: Head,
+    /// Bytes of the body executed so far.
+    cursor: usize,
+    replies: String,
+    commands: usize,
+    /// Commands refused since the connection last counted them (for metrics).
+    failed: usize,
+    /// Every command so far succeeded.
+    all_ok: bool,
+}
+
+impl Job {
+    /// The status line and content type of the response: 200 when every command succeeded,
+    /// 400 when one failed (the body says which) or there was none.
+    fn status(&self) -> (&'static str, &'static str) {
+        let status = if !self.all_ok || self.commands == 0 {
+            "400 Bad Request"
+        } else {
+            "200 OK"
+        };
+        let content_type = if self.commands > 1 {
+            "application/x-ndjson"
+        } else {
+            "application/json"
+        };
+        (status, content_type)
+    }
+}
+
+/// Executes the lines of a `POST /publish` body from where `job` stopped, while the sink has
+/// capacity. Returns true once the body is done. The last line needs no newline.
+fn run_lines(job: &mut Job, body: &[u8], sink: &mut impl Sink) -> bool {
+    while job.cursor < body.len() {
+        if !sink.has_capacity() {
+            return false;
+        }
+        let rest = &body[job.cursor..];
+        let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+        job.cursor += (end + 1).min(rest.len());
+        if let Some(executed) = command::execute(&rest[..end], sink) {
+            job.commands += 1;
+            job.failed += usize::from(!executed.ok);
+            job.all_ok &= executed.ok;
+            job.replies.push_str(&executed.reply);
+        }
+    }
+    if job.commands == 0 && job.replies.is_empty() {
+        job.replies = error_reply(None, "the body holds no publish command");
+    }
+    true
+}
+
 /// One publish-port connection.
 pub struct PublisherConn {
     /// Serial number, for logs.
     pub serial: u64,
-    socket: UnixStream,
+    socket: Stream,
+    framing: Framing,
+    job: Option<Job>,
     /// Bytes received and not yet executed: one partial line, or, when the fan-out budget ran
     /// out in the middle of a read, the lines after it. Usually empty.
     pending: Vec<u8>,
@@ -73,10 +186,16 @@ struct LineTooLong;
 
 impl PublisherConn {
     /// A new connection.
-    pub fn new(serial: u64, socket: UnixStream) -> PublisherConn {
+    pub fn new(serial: u64, socket: Stream) -> PublisherConn {
+        let framing = match socket {
+            Stream::Unix(_) => Framing::Undecided,
+            Stream::Tcp(_) => Framing::Http,
+        };
         PublisherConn {
             serial,
             socket,
+            framing,
+            job: None,
             pending: Vec::new(),
             scanned: 0,
             output: Vec::new(),
@@ -87,21 +206,36 @@ impl PublisherConn {
     }
 
     /// The socket, for (de)registration.
-    pub fn socket(&mut self) -> &mut UnixStream {
-        &mut self.socket
+    pub fn socket(&mut self) -> &mut dyn Source {
+        match &mut self.socket {
+            Stream::Unix(s) => s,
+            Stream::Tcp(s) => s,
+        }
     }
 
-    /// Executes complete lines in order until the socket would block or the sink's budget is
-    /// spent. The budget is checked before every line, so a pass never executes more than its
-    /// share; what was read but not executed waits in `pending` for the next pass. Reads go
-    /// through `chunk`, a buffer the reactor shares between publishers.
+    /// Executes complete lines (or requests) in order until the socket would block or the
+    /// sink's budget is spent. The budget is checked before every line, so a pass never
+    /// executes more than its share; what was read but not executed waits in `pending` for
+    /// the next pass. Reads go through `chunk`, a buffer the reactor shares between
+    /// publishers.
     pub fn read_and_execute(
         &mut self,
-        max_line: usize,
+        rules: &PortRules<'_>,
         chunk: &mut [u8],
         sink: &mut impl Sink,
     ) -> ReadStatus {
-        let status = self.read_lines(max_line, chunk, sink);
+        if self.framing == Framing::Undecided {
+            if !sink.has_capacity() {
+                return ReadStatus::Paused;
+            }
+            if let Some(status) = self.decide(chunk) {
+                return status;
+            }
+        }
+        let status = match self.framing {
+            Framing::Http => self.serve_http(rules, chunk, sink),
+            _ => self.read_lines(rules.max_line, chunk, sink),
+        };
         if self.pending.capacity() > STEADY_CAPACITY.max(2 * self.pending.len()) {
             self.pending
                 .shrink_to(STEADY_CAPACITY.max(self.pending.len()));
@@ -239,44 +373,16 @@ impl PublisherConn {
     }
 
     fn execute(&mut self, line: &[u8], sink: &mut impl Sink) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
+        let Some(executed) = command::execute(line, sink) else {
             return;
+        };
+        if !executed.ok {
+            self.errors += 1;
         }
-        match parse_command(line) {
-            Ok(Command {
-                id,
-                action: Action::Publish { target, data },
-            }) => {
-                let published = sink.publish(&target, data);
-                if let Some(id) = id {
-                    self.output
-                        .extend_from_slice(ok_reply(id, &target, &published).as_bytes());
-                }
-            }
-            Ok(Command {
-                id,
-                action: Action::DisconnectUser(user),
-            }) => {
-                let closed = sink.disconnect_user(&user);
-                if let Some(id) = id {
-                    let line = format!(
-                        "{{\"id\":{},\"ok\":true,\"disconnected\":{closed}}}\n",
-                        id.get()
-                    );
-                    self.output.extend_from_slice(line.as_bytes());
-                }
-            }
-            Err(error) => {
-                self.errors += 1;
-                match error.id {
-                    Some(id) => {
-                        self.output
-                            .extend_from_slice(error_reply(Some(id), &error.message).as_bytes());
-                    }
-                    None => log::warn!("publisher={}: {}", self.serial, error.message),
-                }
-            }
+        if executed.wanted {
+            self.output.extend_from_slice(executed.reply.as_bytes());
+        } else if !executed.ok {
+            log::warn!("publisher={}: {}", self.serial, executed.reply.trim_end());
         }
     }
 
@@ -292,6 +398,143 @@ impl PublisherConn {
         ReadStatus::Broken
     }
 
+    /// Reads the first bytes and decides the framing by the first one; `Some` when there is
+    /// nothing to frame yet.
+    fn decide(&mut self, chunk: &mut [u8]) -> Option<ReadStatus> {
+        match self.read_some(chunk) {
+            Ok(0) => return Some(ReadStatus::Finished),
+            Ok(_) => {}
+            Err(status) => return Some(status),
+        }
+        self.framing = match http::looks_like_http(&self.pending) {
+            Some(true) => Framing::Http,
+            _ => Framing::Lines,
+        };
+        None
+    }
+
+    /// One read into `pending`: the bytes read, 0 at the end of the stream.
+    fn read_some(&mut self, chunk: &mut [u8]) -> Result<usize, ReadStatus> {
+        loop {
+            match self.socket.read(chunk) {
+                Ok(n) => {
+                    self.pending.extend_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(ReadStatus::Pending);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("publisher={}: read failed: {e}", self.serial);
+                    return Err(ReadStatus::Broken);
+                }
+            }
+        }
+    }
+
+    /// Serves HTTP requests one at a time: reads a head and its body, executes, queues the
+    /// response, and returns so the response can leave before the next request is read.
+    fn serve_http(
+        &mut self,
+        rules: &PortRules<'_>,
+        chunk: &mut [u8],
+        sink: &mut impl Sink,
+    ) -> ReadStatus {
+        if self.queued() > 0 {
+            return ReadStatus::Pending; // the previous response first; WRITABLE calls again
+        }
+        // The key guards the TCP listener; the Unix socket's file mode guards the other.
+        let http = HttpRules {
+            key: match self.socket {
+                Stream::Tcp(_) => rules.http.key,
+                Stream::Unix(_) => None,
+            },
+            ..rules.http
+        };
+        loop {
+            if let Some(job) = &mut self.job {
+                let body_start = job.head.head_len;
+                let body = &self.pending[body_start..body_start + job.head.body_len];
+                let done = run_lines(job, body, sink);
+                self.errors += std::mem::take(&mut job.failed) as u64;
+                if !done {
+                    return ReadStatus::Paused;
+                }
+                let job = self.job.take().expect("a job");
+                let (status, content_type) = job.status();
+                return self.respond(job.head, status, content_type, &job.replies);
+            }
+            let head = match http::parse_head(&self.pending, &http) {
+                Ok(Some(head)) if self.pending.len() >= head.head_len + head.body_len => head,
+                Ok(_) => match self.read_some(chunk) {
+                    Ok(0) => return ReadStatus::Finished,
+                    Ok(_) => continue,
+                    Err(status) => return status,
+                },
+                Err(reject) => {
+                    self.errors += 1;
+                    let whole = reject.keep_alive && self.pending.len() >= reject.skip;
+                    self.output.extend_from_slice(
+                        &http::Reject {
+                            keep_alive: whole,
+                            ..reject.clone()
+                        }
+                        .response(),
+                    );
+                    if !whole {
+                        self.pending = Vec::new();
+                        return ReadStatus::Finished;
+                    }
+                    self.pending.drain(..reject.skip);
+                    return ReadStatus::Paused;
+                }
+            };
+            match head.ask {
+                Ask::Publish => {
+                    self.job = Some(Job {
+                        head,
+                        cursor: 0,
+                        replies: String::new(),
+                        commands: 0,
+                        failed: 0,
+                        all_ok: true,
+                    });
+                }
+                Ask::DaprSubscribe => {
+                    let body = http.dapr.subscribe_json();
+                    return self.respond(head, "200 OK", "application/json", &body);
+                }
+                Ask::DaprEvent(n) => {
+                    let body = &self.pending[head.head_len..head.head_len + head.body_len];
+                    let answer = match serde_json::from_slice(body) {
+                        Ok(event) => http.dapr.handle(n, &event, sink),
+                        Err(e) => {
+                            log::warn!(
+                                "publisher={}: dapr: dropped a body that is not JSON: {e}",
+                                self.serial
+                            );
+                            "{\"status\":\"DROP\"}".to_string()
+                        }
+                    };
+                    return self.respond(head, "200 OK", "application/json", &answer);
+                }
+            }
+        }
+    }
+
+    /// Queues the response to the request `head` describes and forgets the request.
+    fn respond(&mut self, head: Head, status: &str, content_type: &str, body: &str) -> ReadStatus {
+        let response = http::response(status, "", content_type, body, head.keep_alive);
+        self.output.extend_from_slice(&response);
+        self.pending.drain(..head.head_len + head.body_len);
+        if head.keep_alive {
+            // The response leaves in this pass's flush; the next request is read after it.
+            ReadStatus::Paused
+        } else {
+            ReadStatus::Finished
+        }
+    }
     /// Unsent reply bytes.
     pub fn queued(&self) -> usize {
         self.output.len() - self.written
@@ -324,7 +567,22 @@ impl PublisherConn {
 mod tests {
     use super::*;
     use crate::publish::command::{Published, Seqs, Target};
+    use crate::publish::dapr::Dapr;
     use serde_json::value::RawValue;
+
+    static NO_DAPR: std::sync::LazyLock<Dapr> = std::sync::LazyLock::new(Dapr::default);
+
+    fn rules(max_line: usize) -> PortRules<'static> {
+        PortRules {
+            max_line,
+            http: HttpRules {
+                max_head: 1024,
+                max_body: max_line,
+                key: None,
+                dapr: &NO_DAPR,
+            },
+        }
+    }
 
     /// Counts publishes; has capacity for `budget` more.
     struct Budgeted {
@@ -333,12 +591,18 @@ mod tests {
     }
 
     impl Sink for Budgeted {
-        fn publish(&mut self, _target: &Target<'_>, data: &RawValue) -> Published {
+        fn publish(
+            &mut self,
+            _target: &Target<'_>,
+            data: &RawValue,
+            _idem: Option<&str>,
+        ) -> Published {
             self.executed.push(data.get().to_string());
             self.budget = self.budget.saturating_sub(1);
             Published {
                 seqs: Seqs::One(self.executed.len() as u64),
                 delivered: 1,
+                duplicate: false,
             }
         }
 
@@ -354,14 +618,14 @@ mod tests {
     #[test]
     fn a_spent_budget_pauses_before_the_next_line_and_the_next_pass_resumes_in_order() {
         let (server_side, mut worker) = UnixStream::pair().unwrap();
-        let mut publisher = PublisherConn::new(1, server_side);
+        let mut publisher = PublisherConn::new(1, Stream::Unix(server_side));
         let mut chunk = vec![0; 64 * 1024];
         let mut sink = Budgeted {
             executed: Vec::new(),
             budget: 0,
         };
         assert_eq!(
-            publisher.read_and_execute(1024, &mut chunk, &mut sink),
+            publisher.read_and_execute(&rules(1024), &mut chunk, &mut sink),
             ReadStatus::Paused
         );
         for n in 0..3 {
@@ -373,26 +637,26 @@ mod tests {
         // One read takes all three lines, but the budget allows one: the rest waits.
         sink.budget = 1;
         assert_eq!(
-            publisher.read_and_execute(1024, &mut chunk, &mut sink),
+            publisher.read_and_execute(&rules(1024), &mut chunk, &mut sink),
             ReadStatus::Paused
         );
         assert_eq!(sink.executed, ["0"]);
         sink.budget = 1;
         assert_eq!(
-            publisher.read_and_execute(1024, &mut chunk, &mut sink),
+            publisher.read_and_execute(&rules(1024), &mut chunk, &mut sink),
             ReadStatus::Paused
         );
         assert_eq!(sink.executed, ["0", "1"]);
         worker.write_all(b"\"data\":3}\n").unwrap();
         sink.budget = 10;
         assert_eq!(
-            publisher.read_and_execute(1024, &mut chunk, &mut sink),
+            publisher.read_and_execute(&rules(1024), &mut chunk, &mut sink),
             ReadStatus::Pending
         );
         assert_eq!(sink.executed, ["0", "1", "2", "3"]);
         drop(worker);
         assert_eq!(
-            publisher.read_and_execute(1024, &mut chunk, &mut sink),
+            publisher.read_and_execute(&rules(1024), &mut chunk, &mut sink),
             ReadStatus::Finished
         );
     }
@@ -400,7 +664,7 @@ mod tests {
     #[test]
     fn a_drained_publisher_gives_back_the_capacity_of_a_burst() {
         let (server_side, mut worker) = UnixStream::pair().unwrap();
-        let mut publisher = PublisherConn::new(1, server_side);
+        let mut publisher = PublisherConn::new(1, Stream::Unix(server_side));
         let mut chunk = vec![0; 64 * 1024];
         let mut sink = Budgeted {
             executed: Vec::new(),
@@ -413,7 +677,7 @@ mod tests {
         );
         for piece in line.as_bytes().chunks(16 * 1024) {
             worker.write_all(piece).unwrap();
-            publisher.read_and_execute(1024 * 1024, &mut chunk, &mut sink);
+            publisher.read_and_execute(&rules(1024 * 1024), &mut chunk, &mut sink);
         }
         assert_eq!(sink.executed.len(), 1);
         assert!(publisher.pending.is_empty());

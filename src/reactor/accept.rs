@@ -14,7 +14,8 @@ use super::token::{self, Source};
 use super::{Server, TimerEvent};
 use crate::config::{Config, TIMER_TICK};
 use crate::error::StartupError;
-use crate::publish::{PublisherConn, command};
+use crate::publish::port::Stream;
+use crate::publish::{PublisherConn, command, http};
 use crate::ws::conn::{ClientConn, ConnId};
 
 /// How long accepting pauses after the process runs out of file descriptors.
@@ -26,6 +27,8 @@ pub struct Listeners {
     pub ws: std::net::TcpListener,
     /// The publish port.
     pub publish: std::os::unix::net::UnixListener,
+    /// The publish port's TCP listener (`publish_listen`), HTTP only.
+    pub publish_tcp: Option<std::net::TcpListener>,
     /// The publish socket's file, removed when the server stops, when the server made it.
     socket_file: Option<SocketFile>,
 }
@@ -44,9 +47,17 @@ impl Listeners {
                 source,
             })?;
         let publish = bind_publish_socket(&config.publish_socket, config.publish_socket_mode)?;
+        let publish_tcp = match config.publish_listen {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .map_err(|source| StartupError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Listeners {
             ws,
             publish,
+            publish_tcp,
             socket_file: Some(SocketFile(config.publish_socket.clone())),
         })
     }
@@ -60,24 +71,66 @@ impl Listeners {
         Listeners {
             ws,
             publish,
+            publish_tcp: None,
             socket_file: None,
         }
     }
 
-    /// The listeners in mio form, and the socket file's guard.
-    pub(super) fn into_mio(self) -> io::Result<(TcpListener, UnixListener, Option<SocketFile>)> {
+    /// The listeners in mio form.
+    pub(super) fn into_mio(self) -> io::Result<Listening> {
         self.ws.set_nonblocking(true)?;
         self.publish.set_nonblocking(true)?;
-        Ok((
-            TcpListener::from_std(self.ws),
-            UnixListener::from_std(self.publish),
-            self.socket_file,
-        ))
+        let publish_tcp = match self.publish_tcp {
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                Some(TcpListener::from_std(listener))
+            }
+            None => None,
+        };
+        Ok(Listening {
+            ws: TcpListener::from_std(self.ws),
+            publish: UnixListener::from_std(self.publish),
+            publish_tcp,
+            _socket_file: self.socket_file,
+        })
+    }
+}
+
+/// The listeners while the server accepts.
+pub(super) struct Listening {
+    pub(super) ws: TcpListener,
+    pub(super) publish: UnixListener,
+    pub(super) publish_tcp: Option<TcpListener>,
+    /// Dropped (the file removed) when the listeners close.
+    _socket_file: Option<SocketFile>,
+}
+
+impl Listening {
+    /// Registers every listener with its token.
+    pub(super) fn register(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        let ws = token::encode(Source::Listener);
+        registry.register(&mut self.ws, ws, Interest::READABLE)?;
+        let publish = token::encode(Source::PublishListener);
+        registry.register(&mut self.publish, publish, Interest::READABLE)?;
+        if let Some(tcp) = &mut self.publish_tcp {
+            let token = token::encode(Source::PublishTcpListener);
+            registry.register(tcp, token, Interest::READABLE)?;
+        }
+        Ok(())
+    }
+
+    /// Deregisters every listener (they close when dropped).
+    pub(super) fn deregister(&mut self, registry: &mio::Registry) {
+        let _ = registry.deregister(&mut self.ws);
+        let _ = registry.deregister(&mut self.publish);
+        if let Some(tcp) = &mut self.publish_tcp {
+            let _ = registry.deregister(tcp);
+        }
     }
 }
 
 /// Removes the publish socket file when dropped.
-pub(super) struct SocketFile(PathBuf);
+struct SocketFile(PathBuf);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
@@ -144,39 +197,53 @@ impl Server {
         }
     }
 
-    pub(super) fn accept_publishers(&mut self) {
+    /// Accepts publishers on the Unix socket, or (`tcp`) on `publish_listen`.
+    pub(super) fn accept_publishers(&mut self, tcp: bool) {
         loop {
             let Some(listening) = &self.listening else {
                 return;
             };
-            let mut socket = match listening.publish.accept() {
-                Ok((socket, _)) => socket,
+            let accepted = match (&listening.publish_tcp, tcp) {
+                (Some(listener), true) => listener.accept().map(|(s, _)| Stream::Tcp(s)),
+                (None, true) => return,
+                (_, false) => listening.publish.accept().map(|(s, _)| Stream::Unix(s)),
+            };
+            let mut socket = match accepted {
+                Ok(socket) => socket,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    log::warn!("publish socket accept failed: {e}");
+                    log::warn!("publish port accept failed: {e}");
                     return;
                 }
             };
             if self.publishers.len() >= self.config.max_publishers {
                 let max = self.config.max_publishers;
                 log::warn!("max_publishers ({max}) reached; refusing a publisher");
-                let line = command::error_reply(
-                    None,
-                    &format!("too many publishers (max_publishers {max})"),
-                );
-                // Best effort: a fresh socket's buffer takes one short line.
-                let _ = socket.write(line.as_bytes());
+                let message = format!("too many publishers (max_publishers {max})");
+                let refusal = match socket {
+                    Stream::Unix(_) => command::error_reply(None, &message).into_bytes(),
+                    Stream::Tcp(_) => {
+                        http::Reject::closing("503 Service Unavailable", message).response()
+                    }
+                };
+                // Best effort: a fresh socket's buffer takes one short answer.
+                let _ = socket.write(&refusal);
                 continue;
             }
             let entry = self.publishers.vacant_entry();
             let token = token::encode(Source::Publisher(entry.key()));
             let interest = Interest::READABLE | Interest::WRITABLE;
-            if let Err(e) = self.poll.registry().register(&mut socket, token, interest) {
+            let mut publisher = PublisherConn::new(self.next_publisher + 1, socket);
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(publisher.socket(), token, interest)
+            {
                 log::error!("cannot register publisher: {e}");
                 continue;
             }
             self.next_publisher += 1;
-            entry.insert(PublisherConn::new(self.next_publisher, socket));
+            entry.insert(publisher);
             self.fanout.metrics_mut().publishers += 1;
             log::debug!("publisher={} connected", self.next_publisher);
         }

@@ -39,7 +39,6 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, UnixListener};
 use mio::{Events, Interest, Poll, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
@@ -52,14 +51,17 @@ use crate::auth::ratelimit::Rate;
 use crate::config::{Config, TIMER_TICK};
 use crate::engine::MemoryEngine;
 use crate::engine::history::HistoryLimits;
+use crate::engine::idempotency::IdempotencyLimits;
 use crate::error::StartupError;
 use crate::fanout::{Fanout, SessionSettings};
 use crate::ops::stats::StatsFeed;
+use crate::publish::http::HttpRules;
+use crate::publish::port::PortRules;
 use crate::publish::{PublisherConn, ReadStatus};
 use crate::ws::conn::{ConnId, SharedInput, Timing};
 use crate::ws::http::OriginPolicy;
 pub use accept::Listeners;
-use accept::SocketFile;
+use accept::Listening;
 pub use clock::Clock;
 pub use shutdown::ShutdownHandle;
 use timer::{Tick, TickSource, TimerWheel};
@@ -86,14 +88,6 @@ enum TimerEvent {
     Housekeeping,
     /// The graceful shutdown's time is up.
     ShutdownDeadline,
-}
-
-/// The listeners while the server accepts.
-struct Listening {
-    ws: TcpListener,
-    publish: UnixListener,
-    /// Dropped (the file removed) when the listeners close.
-    _socket_file: Option<SocketFile>,
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -153,15 +147,10 @@ impl Server {
     /// The event loop cannot be set up, or the JWT key cannot be used.
     pub fn new(config: Config, listeners: Listeners, clock: Clock) -> Result<Server, StartupError> {
         let poll = Poll::new()?;
-        let (mut ws, mut publish, socket_file) = listeners.into_mio()?;
-        let local_addr = ws.local_addr()?;
+        let mut listening = listeners.into_mio()?;
+        let local_addr = listening.ws.local_addr()?;
         let registry = poll.registry();
-        registry.register(&mut ws, token::encode(Source::Listener), Interest::READABLE)?;
-        registry.register(
-            &mut publish,
-            token::encode(Source::PublishListener),
-            Interest::READABLE,
-        )?;
+        listening.register(registry)?;
         let waker = Arc::new(Waker::new(registry, token::encode(Source::Waker))?);
         let started = clock.now();
         let ticks = TickSource::new(started, TIMER_TICK);
@@ -185,12 +174,17 @@ impl Server {
             )),
             None => None,
         };
-        let engine = MemoryEngine::new(HistoryLimits {
+        let history = HistoryLimits {
             size: config.history_size,
             max_bytes: config.history_max_bytes,
             ttl_ticks: ticks.ticks_in(config.history_ttl),
             quiet_channels: config.max_quiet_channels,
-        });
+        };
+        let idempotency = IdempotencyLimits {
+            limit: config.max_idempotency_keys,
+            window: ticks.ticks_in(config.idempotency_window),
+        };
+        let engine = MemoryEngine::new(history, idempotency);
         let settings = SessionSettings {
             instance: random_u32(),
             heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
@@ -214,17 +208,17 @@ impl Server {
         let stats = config
             .dashboard_enabled()
             .then(|| StatsFeed::new(fanout.metrics(), started));
+        let tcp = config
+            .publish_listen
+            .map(|addr| format!(", HTTP publishes on http://{addr}/publish"))
+            .unwrap_or_default();
         log::info!(
-            "listening on ws://{local_addr}/ws, publish socket {}",
+            "listening on ws://{local_addr}/ws, publish socket {}{tcp}",
             config.publish_socket.display()
         );
         Ok(Server {
             poll,
-            listening: Some(Listening {
-                ws,
-                publish,
-                _socket_file: socket_file,
-            }),
+            listening: Some(listening),
             signals: None,
             waker,
             local_addr,
@@ -331,7 +325,8 @@ impl Server {
         for event in events.iter() {
             match token::decode(event.token()) {
                 Source::Listener => self.accept_clients(now),
-                Source::PublishListener => self.accept_publishers(),
+                Source::PublishListener => self.accept_publishers(false),
+                Source::PublishTcpListener => self.accept_publishers(true),
                 Source::Signal => self.on_signal(now),
                 Source::Waker => self.begin_shutdown(now),
                 Source::Client(key) => {
@@ -365,17 +360,24 @@ impl Server {
         let Some(publisher) = self.publishers.get_mut(key) else {
             return;
         };
+        // Replies first: an HTTP publisher's next request waits for its last response.
+        let mut flushed = publisher.flush();
         let status = if publisher.is_finished {
             ReadStatus::Finished
         } else {
-            publisher.read_and_execute(
-                self.config.max_publish_line,
-                &mut self.publish_input,
-                &mut self.fanout,
-            )
+            let rules = PortRules {
+                max_line: self.config.max_publish_line,
+                http: HttpRules {
+                    max_head: self.config.max_header_size,
+                    max_body: self.config.max_publish_line,
+                    key: self.config.publish_key.as_deref(),
+                    dapr: &self.config.dapr,
+                },
+            };
+            publisher.read_and_execute(&rules, &mut self.publish_input, &mut self.fanout)
         };
         self.fanout.metrics_mut().publish_errors += std::mem::take(&mut publisher.errors);
-        let flushed = publisher.flush();
+        flushed = flushed.and_then(|()| publisher.flush());
         let over = publisher.queued() > self.config.max_output_buffer;
         if over {
             log::warn!(

@@ -56,9 +56,7 @@ impl Server {
             self.fanout.metrics().connections
         );
         if let Some(mut listening) = self.listening.take() {
-            let registry = self.poll.registry();
-            let _ = registry.deregister(&mut listening.ws);
-            let _ = registry.deregister(&mut listening.publish);
+            listening.deregister(self.poll.registry());
         }
         for key in self
             .publishers

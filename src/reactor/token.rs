@@ -18,13 +18,15 @@ pub enum Source {
     Signal,
     /// The waker behind [`ShutdownHandle`](crate::ShutdownHandle).
     Waker,
+    /// The TCP listener of the publish port (`publish_listen`).
+    PublishTcpListener,
     /// A TCP connection, by its key in the client slab.
     Client(usize),
     /// A publish-port connection, by its key in the publisher slab.
     Publisher(usize),
 }
 
-const FIRST_DYNAMIC: usize = 4;
+const FIRST_DYNAMIC: usize = 5;
 
 /// The token registered for `source`.
 pub fn encode(source: Source) -> Token {
@@ -33,6 +35,7 @@ pub fn encode(source: Source) -> Token {
         Source::PublishListener => 1,
         Source::Signal => 2,
         Source::Waker => 3,
+        Source::PublishTcpListener => 4,
         Source::Client(key) => FIRST_DYNAMIC + key * 2,
         Source::Publisher(key) => FIRST_DYNAMIC + key * 2 + 1,
     })
@@ -45,6 +48,7 @@ pub fn decode(token: Token) -> Source {
         1 => Source::PublishListener,
         2 => Source::Signal,
         3 => Source::Waker,
+        4 => Source::PublishTcpListener,
         n if (n - FIRST_DYNAMIC).is_multiple_of(2) => Source::Client((n - FIRST_DYNAMIC) / 2),
         n => Source::Publisher((n - FIRST_DYNAMIC) / 2),
     }
@@ -61,6 +65,7 @@ mod tests {
             Source::PublishListener,
             Source::Signal,
             Source::Waker,
+            Source::PublishTcpListener,
             Source::Client(0),
             Source::Publisher(0),
             Source::Client(7),
