@@ -1,0 +1,80 @@
+/** Why a publish failed. */
+export class PublishError extends Error {
+  readonly name: "PublishError";
+  /**
+   * - `rejected`: the server refused the command (`reply.error` says why); do not retry it as is
+   * - `disconnected`: the connection closed before the reply; retry (with `idem`, safely)
+   * - `timeout`: no reply in time; retry with `idem`
+   * - `unreachable`: cannot connect (server down, wrong path or URL)
+   * - `unauthorized`: the HTTP listener refused the key
+   * - `unavailable`: the server answered 5xx
+   * - `closed`: `close()` was called
+   */
+  readonly code:
+    | "rejected"
+    | "disconnected"
+    | "timeout"
+    | "unreachable"
+    | "unauthorized"
+    | "unavailable"
+    | "closed";
+  /** Whether the same publish may succeed if tried again. */
+  readonly retryable: boolean;
+  /** The server's reply, for `rejected`. */
+  readonly reply?: { id: number | null; ok: false; error: string };
+  /** The HTTP status, over HTTP. */
+  readonly status?: number;
+}
+
+export interface PublisherOptions {
+  /** The publish socket's path (NDJSON, one connection, many publishes in flight). */
+  socket?: string;
+  /** The server's `publish_listen` address, e.g. `http://127.0.0.1:3002` (one POST per publish). */
+  url?: string;
+  /** The publish key, for `url` (sent as `Authorization: Bearer`). */
+  key?: string;
+  /** How long a publish may wait for its reply (and for a connection). Default 10000. */
+  timeoutMs?: number;
+  /** Publishes awaiting their reply at most; further ones wait for a slot. Default 1000. */
+  maxInFlight?: number;
+  /** Reconnect backoff, doubled per failure with jitter. Defaults 100 and 5000. */
+  reconnectMinMs?: number;
+  reconnectMaxMs?: number;
+}
+
+export interface PublishOptions {
+  /** Idempotency key: a retry under it is answered with the first result, not published again. */
+  idem?: string;
+  /** Socket only: resolve once written, without waiting for a reply. */
+  fireAndForget?: boolean;
+  /** Overrides the publisher's timeout for this publish. */
+  timeoutMs?: number;
+}
+
+/** The server's reply (docs/protocol.md, "Publish port"). */
+export interface Reply {
+  id?: number | null;
+  ok: true;
+  /** The event's sequence number on its channel. */
+  seq?: number;
+  /** For a multi-channel publish: each channel's seq. */
+  seqs?: Record<string, number>;
+  /** WebSocket connections the event was queued to. */
+  delivered?: number;
+  /** True when `idem` was already used: nothing was published now. */
+  duplicate?: boolean;
+  /** For `disconnectUser`: connections closed. */
+  disconnected?: number;
+}
+
+export class Publisher {
+  constructor(options: PublisherOptions);
+  publish(channel: string, data: unknown, options?: PublishOptions): Promise<Reply>;
+  publishToUser(user: string, data: unknown, options?: PublishOptions): Promise<Reply>;
+  broadcast(data: unknown, options?: PublishOptions): Promise<Reply>;
+  disconnectUser(user: string, options?: PublishOptions): Promise<Reply>;
+  /** Any publish command (docs/protocol.md); the id is added for you. */
+  send(command: object, options?: PublishOptions): Promise<Reply>;
+  /** Refuses new publishes, waits for every reply (or its timeout), then disconnects. */
+  close(): Promise<void>;
+}
