@@ -14,9 +14,11 @@
 //! - [`fanout`]: one publish to every subscriber's queue, whole, in `fanout/mod.rs`; the hub
 //!   (channel → local subscribers), the per-user index, the connection slab and its dirty
 //!   list. It carries out session verdicts.
-//! - [`engine`]: where sequence numbers are assigned and events kept for resuming: the
-//!   [`Engine`](engine::Engine) interface and the in-memory engine.
-//! - [`publish`]: the worker side: publish-port connections, commands and replies, and the
+//! - [`engine`]: where sequence numbers are assigned, events kept for resuming and
+//!   idempotency keys remembered: the [`Engine`](engine::Engine) interface and the in-memory
+//!   engine.
+//! - [`publish`]: the worker side: publish-port connections (NDJSON or HTTP, on the Unix
+//!   socket or the keyed TCP listener), commands and replies, Dapr subscriptions, and the
 //!   Rust [`Publisher`].
 //! - [`auth`]: JWT verification, upgrade admission (per-IP rate, token, per-user limit), token
 //!   buckets.

@@ -403,3 +403,90 @@ fn issue_9_item_10_a_rate_limited_request_is_named_in_its_error() {
         "{error}"
     );
 }
+
+/// Issue 12: what an idempotency key costs the server's heap, and that
+/// `max_idempotency_keys` bounds them.
+#[test]
+fn issue_12_idempotency_keys_cost_little_and_are_bounded() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = tracked_server(|c| c.max_idempotency_keys = 2000);
+    let mut publisher = server.publisher();
+    // Warm up: the engine's channel and the publisher's buffers reach their size.
+    publisher.send(r#"{"id":0,"channel":"jobs","data":0}"#);
+    publisher.reply();
+    let before = live();
+    for n in 0..2000 {
+        // 36 bytes, the length of a UUID: a typical CloudEvent id or job key.
+        let key = format!("{n:036}");
+        publisher.send(&json!({"id": n, "channel": "jobs", "idem": key, "data": n}).to_string());
+        assert_eq!(publisher.reply()["ok"], true);
+    }
+    let per_key = (live() - before) / 2000;
+    eprintln!("an idempotency key of 36 bytes holds {per_key} bytes of the server's heap");
+    assert!(per_key < 512, "{per_key} bytes per key");
+    for n in 2000..3000 {
+        let key = format!("{n:036}");
+        publisher.send(&json!({"id": n, "channel": "jobs", "idem": key, "data": n}).to_string());
+        publisher.reply();
+    }
+    assert_eq!(
+        server.metric("sidecast_idempotency_keys"),
+        2000,
+        "the bound holds"
+    );
+}
+
+/// Issue 12: an HTTP publisher that posted a large body gives the capacity back: idle, it
+/// holds a few KiB (its read buffer keeps up to 4 KiB, as an NDJSON publisher's does).
+#[test]
+fn issue_12_an_idle_http_publisher_after_a_large_body_holds_little() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // No history, which would rightly keep the 512 KiB event.
+    let server = tracked_server(|c| c.history_size = 0);
+    // The first publish pays once for the channel and the publisher slab: not this test's.
+    server.publish(json!({"id": 0, "channel": "big", "data": 0}));
+    let before = live();
+    let stream = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let body = format!(r#"{{"channel":"big","data":"{}"}}"#, "x".repeat(512 * 1024));
+    let request = format!(
+        "POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    reader.get_mut().write_all(request.as_bytes()).unwrap();
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if let Some(n) = line.strip_prefix("Content-Length: ") {
+            length = n.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut reply = vec![0; length];
+    reader.read_exact(&mut reply).unwrap();
+    // The next request on the same connection is what makes the server shrink its buffers.
+    reader
+        .get_mut()
+        .write_all(b"GET /dapr/subscribe HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    server.wait_until("the server gave the body's memory back", |_| {
+        live() - before < 8 * 1024
+    });
+    eprintln!(
+        "an idle HTTP publisher after a 512 KiB body holds {} bytes of the server's heap",
+        live() - before
+    );
+}

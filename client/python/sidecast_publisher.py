@@ -110,8 +110,36 @@ def _post(url: str, key: Optional[str], command: Dict[str, Any], timeout: float)
         raise PublishError(f"cannot reach {url}: {reason}", code, True) from None
 
 
-class _Targets:
-    """The publish calls shared by both publishers, over ``send``."""
+class _Base:
+    """What both publishers share: where to publish, and the publish calls over ``send``."""
+
+    def __init__(
+        self,
+        socket_path: Optional[str],
+        url: Optional[str],
+        key: Optional[str],
+        timeout: float,
+        reconnect_min: float,
+        reconnect_max: float,
+    ) -> None:
+        if (socket_path is None) == (url is None):
+            raise TypeError("give exactly one of socket_path or url")
+        self._path = socket_path
+        self._url = url
+        self._key = key
+        self._timeout = timeout
+        self._backoff = (reconnect_min, reconnect_max)
+        self._ids = itertools.count(1)
+        self._failures = 0
+        self._closed = False
+
+    def _prepare(
+        self, target: Dict[str, Any], data: Any, idem: Optional[str], timeout: Optional[float]
+    ) -> tuple:
+        """The command and its timeout; refuses once closed."""
+        if self._closed:
+            raise PublishError("the publisher is closed", "closed", False)
+        return _command(target, data, idem), self._timeout if timeout is None else timeout
 
     def publish(self, channel: str, data: Any, **options: Any):
         """Publishes ``data`` to ``channel``; returns the reply (``seq``, ``delivered``, ...)."""
@@ -130,7 +158,7 @@ class _Targets:
         return self.send({"op": "disconnect", "user": user}, _NO_DATA, **options)
 
 
-class Publisher(_Targets):
+class Publisher(_Base):
     """A blocking publisher: one publish at a time on one connection.
 
     Give ``socket_path`` (NDJSON over the Unix socket) or ``url`` (HTTP, with ``key``).
@@ -146,18 +174,9 @@ class Publisher(_Targets):
         reconnect_min: float = 0.1,
         reconnect_max: float = 5.0,
     ) -> None:
-        if (socket_path is None) == (url is None):
-            raise TypeError("give exactly one of socket_path or url")
-        self._path = socket_path
-        self._url = url
-        self._key = key
-        self._timeout = timeout
-        self._backoff = (reconnect_min, reconnect_max)
+        super().__init__(socket_path, url, key, timeout, reconnect_min, reconnect_max)
         self._sock: Optional[socket.socket] = None
         self._input = b""
-        self._ids = itertools.count(1)
-        self._failures = 0
-        self._closed = False
 
     def __enter__(self) -> "Publisher":
         return self
@@ -175,10 +194,7 @@ class Publisher(_Targets):
         timeout: Optional[float] = None,
     ) -> Reply:
         """Sends one command; with ``fire_and_forget`` (socket only) returns once written."""
-        if self._closed:
-            raise PublishError("the publisher is closed", "closed", False)
-        command = _command(target, data, idem)
-        timeout = self._timeout if timeout is None else timeout
+        command, timeout = self._prepare(target, data, idem, timeout)
         if self._url is not None:
             return _post(self._url, self._key, command, timeout)
         deadline = time.monotonic() + timeout
@@ -258,7 +274,7 @@ class Publisher(_Targets):
         return PublishError(f"the connection closed before the reply: {why}", "disconnected", True)
 
 
-class AsyncPublisher(_Targets):
+class AsyncPublisher(_Base):
     """The asyncio publisher: many publishes in flight on one connection.
 
     Writes wait for the socket to drain, and at most ``max_in_flight`` publishes await their
@@ -275,21 +291,12 @@ class AsyncPublisher(_Targets):
         reconnect_min: float = 0.1,
         reconnect_max: float = 5.0,
     ) -> None:
-        if (socket_path is None) == (url is None):
-            raise TypeError("give exactly one of socket_path or url")
-        self._path = socket_path
-        self._url = url
-        self._key = key
-        self._timeout = timeout
-        self._backoff = (reconnect_min, reconnect_max)
+        super().__init__(socket_path, url, key, timeout, reconnect_min, reconnect_max)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._lock = asyncio.Lock()
         self._writer: Optional[asyncio.StreamWriter] = None
         self._reader_task: Optional[asyncio.Task] = None
         self._waiting: Dict[int, asyncio.Future] = {}
-        self._ids = itertools.count(1)
-        self._failures = 0
-        self._closed = False
 
     async def __aenter__(self) -> "AsyncPublisher":
         return self
@@ -307,10 +314,7 @@ class AsyncPublisher(_Targets):
         timeout: Optional[float] = None,
     ) -> Reply:
         """Sends one command; with ``fire_and_forget`` (socket only) returns once written."""
-        if self._closed:
-            raise PublishError("the publisher is closed", "closed", False)
-        command = _command(target, data, idem)
-        timeout = self._timeout if timeout is None else timeout
+        command, timeout = self._prepare(target, data, idem, timeout)
         if self._url is not None:
             return await asyncio.to_thread(_post, self._url, self._key, command, timeout)
         deadline = time.monotonic() + timeout
