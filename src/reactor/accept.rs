@@ -204,7 +204,11 @@ impl Server {
                 return;
             };
             let accepted = match (&listening.publish_tcp, tcp) {
-                (Some(listener), true) => listener.accept().map(|(s, _)| Stream::Tcp(s)),
+                (Some(listener), true) => listener.accept().map(|(s, _)| {
+                    // Replies are small and a worker waits on each one.
+                    let _ = s.set_nodelay(true);
+                    Stream::Tcp(s)
+                }),
                 (None, true) => return,
                 (_, false) => listening.publish.accept().map(|(s, _)| Stream::Unix(s)),
             };
