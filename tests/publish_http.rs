@@ -212,6 +212,29 @@ fn one_command_or_several_lines_answer_a_reply_each_on_a_kept_alive_connection()
 }
 
 #[test]
+fn pipelined_requests_are_answered_in_order() {
+    let server = TestServer::start();
+    let mut http = Http::unix(&server);
+    // Three requests in one write: each waits for the response before it, none is lost.
+    let one = |n: u32| {
+        let body = format!(r#"{{"channel":"p","data":{n}}}"#);
+        format!(
+            "POST /publish HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let all = format!("{}GET /dapr/subscribe HTTP/1.1\r\n\r\n{}", one(1), one(2));
+    http.reader.get_mut().write_all(all.as_bytes()).unwrap();
+    assert_eq!(http.response().json()["seq"], 1);
+    assert_eq!(
+        http.response().json(),
+        json!([]),
+        "no Dapr subscriptions configured"
+    );
+    assert_eq!(http.response().json()["seq"], 2);
+}
+
+#[test]
 fn bad_requests_get_their_status_and_bounds_hold() {
     let server = TestServer::start_with(|c| c.max_publish_line = 1024);
     let mut http = Http::unix(&server);
@@ -267,6 +290,14 @@ fn the_tcp_listener_needs_its_key_and_the_websocket_port_never_takes_publishes()
     let reply = http.response();
     assert_eq!((reply.status, reply.json()["seq"].as_u64()), (200, Some(1)));
     assert_eq!(ws.expect_event("a", 1), 1);
+    // Dapr presents its app API token in its own header: the same key works there.
+    http.send(
+        "GET",
+        "/dapr/subscribe",
+        &[&format!("dapr-api-token: {key}")],
+        "",
+    );
+    assert_eq!(http.response().status, 200);
     // NDJSON is not spoken there.
     let mut raw = TcpStream::connect(addr).unwrap();
     raw.set_read_timeout(Some(PATIENCE)).unwrap();

@@ -11,8 +11,9 @@
 //! Bounds: a head over `max_header_size` → 431; a body over `max_publish_line` → 413 (and the
 //! connection closes, since its body is not read); a `POST` without `Content-Length` → 411
 //! (chunked bodies are not supported). With a publish key (the TCP listener), a request
-//! without `Authorization: Bearer <key>` → 401. Connections are kept alive unless the client
-//! says `Connection: close` or speaks HTTP/1.0 without `keep-alive`.
+//! without `Authorization: Bearer <key>` (or Dapr's `dapr-api-token: <key>`) → 401.
+//! Connections are kept alive unless the client says `Connection: close` or speaks HTTP/1.0
+//! without `keep-alive`.
 
 use super::dapr::Dapr;
 
@@ -186,8 +187,12 @@ pub fn parse_head(buf: &[u8], rules: &HttpRules<'_>) -> Result<Option<Head>, Rej
         skip: head_len + body_len,
     };
     if let Some(key) = rules.key {
-        let given = header("Authorization").and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes())) {
+        // Workers send the key as a bearer token; Dapr sends its app API token (set it to
+        // the same secret) in its own header.
+        let bearer = header("Authorization").and_then(|v| v.strip_prefix("Bearer "));
+        let presented = [bearer, header("dapr-api-token")];
+        let matches = |given: &str| constant_time_eq(given.trim().as_bytes(), key.as_bytes());
+        if !presented.into_iter().flatten().any(matches) {
             return Err(refuse(
                 "401 Unauthorized",
                 "this listener needs Authorization: Bearer <publish key>".into(),
@@ -317,6 +322,18 @@ mod tests {
         let right =
             "POST /publish HTTP/1.1\r\nAuthorization: Bearer k3y\r\nContent-Length: 0\r\n\r\n";
         assert!(parse(right, Some("k3y")).unwrap().is_some());
+        let dapr = "GET /dapr/subscribe HTTP/1.1\r\ndapr-api-token: k3y\r\n\r\n";
+        assert!(
+            parse(dapr, Some("k3y")).unwrap().is_some(),
+            "Dapr's app API token"
+        );
+        let wrong = "GET /dapr/subscribe HTTP/1.1\r\ndapr-api-token: nope\r\n\r\n";
+        assert!(
+            parse(wrong, Some("k3y"))
+                .unwrap_err()
+                .status
+                .starts_with("401")
+        );
     }
 
     #[test]
