@@ -272,32 +272,49 @@ impl Dapr {
         Ok((target, data, idempotency_key(source, id)))
     }
 
-    /// Handles the body Dapr posted to subscription `n`: one CloudEvent, or the bulk format.
-    /// Returns the response body.
-    pub fn handle(&self, n: usize, body: &Value, sink: &mut impl Sink) -> String {
-        match body.get("entries").and_then(Value::as_array) {
-            None => {
-                let status = self.deliver(n, body, sink);
-                format!("{{\"status\":\"{}\"}}", status.as_str())
+    /// Delivers the events of the body Dapr posted to subscription `n` (one CloudEvent, or
+    /// the bulk format) from where `progress` stopped, while the sink has capacity. Returns
+    /// the response body once every event is done, `None` when the budget ran out first.
+    pub fn step(
+        &self,
+        n: usize,
+        body: &Value,
+        progress: &mut Progress,
+        sink: &mut impl Sink,
+    ) -> Option<String> {
+        let Some(entries) = body.get("entries").and_then(Value::as_array) else {
+            if !sink.has_capacity() {
+                return None;
             }
-            Some(entries) => {
-                let statuses: Vec<Value> = entries
-                    .iter()
-                    .map(|entry| {
-                        let status = match entry.get("event") {
-                            Some(event) if event.is_object() => self.deliver(n, event, sink),
-                            _ => Status::Drop,
-                        };
-                        serde_json::json!({
-                            "entryId": entry.get("entryId").cloned().unwrap_or(Value::Null),
-                            "status": status.as_str(),
-                        })
-                    })
-                    .collect();
-                serde_json::json!({ "statuses": statuses }).to_string()
+            let status = self.deliver(n, body, sink);
+            return Some(format!("{{\"status\":\"{}\"}}", status.as_str()));
+        };
+        while let Some(entry) = entries.get(progress.next) {
+            if !sink.has_capacity() {
+                return None;
             }
+            progress.next += 1;
+            let status = match entry.get("event") {
+                Some(event) if event.is_object() => self.deliver(n, event, sink),
+                _ => Status::Drop,
+            };
+            progress.statuses.push(serde_json::json!({
+                "entryId": entry.get("entryId").cloned().unwrap_or(Value::Null),
+                "status": status.as_str(),
+            }));
         }
+        let statuses = std::mem::take(&mut progress.statuses);
+        Some(serde_json::json!({ "statuses": statuses }).to_string())
     }
+}
+
+/// How far a Dapr request's events have been delivered (see [`Dapr::step`]).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// The next bulk entry.
+    next: usize,
+    /// The statuses of the entries delivered so far.
+    statuses: Vec<Value>,
 }
 
 /// `ce:<source>:<id>` (the pair CloudEvents makes unique), hashed when it is too long.
@@ -317,8 +334,19 @@ mod tests {
     use super::*;
     use crate::publish::{Published, Seqs};
 
-    #[derive(Default)]
-    struct Recorder(Vec<(String, String, String)>);
+    /// Records publishes; has capacity for `budget` more.
+    struct Recorder(Vec<(String, String, String)>, usize);
+
+    impl Default for Recorder {
+        fn default() -> Recorder {
+            Recorder(Vec::new(), usize::MAX)
+        }
+    }
+
+    fn handle(dapr: &Dapr, n: usize, body: &Value, sink: &mut Recorder) -> String {
+        dapr.step(n, body, &mut Progress::default(), sink)
+            .expect("unlimited capacity")
+    }
 
     impl Sink for Recorder {
         fn publish(
@@ -338,6 +366,7 @@ mod tests {
                 data.get().to_string(),
                 idem.unwrap_or_default().to_string(),
             ));
+            self.1 = self.1.saturating_sub(1);
             Published {
                 seqs: Seqs::One(1),
                 delivered: 1,
@@ -350,7 +379,7 @@ mod tests {
         }
 
         fn has_capacity(&self) -> bool {
-            true
+            self.1 > 0
         }
     }
 
@@ -399,7 +428,10 @@ mod tests {
             "datacontenttype": "application/json",
             "data": {"projectId": 42, "status": "done"},
         });
-        assert_eq!(dapr.handle(1, &event, &mut sink), r#"{"status":"SUCCESS"}"#);
+        assert_eq!(
+            handle(&dapr, 1, &event, &mut sink),
+            r#"{"status":"SUCCESS"}"#
+        );
         assert_eq!(
             sink.0[0],
             (
@@ -416,7 +448,7 @@ mod tests {
             serde_json::json!({"id": "e-5", "data": {"projectId": {"nested": true}}}),
         ] {
             assert_eq!(
-                dapr.handle(1, &bad, &mut sink),
+                handle(&dapr, 1, &bad, &mut sink),
                 r#"{"status":"DROP"}"#,
                 "{bad}"
             );
@@ -439,7 +471,7 @@ mod tests {
                 {"entryId": "3", "contentType": "text/plain", "event": "raw"},
             ],
         });
-        let answer: Value = serde_json::from_str(&dapr.handle(0, &bulk, &mut sink)).unwrap();
+        let answer: Value = serde_json::from_str(&handle(&dapr, 0, &bulk, &mut sink)).unwrap();
         assert_eq!(
             answer,
             serde_json::json!({"statuses": [
@@ -449,6 +481,37 @@ mod tests {
             ]})
         );
         assert_eq!(sink.0[0].0, "user u1");
+    }
+
+    #[test]
+    fn a_bulk_delivery_stops_when_the_budget_does_and_resumes_in_order() {
+        let dapr = dapr(TASKS).unwrap();
+        let event = |id: &str, progress: u32| {
+            serde_json::json!({"entryId": id, "event": {"id": id, "source": "s",
+                               "data": {"user_id": "u1", "progress": progress}}})
+        };
+        let bulk = serde_json::json!({"entries": [event("1", 10), event("2", 20), event("3", 30)]});
+        let mut sink = Recorder(Vec::new(), 2);
+        let mut progress = Progress::default();
+        assert_eq!(
+            dapr.step(0, &bulk, &mut progress, &mut sink),
+            None,
+            "two of three"
+        );
+        assert_eq!(sink.0.len(), 2);
+        sink.1 = 10;
+        let answer: Value =
+            serde_json::from_str(&dapr.step(0, &bulk, &mut progress, &mut sink).unwrap()).unwrap();
+        assert_eq!(answer["statuses"].as_array().unwrap().len(), 3);
+        let order: Vec<_> = sink.0.iter().map(|(_, data, _)| data.clone()).collect();
+        assert_eq!(order.len(), 3);
+        assert!(order[2].contains("30"), "{order:?}");
+        let mut empty = Recorder(Vec::new(), 0);
+        let single = bulk["entries"][0]["event"].clone();
+        assert_eq!(
+            dapr.step(0, &single, &mut Progress::default(), &mut empty),
+            None
+        );
     }
 
     #[test]

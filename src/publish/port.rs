@@ -9,8 +9,8 @@
 //! HTTP requests are served one at a time, in order: the next is not read until the
 //! response to the previous one has left, so a connection holds at most one request (a head
 //! of at most `max_header_size`, a body of at most `max_publish_line`) and one response.
-//! The lines of a `POST /publish` body are executed under the same per-pass budget as
-//! NDJSON lines; a Dapr request is executed whole.
+//! The lines of a `POST /publish` body, and the events of a Dapr delivery, are executed under
+//! the same per-pass budget as NDJSON lines.
 //!
 //! Invariants: lines are executed in the order received; the sink's budget is checked before
 //! every line, and lines read but not executed wait for the next pass; a connection's own
@@ -25,6 +25,7 @@ use mio::event::Source;
 use mio::net::{TcpStream, UnixStream};
 
 use super::command::{self, Sink, error_reply};
+use super::dapr;
 use super::http::{self, Ask, Head, HttpRules};
 /// How a read pass over a publisher ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -87,9 +88,27 @@ enum Framing {
     Http,
 }
 
-/// A `POST /publish` whose body lines are being executed.
+/// A request whose work goes on over passes, under the fan-out budget.
 struct Job {
     head: Head,
+    work: Work,
+}
+
+/// What a request's work is.
+enum Work {
+    /// The lines of a `POST /publish` body.
+    Lines(Lines),
+    /// The events of a Dapr delivery.
+    Dapr {
+        route: usize,
+        body: serde_json::Value,
+        progress: dapr::Progress,
+    },
+}
+
+/// A `POST /publish` body's lines as they are executed.
+#[derive(Default)]
+struct Lines {
     /// Bytes of the body executed so far.
     cursor: usize,
     replies: String,
@@ -100,7 +119,7 @@ struct Job {
     all_ok: bool,
 }
 
-impl Job {
+impl Lines {
     /// The status line and content type of the response: 200 when every command succeeded,
     /// 400 when one failed (the body says which) or there was none.
     fn status(&self) -> (&'static str, &'static str) {
@@ -120,7 +139,7 @@ impl Job {
 
 /// Executes the lines of a `POST /publish` body from where `job` stopped, while the sink has
 /// capacity. Returns true once the body is done. The last line needs no newline.
-fn run_lines(job: &mut Job, body: &[u8], sink: &mut impl Sink) -> bool {
+fn run_lines(job: &mut Lines, body: &[u8], sink: &mut impl Sink) -> bool {
     while job.cursor < body.len() {
         if !sink.has_capacity() {
             return false;
@@ -454,16 +473,31 @@ impl PublisherConn {
         };
         loop {
             if let Some(job) = &mut self.job {
-                let body_start = job.head.head_len;
-                let body = &self.pending[body_start..body_start + job.head.body_len];
-                let done = run_lines(job, body, sink);
-                self.errors += std::mem::take(&mut job.failed) as u64;
-                if !done {
+                let done = match &mut job.work {
+                    Work::Lines(lines) => {
+                        let start = job.head.head_len;
+                        let body = &self.pending[start..start + job.head.body_len];
+                        let done = run_lines(lines, body, sink);
+                        self.errors += std::mem::take(&mut lines.failed) as u64;
+                        done.then(|| {
+                            let (status, content_type) = lines.status();
+                            (status, content_type, std::mem::take(&mut lines.replies))
+                        })
+                    }
+                    Work::Dapr {
+                        route,
+                        body,
+                        progress,
+                    } => http
+                        .dapr
+                        .step(*route, body, progress, sink)
+                        .map(|answer| ("200 OK", "application/json", answer)),
+                };
+                let Some((status, content_type, body)) = done else {
                     return ReadStatus::Paused;
-                }
-                let job = self.job.take().expect("a job");
-                let (status, content_type) = job.status();
-                return self.respond(job.head, status, content_type, &job.replies);
+                };
+                let head = self.job.take().expect("a job").head;
+                return self.respond(head, status, content_type, &body);
             }
             let head = match http::parse_head(&self.pending, &http) {
                 Ok(Some(head)) if self.pending.len() >= head.head_len + head.body_len => head,
@@ -492,32 +526,40 @@ impl PublisherConn {
             };
             match head.ask {
                 Ask::Publish => {
+                    let lines = Lines {
+                        all_ok: true,
+                        ..Lines::default()
+                    };
                     self.job = Some(Job {
                         head,
-                        cursor: 0,
-                        replies: String::new(),
-                        commands: 0,
-                        failed: 0,
-                        all_ok: true,
+                        work: Work::Lines(lines),
                     });
                 }
                 Ask::DaprSubscribe => {
                     let body = http.dapr.subscribe_json();
                     return self.respond(head, "200 OK", "application/json", &body);
                 }
-                Ask::DaprEvent(n) => {
+                Ask::DaprEvent(route) => {
                     let body = &self.pending[head.head_len..head.head_len + head.body_len];
-                    let answer = match serde_json::from_slice(body) {
-                        Ok(event) => http.dapr.handle(n, &event, sink),
+                    match serde_json::from_slice(body) {
+                        Ok(body) => {
+                            let progress = dapr::Progress::default();
+                            let work = Work::Dapr {
+                                route,
+                                body,
+                                progress,
+                            };
+                            self.job = Some(Job { head, work });
+                        }
                         Err(e) => {
                             log::warn!(
                                 "publisher={}: dapr: dropped a body that is not JSON: {e}",
                                 self.serial
                             );
-                            "{\"status\":\"DROP\"}".to_string()
+                            let drop = "{\"status\":\"DROP\"}";
+                            return self.respond(head, "200 OK", "application/json", drop);
                         }
-                    };
-                    return self.respond(head, "200 OK", "application/json", &answer);
+                    }
                 }
             }
         }
