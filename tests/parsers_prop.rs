@@ -1,10 +1,12 @@
-//! Property tests for the three parsers that face untrusted bytes: HTTP request heads, client
-//! WebSocket messages and publish lines. Arbitrary input never panics and always ends in one of
-//! the documented reactions.
+//! Property tests for the parsers that face untrusted bytes: HTTP request heads (on the
+//! WebSocket port and on the publish port), client WebSocket messages and publish lines.
+//! Arbitrary input never panics and always ends in one of the documented reactions.
 
 use proptest::prelude::*;
 use serde_json::Value;
 use sidecast::ops::assets::Asset;
+use sidecast::publish::dapr::Dapr;
+use sidecast::publish::http::{HttpRules, parse_head};
 use sidecast::publish::{Target, command as publish};
 use sidecast::ws::http::{self, OriginPolicy, Refusal, Route};
 use sidecast::ws::wire::{self, ErrorCode, Request, check_channel};
@@ -43,8 +45,53 @@ fn json_like() -> impl Strategy<Value = String> {
     })
 }
 
+/// The statuses protocol.md documents for HTTP publishes.
+const PUBLISH_STATUSES: [&str; 8] = ["400", "401", "404", "405", "411", "413", "431", "503"];
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn publish_port_heads_never_panic_and_end_in_a_documented_status(
+        bytes in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..2048),
+            (
+                prop_oneof![Just("POST".to_string()), Just("GET".to_string()), Just("PUT".to_string())],
+                prop_oneof![
+                    Just("/publish".to_string()),
+                    Just("/dapr/subscribe".to_string()),
+                    "/[a-z/]{0,12}",
+                ],
+                "(Content-Length: [0-9]{1,7}\r\n)?(Authorization: Bearer [a-z]{0,8}\r\n)?(Transfer-Encoding: chunked\r\n)?",
+            )
+                .prop_map(|(m, p, h)| format!("{m} {p} HTTP/1.1\r\n{h}\r\n").into_bytes()),
+        ],
+        keyed in any::<bool>(),
+    ) {
+        let dapr = Dapr::default();
+        let rules = HttpRules {
+            max_head: MAX_HEADER,
+            max_body: 4096,
+            key: keyed.then_some("Secret-1"), // no generated header can carry it
+            dapr: &dapr,
+        };
+        match parse_head(&bytes, &rules) {
+            Ok(None) => prop_assert!(bytes.len() <= MAX_HEADER, "waiting for more past the cap"),
+            Ok(Some(head)) => {
+                prop_assert!(head.head_len <= bytes.len() && head.head_len <= MAX_HEADER);
+                prop_assert!(head.body_len <= 4096);
+                prop_assert!(!keyed, "a keyed listener let a request without the key through");
+            }
+            Err(reject) => {
+                let code = &reject.status[..3];
+                prop_assert!(PUBLISH_STATUSES.contains(&code), "{}", reject.status);
+                let response = String::from_utf8(reject.response()).unwrap();
+                let status_line = format!("HTTP/1.1 {}", reject.status);
+                prop_assert!(response.starts_with(&status_line), "{}", response);
+                prop_assert!(!reject.keep_alive || reject.skip <= bytes.len() + 4096);
+            }
+        }
+    }
 
     #[test]
     fn http_heads_never_panic_and_respect_the_cap(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
