@@ -25,6 +25,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use crate::auth::admission::Auth;
+use crate::auth::ratelimit::Rate;
 use crate::engine::Engine;
 use crate::error::Close;
 use crate::ops::metrics::{Gauges, Metrics};
@@ -52,7 +53,7 @@ pub struct SessionSettings {
     /// `heartbeat_interval`, for the `connected` reply.
     pub heartbeat_ms: u64,
     /// Messages per second and burst.
-    pub rate: crate::auth::ratelimit::Rate,
+    pub rate: Rate,
     /// `rate_limit`.
     pub rate_limit: f64,
     /// `rate_burst`.
@@ -133,6 +134,11 @@ impl Fanout {
     /// The connections, to change.
     pub fn clients_mut(&mut self) -> &mut Clients {
         &mut self.clients
+    }
+
+    /// The message rate limit a new session starts with.
+    pub fn message_rate(&self) -> Rate {
+        self.settings.rate
     }
 
     /// The counters.

@@ -332,55 +332,11 @@ fn idempotency_key(source: &str, id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publish::{Published, Seqs};
-
-    /// Records publishes; has capacity for `budget` more.
-    struct Recorder(Vec<(String, String, String)>, usize);
-
-    impl Default for Recorder {
-        fn default() -> Recorder {
-            Recorder(Vec::new(), usize::MAX)
-        }
-    }
+    use crate::publish::testing::{Recorded, Recorder};
 
     fn handle(dapr: &Dapr, n: usize, body: &Value, sink: &mut Recorder) -> String {
         dapr.step(n, body, &mut Progress::default(), sink)
             .expect("unlimited capacity")
-    }
-
-    impl Sink for Recorder {
-        fn publish(
-            &mut self,
-            target: &Target<'_>,
-            data: &RawValue,
-            idem: Option<&str>,
-        ) -> Published {
-            let target = match target {
-                Target::Channel(c) => format!("channel {c}"),
-                Target::User(u) => format!("user {u}"),
-                Target::Broadcast => "broadcast".into(),
-                Target::Channels(_) => unreachable!("dapr publishes to one target"),
-            };
-            self.0.push((
-                target,
-                data.get().to_string(),
-                idem.unwrap_or_default().to_string(),
-            ));
-            self.1 = self.1.saturating_sub(1);
-            Published {
-                seqs: Seqs::One(1),
-                delivered: 1,
-                duplicate: false,
-            }
-        }
-
-        fn disconnect_user(&mut self, _user: &str) -> usize {
-            0
-        }
-
-        fn has_capacity(&self) -> bool {
-            self.1 > 0
-        }
     }
 
     fn dapr(toml: &str) -> Result<Dapr, String> {
@@ -422,7 +378,7 @@ mod tests {
     #[test]
     fn maps_events_through_templates_and_drops_what_cannot_be_mapped() {
         let dapr = dapr(TASKS).unwrap();
-        let mut sink = Recorder::default();
+        let mut sink = Recorder::new(usize::MAX);
         let event = serde_json::json!({
             "specversion": "1.0", "id": "e-1", "source": "tasks", "type": "task.updated",
             "datacontenttype": "application/json",
@@ -433,12 +389,12 @@ mod tests {
             r#"{"status":"SUCCESS"}"#
         );
         assert_eq!(
-            sink.0[0],
-            (
-                "channel project:42".to_string(),
-                r#"{"projectId":42,"status":"done"}"#.to_string(),
-                "ce:tasks:e-1".to_string()
-            )
+            sink.published[0],
+            Recorded {
+                target: "channel project:42".to_string(),
+                data: r#"{"projectId":42,"status":"done"}"#.to_string(),
+                idem: "ce:tasks:e-1".to_string()
+            }
         );
         for bad in [
             serde_json::json!({"id": "e-2", "data": {"status": "done"}}),
@@ -453,13 +409,13 @@ mod tests {
                 "{bad}"
             );
         }
-        assert_eq!(sink.0.len(), 1, "nothing dropped was published");
+        assert_eq!(sink.published.len(), 1, "nothing dropped was published");
     }
 
     #[test]
     fn answers_bulk_deliveries_entry_by_entry() {
         let dapr = dapr(TASKS).unwrap();
-        let mut sink = Recorder::default();
+        let mut sink = Recorder::new(usize::MAX);
         let bulk = serde_json::json!({
             "id": "b-1", "topic": "task-updates", "pubsubname": "kafka",
             "type": "com.dapr.event.sent.bulk",
@@ -480,7 +436,7 @@ mod tests {
                 {"entryId": "3", "status": "DROP"},
             ]})
         );
-        assert_eq!(sink.0[0].0, "user u1");
+        assert_eq!(sink.published[0].target, "user u1");
     }
 
     #[test]
@@ -491,22 +447,22 @@ mod tests {
                                "data": {"user_id": "u1", "progress": progress}}})
         };
         let bulk = serde_json::json!({"entries": [event("1", 10), event("2", 20), event("3", 30)]});
-        let mut sink = Recorder(Vec::new(), 2);
+        let mut sink = Recorder::new(2);
         let mut progress = Progress::default();
         assert_eq!(
             dapr.step(0, &bulk, &mut progress, &mut sink),
             None,
             "two of three"
         );
-        assert_eq!(sink.0.len(), 2);
-        sink.1 = 10;
+        assert_eq!(sink.published.len(), 2);
+        sink.budget = 10;
         let answer: Value =
             serde_json::from_str(&dapr.step(0, &bulk, &mut progress, &mut sink).unwrap()).unwrap();
         assert_eq!(answer["statuses"].as_array().unwrap().len(), 3);
-        let order: Vec<_> = sink.0.iter().map(|(_, data, _)| data.clone()).collect();
+        let order = sink.data();
         assert_eq!(order.len(), 3);
         assert!(order[2].contains("30"), "{order:?}");
-        let mut empty = Recorder(Vec::new(), 0);
+        let mut empty = Recorder::new(0);
         let single = bulk["entries"][0]["event"].clone();
         assert_eq!(
             dapr.step(0, &single, &mut Progress::default(), &mut empty),

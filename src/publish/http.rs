@@ -15,7 +15,9 @@
 //! Connections are kept alive unless the client says `Connection: close` or speaks HTTP/1.0
 //! without `keep-alive`.
 
+use super::command::error_reply;
 use super::dapr::Dapr;
+use crate::ws;
 
 /// Most headers accepted in one request (more → 431).
 const MAX_HEADERS: usize = 32;
@@ -81,18 +83,15 @@ impl Reject {
         }
     }
 
-    /// The response.
+    /// The response: the error reply line a refused command gets, under this status.
     pub fn response(&self) -> Vec<u8> {
-        let body = format!(
-            "{{\"ok\":false,\"error\":{}}}\n",
-            serde_json::to_string(&self.message).expect("strings always serialize")
-        );
+        let body = error_reply(None, &self.message);
         let extra = if self.status.starts_with("401") {
             "WWW-Authenticate: Bearer\r\n"
         } else {
             ""
         };
-        response(
+        ws::http::message(
             self.status,
             extra,
             "application/json",
@@ -228,23 +227,6 @@ pub fn parse_head(buf: &[u8], rules: &HttpRules<'_>) -> Result<Option<Head>, Rej
         body_len,
         keep_alive,
     }))
-}
-
-/// A complete response. `extra` are header lines, each ending in CRLF.
-pub fn response(
-    status: &str,
-    extra: &str,
-    content_type: &str,
-    body: &str,
-    keep_alive: bool,
-) -> Vec<u8> {
-    let connection = if keep_alive { "keep-alive" } else { "close" };
-    format!(
-        "HTTP/1.1 {status}\r\n{extra}Content-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: {connection}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
 }
 
 /// Compares without an early exit, so the time taken does not tell how much of a guess was

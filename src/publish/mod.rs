@@ -15,6 +15,8 @@ pub mod dapr;
 pub mod http;
 pub mod port;
 pub mod publisher;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use command::{Published, Seqs, Sink, Target};
 pub use port::{PublisherConn, ReadStatus};

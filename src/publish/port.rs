@@ -27,6 +27,7 @@ use mio::net::{TcpStream, UnixStream};
 use super::command::{self, Sink, error_reply};
 use super::dapr;
 use super::http::{self, Ask, Head, HttpRules};
+use crate::ws;
 /// How a read pass over a publisher ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadStatus {
@@ -113,17 +114,15 @@ struct Lines {
     cursor: usize,
     replies: String,
     commands: usize,
-    /// Commands refused since the connection last counted them (for metrics).
+    /// Commands refused.
     failed: usize,
-    /// Every command so far succeeded.
-    all_ok: bool,
 }
 
 impl Lines {
     /// The status line and content type of the response: 200 when every command succeeded,
     /// 400 when one failed (the body says which) or there was none.
     fn status(&self) -> (&'static str, &'static str) {
-        let status = if !self.all_ok || self.commands == 0 {
+        let status = if self.failed > 0 || self.commands == 0 {
             "400 Bad Request"
         } else {
             "200 OK"
@@ -150,7 +149,6 @@ fn run_lines(job: &mut Lines, body: &[u8], sink: &mut impl Sink) -> bool {
         if let Some(executed) = command::execute(&rest[..end], sink) {
             job.commands += 1;
             job.failed += usize::from(!executed.ok);
-            job.all_ok &= executed.ok;
             job.replies.push_str(&executed.reply);
         }
     }
@@ -477,9 +475,8 @@ impl PublisherConn {
                     Work::Lines(lines) => {
                         let start = job.head.head_len;
                         let body = &self.pending[start..start + job.head.body_len];
-                        let done = run_lines(lines, body, sink);
-                        self.errors += std::mem::take(&mut lines.failed) as u64;
-                        done.then(|| {
+                        run_lines(lines, body, sink).then(|| {
+                            self.errors += lines.failed as u64;
                             let (status, content_type) = lines.status();
                             (status, content_type, std::mem::take(&mut lines.replies))
                         })
@@ -526,13 +523,9 @@ impl PublisherConn {
             };
             match head.ask {
                 Ask::Publish => {
-                    let lines = Lines {
-                        all_ok: true,
-                        ..Lines::default()
-                    };
                     self.job = Some(Job {
                         head,
-                        work: Work::Lines(lines),
+                        work: Work::Lines(Lines::default()),
                     });
                 }
                 Ask::DaprSubscribe => {
@@ -567,7 +560,7 @@ impl PublisherConn {
 
     /// Queues the response to the request `head` describes and forgets the request.
     fn respond(&mut self, head: Head, status: &str, content_type: &str, body: &str) -> ReadStatus {
-        let response = http::response(status, "", content_type, body, head.keep_alive);
+        let response = ws::http::message(status, "", content_type, body, head.keep_alive);
         self.output.extend_from_slice(&response);
         self.pending.drain(..head.head_len + head.body_len);
         if head.keep_alive {
@@ -608,9 +601,8 @@ impl PublisherConn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publish::command::{Published, Seqs, Target};
     use crate::publish::dapr::Dapr;
-    use serde_json::value::RawValue;
+    use crate::publish::testing::Recorder;
 
     static NO_DAPR: std::sync::LazyLock<Dapr> = std::sync::LazyLock::new(Dapr::default);
 
@@ -626,46 +618,12 @@ mod tests {
         }
     }
 
-    /// Counts publishes; has capacity for `budget` more.
-    struct Budgeted {
-        executed: Vec<String>,
-        budget: usize,
-    }
-
-    impl Sink for Budgeted {
-        fn publish(
-            &mut self,
-            _target: &Target<'_>,
-            data: &RawValue,
-            _idem: Option<&str>,
-        ) -> Published {
-            self.executed.push(data.get().to_string());
-            self.budget = self.budget.saturating_sub(1);
-            Published {
-                seqs: Seqs::One(self.executed.len() as u64),
-                delivered: 1,
-                duplicate: false,
-            }
-        }
-
-        fn disconnect_user(&mut self, _user: &str) -> usize {
-            0
-        }
-
-        fn has_capacity(&self) -> bool {
-            self.budget > 0
-        }
-    }
-
     #[test]
     fn a_spent_budget_pauses_before_the_next_line_and_the_next_pass_resumes_in_order() {
         let (server_side, mut worker) = UnixStream::pair().unwrap();
         let mut publisher = PublisherConn::new(1, Stream::Unix(server_side));
         let mut chunk = vec![0; 64 * 1024];
-        let mut sink = Budgeted {
-            executed: Vec::new(),
-            budget: 0,
-        };
+        let mut sink = Recorder::new(0);
         assert_eq!(
             publisher.read_and_execute(&rules(1024), &mut chunk, &mut sink),
             ReadStatus::Paused
@@ -682,20 +640,20 @@ mod tests {
             publisher.read_and_execute(&rules(1024), &mut chunk, &mut sink),
             ReadStatus::Paused
         );
-        assert_eq!(sink.executed, ["0"]);
+        assert_eq!(sink.data(), ["0"]);
         sink.budget = 1;
         assert_eq!(
             publisher.read_and_execute(&rules(1024), &mut chunk, &mut sink),
             ReadStatus::Paused
         );
-        assert_eq!(sink.executed, ["0", "1"]);
+        assert_eq!(sink.data(), ["0", "1"]);
         worker.write_all(b"\"data\":3}\n").unwrap();
         sink.budget = 10;
         assert_eq!(
             publisher.read_and_execute(&rules(1024), &mut chunk, &mut sink),
             ReadStatus::Pending
         );
-        assert_eq!(sink.executed, ["0", "1", "2", "3"]);
+        assert_eq!(sink.data(), ["0", "1", "2", "3"]);
         drop(worker);
         assert_eq!(
             publisher.read_and_execute(&rules(1024), &mut chunk, &mut sink),
@@ -708,10 +666,7 @@ mod tests {
         let (server_side, mut worker) = UnixStream::pair().unwrap();
         let mut publisher = PublisherConn::new(1, Stream::Unix(server_side));
         let mut chunk = vec![0; 64 * 1024];
-        let mut sink = Budgeted {
-            executed: Vec::new(),
-            budget: usize::MAX,
-        };
+        let mut sink = Recorder::new(usize::MAX);
         // A 200 KiB line arrives in pieces, so it passes through `pending`.
         let line = format!(
             "{{\"channel\":\"a\",\"data\":\"{}\"}}\n",
@@ -721,7 +676,7 @@ mod tests {
             worker.write_all(piece).unwrap();
             publisher.read_and_execute(&rules(1024 * 1024), &mut chunk, &mut sink);
         }
-        assert_eq!(sink.executed.len(), 1);
+        assert_eq!(sink.published.len(), 1);
         assert!(publisher.pending.is_empty());
         assert!(
             publisher.pending.capacity() <= STEADY_CAPACITY,

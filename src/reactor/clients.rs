@@ -187,8 +187,9 @@ impl Server {
         rest: Vec<u8>,
         now: Tick,
     ) -> bool {
+        let rate = self.fanout.message_rate();
         let mut client = self.fanout.clients_mut().live_mut(key);
-        client.upgrade(accept_key, rest, self.ws_config, self.message_rate, now);
+        client.upgrade(accept_key, rest, self.ws_config, rate, now);
         drop(client);
         if let Err(close) = self.fanout.open(key, token) {
             self.close_client(key, close, now);

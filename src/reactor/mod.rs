@@ -108,8 +108,6 @@ pub struct Server {
     timing: Timing,
     /// Which pages may open a WebSocket.
     origins: OriginPolicy,
-    /// Client messages per connection (`rate_limit`, `rate_burst`).
-    message_rate: Rate,
     connect_rate: ConnectRate,
     refusal_log: RefusalLog,
     /// The dashboard's stats feed, while the dashboard is on.
@@ -235,7 +233,6 @@ impl Server {
             config,
             ws_config,
             timing,
-            message_rate,
             connect_rate: ConnectRate::new(connect_rate),
             refusal_log: RefusalLog::default(),
             stats,
