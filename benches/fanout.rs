@@ -17,7 +17,7 @@ use sidecast::engine::MemoryEngine;
 use sidecast::engine::history::HistoryLimits;
 use sidecast::engine::idempotency::IdempotencyLimits;
 use sidecast::fanout::{Fanout, SessionSettings};
-use sidecast::publish::{Sink, Target};
+use sidecast::publish::{Outcome, Published, Reach, Sink, Target};
 use sidecast::reactor::timer::Tick;
 use sidecast::ws::session::Inbound;
 use sidecast::ws::{ClientConn, ConnId};
@@ -46,7 +46,7 @@ fn subscribed(subscribers: usize) -> Fanout {
         window: 0,
     };
     let engine = MemoryEngine::new(history, idempotency);
-    let mut fanout = Fanout::new(Box::new(engine), None, settings);
+    let mut fanout = Fanout::new(Box::new(engine), None, None, settings);
     let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     let addr = listener.local_addr().expect("bound");
     let subscribe = r#"{"type":"subscribe","channel":"project:42"}"#;
@@ -108,7 +108,11 @@ fn publish_and_flush(c: &mut Criterion) {
                 b.iter(|| {
                     fanout.begin_pass(Tick(0), 1, 0);
                     let published = fanout.publish(&target, &data, None);
-                    assert_eq!(published.delivered, subscribers);
+                    let delivered = match published {
+                        Outcome::Done(Published { reach, .. }) => reach,
+                        other => panic!("{other:?}"),
+                    };
+                    assert_eq!(delivered, Reach::Connections(subscribers));
                     flush(&mut fanout, &mut dirty);
                 })
             },

@@ -177,10 +177,12 @@ fn publish_one(socket: &PathBuf, channel: &str, json: &str) -> ExitCode {
         });
     match result {
         Ok(ack) => {
-            println!(
-                "{{\"ok\":true,\"seq\":{},\"delivered\":{}}}",
-                ack.seq, ack.delivered
-            );
+            let reach = match (ack.delivered, ack.nodes) {
+                (Some(n), _) => format!("\"delivered\":{n}"),
+                (None, Some(n)) => format!("\"nodes\":{n}"),
+                (None, None) => String::new(),
+            };
+            println!("{{\"ok\":true,\"seq\":{},{reach}}}", ack.seq);
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -137,7 +137,7 @@ fn the_library_publisher_confirms_and_reports_refusals() {
     let ack = publisher
         .publish_confirmed("project:42", &json!({"progress": 20}))
         .unwrap();
-    assert_eq!((ack.seq, ack.delivered), (2, 1));
+    assert_eq!((ack.seq, ack.delivered), (2, Some(1)));
     let refused = publisher
         .publish_confirmed("bad channel", &json!(1))
         .unwrap_err();

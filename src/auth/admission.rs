@@ -77,6 +77,11 @@ impl Auth {
         &self.verifier
     }
 
+    /// `max_connections_per_user`.
+    pub fn max_per_user(&self) -> usize {
+        self.max_per_user
+    }
+
     /// Checks an upgrade's token, and its user's `open` connections. The error carries the
     /// close verdict and a detail for the log.
     pub fn admit(

@@ -31,12 +31,17 @@ use crate::auth::jwt::{JwtKey, Verifier};
 use crate::error::ConfigError;
 use crate::publish::dapr::{Dapr, DaprSettings};
 use declare::settings;
-pub use values::{ByteSize, Cidr, Dashboard, FileMode, HumanDuration, JwtAlgorithm, Setting};
+pub use values::{
+    ByteSize, Cidr, Dashboard, EngineKind, FileMode, HumanDuration, JwtAlgorithm, RedisUrl, Setting,
+};
 
 /// Environment variable that can hold the HS256 secret, to keep it out of process listings.
 pub const JWT_SECRET_ENV: &str = "SIDECAST_JWT_SECRET";
 /// Environment variable that can hold the publish key of `publish_listen`.
 pub const PUBLISH_KEY_ENV: &str = "SIDECAST_PUBLISH_KEY";
+/// Environment variable that can hold the Redis URL (with its password), when no
+/// `redis_url` is given.
+pub const REDIS_URL_ENV: &str = "SIDECAST_REDIS_URL";
 
 /// The shortest duration setting: the timer wheel's tick.
 pub const TIMER_TICK: Duration = Duration::from_millis(10);
@@ -76,11 +81,16 @@ settings! {
         max_idempotency_keys: usize = "100000", "COUNT", "Publish idempotency keys (idem, CloudEvent ids) remembered at once; the oldest is forgotten first; 0 ignores idem";
         idempotency_window: HumanDuration = "10m", "DURATION", "How long a publish's idempotency key is remembered: a retry within it is answered with the first result";
         max_quiet_channels: usize = "100000", "COUNT", "Channels without any event remembered at once after their last subscriber left, so a resume at seq 0 is not told of a gap";
+        engine: EngineKind = "memory", "ENGINE", "Where seqs, history and cross-node delivery live: memory (this process, one node) or redis (nodes share them through Redis or Redis Cluster)";
+        redis_prefix: String = "sidecast:", "PREFIX", "Prefix of every Redis key and shard channel sidecast uses";
+        redis_timeout: HumanDuration = "2s", "DURATION", "A Redis reply later than this marks the connection down: publishes answer unavailable until it is back";
+        user_lease_ttl: HumanDuration = "30s", "DURATION", "With the redis engine, how long a node's claim on a user's connection lasts unless refreshed: a crashed node's connections stop counting against max_connections_per_user after this";
         dashboard: Dashboard = "auto", "WHEN", "Serve the dashboard at GET / and publish stats to sidecast:stats once a second: auto (when listening on loopback), on or off";
     }
     options {
         publish_listen: SocketAddr, "ADDR", "Also take publishes over HTTP on this TCP address (for workers in other containers of the pod); needs publish_key unless it is a loopback address", "off";
         publish_key: String, "KEY", "The key HTTP publishes on publish_listen must present (Authorization: Bearer); prefer SIDECAST_PUBLISH_KEY", "none";
+        node_id: String, "ID", "This node's name in Redis (leases, logs); letters, digits, - and _", "random";
         connect_rate_per_ip: f64, "PER_SECOND", "New WebSockets per second per client address, bursts of twice that; recommended when clients connect directly, not through a proxy", "off";
     }
     inputs {
@@ -92,6 +102,7 @@ settings! {
         allowed_origin: String, "ORIGIN", "Origin allowed to open a WebSocket, e.g. `https://app.example.com`, or `*` (repeatable)", "so only same-host pages";
         trusted_proxies: Cidr, "CIDR", "Proxy addresses or CIDRs whose X-Forwarded-For is believed, e.g. 10.0.0.0/8 (repeatable, or comma-separated)", "so the TCP peer is the client"
             [value_delimiter = ','];
+        redis_url: RedisUrl, "URL", "Redis to use with --engine redis, e.g. redis://127.0.0.1:6379 (repeatable: a cluster's seed nodes; or set SIDECAST_REDIS_URL)", "none";
     }
     files {
         dapr: DaprSettings, "Dapr subscriptions ([[dapr.subscription]]): broker topics whose CloudEvents are published to channels";
@@ -222,6 +233,15 @@ impl Config {
                 .ok()
                 .filter(|s| !s.is_empty());
         }
+        if settings.redis_url.is_empty()
+            && let Ok(url) = std::env::var(REDIS_URL_ENV)
+            && !url.is_empty()
+        {
+            settings.redis_url = vec![url.parse().map_err(|message| ConfigError::Invalid {
+                key: "redis_url",
+                message: format!("{REDIS_URL_ENV}: {message}"),
+            })?];
+        }
         Config::from_settings(settings)
     }
 
@@ -237,6 +257,8 @@ impl Config {
             ("shutdown_drain", self.shutdown_drain),
             ("write_stall_timeout", self.write_stall_timeout),
             ("history_ttl", self.history_ttl),
+            ("redis_timeout", self.redis_timeout),
+            ("user_lease_ttl", self.user_lease_ttl),
         ];
         for (key, value) in durations {
             if value < TIMER_TICK {
@@ -313,6 +335,36 @@ impl Config {
             if value < minimum {
                 return invalid(key, format!("must be at least {minimum}, got {value}"));
             }
+        }
+        if self.engine == EngineKind::Redis && self.redis_url.is_empty() {
+            return invalid(
+                "redis_url",
+                format!("--engine redis needs a redis_url (or {REDIS_URL_ENV})"),
+            );
+        }
+        if self.redis_prefix.contains(['{', '}']) {
+            return invalid(
+                "redis_prefix",
+                "may not contain { or }: sidecast puts each channel in a hash tag".into(),
+            );
+        }
+        if let Some(id) = &self.node_id
+            && (id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return invalid(
+                "node_id",
+                format!("{id:?}: 1 to 64 letters, digits, - and _"),
+            );
+        }
+        if self.user_lease_ttl < Duration::from_secs(3) {
+            return invalid(
+                "user_lease_ttl",
+                format!("must be at least 3s, got {:?}", self.user_lease_ttl),
+            );
         }
         // A connection's queue counts in 32 bits (see `OutQueue`).
         const MAXIMUM: usize = 1 << 30;

@@ -37,7 +37,7 @@ macro_rules! plain_settings {
 
 plain_settings!(
     SocketAddr => true, PathBuf => true, String => true, LevelFilter => true,
-    Dashboard => true, JwtAlgorithm => true, Cidr => true,
+    Dashboard => true, JwtAlgorithm => true, Cidr => true, EngineKind => true, RedisUrl => true,
     usize => false, u32 => false, f64 => false, bool => false,
 );
 
@@ -230,5 +230,78 @@ impl FromStr for Cidr {
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// The `engine` setting: where seqs, history and cross-node delivery live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// Everything in this process: one node.
+    Memory,
+    /// Redis or Redis Cluster: nodes share channels, seqs, history and per-user limits.
+    Redis,
+}
+
+impl FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        clap::ValueEnum::from_str(s, true).map_err(|_| format!("{s:?} is not memory or redis"))
+    }
+}
+
+/// A Redis address written `redis://[[user]:password@]host:port`. Its password never appears
+/// in `Debug` or `Display`, so it is never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    /// `host:port`.
+    pub host_port: String,
+    /// `AUTH` user, when a password is given (`default` when the URL names none).
+    pub user: Option<String>,
+    /// `AUTH` password.
+    pub password: Option<String>,
+}
+
+impl FromStr for RedisUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("redis://")
+            .ok_or_else(|| "a Redis URL starts with redis:// (TLS is not supported)".to_string())?;
+        let rest = rest.trim_end_matches('/');
+        let (auth, host_port) = match rest.rsplit_once('@') {
+            Some((auth, host_port)) => (Some(auth), host_port),
+            None => (None, rest),
+        };
+        let (user, password) = match auth.map(|a| a.split_once(':').unwrap_or(("", a))) {
+            Some((user, password)) => (
+                Some(if user.is_empty() { "default" } else { user }.to_string()),
+                Some(password.to_string()),
+            ),
+            None => (None, None),
+        };
+        let valid = host_port
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !valid || host_port.contains('/') {
+            return Err("expected redis://host:port, without a database number".into());
+        }
+        Ok(RedisUrl {
+            host_port: host_port.to_string(),
+            user,
+            password,
+        })
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = if self.password.is_some() { "***@" } else { "" };
+        write!(f, "redis://{auth}{}", self.host_port)
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }

@@ -96,7 +96,7 @@ mod tests {
     fn published(seq: u64) -> Published {
         Published {
             seqs: Seqs::One(seq),
-            delivered: 3,
+            reach: crate::publish::Reach::Connections(3),
             duplicate: false,
         }
     }

@@ -12,12 +12,15 @@
 //! - [`memory`]: everything in this process (the default): seqs, epochs, histories.
 //! - [`history`]: one channel's recent frames, bounded by count, bytes and age.
 //! - [`idempotency`]: publishes remembered by their `idem` key.
+//! - [`redis`]: the Redis engine, shared by every node: its answers come later, as
+//!   happenings read from Redis (see its module doc).
 //!
 //! An engine must not block or spawn threads: it runs inside the reactor's pass.
 
 pub mod history;
 pub mod idempotency;
 pub mod memory;
+pub mod redis;
 
 use bytes::Bytes;
 

@@ -90,6 +90,11 @@ impl Hub {
         Some(channel.name)
     }
 
+    /// The name of a channel that has subscribers.
+    pub fn name(&self, id: ChannelId) -> Arc<str> {
+        Arc::clone(&self.channels[id.0 as usize].name)
+    }
+
     /// The channel called `name`, if it has subscribers.
     pub fn find(&self, name: &str) -> Option<ChannelId> {
         self.by_name.get(name).map(|&key| ChannelId(key as u32))

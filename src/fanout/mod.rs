@@ -10,6 +10,7 @@
 //! - [`hub`]: channel → local subscribers.
 //! - [`users`]: user → open connections.
 //! - [`clients`]: the connection slab and its dirty list.
+//! - [`shared`]: the same over the Redis engine, whose answers come later.
 //!
 //! It also carries out the [`Verdict`]s of client sessions (subscribe, resume, refresh) and
 //! opens and ends sessions, since each of those changes the hub, the user index and the
@@ -19,6 +20,7 @@
 
 pub mod clients;
 pub mod hub;
+pub mod shared;
 pub mod users;
 
 use bytes::Bytes;
@@ -27,9 +29,10 @@ use serde_json::value::RawValue;
 use crate::auth::admission::Auth;
 use crate::auth::ratelimit::Rate;
 use crate::engine::Engine;
+use crate::engine::redis::RedisEngine;
 use crate::error::Close;
 use crate::ops::metrics::{Gauges, Metrics};
-use crate::publish::{Published, Seqs, Sink, Target};
+use crate::publish::{Outcome, Published, Reach, Seqs, Sink, Target};
 use crate::reactor::timer::Tick;
 use crate::ws::conn::{ClientConn, ConnId};
 use crate::ws::session::{Inbound, Rules, Verdict};
@@ -37,6 +40,8 @@ use crate::ws::wire::{self, EventTarget, Reply};
 
 pub use clients::Clients;
 pub use hub::Hub;
+pub use shared::Completion;
+use shared::Shared;
 pub use users::Users;
 
 /// Fan-out work per loop pass: frames queued (a line to a channel without subscribers counts
@@ -80,7 +85,11 @@ struct Pass {
 pub struct Fanout {
     clients: Clients,
     hub: Hub,
+    /// Seqs and history of the channels this node keeps itself: every channel under the
+    /// memory engine, the node's own `sidecast:` channels under Redis.
     engine: Box<dyn Engine>,
+    /// The Redis engine, for every other channel, when the node runs one.
+    shared: Option<Shared>,
     users: Users,
     auth: Option<Auth>,
     settings: SessionSettings,
@@ -93,12 +102,19 @@ pub struct Fanout {
 }
 
 impl Fanout {
-    /// An empty fan-out over `engine`; `auth` when tokens are required.
-    pub fn new(engine: Box<dyn Engine>, auth: Option<Auth>, settings: SessionSettings) -> Fanout {
+    /// An empty fan-out over `engine` (and `redis` for every channel outside `sidecast:`, when
+    /// given); `auth` when tokens are required.
+    pub fn new(
+        engine: Box<dyn Engine>,
+        redis: Option<Box<RedisEngine>>,
+        auth: Option<Auth>,
+        settings: SessionSettings,
+    ) -> Fanout {
         Fanout {
             clients: Clients::default(),
             hub: Hub::new(),
             engine,
+            shared: redis.map(Shared::new),
             users: Users::default(),
             auth,
             settings,
@@ -164,7 +180,11 @@ impl Fanout {
         if subscribers.is_empty() && tabs.is_empty() && !self.engine.keeps_history() {
             return (seq, 0);
         }
-        let frame = wire::event_frame(EventTarget::Channel(channel, seq), data, &mut self.scratch);
+        let frame = wire::event_frame(
+            EventTarget::Channel(channel, seq),
+            data.get().as_bytes(),
+            &mut self.scratch,
+        );
         let started_us = self.pass.started_us;
         let mut delivered = 0;
         for id in subscribers {
@@ -195,15 +215,36 @@ impl Fanout {
 
     /// One frame to every open WebSocket; broadcasts have no seq and no history.
     fn broadcast(&mut self, data: &RawValue) -> usize {
-        let frame = wire::event_frame(EventTarget::Broadcast, data, &mut self.scratch);
-        let started_us = self.pass.started_us;
-        let mut delivered = 0;
-        self.clients
-            .for_each(|conn| delivered += usize::from(deliver(conn, &frame, started_us)));
         self.metrics.events_published += 1;
-        self.metrics.frames_delivered += delivered as u64;
-        self.pass.deliveries += delivered.max(1);
-        delivered
+        self.broadcast_local(data.get().as_bytes())
+    }
+
+    /// Whether `channel` lives in the shared engine (all but the node's own `sidecast:`
+    /// channels, when there is one).
+    fn is_shared(&self, channel: &str) -> bool {
+        self.shared.is_some() && !channel.starts_with(wire::RESERVED_PREFIX)
+    }
+
+    /// This node gains a reason to watch `channel`.
+    fn watch(&mut self, channel: &str) {
+        if self.is_shared(channel) {
+            self.shared.as_mut().expect("shared").engine.watch(channel);
+        } else {
+            self.engine.watch(channel);
+        }
+    }
+
+    /// This node loses a reason to watch `channel`.
+    fn unwatch(&mut self, channel: &str) {
+        if self.is_shared(channel) {
+            self.shared
+                .as_mut()
+                .expect("shared")
+                .engine
+                .unwatch(channel);
+        } else {
+            self.engine.unwatch(channel, self.pass.now);
+        }
     }
 
     // ---- sessions ----
@@ -228,12 +269,34 @@ impl Fanout {
                     log::debug!("conn={} from {}: {detail}", id.generation, conn.peer());
                     close
                 })?;
-            self.users.add(&identity.user, id);
+            let first = self.users.add(&identity.user, id);
             let tick = auth.expiry_tick(&identity, self.pass.now, self.pass.unix_secs);
             expires = Some(tick);
+            let max = auth.max_per_user();
+            if let Some(shared) = &mut self.shared {
+                // The user's events and disconnects reach this node while a tab is open
+                // here; the lease counts the tab on every node.
+                if first {
+                    shared.engine.watch(&format!("user:{}", identity.user));
+                }
+                if shared.engine.lease(&identity.user, id, max) {
+                    let session = conn.session_mut().expect("an open session");
+                    session.set_identity(identity, tick);
+                    return Ok(expires); // `connected` once the lease is held
+                }
+            }
             let session = conn.session_mut().expect("an open session");
             session.set_identity(identity, tick);
         }
+        drop(conn);
+        self.send_connected(key);
+        Ok(expires)
+    }
+
+    /// Sends `connected` to a session just admitted.
+    fn send_connected(&mut self, key: usize) {
+        let mut conn = self.clients.live_mut(key);
+        let id = conn.id();
         let settings = &self.settings;
         let client_id = format!("{:08x}{:08x}", settings.instance, id.generation);
         let session = conn.session().expect("an open session");
@@ -247,7 +310,6 @@ impl Fanout {
             rate_burst: settings.rate_burst,
             user_id: user_id.as_deref(),
         });
-        Ok(expires)
     }
 
     /// Judges one client message and carries out the verdict. Returns a close verdict for
@@ -278,10 +340,16 @@ impl Fanout {
             Verdict::Subscribe { channel, since, id } => {
                 let name = channel.as_str();
                 let (channel_id, joined) = self.hub.subscribe(&channel, conn_id);
-                if joined == hub::Joined::First {
-                    self.engine.watch(name);
-                }
                 conn.session_mut()?.add_subscription(channel_id);
+                drop(conn);
+                if joined == hub::Joined::First {
+                    self.watch(name);
+                }
+                if self.is_shared(name) {
+                    self.join_shared(key, name, since, id);
+                    return None;
+                }
+                let mut conn = self.clients.live_mut(key);
                 // Replayed within this call: on one thread no publish can land between the
                 // replay and live delivery, so there is no gap and no duplicate.
                 let missed = since.map(|since| self.engine.replay(name, &since, now));
@@ -298,16 +366,21 @@ impl Fanout {
                 }
             }
             Verdict::Unsubscribe { channel, id } => {
+                let mut last = None;
                 if let Some(channel_id) = self.hub.find(channel.as_str())
                     && conn.session_mut()?.remove_subscription(channel_id)
-                    && let Some(name) = self.hub.unsubscribe(channel_id, conn_id)
                 {
-                    self.engine.unwatch(&name, now);
+                    last = self.hub.unsubscribe(channel_id, conn_id);
                 }
                 conn.send_reply(&Reply::Unsubscribed {
                     channel: channel.as_str(),
                     id: id.as_ref(),
                 });
+                drop(conn);
+                self.forget_join(channel.as_str(), conn_id);
+                if let Some(name) = last {
+                    self.unwatch(&name);
+                }
             }
             Verdict::Refresh { identity, id } => {
                 let auth = self.auth.as_ref()?;
@@ -327,7 +400,6 @@ impl Fanout {
     /// Close frame: leaves every channel, forgets its user, updates the gauge and counts the
     /// disconnect, once.
     pub fn end(&mut self, key: usize, close: Close) {
-        let now = self.pass.now;
         let Some(mut conn) = self.clients.get_mut(key) else {
             return;
         };
@@ -335,18 +407,37 @@ impl Fanout {
             return;
         };
         let id = conn.id();
+        let reason = conn.close_reason().unwrap_or(close);
+        drop(conn);
         for channel in ended.subscriptions {
+            let name = self.hub.name(channel);
+            self.forget_join(&name, id);
             if let Some(name) = self.hub.unsubscribe(channel, id) {
-                self.engine.unwatch(&name, now);
+                self.unwatch(&name);
             }
         }
         if let Some(user) = ended.user {
-            self.users.remove(&user, id);
+            let last = self.users.remove(&user, id);
+            if let Some(shared) = &mut self.shared {
+                shared.engine.release(id);
+                if last {
+                    shared.engine.unwatch(&format!("user:{user}"));
+                }
+            }
         }
-        let reason = conn.close_reason().unwrap_or(close);
         self.metrics.connections -= 1;
         self.metrics.disconnected(reason);
         log::debug!("conn={} closed: {}", id.generation, reason.label());
+    }
+
+    /// Closes this node's connections of `user` (4003); returns how many.
+    fn close_user(&mut self, user: &str) -> usize {
+        let tabs = self.users.connections(user).to_vec();
+        for id in &tabs {
+            self.end(id.key as usize, Close::DisconnectedByServer);
+            self.closed_by_command.push(*id);
+        }
+        tabs.len()
     }
 
     /// Connections a publisher's `disconnect` closed in this pass.
@@ -382,6 +473,7 @@ impl Fanout {
             history_events: engine.history_events,
             history_bytes: engine.history_bytes,
             idempotency_keys: engine.idempotency_keys,
+            redis: self.redis_state(),
         }
     }
 }
@@ -398,16 +490,19 @@ fn deliver(conn: &mut ClientConn, frame: &Bytes, started_us: u64) -> bool {
 }
 
 impl Sink for Fanout {
-    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Published {
+    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Outcome {
+        if self.shared.is_some() {
+            return self.publish_shared(target, data, idem);
+        }
         let now = self.pass.now;
         if let Some(key) = idem
             && let Some(first) = self.engine.recall(key, now)
         {
             self.metrics.publish_duplicates += 1;
-            return Published {
+            return Outcome::Done(Published {
                 duplicate: true,
                 ..first
-            };
+            });
         }
         let (seqs, delivered) = match target {
             Target::Channel(channel) => {
@@ -433,25 +528,31 @@ impl Sink for Fanout {
         };
         let published = Published {
             seqs,
-            delivered,
+            reach: Reach::Connections(delivered),
             duplicate: false,
         };
         if let Some(key) = idem {
             self.engine.remember(key, &published, now);
         }
-        published
+        Outcome::Done(published)
     }
 
-    fn disconnect_user(&mut self, user: &str) -> usize {
-        let tabs = self.users.connections(user).to_vec();
-        for id in &tabs {
-            self.end(id.key as usize, Close::DisconnectedByServer);
-            self.closed_by_command.push(*id);
+    fn disconnect_user(&mut self, user: &str) -> Outcome {
+        if self.shared.is_some() {
+            return self.disconnect_shared(user);
         }
-        tabs.len()
+        Outcome::Done(Published {
+            seqs: Seqs::None,
+            reach: Reach::Disconnected(self.close_user(user)),
+            duplicate: false,
+        })
     }
 
     fn has_capacity(&self) -> bool {
         self.pass.deliveries < DELIVERIES_PER_PASS
+            && self
+                .shared
+                .as_ref()
+                .is_none_or(|shared| shared.engine.has_capacity())
     }
 }

@@ -18,21 +18,26 @@ impl Users {
         self.0.get(user).map_or(&[], Vec::as_slice)
     }
 
-    /// Records that `conn` is open for `user`.
-    pub fn add(&mut self, user: &str, conn: ConnId) {
+    /// Records that `conn` is open for `user`; true when it is the user's first.
+    pub fn add(&mut self, user: &str, conn: ConnId) -> bool {
         let tabs = self.0.entry(user.into()).or_default();
         debug_assert!(!tabs.contains(&conn));
         tabs.push(conn);
+        tabs.len() == 1
     }
 
-    /// Forgets `conn` of `user`, and the user with their last connection.
-    pub fn remove(&mut self, user: &str, conn: ConnId) {
-        if let Some(tabs) = self.0.get_mut(user) {
-            tabs.retain(|id| *id != conn);
-            if tabs.is_empty() {
-                self.0.remove(user);
-            }
+    /// Forgets `conn` of `user`, and the user with their last connection; true when it was
+    /// the last.
+    pub fn remove(&mut self, user: &str, conn: ConnId) -> bool {
+        let Some(tabs) = self.0.get_mut(user) else {
+            return false;
+        };
+        tabs.retain(|id| *id != conn);
+        if tabs.is_empty() {
+            self.0.remove(user);
+            return true;
         }
+        false
     }
 }
 

@@ -1,20 +1,79 @@
 //! `GET /health`: a small JSON document for load balancers and orchestrators.
+//!
+//! `200` with `"status":"ok"` while the node can serve. Under the Redis engine, a node that
+//! cannot reach every Redis shard answers `503` with `"status":"unavailable"`: its WebSockets
+//! stay open, but publishes fail and new subscribers wait, so a load balancer should steer
+//! new connections to a node that can serve.
 
-/// The health document: always `ok` while the loop answers, with a few figures.
-pub fn health_json(connections: u64, channels: usize, uptime_secs: u64) -> String {
-    format!(
-        "{{\"status\":\"ok\",\"connections\":{connections},\"channels\":{channels},\"uptimeSecs\":{uptime_secs}}}"
-    )
+use crate::engine::redis::RedisState;
+
+/// The figures the document reports.
+#[derive(Clone, Copy, Debug)]
+pub struct Health {
+    /// Open WebSockets.
+    pub connections: u64,
+    /// Channels with subscribers.
+    pub channels: usize,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// The Redis engine's state, when it runs.
+    pub redis: Option<RedisState>,
+}
+
+impl Health {
+    /// Whether the node can serve.
+    pub fn is_ok(&self) -> bool {
+        self.redis.is_none_or(|redis| redis.up)
+    }
+
+    /// The JSON document.
+    pub fn json(&self) -> String {
+        let Health {
+            connections,
+            channels,
+            uptime_secs,
+            redis,
+        } = *self;
+        let status = if self.is_ok() { "ok" } else { "unavailable" };
+        let engine = match redis {
+            None => "\"engine\":\"memory\"".to_string(),
+            Some(r) => format!(
+                "\"engine\":\"redis\",\"redis\":{{\"up\":{},\"shardsUp\":{},\"shards\":{}}}",
+                r.up, r.shards_up, r.shards
+            ),
+        };
+        format!(
+            "{{\"status\":\"{status}\",\"connections\":{connections},\"channels\":{channels},\"uptimeSecs\":{uptime_secs},{engine}}}"
+        )
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn is_json_with_the_figures() {
-        let value: serde_json::Value = serde_json::from_str(&super::health_json(3, 2, 7)).unwrap();
+    fn is_json_with_the_figures_and_the_engine_state() {
+        let mut health = Health {
+            connections: 3,
+            channels: 2,
+            uptime_secs: 7,
+            redis: None,
+        };
+        let value: serde_json::Value = serde_json::from_str(&health.json()).unwrap();
         assert_eq!(value["status"], "ok");
         assert_eq!(value["connections"], 3);
         assert_eq!(value["channels"], 2);
         assert_eq!(value["uptimeSecs"], 7);
+        assert_eq!(value["engine"], "memory");
+        health.redis = Some(RedisState {
+            shards: 3,
+            shards_up: 2,
+            ..RedisState::default()
+        });
+        assert!(!health.is_ok());
+        let value: serde_json::Value = serde_json::from_str(&health.json()).unwrap();
+        assert_eq!(value["status"], "unavailable");
+        assert_eq!(value["redis"]["shardsUp"], 2);
     }
 }

@@ -74,6 +74,10 @@ pub struct Metrics {
     pub publish_errors: u64,
     /// Publishes answered from an `idem` key already used (not published again).
     pub publish_duplicates: u64,
+    /// Publishes answered `unavailable`: the engine could not store them.
+    pub publish_unavailable: u64,
+    /// Gaps reported to subscribers (events a shared engine could not deliver).
+    pub gaps_reported: u64,
     /// TCP connections dropped before completing a request head in time.
     pub handshake_timeouts: u64,
     /// Requests refused with an HTTP error status.
@@ -97,6 +101,8 @@ pub struct Gauges {
     pub history_bytes: usize,
     /// Idempotency keys the engine remembers.
     pub idempotency_keys: usize,
+    /// The Redis engine's state, when it runs.
+    pub redis: Option<crate::engine::redis::RedisState>,
 }
 
 impl Metrics {
@@ -204,6 +210,56 @@ impl Metrics {
             self.publish_duplicates,
         );
         metric(
+            "sidecast_publish_unavailable_total",
+            "counter",
+            "Publishes answered unavailable (retry): the engine could not store them.",
+            self.publish_unavailable,
+        );
+        metric(
+            "sidecast_gaps_reported_total",
+            "counter",
+            "Gaps reported to subscribers: events that could not be delivered or recovered.",
+            self.gaps_reported,
+        );
+        if let Some(redis) = &gauges.redis {
+            metric(
+                "sidecast_redis_up",
+                "gauge",
+                "1 when every Redis shard is connected and the slot map is known.",
+                u64::from(redis.up),
+            );
+            metric(
+                "sidecast_redis_shards_up",
+                "gauge",
+                "Redis shards (masters) connected.",
+                redis.shards_up as u64,
+            );
+            metric(
+                "sidecast_redis_shards",
+                "gauge",
+                "Redis shards (masters) known.",
+                redis.shards as u64,
+            );
+            metric(
+                "sidecast_redis_in_flight",
+                "gauge",
+                "Publishes waiting for Redis's answer.",
+                redis.in_flight as u64,
+            );
+            metric(
+                "sidecast_redis_held_events",
+                "gauge",
+                "Events held while a gap is filled from the stream.",
+                redis.held as u64,
+            );
+            metric(
+                "sidecast_redis_disconnects_total",
+                "counter",
+                "Redis connections lost.",
+                redis.disconnects,
+            );
+        }
+        metric(
             "sidecast_handshake_timeouts_total",
             "counter",
             "Connections dropped for not completing their request in time.",
@@ -252,6 +308,7 @@ mod tests {
             history_events: 0,
             history_bytes: 0,
             idempotency_keys: 0,
+            redis: None,
         });
         assert!(text.contains("# TYPE sidecast_connections gauge\nsidecast_connections 3\n"));
         assert!(text.contains("sidecast_channels 2\n"));
@@ -276,6 +333,7 @@ mod tests {
             history_events: 0,
             history_bytes: 0,
             idempotency_keys: 0,
+            redis: None,
         });
         let name = "sidecast_publish_write_latency_seconds";
         for (le, count) in [

@@ -70,17 +70,44 @@ pub enum Seqs {
     Many(Vec<u64>),
 }
 
+/// Who a publish reached, as far as the engine knows it when it answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// The memory engine: connections the event was queued to (`"delivered"`).
+    Connections(usize),
+    /// The Redis engine: nodes subscribed to the channel when Redis published it, summed
+    /// over the channels (`"nodes"`). Which connections on them get it is not known here.
+    Nodes(usize),
+    /// A memory-engine `disconnect`: connections closed (`"disconnected"`).
+    Disconnected(usize),
+}
+
 /// The result of executing one command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Published {
     /// Sequence numbers taken.
     pub seqs: Seqs,
-    /// Connections the event was queued to.
-    pub delivered: usize,
+    /// Who it reached.
+    pub reach: Reach,
     /// True when this is a retry under an `idem` key already used: nothing was published
-    /// now, and `seqs` and `delivered` are the first publish's.
+    /// now, and `seqs` and `reach` are the first publish's.
     pub duplicate: bool,
 }
+
+/// How the sink took a command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Executed now.
+    Done(Published),
+    /// Sent to a shared engine: the answer for `ticket` comes later (see
+    /// [`PublisherConn::complete`](super::PublisherConn::complete)).
+    Waiting(u64),
+    /// Not executed: the engine cannot be reached. The worker may retry.
+    Unavailable,
+}
+
+/// The error text of a publish the engine could not take, retryable.
+pub const UNAVAILABLE: &str = "unavailable";
 
 /// Longest `idem` key, in bytes.
 pub const MAX_IDEM_LEN: usize = 128;
@@ -88,10 +115,10 @@ pub const MAX_IDEM_LEN: usize = 128;
 /// Executes publish commands: the reactor's fan-out.
 pub trait Sink {
     /// Publishes `data` to `target`, once per `idem` key when one is given.
-    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Published;
+    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Outcome;
 
-    /// Closes every connection of `user`; returns how many.
-    fn disconnect_user(&mut self, user: &str) -> usize;
+    /// Closes every connection of `user`.
+    fn disconnect_user(&mut self, user: &str) -> Outcome;
 
     /// False once this loop pass has done its share of fan-out: the publisher stops reading
     /// and resumes in the next pass, after the queued frames were flushed.
@@ -263,16 +290,91 @@ fn is_valid_id(id: &RawValue) -> bool {
     matches!(id.get().as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
 }
 
-/// One executed command: its reply line (with `"id":null` when it had no id) and whether
-/// the publisher asked for it (it had an id).
+/// One executed command: its reply, and whether the publisher asked for it (it had an id).
 #[derive(Debug)]
 pub struct Executed {
-    /// The reply line, newline-terminated.
-    pub reply: String,
-    /// The command succeeded.
-    pub ok: bool,
+    /// The reply, now or later.
+    pub answer: Answer,
     /// The command carried an id: a line-mode publisher reads this reply.
     pub wanted: bool,
+}
+
+/// A command's reply line, or what is needed to render it once the engine answers.
+#[derive(Debug)]
+pub enum Answer {
+    /// The reply line (with `"id":null` when the command had none), newline-terminated.
+    Ready {
+        /// The line.
+        line: String,
+        /// The command succeeded.
+        ok: bool,
+    },
+    /// Waiting for the engine's answer to `ticket`.
+    Waiting {
+        /// The sink's ticket.
+        ticket: u64,
+        /// How to render it.
+        render: Render,
+    },
+}
+
+/// What a reply line needs from its command: the id and the target's shape.
+#[derive(Debug, Clone)]
+pub struct Render {
+    /// The id, as written (`null` without one).
+    id: Box<str>,
+    /// A multi-channel publish's channel names, in order.
+    channels: Option<Vec<Box<str>>>,
+}
+
+impl Render {
+    fn new(id: Option<&RawValue>, target: Option<&Target<'_>>) -> Render {
+        let channels = match target {
+            Some(Target::Channels(names)) => Some(names.iter().map(|n| (**n).into()).collect()),
+            _ => None,
+        };
+        Render {
+            id: id.map_or("null", RawValue::get).into(),
+            channels,
+        }
+    }
+
+    /// The reply line and whether it is a success, for the engine's answer.
+    pub fn line(&self, outcome: &Outcome) -> (String, bool) {
+        match outcome {
+            Outcome::Done(published) => (self.ok_line(published), true),
+            Outcome::Unavailable | Outcome::Waiting(_) => (unavailable_line(&self.id), false),
+        }
+    }
+
+    fn ok_line(&self, published: &Published) -> String {
+        let mut line = format!("{{\"id\":{},\"ok\":true", self.id);
+        match (&published.seqs, &self.channels) {
+            (Seqs::One(seq), _) => {
+                let _ = write!(line, ",\"seq\":{seq}");
+            }
+            (Seqs::Many(seqs), Some(names)) => {
+                line.push_str(",\"seqs\":{");
+                for (i, (name, seq)) in names.iter().zip(seqs).enumerate() {
+                    let comma = if i == 0 { "" } else { "," };
+                    // Validated channel names need no escaping.
+                    let _ = write!(line, "{comma}\"{name}\":{seq}");
+                }
+                line.push('}');
+            }
+            _ => {}
+        }
+        if published.duplicate {
+            line.push_str(",\"duplicate\":true");
+        }
+        let (key, count) = match published.reach {
+            Reach::Connections(n) => ("delivered", n),
+            Reach::Nodes(n) => ("nodes", n),
+            Reach::Disconnected(n) => ("disconnected", n),
+        };
+        let _ = writeln!(line, ",\"{key}\":{count}}}");
+        line
+    }
 }
 
 /// Parses and executes one command line (a trailing `\r` is ignored). `None` for a blank
@@ -282,61 +384,45 @@ pub fn execute(line: &[u8], sink: &mut impl Sink) -> Option<Executed> {
     if line.iter().all(u8::is_ascii_whitespace) {
         return None;
     }
-    Some(match parse_command(line) {
+    let (id, render, outcome) = match parse_command(line) {
         Ok(Command {
             id,
             action: Action::Publish { target, data, idem },
-        }) => {
-            let published = sink.publish(&target, data, idem.as_deref());
-            Executed {
-                reply: ok_reply(id, &target, &published),
-                ok: true,
-                wanted: id.is_some(),
-            }
-        }
+        }) => (
+            id,
+            Render::new(id, Some(&target)),
+            sink.publish(&target, data, idem.as_deref()),
+        ),
         Ok(Command {
             id,
             action: Action::DisconnectUser(user),
-        }) => {
-            let closed = sink.disconnect_user(&user);
-            let id_text = id.map_or("null", RawValue::get);
-            Executed {
-                reply: format!("{{\"id\":{id_text},\"ok\":true,\"disconnected\":{closed}}}\n"),
-                ok: true,
-                wanted: id.is_some(),
-            }
+        }) => (id, Render::new(id, None), sink.disconnect_user(&user)),
+        Err(error) => {
+            return Some(Executed {
+                answer: Answer::Ready {
+                    line: error_reply(error.id, &error.message),
+                    ok: false,
+                },
+                wanted: error.id.is_some(),
+            });
         }
-        Err(error) => Executed {
-            reply: error_reply(error.id, &error.message),
-            ok: false,
-            wanted: error.id.is_some(),
-        },
+    };
+    let answer = match outcome {
+        Outcome::Waiting(ticket) => Answer::Waiting { ticket, render },
+        done => {
+            let (line, ok) = render.line(&done);
+            Answer::Ready { line, ok }
+        }
+    };
+    Some(Executed {
+        answer,
+        wanted: id.is_some(),
     })
 }
 
 /// Renders the success reply of a command (`"id":null` without one).
 pub fn ok_reply(id: Option<&RawValue>, target: &Target<'_>, published: &Published) -> String {
-    let mut line = format!("{{\"id\":{},\"ok\":true", id.map_or("null", RawValue::get));
-    match (&published.seqs, target) {
-        (Seqs::One(seq), _) => {
-            let _ = write!(line, ",\"seq\":{seq}");
-        }
-        (Seqs::Many(seqs), Target::Channels(names)) => {
-            line.push_str(",\"seqs\":{");
-            for (i, (name, seq)) in names.iter().zip(seqs).enumerate() {
-                let comma = if i == 0 { "" } else { "," };
-                // Validated channel names need no escaping.
-                let _ = write!(line, "{comma}\"{name}\":{seq}");
-            }
-            line.push('}');
-        }
-        _ => {}
-    }
-    if published.duplicate {
-        line.push_str(",\"duplicate\":true");
-    }
-    let _ = writeln!(line, ",\"delivered\":{}}}", published.delivered);
-    line
+    Render::new(id, Some(target)).ok_line(published)
 }
 
 /// Renders an error reply; `id` is `null` when the command had none that could be read.
@@ -344,6 +430,12 @@ pub fn error_reply(id: Option<&RawValue>, message: &str) -> String {
     let id = id.map_or("null", RawValue::get);
     let message = serde_json::to_string(message).expect("strings always serialize");
     format!("{{\"id\":{id},\"ok\":false,\"error\":{message}}}\n")
+}
+
+/// The reply to a publish the engine could not take: `"retry":true` tells the worker that
+/// trying again may succeed.
+fn unavailable_line(id: &str) -> String {
+    format!("{{\"id\":{id},\"ok\":false,\"error\":\"{UNAVAILABLE}\",\"retry\":true}}\n")
 }
 
 #[cfg(test)]
@@ -461,7 +553,7 @@ mod tests {
         let id = raw("7");
         let one = Published {
             seqs: Seqs::One(18),
-            delivered: 1000,
+            reach: Reach::Connections(1000),
             duplicate: false,
         };
         assert_eq!(
@@ -470,17 +562,17 @@ mod tests {
         );
         let many = Published {
             seqs: Seqs::Many(vec![18, 3]),
-            delivered: 2,
+            reach: Reach::Nodes(2),
             duplicate: false,
         };
         let target = Target::Channels(vec!["project:42".into(), "order:7".into()]);
         assert_eq!(
             ok_reply(Some(&id), &target, &many),
-            "{\"id\":7,\"ok\":true,\"seqs\":{\"project:42\":18,\"order:7\":3},\"delivered\":2}\n"
+            "{\"id\":7,\"ok\":true,\"seqs\":{\"project:42\":18,\"order:7\":3},\"nodes\":2}\n"
         );
         let all = Published {
             seqs: Seqs::None,
-            delivered: 5,
+            reach: Reach::Connections(5),
             duplicate: true,
         };
         assert_eq!(
@@ -490,6 +582,10 @@ mod tests {
         assert_eq!(
             error_reply(None, "bad \"x\""),
             "{\"id\":null,\"ok\":false,\"error\":\"bad \\\"x\\\"\"}\n"
+        );
+        assert_eq!(
+            Render::new(Some(&id), None).line(&Outcome::Unavailable).0,
+            "{\"id\":7,\"ok\":false,\"error\":\"unavailable\",\"retry\":true}\n"
         );
     }
 }

@@ -10,8 +10,8 @@
 //! `source` and `id` as the idempotency key, so a redelivery is answered without publishing
 //! twice. The answer is Dapr's status: `SUCCESS`, or `DROP` (with a log line) for an event
 //! that can never be mapped: not a CloudEvent, a missing or unusable template field, a bad
-//! channel name, binary data. The in-memory engine always takes an event it can map, so it
-//! never asks for `RETRY`; a dropped connection (a restart) makes Dapr redeliver.
+//! channel name, binary data; or `RETRY` when the engine could not store it (the Redis
+//! engine, while Redis is unreachable), answered only once every event's fate is known.
 
 use std::borrow::Cow;
 use std::hash::{Hash, Hasher};
@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::command::{MAX_IDEM_LEN, Sink, Target, check_publishable, check_user};
+use super::command::{MAX_IDEM_LEN, Outcome, Sink, Target, check_publishable, check_user};
 
 /// The `[dapr]` section of the config file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -142,6 +142,10 @@ pub enum Status {
     Success,
     /// Can never be mapped; Dapr drops it (and may dead-letter it).
     Drop,
+    /// The engine could not take it now (Redis unreachable); Dapr redelivers it.
+    Retry,
+    /// Sent to the engine; its answer for this ticket decides.
+    Waiting(u64),
 }
 
 impl Status {
@@ -149,6 +153,7 @@ impl Status {
         match self {
             Status::Success => "SUCCESS",
             Status::Drop => "DROP",
+            Status::Retry | Status::Waiting(_) => "RETRY",
         }
     }
 }
@@ -225,10 +230,11 @@ impl Dapr {
     pub fn deliver(&self, n: usize, event: &Value, sink: &mut impl Sink) -> Status {
         let (sub, destination) = &self.subscriptions[n];
         match self.map(destination, event) {
-            Ok((target, data, key)) => {
-                sink.publish(&target, &data, Some(&key));
-                Status::Success
-            }
+            Ok((target, data, key)) => match sink.publish(&target, &data, Some(&key)) {
+                Outcome::Done(_) => Status::Success,
+                Outcome::Unavailable => Status::Retry,
+                Outcome::Waiting(ticket) => Status::Waiting(ticket),
+            },
             Err(why) => {
                 let id = event.get("id").and_then(Value::as_str).unwrap_or("?");
                 log::warn!("dapr topic {}: dropped event {id}: {why}", sub.topic);
@@ -274,7 +280,8 @@ impl Dapr {
 
     /// Delivers the events of the body Dapr posted to subscription `n` (one CloudEvent, or
     /// the bulk format) from where `progress` stopped, while the sink has capacity. Returns
-    /// the response body once every event is done, `None` when the budget ran out first.
+    /// the response body once every event is done and answered; `None` while the budget ran
+    /// out first or an engine's answer is awaited ([`Progress::is_waiting`]).
     pub fn step(
         &self,
         n: usize,
@@ -282,28 +289,37 @@ impl Dapr {
         progress: &mut Progress,
         sink: &mut impl Sink,
     ) -> Option<String> {
-        let Some(entries) = body.get("entries").and_then(Value::as_array) else {
+        let entries = body.get("entries").and_then(Value::as_array);
+        let count = entries.map_or(1, Vec::len);
+        while progress.statuses.len() < count {
             if !sink.has_capacity() {
                 return None;
             }
-            let status = self.deliver(n, body, sink);
-            return Some(format!("{{\"status\":\"{}\"}}", status.as_str()));
-        };
-        while let Some(entry) = entries.get(progress.next) {
-            if !sink.has_capacity() {
-                return None;
-            }
-            progress.next += 1;
-            let status = match entry.get("event") {
-                Some(event) if event.is_object() => self.deliver(n, event, sink),
-                _ => Status::Drop,
+            let (entry_id, status) = match entries {
+                None => (Value::Null, self.deliver(n, body, sink)),
+                Some(entries) => {
+                    let entry = &entries[progress.statuses.len()];
+                    let status = match entry.get("event") {
+                        Some(event) if event.is_object() => self.deliver(n, event, sink),
+                        _ => Status::Drop,
+                    };
+                    let id = entry.get("entryId").cloned().unwrap_or(Value::Null);
+                    (id, status)
+                }
             };
-            progress.statuses.push(serde_json::json!({
-                "entryId": entry.get("entryId").cloned().unwrap_or(Value::Null),
-                "status": status.as_str(),
-            }));
+            progress.statuses.push((entry_id, status));
+        }
+        if progress.is_waiting() {
+            return None;
         }
         let statuses = std::mem::take(&mut progress.statuses);
+        if entries.is_none() {
+            return Some(format!("{{\"status\":\"{}\"}}", statuses[0].1.as_str()));
+        }
+        let statuses: Vec<Value> = statuses
+            .into_iter()
+            .map(|(id, status)| serde_json::json!({"entryId": id, "status": status.as_str()}))
+            .collect();
         Some(serde_json::json!({ "statuses": statuses }).to_string())
     }
 }
@@ -311,10 +327,34 @@ impl Dapr {
 /// How far a Dapr request's events have been delivered (see [`Dapr::step`]).
 #[derive(Debug, Default)]
 pub struct Progress {
-    /// The next bulk entry.
-    next: usize,
-    /// The statuses of the entries delivered so far.
-    statuses: Vec<Value>,
+    /// Each entry delivered so far (a single event's id is `null`), with its status.
+    statuses: Vec<(Value, Status)>,
+}
+
+impl Progress {
+    /// Some event waits for the engine's answer.
+    pub fn is_waiting(&self) -> bool {
+        self.statuses
+            .iter()
+            .any(|(_, s)| matches!(s, Status::Waiting(_)))
+    }
+
+    /// The engine answered `ticket`: `stored` or not. Returns whether it was one of these.
+    pub fn complete(&mut self, ticket: u64, stored: bool) -> bool {
+        let Some((_, status)) = self
+            .statuses
+            .iter_mut()
+            .find(|(_, s)| *s == Status::Waiting(ticket))
+        else {
+            return false;
+        };
+        *status = if stored {
+            Status::Success
+        } else {
+            Status::Retry
+        };
+        true
+    }
 }
 
 /// `ce:<source>:<id>` (the pair CloudEvents makes unique), hashed when it is too long.

@@ -18,6 +18,6 @@ pub mod publisher;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use command::{Published, Seqs, Sink, Target};
+pub use command::{Outcome, Published, Reach, Seqs, Sink, Target};
 pub use port::{PublisherConn, ReadStatus};
 pub use publisher::Publisher;

@@ -24,7 +24,9 @@ use std::io::{self, Read, Write};
 use mio::event::Source;
 use mio::net::{TcpStream, UnixStream};
 
-use super::command::{self, Sink, error_reply};
+use std::collections::VecDeque;
+
+use super::command::{self, Answer, Outcome, Render, Sink, error_reply};
 use super::dapr;
 use super::http::{self, Ask, Head, HttpRules};
 use crate::ws;
@@ -35,6 +37,8 @@ pub enum ReadStatus {
     Pending,
     /// The pass's fan-out budget is spent and the socket may hold more: call again next pass.
     Paused,
+    /// An HTTP request waits for the engine's answers: [`PublisherConn::complete`] resumes it.
+    Waiting,
     /// The publisher closed its side; every line was executed.
     Finished,
     /// The stream broke (I/O error, or a line over the limit); close now, after flushing
@@ -107,22 +111,105 @@ enum Work {
     },
 }
 
+/// A command's reply in its place among the others: ready, or awaiting the engine.
+enum Slot {
+    Ready {
+        line: String,
+        ok: bool,
+        wanted: bool,
+    },
+    Waiting {
+        ticket: u64,
+        render: Render,
+        wanted: bool,
+    },
+}
+
+/// Replies in command order. Invariant: the front is `Waiting` (ready replies before it have
+/// gone out) unless the queue is in the hands of an HTTP job, which renders them all at once.
+#[derive(Default)]
+struct Replies(VecDeque<Slot>);
+
+impl Replies {
+    fn push(&mut self, executed: command::Executed) {
+        let wanted = executed.wanted;
+        self.0.push_back(match executed.answer {
+            Answer::Ready { line, ok } => Slot::Ready { line, ok, wanted },
+            Answer::Waiting { ticket, render } => Slot::Waiting {
+                ticket,
+                render,
+                wanted,
+            },
+        });
+    }
+
+    /// Fills in the answer to `ticket`; false when it is not one of these.
+    fn complete(&mut self, ticket: u64, outcome: &Outcome) -> bool {
+        for slot in &mut self.0 {
+            if let Slot::Waiting {
+                ticket: t,
+                render,
+                wanted,
+            } = slot
+                && *t == ticket
+            {
+                let (line, ok) = render.line(outcome);
+                *slot = Slot::Ready {
+                    line,
+                    ok,
+                    wanted: *wanted,
+                };
+                return true;
+            }
+        }
+        false
+    }
+
+    fn is_waiting(&self) -> bool {
+        self.0.iter().any(|s| matches!(s, Slot::Waiting { .. }))
+    }
+
+    /// The ready replies at the front, in order: (line, ok, wanted).
+    fn take_ready(&mut self) -> impl Iterator<Item = (String, bool, bool)> + '_ {
+        std::iter::from_fn(|| match self.0.front() {
+            Some(Slot::Ready { .. }) => match self.0.pop_front() {
+                Some(Slot::Ready { line, ok, wanted }) => Some((line, ok, wanted)),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+}
+
 /// A `POST /publish` body's lines as they are executed.
 #[derive(Default)]
 struct Lines {
     /// Bytes of the body executed so far.
     cursor: usize,
-    replies: String,
+    replies: Replies,
     commands: usize,
-    /// Commands refused.
-    failed: usize,
 }
 
 impl Lines {
+    /// The response body and how many commands failed, once every reply is known.
+    fn render(&mut self) -> (String, usize) {
+        let mut body = String::new();
+        let mut failed = 0;
+        for (line, ok, _) in self.replies.take_ready() {
+            failed += usize::from(!ok);
+            body.push_str(&line);
+        }
+        if self.commands == 0 {
+            failed = 1;
+            body = error_reply(None, "the body holds no publish command");
+        }
+        (body, failed)
+    }
+
     /// The status line and content type of the response: 200 when every command succeeded,
     /// 400 when one failed (the body says which) or there was none.
-    fn status(&self) -> (&'static str, &'static str) {
-        let status = if self.failed > 0 || self.commands == 0 {
+    fn status(&self, failed: usize) -> (&'static str, &'static str) {
+        let status = if failed > 0 {
             "400 Bad Request"
         } else {
             "200 OK"
@@ -137,7 +224,7 @@ impl Lines {
 }
 
 /// Executes the lines of a `POST /publish` body from where `job` stopped, while the sink has
-/// capacity. Returns true once the body is done. The last line needs no newline.
+/// capacity. Returns true once every line was executed. The last line needs no newline.
 fn run_lines(job: &mut Lines, body: &[u8], sink: &mut impl Sink) -> bool {
     while job.cursor < body.len() {
         if !sink.has_capacity() {
@@ -148,12 +235,8 @@ fn run_lines(job: &mut Lines, body: &[u8], sink: &mut impl Sink) -> bool {
         job.cursor += (end + 1).min(rest.len());
         if let Some(executed) = command::execute(&rest[..end], sink) {
             job.commands += 1;
-            job.failed += usize::from(!executed.ok);
-            job.replies.push_str(&executed.reply);
+            job.replies.push(executed);
         }
-    }
-    if job.commands == 0 && job.replies.is_empty() {
-        job.replies = error_reply(None, "the body holds no publish command");
     }
     true
 }
@@ -170,6 +253,8 @@ pub struct PublisherConn {
     pending: Vec<u8>,
     /// `pending[..scanned]` holds no newline, so a search resumes there.
     scanned: usize,
+    /// NDJSON replies behind one that awaits the engine; usually empty.
+    replies: Replies,
     output: Vec<u8>,
     written: usize,
     /// Commands refused since the reactor last collected the count (for metrics).
@@ -215,6 +300,7 @@ impl PublisherConn {
             job: None,
             pending: Vec::new(),
             scanned: 0,
+            replies: Replies::default(),
             output: Vec::new(),
             written: 0,
             errors: 0,
@@ -393,14 +479,51 @@ impl PublisherConn {
         let Some(executed) = command::execute(line, sink) else {
             return;
         };
-        if !executed.ok {
-            self.errors += 1;
+        self.replies.push(executed);
+        self.emit_ready();
+    }
+
+    /// Sends the NDJSON replies that are ready, in order, up to the first that waits; a
+    /// failure nobody asked about (no id) is logged instead.
+    fn emit_ready(&mut self) {
+        for (line, ok, wanted) in self.replies.take_ready() {
+            if !ok {
+                self.errors += 1;
+            }
+            if wanted {
+                self.output.extend_from_slice(line.as_bytes());
+            } else if !ok {
+                log::warn!("publisher={}: {}", self.serial, line.trim_end());
+            }
         }
-        if executed.wanted {
-            self.output.extend_from_slice(executed.reply.as_bytes());
-        } else if !executed.ok {
-            log::warn!("publisher={}: {}", self.serial, executed.reply.trim_end());
+    }
+
+    /// The engine answered `ticket`, a command of this connection: its reply takes its place
+    /// (and an HTTP request whose last answer this was can be responded to).
+    pub fn complete(&mut self, ticket: u64, outcome: &Outcome) {
+        if let Some(job) = &mut self.job {
+            let done = match &mut job.work {
+                Work::Lines(lines) => lines.replies.complete(ticket, outcome),
+                Work::Dapr { progress, .. } => {
+                    progress.complete(ticket, matches!(outcome, Outcome::Done(_)))
+                }
+            };
+            if done {
+                return;
+            }
         }
+        if self.replies.complete(ticket, outcome) {
+            self.emit_ready();
+        }
+    }
+
+    /// Some command still awaits the engine's answer.
+    pub fn is_awaiting(&self) -> bool {
+        self.replies.is_waiting()
+            || self.job.as_ref().is_some_and(|job| match &job.work {
+                Work::Lines(lines) => lines.replies.is_waiting(),
+                Work::Dapr { progress, .. } => progress.is_waiting(),
+            })
     }
 
     /// Refuses a line over `max_line`: the rest of the stream can no longer be framed with
@@ -475,10 +598,15 @@ impl PublisherConn {
                     Work::Lines(lines) => {
                         let start = job.head.head_len;
                         let body = &self.pending[start..start + job.head.body_len];
-                        run_lines(lines, body, sink).then(|| {
-                            self.errors += lines.failed as u64;
-                            let (status, content_type) = lines.status();
-                            (status, content_type, std::mem::take(&mut lines.replies))
+                        let executed = run_lines(lines, body, sink);
+                        if executed && lines.replies.is_waiting() {
+                            return ReadStatus::Waiting;
+                        }
+                        executed.then(|| {
+                            let (body, failed) = lines.render();
+                            self.errors += failed as u64;
+                            let (status, content_type) = lines.status(failed);
+                            (status, content_type, body)
                         })
                     }
                     Work::Dapr {
@@ -491,7 +619,11 @@ impl PublisherConn {
                         .map(|answer| ("200 OK", "application/json", answer)),
                 };
                 let Some((status, content_type, body)) = done else {
-                    return ReadStatus::Paused;
+                    return if self.is_awaiting() {
+                        ReadStatus::Waiting
+                    } else {
+                        ReadStatus::Paused
+                    };
                 };
                 let head = self.job.take().expect("a job").head;
                 return self.respond(head, status, content_type, &body);

@@ -5,7 +5,7 @@
 //! let mut publisher = sidecast::Publisher::connect("./sidecast.sock")?;
 //! publisher.publish("project:42", &serde_json::json!({"progress": 40}))?;
 //! let ack = publisher.publish_confirmed("project:42", &serde_json::json!({"progress": 50}))?;
-//! println!("seq {} reached {} connections", ack.seq, ack.delivered);
+//! println!("seq {} reached {:?} connections", ack.seq, ack.delivered);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -29,8 +29,10 @@ pub struct Publisher {
 pub struct Ack {
     /// The event's sequence number in its channel.
     pub seq: u64,
-    /// Connections the event was queued to.
-    pub delivered: usize,
+    /// Connections the event was queued to (the memory engine).
+    pub delivered: Option<usize>,
+    /// Nodes subscribed to the channel when Redis published it (the Redis engine).
+    pub nodes: Option<usize>,
 }
 
 /// Why a confirmed publish failed.
@@ -73,6 +75,7 @@ struct Reply {
     ok: bool,
     seq: Option<u64>,
     delivered: Option<usize>,
+    nodes: Option<usize>,
     error: Option<String>,
 }
 
@@ -128,9 +131,14 @@ impl Publisher {
                 id: Some(got),
                 ok: true,
                 seq: Some(seq),
-                delivered: Some(delivered),
+                delivered,
+                nodes,
                 ..
-            } if got == id => Ok(Ack { seq, delivered }),
+            } if got == id => Ok(Ack {
+                seq,
+                delivered,
+                nodes,
+            }),
             Reply {
                 ok: false, error, ..
             } => Err(PublishError::Refused(error.unwrap_or_default())),

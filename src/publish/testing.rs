@@ -2,7 +2,7 @@
 
 use serde_json::value::RawValue;
 
-use super::{Published, Seqs, Sink, Target};
+use super::{Outcome, Published, Reach, Seqs, Sink, Target};
 
 /// One recorded publish.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,7 +37,7 @@ impl Recorder {
 }
 
 impl Sink for Recorder {
-    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Published {
+    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Outcome {
         let target = match target {
             Target::Channel(c) => format!("channel {c}"),
             Target::Channels(cs) => format!("channels {}", cs.join(",")),
@@ -50,15 +50,19 @@ impl Sink for Recorder {
             idem: idem.unwrap_or_default().to_string(),
         });
         self.budget = self.budget.saturating_sub(1);
-        Published {
+        Outcome::Done(Published {
             seqs: Seqs::One(self.published.len() as u64),
-            delivered: 1,
+            reach: Reach::Connections(1),
             duplicate: false,
-        }
+        })
     }
 
-    fn disconnect_user(&mut self, _user: &str) -> usize {
-        0
+    fn disconnect_user(&mut self, _user: &str) -> Outcome {
+        Outcome::Done(Published {
+            seqs: Seqs::None,
+            reach: Reach::Disconnected(0),
+            duplicate: false,
+        })
     }
 
     fn has_capacity(&self) -> bool {

@@ -14,7 +14,7 @@ use super::{REFUSAL_LOG_INTERVAL, Server, TimerEvent, micros_since};
 use crate::auth::admission;
 use crate::error::Close;
 use crate::ops::assets::Asset;
-use crate::ops::health::health_json;
+use crate::ops::health::Health;
 use crate::ws::conn::{ClientConn, ConnId, Deadline, ReadEnd, Readiness, RequestOutcome};
 use crate::ws::http::{self, Refusal, Route};
 
@@ -93,14 +93,21 @@ impl Server {
     pub(super) fn route(&mut self, key: usize, route: Route, rest: Vec<u8>, now: Tick) -> bool {
         let uptime_secs = self.uptime_secs();
         let response = match route {
-            Route::Health => http::ok(
-                "application/json",
-                &health_json(
-                    self.fanout.metrics().connections,
-                    self.fanout.active_channels(),
+            Route::Health => {
+                let health = Health {
+                    connections: self.fanout.metrics().connections,
+                    channels: self.fanout.active_channels(),
                     uptime_secs,
-                ),
-            ),
+                    redis: self.fanout.redis_state(),
+                };
+                let status = if health.is_ok() {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                let headers = "Cache-Control: no-store\r\n";
+                http::response(status, headers, "application/json", &health.json())
+            }
             Route::Metrics => http::ok(
                 "text/plain; version=0.0.4; charset=utf-8",
                 &self

@@ -48,10 +48,11 @@ use tungstenite::protocol::WebSocketConfig;
 use crate::auth::admission::{Auth, ConnectRate, RefusalLog};
 use crate::auth::jwt::Verifier;
 use crate::auth::ratelimit::Rate;
-use crate::config::{Config, TIMER_TICK};
+use crate::config::{Config, EngineKind, TIMER_TICK};
 use crate::engine::MemoryEngine;
 use crate::engine::history::HistoryLimits;
 use crate::engine::idempotency::IdempotencyLimits;
+use crate::engine::redis::{RedisEngine, RedisSettings};
 use crate::error::StartupError;
 use crate::fanout::{Fanout, SessionSettings};
 use crate::ops::stats::StatsFeed;
@@ -74,6 +75,8 @@ const SHARED_READ_BUFFER: usize = 16 * 1024;
 const PUBLISH_READ_BUFFER: usize = 64 * 1024;
 /// Time between two housekeeping rounds: an engine sweep and a stats snapshot.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// Time between two rounds of Redis upkeep (see `RedisEngine::tick`).
+const REDIS_TICK: Duration = Duration::from_millis(50);
 /// At most one log line about refused upgrades per this interval (see `RefusalLog`).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -86,6 +89,8 @@ enum TimerEvent {
     ResumeAccept,
     /// Once a second: the engine's sweep, the stats snapshot.
     Housekeeping,
+    /// Every `REDIS_TICK`: Redis reconnects, reply timeouts, lease renewals.
+    RedisTick,
     /// The graceful shutdown's time is up.
     ShutdownDeadline,
 }
@@ -202,7 +207,40 @@ impl Server {
             Tick(0).after(ticks.ticks_in(HOUSEKEEPING_INTERVAL)),
             TimerEvent::Housekeeping,
         );
-        let fanout = Fanout::new(Box::new(engine), auth, settings);
+        let redis = match config.engine {
+            EngineKind::Memory => None,
+            EngineKind::Redis => {
+                let settings = RedisSettings {
+                    urls: config.redis_url.clone(),
+                    prefix: config.redis_prefix.clone(),
+                    node_id: config
+                        .node_id
+                        .clone()
+                        .unwrap_or_else(|| format!("{:08x}", random_u32())),
+                    history_size: config.history_size,
+                    history_ttl: config.history_ttl,
+                    idempotency_window: config.idempotency_window,
+                    timeout: config.redis_timeout,
+                    lease_ttl: config.user_lease_ttl,
+                };
+                log::info!(
+                    "engine redis: {} as node {}",
+                    config
+                        .redis_url
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    settings.node_id
+                );
+                timers.insert(
+                    Tick(0).after(ticks.ticks_in(REDIS_TICK)),
+                    TimerEvent::RedisTick,
+                );
+                Some(Box::new(RedisEngine::new(settings, registry)?))
+            }
+        };
+        let fanout = Fanout::new(Box::new(engine), redis, auth, settings);
         let stats = config
             .dashboard_enabled()
             .then(|| StatsFeed::new(fanout.metrics(), started));
@@ -337,9 +375,15 @@ impl Server {
                     }
                 }
                 Source::Publisher(key) => self.on_publisher_ready(key),
+                Source::Redis(key) => {
+                    if let Some(redis) = self.fanout.redis() {
+                        redis.on_ready(key);
+                    }
+                }
             }
         }
         self.fire_timers(now);
+        self.apply_engine_answers();
         self.close_slow_consumers(now);
         for id in self.fanout.take_closed_by_command() {
             if self.fanout.clients().is_current(id) {
@@ -347,16 +391,35 @@ impl Server {
             }
         }
         self.flush_dirty(now);
+        if let Some(redis) = self.fanout.redis() {
+            redis.flush();
+        }
         if self.shutting_down && self.fanout.clients().is_empty() && self.publishers.is_empty() {
             self.finished = true;
         }
         Ok(())
     }
 
+    /// What the shared engine answered this pass: deliveries, joins and leases through the
+    /// fan-out, then each publisher's answered commands, resuming those that waited.
+    fn apply_engine_answers(&mut self) {
+        self.fanout.apply_happenings();
+        for completion in self.fanout.take_completions() {
+            let (key, serial) = completion.publisher;
+            if let Some(publisher) = self.publishers.get_mut(key)
+                && publisher.serial == serial
+            {
+                publisher.complete(completion.ticket, &completion.outcome);
+                self.on_publisher_ready(key);
+            }
+        }
+    }
+
     fn on_publisher_ready(&mut self, key: usize) {
         let Some(publisher) = self.publishers.get_mut(key) else {
             return;
         };
+        self.fanout.serve(key, publisher.serial);
         // Replies first: an HTTP publisher's next request waits for its last response.
         let mut flushed = publisher.flush();
         let status = if publisher.is_finished {
@@ -384,7 +447,7 @@ impl Server {
             );
         }
         let done = match status {
-            ReadStatus::Pending => false,
+            ReadStatus::Pending | ReadStatus::Waiting => false,
             ReadStatus::Paused => {
                 if !self.paused_publishers.contains(&key) {
                     self.paused_publishers.push(key);
@@ -393,7 +456,7 @@ impl Server {
             }
             ReadStatus::Finished => {
                 publisher.is_finished = true;
-                publisher.queued() == 0
+                publisher.queued() == 0 && !publisher.is_awaiting()
             }
             ReadStatus::Broken => true,
         };
@@ -420,6 +483,13 @@ impl Server {
                     self.accept_clients(now);
                 }
                 TimerEvent::Housekeeping => self.housekeeping(now),
+                TimerEvent::RedisTick => {
+                    if let Some(redis) = self.fanout.redis() {
+                        redis.tick(self.clock.now());
+                    }
+                    let next = now.after(self.ticks.ticks_in(REDIS_TICK));
+                    self.timers.insert(next, TimerEvent::RedisTick);
+                }
                 TimerEvent::ShutdownDeadline => {
                     log::warn!(
                         "shutdown_timeout reached; dropping {} connection(s)",

@@ -2,8 +2,8 @@
 //! that does arithmetic on `Token.0`.
 //!
 //! Singletons take fixed tokens below `FIRST_DYNAMIC`. Slab entries follow them, interleaved
-//! by kind: `Token(FIRST_DYNAMIC + key * 2 + kind)` with kind 0 for WebSocket clients and 1 for
-//! publishers, so each slab can use its own keys.
+//! by kind: `Token(FIRST_DYNAMIC + key * 3 + kind)` with kind 0 for WebSocket clients, 1 for
+//! publishers and 2 for Redis connections, so each slab can use its own keys.
 
 use mio::Token;
 
@@ -24,9 +24,13 @@ pub enum Source {
     Client(usize),
     /// A publish-port connection, by its key in the publisher slab.
     Publisher(usize),
+    /// A connection to a Redis node, by its shard key in the Redis engine.
+    Redis(usize),
 }
 
 const FIRST_DYNAMIC: usize = 5;
+/// Kinds of slab entries interleaved in the dynamic tokens.
+const KINDS: usize = 3;
 
 /// The token registered for `source`.
 pub fn encode(source: Source) -> Token {
@@ -36,8 +40,9 @@ pub fn encode(source: Source) -> Token {
         Source::Signal => 2,
         Source::Waker => 3,
         Source::PublishTcpListener => 4,
-        Source::Client(key) => FIRST_DYNAMIC + key * 2,
-        Source::Publisher(key) => FIRST_DYNAMIC + key * 2 + 1,
+        Source::Client(key) => FIRST_DYNAMIC + key * KINDS,
+        Source::Publisher(key) => FIRST_DYNAMIC + key * KINDS + 1,
+        Source::Redis(key) => FIRST_DYNAMIC + key * KINDS + 2,
     })
 }
 
@@ -49,8 +54,14 @@ pub fn decode(token: Token) -> Source {
         2 => Source::Signal,
         3 => Source::Waker,
         4 => Source::PublishTcpListener,
-        n if (n - FIRST_DYNAMIC).is_multiple_of(2) => Source::Client((n - FIRST_DYNAMIC) / 2),
-        n => Source::Publisher((n - FIRST_DYNAMIC) / 2),
+        n => {
+            let key = (n - FIRST_DYNAMIC) / KINDS;
+            match (n - FIRST_DYNAMIC) % KINDS {
+                0 => Source::Client(key),
+                1 => Source::Publisher(key),
+                _ => Source::Redis(key),
+            }
+        }
     }
 }
 
@@ -71,6 +82,8 @@ mod tests {
             Source::Client(7),
             Source::Publisher(7),
             Source::Client(1 << 40),
+            Source::Redis(0),
+            Source::Redis(9),
         ];
         for source in sources {
             assert_eq!(decode(encode(source)), source);

@@ -11,7 +11,6 @@ use std::io::Write;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
-use serde_json::value::RawValue;
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
@@ -327,6 +326,16 @@ pub enum Reply<'a> {
         #[serde(rename = "userId", skip_serializing_if = "Option::is_none")]
         user_id: Option<&'a str>,
     },
+    /// Events of `channel` up to `seq` in `epoch` were lost and will not come (a shared
+    /// engine could not fill a gap, or Redis lost the channel); the next event is `seq + 1`.
+    Gap {
+        /// The channel.
+        channel: &'a str,
+        /// The last seq lost.
+        seq: u64,
+        /// The epoch it counts in.
+        epoch: &'a str,
+    },
     /// Answer to a successful `refresh`.
     Refreshed {
         /// The new token's `exp`, in seconds since the Unix epoch.
@@ -410,8 +419,9 @@ pub enum EventTarget<'a> {
 
 /// Builds the complete WebSocket text frame of an event, header included, so that it can be
 /// shared by every recipient: server frames are unmasked, so all recipients get identical bytes.
-/// `scratch` is reused between calls; the returned buffer is the only allocation.
-pub fn event_frame(target: EventTarget<'_>, data: &RawValue, scratch: &mut Vec<u8>) -> Bytes {
+/// `data` is valid JSON. `scratch` is reused between calls; the returned buffer is the only
+/// allocation.
+pub fn event_frame(target: EventTarget<'_>, data: &[u8], scratch: &mut Vec<u8>) -> Bytes {
     scratch.clear();
     match target {
         EventTarget::Channel(channel, seq) => {
@@ -425,7 +435,7 @@ pub fn event_frame(target: EventTarget<'_>, data: &RawValue, scratch: &mut Vec<u
         }
     }
     scratch.extend_from_slice(b",\"data\":");
-    scratch.extend_from_slice(data.get().as_bytes());
+    scratch.extend_from_slice(data);
     scratch.push(b'}');
     text_frame(scratch)
 }
@@ -582,14 +592,14 @@ mod tests {
 
     #[test]
     fn event_frames_carry_data_byte_for_byte() {
-        let data = RawValue::from_string(r#"{ "p" : 1.50 }"#.into()).unwrap();
+        let data = br#"{ "p" : 1.50 }"#;
         let mut scratch = Vec::new();
-        let frame = event_frame(EventTarget::Channel("project:42", 18), &data, &mut scratch);
+        let frame = event_frame(EventTarget::Channel("project:42", 18), data, &mut scratch);
         let payload = br#"{"type":"event","channel":"project:42","seq":18,"data":{ "p" : 1.50 }}"#;
         assert_eq!(frame[0], 0x81, "FIN + text opcode");
         assert_eq!(usize::from(frame[1]), payload.len());
         assert_eq!(&frame[2..], payload);
-        let frame = event_frame(EventTarget::Broadcast, &data, &mut scratch);
+        let frame = event_frame(EventTarget::Broadcast, data, &mut scratch);
         assert_eq!(
             &frame[2..],
             br#"{"type":"event","broadcast":true,"data":{ "p" : 1.50 }}"#

@@ -8,6 +8,8 @@
     reason = "each test binary uses a different subset of the helpers"
 )]
 
+pub mod redis;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;

@@ -1,0 +1,177 @@
+//! One non-blocking TCP connection to one Redis node, in the reactor's `Poll`: commands are
+//! pipelined into one output buffer, replies are matched to what they answer in the order
+//! the commands were sent, and RESP3 pushes (shard-channel messages, subscription changes)
+//! come out beside them.
+//!
+//! Invariants: every command that expects a reply has exactly one entry in `waiting`, in
+//! send order; the connection is written only once connected; a link that fails gives back
+//! every entry still waiting, so each request is answered exactly once (by a reply, or as
+//! failed).
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use super::resp::{self, Frame};
+
+/// What came in on a link.
+pub enum Incoming<T> {
+    /// The reply to the command sent with `T`.
+    Reply(T, Frame),
+    /// A push: a shard-channel message, or a subscription change.
+    Push(Frame),
+}
+
+/// Bytes read per call.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A connection to one Redis node.
+pub struct Link<T> {
+    /// `host:port`, as configured or as the cluster names it.
+    pub addr: String,
+    stream: TcpStream,
+    connected: bool,
+    output: BytesMut,
+    input: BytesMut,
+    waiting: VecDeque<(T, Instant)>,
+}
+
+impl<T> Link<T> {
+    /// Starts connecting to `addr` (resolved here: an address, or a name `/etc/hosts` or DNS
+    /// answers at once) and registers the socket under `token`.
+    ///
+    /// # Errors
+    /// The address does not resolve, or the socket cannot be made.
+    pub fn connect(addr: &str, registry: &Registry, token: Token) -> io::Result<Link<T>> {
+        let target: SocketAddr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
+        let mut stream = TcpStream::connect(target)?;
+        stream.set_nodelay(true)?;
+        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        Ok(Link {
+            addr: addr.to_string(),
+            stream,
+            connected: false,
+            output: BytesMut::new(),
+            input: BytesMut::new(),
+            waiting: VecDeque::new(),
+        })
+    }
+
+    /// Queues a command; `tag` says what its reply answers (`None` for a command answered
+    /// by a push only, like `SSUBSCRIBE` in RESP3).
+    pub fn send(&mut self, args: &[&[u8]], tag: Option<T>, now: Instant) {
+        self.write(args);
+        if let Some(tag) = tag {
+            self.expect(tag, now);
+        }
+    }
+
+    /// Queues a command whose reply [`expect`](Link::expect) accounts for next.
+    pub fn write(&mut self, args: &[&[u8]]) {
+        resp::encode(&mut self.output, args);
+    }
+
+    /// The command just written expects a reply, which answers `tag`.
+    pub fn expect(&mut self, tag: T, now: Instant) {
+        self.waiting.push_back((tag, now));
+    }
+
+    /// When the oldest command still waiting was sent.
+    pub fn oldest_wait(&self) -> Option<Instant> {
+        self.waiting.front().map(|(_, sent)| *sent)
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.output.len()
+    }
+
+    /// Readiness: writes what is queued once connected, and reads every complete frame.
+    ///
+    /// # Errors
+    /// The connection failed or closed, or spoke something that is not RESP3.
+    pub fn on_ready(&mut self, incoming: &mut Vec<Incoming<T>>) -> Result<(), String> {
+        if !self.connected {
+            if let Some(e) = self.stream.take_error().map_err(|e| e.to_string())? {
+                return Err(e.to_string());
+            }
+            match self.stream.peer_addr() {
+                Ok(_) => self.connected = true,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        self.flush()?;
+        let mut chunk = [0u8; 4096];
+        let mut read = 0;
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err("connection closed by Redis".into()),
+                Ok(n) => {
+                    self.input.extend_from_slice(&chunk[..n]);
+                    read += n;
+                    if read >= READ_CHUNK {
+                        // Decode what we have before reading on, so input stays bounded.
+                        self.decode(incoming)?;
+                        read = 0;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        self.decode(incoming)
+    }
+
+    fn decode(&mut self, incoming: &mut Vec<Incoming<T>>) -> Result<(), String> {
+        while let Some(frame) = resp::decode(&mut self.input)? {
+            if matches!(frame, Frame::Push { .. }) {
+                incoming.push(Incoming::Push(frame));
+            } else {
+                let (tag, _) = self
+                    .waiting
+                    .pop_front()
+                    .ok_or("a reply to no command: the connection is out of step")?;
+                incoming.push(Incoming::Reply(tag, frame));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is queued until done or the socket would block.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub fn flush(&mut self) -> Result<(), String> {
+        if !self.connected {
+            return Ok(());
+        }
+        while !self.output.is_empty() {
+            match self.stream.write(&self.output) {
+                Ok(0) => return Err("Redis took no bytes".into()),
+                Ok(n) => {
+                    let _ = self.output.split_to(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the connection, giving back what still waited for a reply, in send order.
+    pub fn close(mut self, registry: &Registry) -> impl Iterator<Item = T> {
+        let _ = registry.deregister(&mut self.stream);
+        self.waiting.into_iter().map(|(tag, _)| tag)
+    }
+}

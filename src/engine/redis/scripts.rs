@@ -1,0 +1,177 @@
+//! The Lua scripts that keep each channel's state consistent in Redis, and the key layout
+//! they work on. Every key of a channel, and its shard channel, carry the channel name as
+//! their hash tag, so a script touches one slot and runs on one shard:
+//!
+//! ```text
+//! <prefix>{<channel>}:m        hash: e = epoch, s = last seq
+//! <prefix>{<channel>}:h        stream: one entry per event, id <seq>-0, fields k (kind), d (data)
+//! <prefix>{<channel>}:i:<key>  string "<seq>:<nodes>": a publish made under idempotency key <key>
+//! <prefix>{<channel>}          shard channel: "<kind><seq>:<epoch>:<data>", "d" (disconnect)
+//! <prefix>{user:<id>}:l        sorted set: the user's connections, member <node>:<conn>, score = lease expiry (ms)
+//! <prefix>{sidecast:all}       shard channel of broadcasts: "b<data>"
+//! ```
+//!
+//! A channel's epoch is made by the first script that finds none (after a Redis that lost
+//! its data, or a channel idle past its lifetime), which also deletes any stream left from an
+//! earlier epoch, so stream ids only grow within an epoch.
+
+/// Assigns the next seq, appends the event to the stream and publishes it, atomically; with
+/// an idempotency key, a key already used answers with the first publish instead.
+///
+/// KEYS: meta, stream, [idempotency key]. ARGV: shard channel, kind (`e` event, `u` user
+/// event), data, epoch to create, history size, history TTL (ms), meta TTL (ms), idempotency
+/// window (ms). Returns `{0, seq, nodes}`, or `{1, "<seq>:<nodes>"}` for a duplicate.
+pub const PUBLISH: &str = r"
+local idem = KEYS[3]
+if idem then
+  local first = redis.call('GET', idem)
+  if first then return {1, first} end
+end
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
+end
+local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+if tonumber(ARGV[5]) > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], seq .. '-0', 'k', ARGV[2], 'd', ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
+local nodes = redis.call('SPUBLISH', ARGV[1], ARGV[2] .. seq .. ':' .. epoch .. ':' .. ARGV[3])
+if idem then redis.call('SET', idem, seq .. ':' .. nodes, 'PX', ARGV[8]) end
+return {0, seq, nodes}
+";
+
+/// Reads where a channel stands, creating its epoch if it has none, and, when the caller's
+/// epoch is the channel's, the stream entries after the caller's seq: one atomic step, so
+/// the entries end exactly at the seq returned.
+///
+/// KEYS: meta, stream. ARGV: epoch to create, meta TTL (ms), the caller's epoch (or empty),
+/// the caller's seq, most entries. Returns `{epoch, seq}` (another epoch: nothing to read) or
+/// `{epoch, seq, entries}`.
+pub const READ: &str = r"
+local m = redis.call('HMGET', KEYS[1], 'e', 's')
+local epoch, seq = m[1], tonumber(m[2])
+if not epoch then
+  epoch, seq = ARGV[1], 0
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[3] ~= epoch then return {epoch, seq} end
+local since = tonumber(ARGV[4])
+if since >= seq then return {epoch, seq, {}} end
+return {epoch, seq, redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[5])}
+";
+
+/// Takes or renews a lease on one of a user's connections, using Redis's clock so nodes'
+/// clocks need not agree: expired leases go first, then a new member is refused when the
+/// user holds `max` already.
+///
+/// KEYS: the user's lease set. ARGV: member, TTL (ms), max. Returns 1 (held) or 0 (refused).
+pub const LEASE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
+/// The scripts, in the order their SHA1s are kept.
+pub const ALL: [&str; 3] = [PUBLISH, READ, LEASE];
+
+/// A script, by its index in [`ALL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Script {
+    /// [`PUBLISH`].
+    Publish = 0,
+    /// [`READ`].
+    Read = 1,
+    /// [`LEASE`].
+    Lease = 2,
+}
+
+impl Script {
+    /// The Lua source.
+    pub fn source(self) -> &'static str {
+        ALL[self as usize]
+    }
+}
+
+/// Names of a channel's keys under `prefix`.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    /// The shard channel, `<prefix>{<channel>}`; every key below starts with it.
+    pub shard_channel: String,
+}
+
+impl Keys {
+    /// The keys of `channel`.
+    pub fn of(prefix: &str, channel: &str) -> Keys {
+        Keys {
+            shard_channel: format!("{prefix}{{{channel}}}"),
+        }
+    }
+
+    /// The hash of epoch and last seq.
+    pub fn meta(&self) -> String {
+        format!("{}:m", self.shard_channel)
+    }
+
+    /// The history stream.
+    pub fn stream(&self) -> String {
+        format!("{}:h", self.shard_channel)
+    }
+
+    /// The idempotency key `key`.
+    pub fn idempotency(&self, key: &str) -> String {
+        format!("{}:i:{key}", self.shard_channel)
+    }
+
+    /// The lease set, for a `user:<id>` channel.
+    pub fn leases(&self) -> String {
+        format!("{}:l", self.shard_channel)
+    }
+
+    /// The cluster slot every key of the channel lives in.
+    pub fn slot(&self) -> u16 {
+        redis_protocol::redis_keyslot(self.shard_channel.as_bytes())
+    }
+}
+
+/// The channel name inside a shard channel `<prefix>{<channel>}`.
+pub fn channel_of<'a>(prefix: &str, shard_channel: &'a str) -> Option<&'a str> {
+    shard_channel
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix('}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_channel_is_in_its_slot() {
+        let keys = Keys::of("sc:", "project:42");
+        assert_eq!(keys.shard_channel, "sc:{project:42}");
+        let slot = keys.slot();
+        for key in [
+            keys.meta(),
+            keys.stream(),
+            keys.idempotency("job-7"),
+            keys.leases(),
+        ] {
+            assert_eq!(redis_protocol::redis_keyslot(key.as_bytes()), slot, "{key}");
+        }
+        assert_eq!(slot, redis_protocol::redis_keyslot(b"project:42"));
+        assert_eq!(channel_of("sc:", "sc:{project:42}"), Some("project:42"));
+        assert_eq!(channel_of("sc:", "other{x}"), None);
+    }
+}

@@ -1,0 +1,319 @@
+//! Real Redis for the Redis engine's tests: `redis-server` processes on ephemeral ports in
+//! temp dirs, a Redis Cluster of three masters made with `redis-cli --cluster create`, and
+//! sidecast nodes as child processes (so a test can SIGKILL one). Everything is stopped by
+//! PID on drop.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{PATIENCE, RawPublisher, Ws};
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `condition` until it holds, for `patience` at most.
+#[track_caller]
+pub fn wait_for(what: &str, patience: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + patience;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One `redis-server` process.
+pub struct RedisServer {
+    pub port: u16,
+    pub dir: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// A standalone Redis with its data in `dir` (AOF with `appendfsync always`, so what it
+    /// acknowledged survives a SIGKILL).
+    pub fn start(dir: &Path) -> RedisServer {
+        RedisServer::start_with(dir, &[])
+    }
+
+    /// Like `start`, with extra `redis-server` arguments.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> RedisServer {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut server = RedisServer {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            extra: extra.iter().map(ToString::to_string).collect(),
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it again on the same port and dir (after `kill`), and waits until it answers.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--dir", self.dir.to_str().unwrap()])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (apt-get install redis-server)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("redis answers PING", PATIENCE, || {
+            command(port, &["PING"]).is_some_and(|r| r.starts_with("+PONG"))
+        });
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Deletes its data files, so the next `restart` is an empty Redis.
+    pub fn wipe(&self) {
+        for entry in std::fs::read_dir(&self.dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(path).unwrap();
+            } else if path.file_name().is_some_and(|n| n != "nodes.conf") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+
+    /// Runs one command and returns the raw RESP2 reply.
+    pub fn command(&self, args: &[&str]) -> Option<String> {
+        command(self.port, args)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends one command in RESP2 to `port` and returns the raw reply read in one go.
+pub fn command(port: u16, args: &[&str]) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut reply = vec![0; 64 * 1024];
+    let n = stream.read(&mut reply).ok()?;
+    Some(String::from_utf8_lossy(&reply[..n]).into_owned())
+}
+
+/// Three masters in cluster mode, slots spread by `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(dir: &Path) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|i| {
+                RedisServer::start_with(
+                    &dir.join(format!("node{i}")),
+                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs (apt-get install redis-tools)");
+        assert!(status.success(), "redis-cli --cluster create");
+        for node in &nodes {
+            wait_for("the cluster is ok", Duration::from_secs(30), || {
+                node.command(&["CLUSTER", "INFO"])
+                    .is_some_and(|info| info.contains("cluster_state:ok"))
+            });
+        }
+        RedisCluster { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The node serving `slot`.
+    pub fn owner_of(&self, slot: u16) -> usize {
+        let reply = self.nodes[0].command(&["CLUSTER", "SLOTS"]).unwrap();
+        // Each range is `*N :start :end *M $len host :port ...`: find ours.
+        let numbers: Vec<i64> = reply
+            .split("\r\n")
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        for window in numbers.windows(3) {
+            if let [start, end, port] = window
+                && (*start..=*end).contains(&i64::from(slot))
+                && let Some(i) = self.nodes.iter().position(|n| i64::from(n.port) == *port)
+            {
+                return i;
+            }
+        }
+        panic!("no owner for slot {slot} in {reply}");
+    }
+
+    /// The node id of node `i`.
+    pub fn id_of(&self, i: usize) -> String {
+        let reply = self.nodes[i].command(&["CLUSTER", "MYID"]).unwrap();
+        reply.lines().nth(1).unwrap().to_string()
+    }
+}
+
+/// A sidecast node in its own process.
+pub struct Node {
+    pub port: u16,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// `sidecast serve --engine redis` against `urls`, with extra flags; waits for /health.
+    pub fn start(urls: &[String], extra: &[&str]) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("sidecast.sock");
+        let port = free_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sidecast"));
+        command
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--publish-socket", socket.to_str().unwrap()])
+            .args(["--engine", "redis", "--log-level", "warn"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for url in urls {
+            command.args(["--redis-url", url]);
+        }
+        let child = command.spawn().unwrap();
+        let node = Node {
+            port,
+            socket,
+            child: Some(child),
+            _dir: dir,
+        };
+        wait_for("the node is healthy", PATIENCE, || {
+            node.health().is_some_and(|h| h["status"] == "ok")
+        });
+        node
+    }
+
+    /// The `/health` document (`None` while it does not answer).
+    pub fn health(&self) -> Option<Value> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(PATIENCE)).ok()?;
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        serde_json::from_str(response.split_once("\r\n\r\n")?.1).ok()
+    }
+
+    /// A WebSocket client that received `connected`.
+    #[track_caller]
+    pub fn ws(&self) -> Ws {
+        self.ws_path("/ws")
+    }
+
+    /// A client on `path` (e.g. with `?token=`), after `connected`.
+    #[track_caller]
+    pub fn ws_path(&self, path: &str) -> Ws {
+        let mut ws = self.ws_raw(path);
+        let connected = ws.recv();
+        assert_eq!(connected["type"], "connected", "{connected}");
+        ws
+    }
+
+    /// A client right after the upgrade.
+    #[track_caller]
+    pub fn ws_raw(&self, path: &str) -> Ws {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let url = format!("ws://127.0.0.1:{}{path}", self.port);
+        let (ws, _) = tungstenite::client(url, stream).unwrap();
+        Ws(ws)
+    }
+
+    pub fn publisher(&self) -> RawPublisher {
+        RawPublisher::connect(&self.socket)
+    }
+
+    /// Publishes one command (with an id) and returns the reply.
+    #[track_caller]
+    pub fn publish(&self, command: &Value) -> Value {
+        let mut publisher = self.publisher();
+        publisher.send(&command.to_string());
+        publisher.reply()
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM, then SIGKILL if it does not stop in time.
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
