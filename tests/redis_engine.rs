@@ -3,8 +3,9 @@
 
 mod common;
 
-use common::redis::{Node, RedisServer};
-use serde_json::json;
+use common::PATIENCE;
+use common::redis::{Node, RedisServer, wait_for};
+use serde_json::{Value, json};
 
 #[test]
 fn a_publish_on_one_node_reaches_subscribers_on_both_once_in_one_order() {
@@ -46,4 +47,247 @@ fn a_publish_on_one_node_reaches_subscribers_on_both_once_in_one_order() {
         .map(|seq| on_b.expect_event("project:42", seq))
         .collect();
     assert_eq!(seen_a, seen_b, "one order");
+}
+
+/// Subscribes with `since` and returns the `subscribed` reply.
+#[track_caller]
+fn resume(ws: &mut common::Ws, channel: &str, seq: u64, epoch: &Value) -> Value {
+    ws.send(
+        json!({"type": "subscribe", "channel": channel, "since": {"seq": seq, "epoch": epoch}}),
+    );
+    let reply = ws.recv();
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    reply
+}
+
+#[test]
+fn a_page_that_moves_to_another_node_resumes_every_missed_event_once_even_racing_publishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let urls = [redis.url()];
+    // Enough history that a page hopping while the worker runs ahead never falls off it.
+    let flags = ["--history-size", "1000"];
+    let (a, b) = (Node::start(&urls, &flags), Node::start(&urls, &flags));
+    let mut page = a.ws();
+    let epoch = page.subscribe("order:7")["epoch"].clone();
+    for n in 1..=3 {
+        assert_eq!(
+            a.publish(&json!({"id": n, "channel": "order:7", "data": n}))["seq"],
+            n
+        );
+        page.expect_event("order:7", n);
+    }
+    drop(page);
+    for n in 4..=8 {
+        assert_eq!(
+            b.publish(&json!({"id": n, "channel": "order:7", "data": n}))["seq"],
+            n
+        );
+    }
+    let mut page = b.ws();
+    let reply = resume(&mut page, "order:7", 3, &epoch);
+    assert_eq!(reply["recovered"], true, "{reply}");
+    for n in 4..=8 {
+        assert_eq!(page.expect_event("order:7", n), json!(n));
+    }
+    a.publish(&json!({"id": 9, "channel": "order:7", "data": 9}));
+    page.expect_event("order:7", 9);
+
+    // Publishes racing the resume: a worker publishes without pause while pages hop
+    // between the nodes; each sees every seq after its `since` exactly once, in order.
+    let socket = a.socket.clone();
+    let worker = std::thread::spawn(move || {
+        let mut publisher = common::RawPublisher::connect(&socket);
+        for n in 10..=400 {
+            publisher.send(&json!({"id": n, "channel": "order:7", "data": n}).to_string());
+        }
+        for _ in 10..=400 {
+            assert_eq!(publisher.reply()["ok"], true);
+        }
+    });
+    let mut last = 9;
+    let mut node = 0;
+    while last < 400 {
+        let target = if node % 2 == 0 { &a } else { &b };
+        node += 1;
+        let mut page = target.ws();
+        let reply = resume(&mut page, "order:7", last, &epoch);
+        assert_eq!(reply["recovered"], true, "{reply}");
+        // Read a few events, then hop.
+        for _ in 0..25 {
+            if last == 400 {
+                break;
+            }
+            let event = page.recv();
+            assert_eq!(event["type"], "event", "{event}");
+            assert_eq!(
+                event["seq"],
+                last + 1,
+                "gap-free and duplicate-free: {event}"
+            );
+            last += 1;
+        }
+    }
+    worker.join().unwrap();
+}
+
+#[test]
+fn a_page_with_an_unknown_epoch_or_seq_is_told_it_missed_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let node = Node::start(&[redis.url()], &[]);
+    node.publish(&json!({"id": 1, "channel": "c", "data": 1}));
+    let mut page = node.ws();
+    let reply = resume(&mut page, "c", 0, &json!("not-the-epoch"));
+    assert_eq!(reply["recovered"], false, "{reply}");
+    let epoch = reply["epoch"].clone();
+    assert_eq!(reply["seq"], 1);
+    let mut other = node.ws();
+    let reply = resume(&mut other, "c", 99, &epoch);
+    assert_eq!(
+        reply["recovered"], false,
+        "a seq the channel never reached: {reply}"
+    );
+}
+
+#[test]
+fn redis_killed_mid_stream_fails_publishes_loudly_and_heals_without_loss_or_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(dir.path());
+    let urls = [redis.url()];
+    let (a, b) = (Node::start(&urls, &[]), Node::start(&urls, &[]));
+    let mut page = b.ws();
+    let epoch = page.subscribe("c")["epoch"].clone();
+    let mut publisher = a.publisher();
+    let mut publish = |n: u64| {
+        publisher.send(&json!({"id": n, "channel": "c", "data": n}).to_string());
+        publisher.reply()
+    };
+    for n in 1..=20 {
+        assert_eq!(publish(n)["seq"], n);
+    }
+    for n in 1..=20 {
+        page.expect_event("c", n);
+    }
+
+    redis.kill();
+    wait_for("node A sees Redis down", PATIENCE, || {
+        a.health().is_some_and(|h| h["status"] == "unavailable")
+    });
+    let refused = publish(21);
+    assert_eq!(
+        refused,
+        json!({"id": 21, "ok": false, "error": "unavailable", "retry": true})
+    );
+    // The page stays connected and served.
+    page.send(json!({"type": "ping", "id": 1}));
+    assert_eq!(page.recv()["type"], "pong");
+
+    // Restarted with its data (AOF): seqs go on, nothing acknowledged is lost.
+    redis.restart();
+    wait_for("both nodes heal", PATIENCE, || {
+        [&a, &b]
+            .iter()
+            .all(|n| n.health().is_some_and(|h| h["status"] == "ok"))
+    });
+    for n in 21..=30 {
+        assert_eq!(publish(n)["seq"], n, "the seq survived the restart");
+    }
+    for n in 21..=30 {
+        assert_eq!(page.expect_event("c", n), json!(n));
+    }
+
+    // Restarted empty: a new epoch. The page is told of the gap, then gets the new events;
+    // a resume in the old epoch is not recovered.
+    redis.kill();
+    redis.wipe();
+    redis.restart();
+    wait_for("both nodes heal", PATIENCE, || {
+        [&a, &b]
+            .iter()
+            .all(|n| n.health().is_some_and(|h| h["status"] == "ok"))
+    });
+    let gap = page.recv();
+    assert_eq!(gap["type"], "gap", "{gap}");
+    assert_ne!(gap["epoch"], epoch);
+    let new_epoch = gap["epoch"].clone();
+    let reply = publish(31);
+    assert_eq!(reply["seq"], 1, "{reply}");
+    page.expect_event("c", 1);
+    let mut late = a.ws();
+    assert_eq!(resume(&mut late, "c", 30, &epoch)["recovered"], false);
+    assert_eq!(resume(&mut a.ws(), "c", 1, &new_epoch)["recovered"], true);
+}
+
+const SECRET: &str = "a-test-secret-of-at-least-32-bytes!";
+
+fn token(sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_per_user_limit_holds_across_nodes_and_a_crashed_nodes_leases_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let urls = [redis.url()];
+    let flags = ["--jwt-secret", SECRET, "--user-lease-ttl", "3s"];
+    let (mut a, b) = (Node::start(&urls, &flags), Node::start(&urls, &flags));
+    let path = format!("/ws?token={}", token("u1"));
+    let mut tabs: Vec<_> = (0..3).map(|_| a.ws_path(&path)).collect();
+    let mut fourth = b.ws_raw(&path);
+    let close = fourth.expect_close();
+    assert_eq!(u16::from(close.code), 4008, "{close:?}");
+
+    // A user publish reaches the user's tabs on every node; a disconnect closes them all.
+    let mut tab_b = b.ws_path(&format!("/ws?token={}", token("u2")));
+    let mut tabs_u2 = vec![a.ws_path(&format!("/ws?token={}", token("u2")))];
+    let reply = b.publish(&json!({"id": 1, "user": "u2", "data": "hi"}));
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(tab_b.expect_event("user:u2", 1), json!("hi"));
+    assert_eq!(tabs_u2[0].expect_event("user:u2", 1), json!("hi"));
+    for tab in &mut tabs {
+        tab.send(json!({"type": "ping", "id": 1}));
+        assert_eq!(tab.recv()["type"], "pong", "u1 got nothing of u2's");
+    }
+    let reply = a.publish(&json!({"id": 2, "op": "disconnect", "user": "u2"}));
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(u16::from(tab_b.expect_close().code), 4003);
+    assert_eq!(u16::from(tabs_u2.remove(0).expect_close().code), 4003);
+
+    // Node A dies without closing anything: its three leases still count, until they expire.
+    a.kill();
+    let killed = std::time::Instant::now();
+    let mut refused = b.ws_raw(&path);
+    assert_eq!(
+        u16::from(refused.expect_close().code),
+        4008,
+        "A's leases still held"
+    );
+    let admitted = loop {
+        let mut ws = b.ws_raw(&path);
+        let first = ws.recv_or_close();
+        if let Some(message) = first {
+            assert_eq!(message["type"], "connected");
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(10),
+            "leases never expired"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        admitted <= std::time::Duration::from_millis(3500),
+        "admitted {admitted:?} after the kill; the lease time is 3s"
+    );
 }

@@ -214,6 +214,19 @@ impl Ws {
         }
     }
 
+    /// The next JSON message, or `None` when the server closed the connection instead.
+    #[track_caller]
+    pub fn recv_or_close(&mut self) -> Option<Value> {
+        loop {
+            match self.0.read() {
+                Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
+                Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(other) => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
     /// Subscribes and returns the `subscribed` reply.
     #[track_caller]
     pub fn subscribe(&mut self, channel: &str) -> Value {
