@@ -4,7 +4,7 @@
 mod common;
 
 use common::PATIENCE;
-use common::redis::{Node, RedisServer, wait_for};
+use common::redis::{Node, RedisCluster, RedisServer, wait_for};
 use serde_json::{Value, json};
 
 #[test]
@@ -290,4 +290,129 @@ fn the_per_user_limit_holds_across_nodes_and_a_crashed_nodes_leases_expire() {
         admitted <= std::time::Duration::from_millis(3500),
         "admitted {admitted:?} after the kill; the lease time is 3s"
     );
+}
+
+#[test]
+fn a_cluster_of_three_masters_serves_channels_on_every_slot_and_a_migrated_slot_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = RedisCluster::start(dir.path());
+    let urls = cluster.urls();
+    let flags = ["--history-size", "1000"];
+    let (a, b) = (Node::start(&urls, &flags), Node::start(&urls, &flags));
+    wait_for("both nodes see three shards", PATIENCE, || {
+        [&a, &b].iter().all(|n| {
+            n.health()
+                .is_some_and(|h| h["status"] == "ok" && h["redis"]["shards"] == 3)
+        })
+    });
+    // Channels spread over the three masters.
+    let channels: Vec<String> = (0..12).map(|i| format!("project:{i}")).collect();
+    let owners: std::collections::HashSet<usize> = channels
+        .iter()
+        .map(|c| cluster.owner_of(redis_protocol::redis_keyslot(c.as_bytes())))
+        .collect();
+    assert_eq!(owners.len(), 3, "the channels are on every master");
+    let mut page_a = a.ws();
+    let mut page_b = b.ws();
+    for channel in &channels {
+        page_a.subscribe(channel);
+        page_b.subscribe(channel);
+    }
+    for (i, channel) in channels.iter().enumerate() {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let reply = node.publish(&json!({"id": i, "channel": channel, "data": i}));
+        assert_eq!(
+            (reply["seq"].clone(), reply["nodes"].clone()),
+            (json!(1), json!(2)),
+            "{reply}"
+        );
+    }
+    for (i, channel) in channels.iter().enumerate() {
+        assert_eq!(page_a.expect_event(channel, 1), json!(i));
+        assert_eq!(page_b.expect_event(channel, 1), json!(i));
+    }
+
+    // Migrate the slot of `moving` while a worker publishes to it: MOVED and ASK for the
+    // scripts, a sunsubscribe for the shard channel. Every acknowledged event arrives once.
+    let moving = "project:0";
+    let slot = redis_protocol::redis_keyslot(moving.as_bytes());
+    let source = cluster.owner_of(slot);
+    let target = (source + 1) % 3;
+    let socket = a.socket.clone();
+    let worker = std::thread::spawn(move || {
+        let mut publisher = common::RawPublisher::connect(&socket);
+        let mut acknowledged = Vec::new();
+        for n in 0..300u64 {
+            // A retry keeps its idem key, so an unavailable publish is never doubled.
+            loop {
+                let line = json!({"id": n, "channel": moving, "idem": format!("e{n}"), "data": n});
+                publisher.send(&line.to_string());
+                let reply = publisher.reply();
+                if reply["ok"] == true {
+                    acknowledged.push(reply["seq"].as_u64().unwrap());
+                    break;
+                }
+                assert_eq!(reply["retry"], true, "{reply}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        acknowledged
+    });
+    let (source_id, target_id) = (cluster.id_of(source), cluster.id_of(target));
+    let slot_text = slot.to_string();
+    let target_port = cluster.nodes[target].port.to_string();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    cluster.nodes[target]
+        .command(&["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &source_id])
+        .unwrap();
+    cluster.nodes[source]
+        .command(&["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &target_id])
+        .unwrap();
+    loop {
+        let keys = cluster.nodes[source]
+            .command(&["CLUSTER", "GETKEYSINSLOT", &slot_text, "100"])
+            .unwrap();
+        let keys: Vec<&str> = keys
+            .split("\r\n")
+            .filter(|l| !l.is_empty() && !l.starts_with(['*', '$']))
+            .collect();
+        if keys.is_empty() {
+            break;
+        }
+        let mut args = vec![
+            "MIGRATE",
+            "127.0.0.1",
+            &target_port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+        ];
+        args.extend(keys.iter().copied());
+        let reply = cluster.nodes[source].command(&args).unwrap();
+        assert!(reply.starts_with("+OK"), "{reply}");
+    }
+    for node in [target, source, (source + 2) % 3] {
+        cluster.nodes[node]
+            .command(&["CLUSTER", "SETSLOT", &slot_text, "NODE", &target_id])
+            .unwrap();
+    }
+    let acknowledged = worker.join().unwrap();
+    assert_eq!(
+        acknowledged,
+        (2..=301).collect::<Vec<u64>>(),
+        "one seq per event"
+    );
+    for page in [&mut page_a, &mut page_b] {
+        for seq in 2..=301 {
+            let event = page.recv();
+            assert_eq!(
+                (event["channel"].clone(), event["seq"].clone()),
+                (json!(moving), json!(seq)),
+                "{event}"
+            );
+        }
+    }
+    assert_eq!(cluster.owner_of(slot), target, "the slot moved");
 }

@@ -27,6 +27,13 @@ pub enum Incoming<T> {
     Push(Frame),
 }
 
+/// What a command waiting in a link's queue needs from it.
+pub trait Expected {
+    /// Whether `push` is this command's answer: in RESP3 a subscribe is confirmed by a push,
+    /// in order among the replies, and its failure is an ordinary error reply.
+    fn answered_by(&self, push: &Frame) -> bool;
+}
+
 /// Bytes read per call.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -41,7 +48,7 @@ pub struct Link<T> {
     waiting: VecDeque<(T, Instant)>,
 }
 
-impl<T> Link<T> {
+impl<T: Expected> Link<T> {
     /// Starts connecting to `addr` (resolved here: an address, or a name `/etc/hosts` or DNS
     /// answers at once) and registers the socket under `token`.
     ///
@@ -134,7 +141,12 @@ impl<T> Link<T> {
 
     fn decode(&mut self, incoming: &mut Vec<Incoming<T>>) -> Result<(), String> {
         while let Some(frame) = resp::decode(&mut self.input)? {
-            if matches!(frame, Frame::Push { .. }) {
+            let confirms = matches!(frame, Frame::Push { .. })
+                && self
+                    .waiting
+                    .front()
+                    .is_some_and(|(tag, _)| tag.answered_by(&frame));
+            if matches!(frame, Frame::Push { .. }) && !confirms {
                 incoming.push(Incoming::Push(frame));
             } else {
                 let (tag, _) = self

@@ -42,7 +42,7 @@ use crate::reactor::token::{self, Source};
 use crate::ws::conn::ConnId;
 use crate::ws::wire::Since;
 use cluster::SlotMap;
-use link::{Incoming, Link};
+use link::{Expected, Incoming, Link};
 use resp::{Frame, Redirect};
 use scripts::{Keys, Script};
 use sequencer::{Entry, Sequencer, Step, Sync};
@@ -165,13 +165,28 @@ enum Request {
     Ignore,
     Load(Script),
     Slots,
+    /// `SSUBSCRIBE` or `SUNSUBSCRIBE` of a shard channel: confirmed by a push.
+    Subscription(&'static str, String),
     Call(Call, Purpose),
+}
+
+impl Expected for Request {
+    fn answered_by(&self, push: &Frame) -> bool {
+        let Request::Subscription(kind, channel) = self else {
+            return false;
+        };
+        let parts = resp::items(push).unwrap_or_default();
+        parts.first().and_then(resp::text) == Some(kind)
+            && parts.get(1).and_then(resp::text) == Some(channel.as_str())
+    }
 }
 
 /// A command that can be sent again: after `NOSCRIPT` as `EVAL`, after `MOVED` or `ASK` to
 /// another node.
 struct Call {
     script: Option<Script>,
+    /// Sent after an `ASK`: `ASKING` goes first, every time it is sent.
+    asking: bool,
     keys: usize,
     /// The script's keys then arguments; or a whole command when `script` is `None`.
     args: Vec<Bytes>,
@@ -257,6 +272,8 @@ pub struct RedisEngine {
     epoch_seed: RandomState,
     epochs_made: u64,
     in_flight: usize,
+    /// Calls to send again next tick (`TRYAGAIN`, `CLUSTERDOWN`).
+    retries: Vec<(Call, Purpose)>,
     disconnects: u64,
     gaps: u64,
 }
@@ -286,6 +303,7 @@ impl RedisEngine {
             epoch_seed: RandomState::new(),
             epochs_made: 0,
             in_flight: 0,
+            retries: Vec::new(),
             disconnects: 0,
             gaps: 0,
             settings,
@@ -366,6 +384,7 @@ impl RedisEngine {
         ]);
         let call = Call {
             script: Some(Script::Publish),
+            asking: false,
             keys: key_count,
             args,
         };
@@ -399,6 +418,7 @@ impl RedisEngine {
         let shard = self.up_shard(keys.slot()).ok_or(Unavailable)?;
         let call = Call {
             script: None,
+            asking: false,
             keys: 0,
             args: vec![
                 Bytes::from_static(b"SPUBLISH"),
@@ -444,8 +464,7 @@ impl RedisEngine {
         let watched = self.channels.remove(channel).expect("watched");
         if let Some(shard) = self.up_shard(watched.keys.slot()) {
             let link = self.shards[shard].link.as_mut().expect("up");
-            let args: [&[u8]; 2] = [b"SUNSUBSCRIBE", watched.keys.shard_channel.as_bytes()];
-            link.send(&args, None, Instant::now());
+            send_subscription(link, "sunsubscribe", &watched.keys.shard_channel);
         }
     }
 
@@ -501,6 +520,7 @@ impl RedisEngine {
         };
         let call = Call {
             script: Some(Script::Lease),
+            asking: false,
             keys: 1,
             args: vec![
                 keys.leases().into(),
@@ -529,7 +549,7 @@ impl RedisEngine {
         for item in incoming.drain(..) {
             match item {
                 Incoming::Reply(request, frame) => self.on_reply(key, request, frame),
-                Incoming::Push(frame) => self.on_push(key, &frame),
+                Incoming::Push(frame) => self.on_push(&frame),
             }
         }
         self.incoming = incoming;
@@ -579,6 +599,19 @@ impl RedisEngine {
             .collect();
         for key in due {
             self.connect(key, now);
+        }
+        for (call, purpose) in std::mem::take(&mut self.retries) {
+            match self.up_shard(call_slot(&call)) {
+                Some(shard) => self.send_call(
+                    shard,
+                    Call {
+                        asking: false,
+                        ..call
+                    },
+                    purpose,
+                ),
+                None => self.abandon(purpose),
+            }
         }
         if now >= self.next_renewal {
             self.next_renewal = now + self.settings.lease_ttl / 3;
@@ -731,6 +764,41 @@ impl RedisEngine {
         }
     }
 
+    /// A `MOVED`: `slot` lives on `addr` now; connects to it if it is new.
+    fn moved(&mut self, slot: u16, addr: &str) {
+        if let Some(map) = &mut self.map {
+            map.moved(slot, addr);
+        }
+        let target = self.shard_for_addr(addr);
+        if self.shards[target].link.is_none() && self.shards[target].retry_at.is_none() {
+            self.connect(target, Instant::now());
+        }
+    }
+
+    /// Subscribes again, where the map says, to a channel whose subscription was lost to a
+    /// slot move (a wrong guess is answered `MOVED`, which corrects the map and comes back
+    /// here).
+    fn follow_subscription(&mut self, channel: &str) {
+        if channel == BROADCAST_CHANNEL {
+            if let Some(shard) = self.up_shard(self.broadcast.slot()) {
+                let link = self.shards[shard].link.as_mut().expect("up");
+                send_subscription(link, "ssubscribe", &self.broadcast.shard_channel);
+            }
+            return;
+        }
+        let Some(name) = self
+            .channels
+            .get_key_value(channel)
+            .map(|(n, _)| Arc::clone(n))
+        else {
+            return;
+        };
+        if let Some(watched) = self.channels.get_mut(channel) {
+            watched.order.abandon_sync();
+        }
+        self.subscribe(&name);
+    }
+
     fn refresh_map(&mut self) {
         if let Some((_, shard)) = self.shards.iter_mut().find(|(_, s)| s.up) {
             let args: [&[u8]; 2] = [b"CLUSTER", b"SLOTS"];
@@ -818,8 +886,7 @@ impl RedisEngine {
         }
         if owned(self, self.broadcast.slot()) {
             let link = self.shards[key].link.as_mut().expect("up");
-            let args: [&[u8]; 2] = [b"SSUBSCRIBE", self.broadcast.shard_channel.as_bytes()];
-            link.send(&args, None, Instant::now());
+            send_subscription(link, "ssubscribe", &self.broadcast.shard_channel);
         }
         let leases: Vec<(ConnId, Arc<str>)> = self
             .leases
@@ -842,8 +909,7 @@ impl RedisEngine {
         };
         let watched = self.channels.get_mut(name).expect("watched");
         let link = self.shards[shard].link.as_mut().expect("up");
-        let args: [&[u8]; 2] = [b"SSUBSCRIBE", watched.keys.shard_channel.as_bytes()];
-        link.send(&args, None, Instant::now());
+        send_subscription(link, "ssubscribe", &watched.keys.shard_channel);
         let sync = watched.order.resync();
         let queued = std::mem::take(&mut watched.queued);
         if sync.is_some() {
@@ -867,6 +933,7 @@ impl RedisEngine {
         let keys = &watched.keys;
         let call = Call {
             script: Some(Script::Read),
+            asking: false,
             keys: 2,
             args: vec![
                 keys.meta().into(),
@@ -892,7 +959,7 @@ impl RedisEngine {
     }
 
     /// Queues `call` on `shard` as `EVALSHA` (or `EVAL` when the script's SHA1 is not known
-    /// or `eval` is asked), preceded by `ASKING` after an `ASK`.
+    /// or `eval` is asked), preceded by `ASKING` after an `ASK`; the caller adds its tag.
     fn write_call(&mut self, shard: usize, call: &Call, eval: bool) {
         let keys = call.keys.to_string();
         let mut args: Vec<&[u8]> = Vec::with_capacity(call.args.len() + 3);
@@ -905,6 +972,13 @@ impl RedisEngine {
         }
         args.extend(call.args.iter().map(|a| a.as_ref()));
         let link = self.shards[shard].link.as_mut().expect("up");
+        if call.asking {
+            link.send(
+                &[b"ASKING".as_slice()],
+                Some(Request::Ignore),
+                Instant::now(),
+            );
+        }
         link.write(&args);
     }
 
@@ -922,6 +996,20 @@ impl RedisEngine {
                 None => log::warn!("redis: SCRIPT LOAD failed: {:?}", resp::error_text(&frame)),
             },
             Request::Slots => self.on_slots(key, &frame),
+            Request::Subscription(kind, shard_channel) => {
+                if let Some(error) = resp::error_text(&frame) {
+                    log::info!("redis: {kind} {shard_channel}: {error}");
+                    if let Some(Redirect::Moved(slot, addr)) = resp::redirect(&error) {
+                        self.moved(slot, &addr);
+                    }
+                    let prefix = &self.settings.prefix;
+                    if let Some(channel) = scripts::channel_of(prefix, &shard_channel) {
+                        let channel = channel.to_string();
+                        self.follow_subscription(&channel);
+                    }
+                    self.refresh_map();
+                }
+            }
             Request::Call(call, purpose) => match resp::error_text(&frame) {
                 None => self.on_answer(purpose, &frame),
                 Some(error) => self.on_call_error(key, call, purpose, &error),
@@ -942,9 +1030,7 @@ impl RedisEngine {
                 Redirect::Ask(slot, addr) => (*slot, addr.clone(), true),
             };
             if !asking {
-                if let Some(map) = &mut self.map {
-                    map.moved(slot, &addr);
-                }
+                self.moved(slot, &addr);
                 self.refresh_map();
             }
             let target = self.shard_for_addr(&addr);
@@ -965,6 +1051,10 @@ impl RedisEngine {
             if self.shards[target].link.is_none() && self.shards[target].retry_at.is_none() {
                 self.connect(target, Instant::now());
             }
+        } else if error.starts_with("TRYAGAIN") || error.starts_with("CLUSTERDOWN") {
+            // A slot mid-migration (keys on both sides) or a cluster electing: next tick.
+            self.retries.push((call, purpose));
+            return;
         } else {
             log::warn!("redis: a {:?} call failed: {error}", call.script);
         }
@@ -1066,7 +1156,7 @@ impl RedisEngine {
 
     // ---- pushes ----
 
-    fn on_push(&mut self, key: usize, frame: &Frame) {
+    fn on_push(&mut self, frame: &Frame) {
         let Some(parts) = resp::items(frame) else {
             return;
         };
@@ -1089,18 +1179,11 @@ impl RedisEngine {
                 self.on_message(&channel, payload);
             }
             "sunsubscribe" => {
-                // Not asked for (the channel is still watched): its slot moved. Find the new
-                // owner and subscribe there.
-                let moved = self.channels.contains_key(channel)
-                    || (channel == BROADCAST_CHANNEL
-                        && self.up_shard(self.broadcast.slot()) == Some(key));
-                if moved {
-                    log::info!("redis: subscription to {channel} moved; resubscribing");
-                    if let Some(watched) = self.channels.get_mut(channel) {
-                        watched.order.abandon_sync();
-                    }
-                    self.refresh_map();
-                }
+                // Not asked for (the channel is still watched): its slot moved.
+                log::info!("redis: the subscription to {channel} moved; resubscribing");
+                let channel = channel.to_string();
+                self.follow_subscription(&channel);
+                self.refresh_map();
             }
             _ => {}
         }
@@ -1210,6 +1293,25 @@ fn parse_read(frame: &Frame) -> Option<(&str, u64, Option<Vec<Entry>>)> {
         });
     }
     Some((epoch, seq, Some(out)))
+}
+
+/// The slot a call's first key (or, for a command, its channel) is in.
+fn call_slot(call: &Call) -> u16 {
+    let key = if call.script.is_some() {
+        &call.args[0]
+    } else {
+        &call.args[1]
+    };
+    redis_protocol::redis_keyslot(key)
+}
+
+/// `SSUBSCRIBE` or `SUNSUBSCRIBE` (`kind`, lower case as its push names it) of one shard
+/// channel.
+fn send_subscription(link: &mut Link<Request>, kind: &'static str, channel: &str) {
+    let command = kind.to_ascii_uppercase();
+    let args: [&[u8]; 2] = [command.as_bytes(), channel.as_bytes()];
+    let tag = Request::Subscription(kind, channel.to_string());
+    link.send(&args, Some(tag), Instant::now());
 }
 
 fn number(n: u64) -> Bytes {
