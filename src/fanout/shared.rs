@@ -206,7 +206,8 @@ impl Fanout {
                     epoch,
                     seq,
                     entries,
-                } => self.on_joined(&channel, conn, since, &epoch, seq, entries),
+                    delivered,
+                } => self.on_joined(&channel, conn, since, (&epoch, seq), entries, delivered),
                 Happening::Done { op, part, result } => self.on_done(op, part, result),
                 Happening::Broadcast(data) => {
                     self.broadcast_local(&data);
@@ -379,15 +380,16 @@ impl Fanout {
         shared.engine.join(channel, conn_id, since);
     }
 
-    /// A join's read answered: `subscribed`, what it missed, and live from where this node is.
+    /// A join's read answered: the channel was at `seq` of `epoch` in Redis and at
+    /// `delivered` on this node. `subscribed`, what it missed, and live from there.
     fn on_joined(
         &mut self,
         channel: &Arc<str>,
         conn_id: ConnId,
         since: Option<Since>,
-        epoch: &str,
-        seq: u64,
+        (epoch, seq): (&str, u64),
         entries: Option<Vec<Entry>>,
+        (delivered, local_epoch): (u64, Arc<str>),
     ) {
         let shared = self.shared.as_mut().expect("the shared engine");
         let Some(joins) = shared.joins.get_mut(channel) else {
@@ -399,10 +401,6 @@ impl Fanout {
         else {
             return; // left, or closed, meanwhile
         };
-        let Some((delivered, local_epoch)) = shared.engine.position(channel) else {
-            return;
-        };
-        let local_epoch = Arc::clone(local_epoch);
         // The entries resume it when they are every event after `since` up to the read's seq.
         let replay = match (&since, entries) {
             (Some(since), Some(entries))

@@ -379,11 +379,12 @@ impl Server {
                     if let Some(redis) = self.fanout.redis() {
                         redis.on_ready(key);
                     }
+                    // At once: a channel's position must not run ahead of its deliveries.
+                    self.apply_engine_answers();
                 }
             }
         }
         self.fire_timers(now);
-        self.apply_engine_answers();
         self.close_slow_consumers(now);
         for id in self.fanout.take_closed_by_command() {
             if self.fanout.clients().is_current(id) {
@@ -394,14 +395,18 @@ impl Server {
         if let Some(redis) = self.fanout.redis() {
             redis.flush();
         }
+        // A connection that failed while writing answered its requests as failed.
+        self.apply_engine_answers();
         if self.shutting_down && self.fanout.clients().is_empty() && self.publishers.is_empty() {
             self.finished = true;
         }
         Ok(())
     }
 
-    /// What the shared engine answered this pass: deliveries, joins and leases through the
-    /// fan-out, then each publisher's answered commands, resuming those that waited.
+    /// What the shared engine just read or decided: deliveries, joins and leases through the
+    /// fan-out, then each publisher's answered commands, resuming those that waited. Called
+    /// right after every engine step that can produce answers, so that no client message is
+    /// judged against a channel position whose events are not delivered yet.
     fn apply_engine_answers(&mut self) {
         self.fanout.apply_happenings();
         for completion in self.fanout.take_completions() {
@@ -487,6 +492,7 @@ impl Server {
                     if let Some(redis) = self.fanout.redis() {
                         redis.tick(self.clock.now());
                     }
+                    self.apply_engine_answers();
                     let next = now.after(self.ticks.ticks_in(REDIS_TICK));
                     self.timers.insert(next, TimerEvent::RedisTick);
                 }

@@ -139,6 +139,9 @@ pub enum Happening {
         seq: u64,
         /// The stream after `since` (`None`: another epoch).
         entries: Option<Vec<Entry>>,
+        /// Where this node's delivery of the channel stood when the read answered: the
+        /// happenings before this one brought it there, those after move it on.
+        delivered: (u64, Arc<str>),
     },
     /// Part `part` of publish `op` is done.
     Done {
@@ -1123,8 +1126,12 @@ impl RedisEngine {
         {
             self.send_read(shard, &channel, None);
         }
-        if let Some((conn, since)) = join {
+        if let Some((conn, since)) = join
+            && let Some((seq_delivered, epoch_delivered)) = self.position(&channel)
+        {
+            let delivered = (seq_delivered, Arc::clone(epoch_delivered));
             self.out.push(Happening::Joined {
+                delivered,
                 channel,
                 conn,
                 since,
