@@ -230,10 +230,24 @@ export class Sidecast {
           this.#onEvent(msg);
         }
         break;
+      case "gap":
+        this.#onGap(msg);
+        break;
       case "error":
         this.#onError(msg);
         break;
     }
+  }
+
+  /** Events up to `seq` of `epoch` are lost (a shared engine could not fill a hole): the
+   * page reloads its state, and resumes from there. */
+  #onGap({ channel, seq, epoch }) {
+    const state = this.#channels.get(channel);
+    if (!state) return;
+    state.seq = seq;
+    state.epoch = epoch;
+    for (const sub of state.subs) this.#call(sub.onGap, { channel });
+    this.#emit("gap", { channel });
   }
 
   #onSubscribed({ channel, seq, epoch, recovered }) {

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
 import { test } from "node:test";
-import { Publisher, openPage, startProxy, startServer, useBrowser, waitFor } from "./harness.mjs";
+import { Publisher, openPage, startProxy, startRedis, startServer, useBrowser, waitFor } from "./harness.mjs";
 
 const fixture = useBrowser();
 
@@ -205,6 +205,31 @@ test("a server restart is reported as a gap and the page carries on in the new e
   publisher.close();
   await page.close();
   await second.stop();
+});
+
+test("under the Redis engine, a Redis that lost its data is a gap the page is told of, live", async () => {
+  const redis = await startRedis();
+  const server = await serve({ args: ["--engine", "redis", "--redis-url", redis.url] });
+  const page = await clientPage(server);
+  await waitSubscribed(page, server);
+  const publisher = await Publisher.connect(server.socket);
+  await publishRange(publisher, 1, 2);
+  await waitForEvents(page, 2);
+  await redis.restartEmpty();
+  await waitFor("the gap is reported", async () => (await recorded(page)).gaps.length === 1);
+  await publishRange(publisher, 3, 4);
+  const record = await waitForEvents(page, 4);
+  assert.deepEqual(
+    record.events.map((e) => [e.seq, e.data.n]),
+    [[1, 1], [2, 2], [1, 3], [2, 4]],
+    "a new epoch: seqs restart, nothing repeats",
+  );
+  assert.deepEqual(record.gaps, [{ channel: "project:42", afterEvents: 2 }], "the gap message");
+  assert.equal(record.statuses.at(-1).status, "connected", "the page never disconnected");
+  publisher.close();
+  await page.close();
+  await server.stop();
+  await redis.stop();
 });
 
 test("reconnect attempts back off exponentially with full jitter, then connect", async () => {

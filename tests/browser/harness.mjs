@@ -117,6 +117,61 @@ export class Publisher {
   }
 }
 
+/** A port nothing listens on right now. */
+async function freePort() {
+  const server = net.createServer().listen(0, "127.0.0.1");
+  await once(server, "listening");
+  const { port } = server.address();
+  server.close();
+  await once(server, "close");
+  return port;
+}
+
+/**
+ * A real `redis-server` on an ephemeral port, without persistence: `restartEmpty()` stands
+ * for a Redis that lost its data.
+ */
+export async function startRedis() {
+  const port = await freePort();
+  let child;
+  const launch = async () => {
+    child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], {
+      stdio: "ignore",
+    });
+    const kill = () => child.kill("SIGKILL");
+    process.on("exit", kill);
+    child.on("exit", () => process.off("exit", kill));
+    await waitFor("redis answers", async () => {
+      const socket = net.createConnection(port, "127.0.0.1");
+      try {
+        await once(socket, "connect");
+        socket.write("PING\r\n");
+        const [data] = await once(socket, "data");
+        return data.toString().startsWith("+PONG");
+      } catch {
+        return false;
+      } finally {
+        socket.destroy();
+      }
+    });
+  };
+  await launch();
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    async restartEmpty() {
+      const exited = once(child, "exit");
+      child.kill("SIGKILL");
+      await exited;
+      await launch();
+    },
+    async stop() {
+      const exited = once(child, "exit");
+      child.kill("SIGKILL");
+      await exited;
+    },
+  };
+}
+
 /** Serves the files in `files` (path → {type, body}) and the directory `PAGES`. */
 async function startPageServer(files = {}) {
   const types = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript" };
