@@ -36,7 +36,7 @@ fn main() {
             .and_then(|l| l.local_addr())
             .expect("a free port");
         let exe = std::path::Path::new(env!("CARGO_BIN_EXE_sidecast"));
-        let server = SpawnedServer::start(exe, addr, &socket, pinned, plan.connections + 100)
+        let server = SpawnedServer::start(exe, addr, &socket, pinned, plan.connections + 100, &[])
             .expect("the server starts");
         let target = Target {
             addr,

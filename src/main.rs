@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde_json::value::RawValue;
 use sidecast::bench::soak::{self, SoakPlan, SoakReport};
-use sidecast::bench::spawn::SpawnedServer;
+use sidecast::bench::spawn::{SpawnedRedis, SpawnedServer};
 use sidecast::bench::{self, Plan, Preset, Report, Step, Target};
 use sidecast::config::{self, Settings};
 use sidecast::{Config, Publisher, Server};
@@ -72,6 +72,14 @@ struct BenchArgs {
     /// With --spawn: pin the server to this CPU (taskset); pin the bench with taskset yourself
     #[arg(long, requires = "spawn")]
     server_cpu: Option<usize>,
+    /// With --spawn: run two nodes over a spawned redis-server (--engine redis): the
+    /// subscribers on --url's node, the publishes on --socket's, so every event crosses Redis.
+    /// The server figures are the subscribers' node's
+    #[arg(long, requires = "spawn")]
+    cross_node: bool,
+    /// With --cross-node: pin redis-server and the publishing node to this CPU
+    #[arg(long, requires = "cross_node")]
+    redis_cpu: Option<usize>,
     /// Override the preset's number of connections
     #[arg(long)]
     connections: Option<usize>,
@@ -278,13 +286,50 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         plan.steps.iter_mut().for_each(|s| s.duration = duration.0);
     }
     let exe = std::env::current_exe().expect("the running binary has a path");
+    // Cross-node: Redis and the publishing node first; the measured node subscribes.
+    let (redis, subscribers_socket) = if args.cross_node {
+        match SpawnedRedis::start(args.redis_cpu) {
+            Ok(redis) => (Some(redis), args.socket.with_extension("subscribers.sock")),
+            Err(e) => {
+                eprintln!("sidecast: cannot start redis-server: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        (None, args.socket.clone())
+    };
+    let engine: Vec<String> = match &redis {
+        Some(redis) => ["--engine", "redis", "--redis-url", &redis.url]
+            .map(String::from)
+            .to_vec(),
+        None => Vec::new(),
+    };
+    let publishing_node = match &redis {
+        Some(_) => {
+            let any_port = "127.0.0.1:0".parse().expect("an address");
+            let node =
+                SpawnedServer::start(&exe, any_port, &args.socket, args.redis_cpu, 100, &engine);
+            match node {
+                Ok(node) => {
+                    eprintln!("publishing node pid {}", node.pid());
+                    Some(node)
+                }
+                Err(e) => {
+                    eprintln!("sidecast: cannot start the publishing node: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
     let spawn = || {
         SpawnedServer::start(
             &exe,
             addr,
-            &args.socket,
+            &subscribers_socket,
             args.server_cpu,
             plan.connections + 100,
+            &engine,
         )
     };
     let mut spawned = if args.spawn {
@@ -324,11 +369,10 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         socket: args.socket,
         pid: args.pid.or(spawned.as_ref().map(SpawnedServer::pid)),
     };
-    print_report(
-        bench::run(&plan, &target, !args.json),
-        args.json,
-        Report::render,
-    )
+    let result = bench::run(&plan, &target, !args.json);
+    // The nodes stop before their Redis.
+    drop((spawned, publishing_node, redis));
+    print_report(result, args.json, Report::render)
 }
 
 /// Prints a bench report, as JSON with `--json`.

@@ -1,5 +1,6 @@
 //! Starting a sidecast server for a benchmark run, optionally pinned to one CPU with
-//! `taskset`, and stopping it with SIGTERM when done.
+//! `taskset`, and stopping it with SIGTERM when done; and, for the cross-node runs, a
+//! `redis-server` for the nodes to share.
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ impl SpawnedServer {
         socket: &Path,
         cpu: Option<usize>,
         max_connections: usize,
+        extra: &[String],
     ) -> io::Result<SpawnedServer> {
         let mut command = match cpu {
             Some(cpu) => {
@@ -51,6 +53,7 @@ impl SpawnedServer {
             ])
             .arg("--publish-socket")
             .arg(socket)
+            .args(extra)
             .stdin(Stdio::null())
             .spawn()?;
         let server = SpawnedServer { child };
@@ -74,6 +77,63 @@ impl SpawnedServer {
 }
 
 impl Drop for SpawnedServer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `redis-server` without persistence on a free loopback port; SIGTERM and wait on drop.
+pub struct SpawnedRedis {
+    child: Child,
+    /// Its URL, for `--redis-url`.
+    pub url: String,
+}
+
+impl SpawnedRedis {
+    /// Starts it, pinned to `cpu` when given, and waits until it answers.
+    ///
+    /// # Errors
+    /// `redis-server` cannot start or does not answer within 10 s.
+    pub fn start(cpu: Option<usize>) -> io::Result<SpawnedRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut command = match cpu {
+            Some(cpu) => {
+                let mut taskset = Command::new("taskset");
+                taskset.args(["-c", &cpu.to_string(), "redis-server"]);
+                taskset
+            }
+            None => Command::new("redis-server"),
+        };
+        let child = command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()?;
+        let redis = SpawnedRedis {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "redis-server never answered",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(redis)
+    }
+}
+
+impl Drop for SpawnedRedis {
     fn drop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
