@@ -289,7 +289,10 @@ fn run_bench(args: BenchArgs) -> ExitCode {
     // Cross-node: Redis and the publishing node first; the measured node subscribes.
     let (redis, subscribers_socket) = if args.cross_node {
         match SpawnedRedis::start(args.redis_cpu) {
-            Ok(redis) => (Some(redis), args.socket.with_extension("subscribers.sock")),
+            Ok(redis) => {
+                eprintln!("redis {}", redis.url);
+                (Some(redis), args.socket.with_extension("subscribers.sock"))
+            }
             Err(e) => {
                 eprintln!("sidecast: cannot start redis-server: {e}");
                 return ExitCode::FAILURE;
