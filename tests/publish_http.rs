@@ -345,17 +345,7 @@ fn a_retry_under_the_same_idem_key_publishes_once() {
 const SECRET: &str = "dapr-test-secret-of-at-least-32-bytes";
 
 fn token(user: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": user, "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    common::hs256_token(SECRET, user)
 }
 
 fn dapr_server() -> TestServer {

@@ -8,6 +8,18 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A command running `program`, pinned to `cpu` with `taskset` when one is given.
+fn pinned(cpu: Option<usize>, program: &std::ffi::OsStr) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", &cpu.to_string()]).arg(program);
+            taskset
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A `sidecast serve` child process; SIGTERM and wait on drop.
 pub struct SpawnedServer {
     child: Child,
@@ -26,14 +38,7 @@ impl SpawnedServer {
         max_connections: usize,
         extra: &[String],
     ) -> io::Result<SpawnedServer> {
-        let mut command = match cpu {
-            Some(cpu) => {
-                let mut taskset = Command::new("taskset");
-                taskset.args(["-c", &cpu.to_string()]).arg(exe);
-                taskset
-            }
-            None => Command::new(exe),
-        };
+        let mut command = pinned(cpu, exe.as_os_str());
         // Pings would only add noise to a bounded run.
         let child = command
             .args([
@@ -101,14 +106,7 @@ impl SpawnedRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let mut command = match cpu {
-            Some(cpu) => {
-                let mut taskset = Command::new("taskset");
-                taskset.args(["-c", &cpu.to_string(), "redis-server"]);
-                taskset
-            }
-            None => Command::new("redis-server"),
-        };
+        let mut command = pinned(cpu, "redis-server".as_ref());
         let child = command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])

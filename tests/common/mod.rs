@@ -193,6 +193,21 @@ impl Drop for TestServer {
     }
 }
 
+/// An HS256 token signed with `secret` for user `sub`, valid for an hour.
+pub fn hs256_token(secret: &str, sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
 /// A WebSocket client.
 pub struct Ws(pub WebSocket<TcpStream>);
 

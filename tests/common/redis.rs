@@ -97,6 +97,19 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP (`false`) or SIGCONT (`true`): a Redis that hangs, then comes back.
+    pub fn set_running(&self, running: bool) {
+        let signal = if running { "-CONT" } else { "-STOP" };
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
     /// Deletes its data files, so the next `restart` is an empty Redis.
     pub fn wipe(&self) {
         for entry in std::fs::read_dir(&self.dir).unwrap() {

@@ -200,6 +200,21 @@ struct Call {
     args: Vec<Bytes>,
 }
 
+impl Call {
+    /// A call of `script` on `keys` (the first decides the slot) with arguments `args`.
+    fn script(script: Script, keys: Vec<Bytes>, args: impl IntoIterator<Item = Bytes>) -> Call {
+        let count = keys.len();
+        let mut all = keys;
+        all.extend(args);
+        Call {
+            script: Some(script),
+            asking: false,
+            keys: count,
+            args: all,
+        }
+    }
+}
+
 enum Purpose {
     /// `bytes`: the event's size, counted in flight.
     Publish {
@@ -394,14 +409,13 @@ impl RedisEngine {
     ) -> Result<(), Unavailable> {
         let keys = Keys::of(&self.settings.prefix, channel);
         let shard = self.up_shard(keys.slot()).ok_or(Unavailable)?;
-        let mut args: Vec<Bytes> = vec![keys.meta().into(), keys.stream().into()];
+        let mut script_keys: Vec<Bytes> = vec![keys.meta().into(), keys.stream().into()];
         if let Some(idem) = idem {
-            args.push(keys.idempotency(idem).into());
+            script_keys.push(keys.idempotency(idem).into());
         }
-        let key_count = args.len();
         let epoch = self.new_epoch();
         let kind: &[u8] = if to_user { b"u" } else { b"e" };
-        args.extend([
+        let args = [
             Bytes::from(keys.shard_channel.clone()),
             Bytes::from_static(kind),
             Bytes::copy_from_slice(data),
@@ -410,13 +424,8 @@ impl RedisEngine {
             millis(self.settings.history_ttl),
             millis(self.settings.meta_ttl()),
             millis(self.settings.idempotency_window),
-        ]);
-        let call = Call {
-            script: Some(Script::Publish),
-            asking: false,
-            keys: key_count,
-            args,
-        };
+        ];
+        let call = Call::script(Script::Publish, script_keys, args);
         let bytes = data.len();
         self.start_flight(bytes);
         self.send_call(shard, call, Purpose::Publish { op, part, bytes });
@@ -549,17 +558,12 @@ impl RedisEngine {
         let Some(shard) = self.up_shard(keys.slot()) else {
             return false;
         };
-        let call = Call {
-            script: Some(Script::Lease),
-            asking: false,
-            keys: 1,
-            args: vec![
-                keys.leases().into(),
-                self.lease_member(conn).into(),
-                millis(self.settings.lease_ttl),
-                max,
-            ],
-        };
+        let args = [
+            self.lease_member(conn).into(),
+            millis(self.settings.lease_ttl),
+            max,
+        ];
+        let call = Call::script(Script::Lease, vec![keys.leases().into()], args);
         self.send_call(shard, call, Purpose::Lease { conn, fresh });
         true
     }

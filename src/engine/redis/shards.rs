@@ -343,20 +343,15 @@ impl RedisEngine {
             },
         };
         let keys = &watched.keys;
-        let call = Call {
-            script: Some(Script::Read),
-            asking: false,
-            keys: 2,
-            args: vec![
-                keys.meta().into(),
-                keys.stream().into(),
-                Bytes::from(self.new_epoch()),
-                millis(self.settings.meta_ttl()),
-                epoch.into(),
-                number(since),
-                number(self.settings.history_size.max(1) as u64),
-            ],
-        };
+        let script_keys = vec![keys.meta().into(), keys.stream().into()];
+        let args = [
+            Bytes::from(self.new_epoch()),
+            millis(self.settings.meta_ttl()),
+            epoch.into(),
+            number(since),
+            number(self.settings.history_size.max(1) as u64),
+        ];
+        let call = Call::script(Script::Read, script_keys, args);
         let purpose = Purpose::Read {
             channel: Arc::clone(name),
             join,
