@@ -126,15 +126,22 @@ enum Slot {
 }
 
 /// Replies in command order. Invariant: the front is `Waiting` (ready replies before it have
-/// gone out) unless the queue is in the hands of an HTTP job, which renders them all at once.
+/// gone out) unless the queue is in the hands of an HTTP job, which renders them all at once;
+/// `bytes` counts the ready lines held, which count against `max_output_buffer`.
 #[derive(Default)]
-struct Replies(VecDeque<Slot>);
+struct Replies {
+    slots: VecDeque<Slot>,
+    bytes: usize,
+}
 
 impl Replies {
     fn push(&mut self, executed: command::Executed) {
         let wanted = executed.wanted;
-        self.0.push_back(match executed.answer {
-            Answer::Ready { line, ok } => Slot::Ready { line, ok, wanted },
+        self.slots.push_back(match executed.answer {
+            Answer::Ready { line, ok } => {
+                self.bytes += line.len();
+                Slot::Ready { line, ok, wanted }
+            }
             Answer::Waiting { ticket, render } => Slot::Waiting {
                 ticket,
                 render,
@@ -145,7 +152,7 @@ impl Replies {
 
     /// Fills in the answer to `ticket`; false when it is not one of these.
     fn complete(&mut self, ticket: u64, outcome: &Outcome) -> bool {
-        for slot in &mut self.0 {
+        for slot in &mut self.slots {
             if let Slot::Waiting {
                 ticket: t,
                 render,
@@ -154,6 +161,7 @@ impl Replies {
                 && *t == ticket
             {
                 let (line, ok) = render.line(outcome);
+                self.bytes += line.len();
                 *slot = Slot::Ready {
                     line,
                     ok,
@@ -166,14 +174,17 @@ impl Replies {
     }
 
     fn is_waiting(&self) -> bool {
-        self.0.iter().any(|s| matches!(s, Slot::Waiting { .. }))
+        self.slots.iter().any(|s| matches!(s, Slot::Waiting { .. }))
     }
 
     /// The ready replies at the front, in order: (line, ok, wanted).
     fn take_ready(&mut self) -> impl Iterator<Item = (String, bool, bool)> + '_ {
-        std::iter::from_fn(|| match self.0.front() {
-            Some(Slot::Ready { .. }) => match self.0.pop_front() {
-                Some(Slot::Ready { line, ok, wanted }) => Some((line, ok, wanted)),
+        std::iter::from_fn(|| match self.slots.front() {
+            Some(Slot::Ready { .. }) => match self.slots.pop_front() {
+                Some(Slot::Ready { line, ok, wanted }) => {
+                    self.bytes -= line.len();
+                    Some((line, ok, wanted))
+                }
                 _ => None,
             },
             _ => None,
@@ -702,9 +713,10 @@ impl PublisherConn {
             ReadStatus::Finished
         }
     }
-    /// Unsent reply bytes.
+    /// Unsent reply bytes, those waiting behind a reply the engine has not given yet
+    /// included.
     pub fn queued(&self) -> usize {
-        self.output.len() - self.written
+        self.output.len() - self.written + self.replies.bytes
     }
 
     /// Writes pending replies until done or the socket would block.
