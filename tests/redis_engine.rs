@@ -47,6 +47,52 @@ fn a_publish_on_one_node_reaches_subscribers_on_both_once_in_one_order() {
         .map(|seq| on_b.expect_event("project:42", seq))
         .collect();
     assert_eq!(seen_a, seen_b, "one order");
+
+    // Several channels at once, and a broadcast: both reach every node.
+    on_b.subscribe("order:7");
+    let reply = b.publish(&json!({"id": 2, "channels": ["project:42", "order:7"], "data": 2}));
+    assert_eq!(
+        reply["seqs"],
+        json!({"project:42": 102, "order:7": 1}),
+        "{reply}"
+    );
+    assert_eq!(reply["nodes"], 3, "two nodes on project:42, one on order:7");
+    on_b.expect_event("project:42", 102);
+    on_b.expect_event("order:7", 1);
+    on_a.expect_event("project:42", 102);
+    let reply = b.publish(&json!({"id": 3, "broadcast": true, "data": "all"}));
+    assert_eq!(
+        (reply["ok"].clone(), reply["nodes"].clone()),
+        (json!(true), json!(2)),
+        "{reply}"
+    );
+    for page in [&mut on_a, &mut on_b] {
+        let event = page.recv();
+        assert_eq!(
+            (event["broadcast"].clone(), event["data"].clone()),
+            (json!(true), json!("all"))
+        );
+    }
+    // An idempotent retry on the other node publishes nothing.
+    let first = a.publish(&json!({"id": 4, "channel": "order:7", "idem": "k1", "data": 4}));
+    let retry = b.publish(&json!({"id": 5, "channel": "order:7", "idem": "k1", "data": 4}));
+    assert_eq!(retry["seq"], first["seq"]);
+    assert_eq!(retry["duplicate"], true, "{retry}");
+    on_b.expect_event("order:7", 2);
+    on_b.send(json!({"type": "ping"}));
+    assert_eq!(on_b.recv()["type"], "pong", "the retry was not delivered");
+
+    // A Redis that forgot the scripts (a restart, a failover) answers NOSCRIPT: the node
+    // sends the script itself.
+    assert!(
+        redis
+            .command(&["SCRIPT", "FLUSH"])
+            .unwrap()
+            .starts_with("+OK")
+    );
+    let reply = a.publish(&json!({"id": 6, "channel": "order:7", "data": 6}));
+    assert_eq!(reply["seq"], 3, "{reply}");
+    on_b.expect_event("order:7", 3);
 }
 
 /// Subscribes with `since` and returns the `subscribed` reply.
