@@ -16,7 +16,8 @@
 //!   list. It carries out session verdicts.
 //! - [`engine`]: where sequence numbers are assigned, events kept for resuming and
 //!   idempotency keys remembered: the [`Engine`](engine::Engine) interface and the in-memory
-//!   engine.
+//!   engine; and the Redis engine ([`engine::redis`]), shared by several nodes, whose answers
+//!   come back later as happenings the fan-out carries out.
 //! - [`publish`]: the worker side: publish-port connections (NDJSON or HTTP, on the Unix
 //!   socket or the keyed TCP listener), commands and replies, Dapr subscriptions, and the
 //!   Rust [`Publisher`].
