@@ -117,7 +117,7 @@ impl<T: Expected> Link<T> {
             }
         }
         self.flush()?;
-        let mut chunk = [0u8; 4096];
+        let mut chunk = [0u8; 16 * 1024];
         let mut read = 0;
         loop {
             match self.stream.read(&mut chunk) {
