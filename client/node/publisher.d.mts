@@ -59,8 +59,10 @@ export interface Reply {
   seq?: number;
   /** For a multi-channel publish: each channel's seq. */
   seqs?: Record<string, number>;
-  /** WebSocket connections the event was queued to. */
+  /** WebSocket connections the event was queued to (the memory engine). */
   delivered?: number;
+  /** Nodes subscribed to the channel when Redis published it (the Redis engine). */
+  nodes?: number;
   /** True when `idem` was already used: nothing was published now. */
   duplicate?: boolean;
   /** For `disconnectUser`: connections closed. */

@@ -62,7 +62,7 @@ export class Publisher {
     this.#options = { ...DEFAULTS, ...options };
   }
 
-  /** Publishes `data` to `channel`. Resolves with the reply ({seq, delivered, ...}). */
+  /** Publishes `data` to `channel`. Resolves with the reply ({seq, delivered or nodes, ...}). */
   publish(channel, data, options = {}) {
     return this.send({ channel, data }, options);
   }
@@ -191,7 +191,9 @@ export class Publisher {
     } else if (reply.ok) {
       entry.resolve(reply);
     } else {
-      entry.reject(new PublishError(reply.error, { code: "rejected", retryable: false, reply }));
+      // `retry: true`: the engine could not store it (Redis unreachable); try again.
+      const code = reply.retry === true ? "unavailable" : "rejected";
+      entry.reject(new PublishError(reply.error, { code, retryable: reply.retry === true, reply }));
     }
     this.#slots.shift()?.();
   }

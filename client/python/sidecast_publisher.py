@@ -37,7 +37,8 @@ class PublishError(Exception):
     ``code`` is one of ``rejected`` (the server refused the command; ``reply["error"]`` says
     why), ``disconnected`` (the connection closed before the reply), ``timeout``,
     ``unreachable`` (cannot connect), ``unauthorized`` (the HTTP listener refused the key),
-    ``unavailable`` (HTTP 5xx) or ``closed``. ``retryable`` tells whether the same publish may
+    ``unavailable`` (HTTP 5xx, or a reply with ``retry: true``: Redis could not store it) or
+    ``closed``. ``retryable`` tells whether the same publish may
     succeed if tried again.
     """
 
@@ -70,6 +71,9 @@ _NO_DATA = object()
 
 def _check(reply: Reply) -> Reply:
     if not reply.get("ok"):
+        # ``retry: true``: the engine could not store it (Redis unreachable); try again.
+        if reply.get("retry") is True:
+            raise PublishError(str(reply.get("error")), "unavailable", True, reply=reply)
         raise PublishError(str(reply.get("error")), "rejected", False, reply=reply)
     return reply
 
@@ -142,7 +146,7 @@ class _Base:
         return _command(target, data, idem), self._timeout if timeout is None else timeout
 
     def publish(self, channel: str, data: Any, **options: Any):
-        """Publishes ``data`` to ``channel``; returns the reply (``seq``, ``delivered``, ...)."""
+        """Publishes ``data`` to ``channel``; returns the reply (``seq``, ``delivered`` or ``nodes``, ...)."""
         return self.send({"channel": channel}, data, **options)
 
     def publish_to_user(self, user: str, data: Any, **options: Any):

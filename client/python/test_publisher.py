@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,9 @@ def free_port() -> int:
 class Server:
     """``sidecast serve`` on a temp socket, an ephemeral WebSocket port and an HTTP port."""
 
-    def __init__(self, socket_path: str | None = None, http_port: int | None = None) -> None:
+    def __init__(
+        self, socket_path: str | None = None, http_port: int | None = None, extra: tuple = ()
+    ) -> None:
         self.socket = socket_path or os.path.join(tempfile.mkdtemp(), "sidecast.sock")
         self.http_port = http_port or free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -36,10 +39,12 @@ class Server:
         env.pop("RUST_LOG", None)
         self.process = subprocess.Popen(
             [BIN, "serve", "--listen", "127.0.0.1:0", "--publish-socket", self.socket,
-             "--publish-listen", f"127.0.0.1:{self.http_port}", "--dashboard", "off"],
+             "--publish-listen", f"127.0.0.1:{self.http_port}", "--dashboard", "off", *extra],
             env=env, stderr=subprocess.PIPE, text=True,
         )
         line = self.process.stderr.readline()
+        while "ws://" not in line:
+            line = self.process.stderr.readline()
         self.ws_addr = line.split("ws://")[1].split("/")[0]
 
     def stop(self) -> None:
@@ -182,3 +187,32 @@ def test_options_are_checked():
         Publisher()
     with pytest.raises(TypeError):
         AsyncPublisher(socket_path="a", url="http://b")
+
+
+def test_a_publish_redis_could_not_store_is_a_retryable_error():
+    redis_port = free_port()
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    server = Server(extra=("--engine", "redis", "--redis-url", f"redis://127.0.0.1:{redis_port}"))
+    try:
+        with Publisher(socket_path=server.socket) as sidecast:
+            for _ in range(100):  # until the node has connected to Redis
+                try:
+                    reply = sidecast.publish("job:redis", 1)
+                    break
+                except PublishError as e:
+                    assert e.code == "unavailable"
+                    time.sleep(0.05)
+            assert (reply["seq"], reply["nodes"]) == (1, 0)
+            redis.kill()
+            redis.wait()
+            with pytest.raises(PublishError) as down:
+                sidecast.publish("job:redis", 2)
+            assert (down.value.code, down.value.retryable) == ("unavailable", True)
+            assert down.value.reply["error"] == "unavailable"
+    finally:
+        server.stop()
+        redis.kill()
+        redis.wait()

@@ -20,14 +20,17 @@ export async function freePort() {
   return port;
 }
 
-/** Starts `sidecast serve` on a temp socket, an ephemeral WebSocket port and an HTTP publish port. */
-export async function startServer({ socket, httpPort } = {}) {
+/**
+ * Starts `sidecast serve` on a temp socket, an ephemeral WebSocket port and an HTTP publish
+ * port, with `args` added.
+ */
+export async function startServer({ socket, httpPort, args = [] } = {}) {
   socket ??= join(mkdtempSync(join(tmpdir(), "sidecast-node-")), "sidecast.sock");
   httpPort ??= await freePort();
   const child = spawn(
     BIN,
     ["serve", "--listen", "127.0.0.1:0", "--publish-socket", socket,
-     "--publish-listen", `127.0.0.1:${httpPort}`, "--dashboard", "off"],
+     "--publish-listen", `127.0.0.1:${httpPort}`, "--dashboard", "off", ...args],
     { env: { ...process.env, SIDECAST_PUBLISH_KEY: KEY, RUST_LOG: "" }, stdio: ["ignore", "ignore", "pipe"] },
   );
   const wsAddr = await new Promise((ok, fail) => {
@@ -117,4 +120,21 @@ export async function subscriber(wsAddr, channel) {
   const subscribed = await next();
   if (subscribed.type !== "subscribed") throw new Error(JSON.stringify(subscribed));
   return { next, close: () => socket.destroy() };
+}
+
+/** A real `redis-server` without persistence on a free port; `kill()` is SIGKILL. */
+export async function startRedis() {
+  const port = await freePort();
+  const child = spawn("redis-server", ["--port", String(port), "--save", "", "--appendonly", "no"], {
+    stdio: "ignore",
+  });
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    async kill() {
+      if (child.exitCode !== null) return;
+      const exited = new Promise((ok) => child.once("exit", ok));
+      child.kill("SIGKILL");
+      await exited;
+    },
+  };
 }

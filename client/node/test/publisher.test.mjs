@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
 import { PublishError, Publisher } from "../publisher.mjs";
-import { KEY, startServer, subscriber } from "./helpers.mjs";
+import { KEY, startRedis, startServer, subscriber } from "./helpers.mjs";
 
 let server;
 before(async () => {
@@ -102,6 +102,30 @@ test("a server that goes away and comes back: retryable errors, then a reconnect
   assert.equal(reply.ok, true, "reconnected to the new server");
   await sidecast.close();
   await back.stop();
+});
+
+test("a publish Redis could not store is a retryable PublishError", async () => {
+  const redis = await startRedis();
+  const node = await startServer({ args: ["--engine", "redis", "--redis-url", redis.url] });
+  const sidecast = new Publisher({ socket: node.socket });
+  let reply;
+  for (let attempt = 0; !reply; attempt++) {
+    // Until the node has connected to Redis.
+    reply = await sidecast.publish("job:redis", 1).catch((e) => {
+      assert.equal(e.code, "unavailable");
+      assert.ok(attempt < 100, "the node never connected to Redis");
+      return new Promise((ok) => setTimeout(() => ok(undefined), 50));
+    });
+  }
+  assert.deepEqual([reply.seq, reply.nodes], [1, 0]);
+  await redis.kill();
+  await assert.rejects(sidecast.publish("job:redis", 2), (e) => {
+    assert.ok(e instanceof PublishError);
+    assert.deepEqual([e.code, e.retryable, e.reply.error], ["unavailable", true, "unavailable"]);
+    return true;
+  });
+  await sidecast.close();
+  await node.stop();
 });
 
 test("options are checked", () => {
