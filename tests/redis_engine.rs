@@ -758,3 +758,40 @@ fn a_redis_that_hangs_is_given_up_after_redis_timeout_and_rejoined_when_it_answe
         );
     }
 }
+
+#[test]
+fn replies_held_behind_an_unanswered_publish_are_bounded_by_max_output_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let flags = ["--max-output-buffer", "4KiB", "--redis-timeout", "10s"];
+    let node = Node::start(&[redis.url()], &flags);
+    let mut publisher = node.publisher();
+    publisher.send(&json!({"id": 0, "channel": "c", "data": 0}).to_string());
+    assert_eq!(publisher.reply()["ok"], true);
+    // Redis hangs: the next publish waits for it, and every reply after it waits too.
+    redis.set_running(false);
+    publisher.send(&json!({"id": 1, "channel": "c", "data": 1}).to_string());
+    for n in 2..200 {
+        publisher.send(&format!("{{\"id\":{n},\"chanel\":\"typo\",\"data\":1}}"));
+    }
+    // ~100 bytes per error reply: past 4 KiB held, the publisher is closed, not buffered.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        publisher.reply_line(),
+        None,
+        "closed without its held replies"
+    );
+    assert!(
+        started.elapsed() < PATIENCE / 2,
+        "closed at once, not a read timeout: {:?}",
+        started.elapsed()
+    );
+    redis.set_running(true);
+    let mut other = node.publisher();
+    other.send(&json!({"id": 1, "channel": "c", "data": 2}).to_string());
+    assert_eq!(
+        other.reply()["ok"],
+        true,
+        "the node serves the next publisher"
+    );
+}

@@ -84,6 +84,8 @@ settings! {
         engine: EngineKind = "memory", "ENGINE", "Where seqs, history and cross-node delivery live: memory (this process, one node) or redis (nodes share them through Redis or Redis Cluster)";
         redis_prefix: String = "sidecast:", "PREFIX", "Prefix of every Redis key and shard channel sidecast uses";
         redis_timeout: HumanDuration = "2s", "DURATION", "A Redis reply later than this marks the connection down: publishes answer unavailable until it is back";
+        redis_max_in_flight: usize = "65536", "COUNT", "With the redis engine, publishes sent to Redis and not yet answered, node-wide; past it publishers pause until Redis answers";
+        redis_max_in_flight_bytes: ByteSize = "64MiB", "SIZE", "The same bound in bytes of event data waiting for Redis";
         user_lease_ttl: HumanDuration = "30s", "DURATION", "With the redis engine, how long a node's claim on a user's connection lasts unless refreshed: a crashed node's connections stop counting against max_connections_per_user after this";
         dashboard: Dashboard = "auto", "WHEN", "Serve the dashboard at GET / and publish stats to sidecast:stats once a second: auto (when listening on loopback), on or off";
     }
@@ -323,6 +325,12 @@ impl Config {
             ("rate_limit_strikes", self.rate_limit_strikes as usize, 1),
             ("max_publishers", self.max_publishers, 1),
             ("max_connections_per_user", self.max_connections_per_user, 1),
+            ("redis_max_in_flight", self.redis_max_in_flight, 1),
+            (
+                "redis_max_in_flight_bytes",
+                self.redis_max_in_flight_bytes,
+                1024,
+            ),
             ("max_connections", self.max_connections, 1),
             ("max_subscriptions", self.max_subscriptions, 1),
             ("max_message_size", self.max_message_size, 128),

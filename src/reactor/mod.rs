@@ -222,6 +222,8 @@ impl Server {
                     idempotency_window: config.idempotency_window,
                     timeout: config.redis_timeout,
                     lease_ttl: config.user_lease_ttl,
+                    max_in_flight: config.redis_max_in_flight,
+                    max_in_flight_bytes: config.redis_max_in_flight_bytes,
                 };
                 log::info!(
                     "engine redis: {} as node {}",

@@ -55,11 +55,6 @@ const BROADCAST_CHANNEL: &str = "sidecast:all";
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// First wait after a connection fails.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
-/// Publishes in flight at most, node-wide: past it, publishers pause.
-pub const MAX_IN_FLIGHT: usize = 64 * 1024;
-/// Bytes of event data in flight at most, node-wide (what waits in the connections' output
-/// buffers and in the calls kept for a resend): past it, publishers pause.
-pub const MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 /// A lease renewal's `max`: a connection already open is never refused by its renewal.
 const RENEW: &[u8] = b"1000000000";
 
@@ -82,6 +77,12 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// `user_lease_ttl`.
     pub lease_ttl: Duration,
+    /// `redis_max_in_flight`: publishes sent and not yet answered, node-wide; past it,
+    /// publishers pause.
+    pub max_in_flight: usize,
+    /// `redis_max_in_flight_bytes`: the same in bytes of event data (what waits in the
+    /// connections' output buffers and in the calls kept for a resend).
+    pub max_in_flight_bytes: usize,
 }
 
 impl RedisSettings {
@@ -376,9 +377,10 @@ impl RedisEngine {
         }
     }
 
-    /// Whether another publish may be started (see [`MAX_IN_FLIGHT`]).
+    /// Whether another publish may be started (see `redis_max_in_flight`).
     pub fn has_capacity(&self) -> bool {
-        self.in_flight < MAX_IN_FLIGHT && self.in_flight_bytes < MAX_IN_FLIGHT_BYTES
+        self.in_flight < self.settings.max_in_flight
+            && self.in_flight_bytes < self.settings.max_in_flight_bytes
     }
 
     fn start_flight(&mut self, bytes: usize) {
