@@ -795,3 +795,39 @@ fn replies_held_behind_an_unanswered_publish_are_bounded_by_max_output_buffer() 
         "the node serves the next publisher"
     );
 }
+
+#[test]
+fn a_password_in_the_url_authenticates_and_a_wrong_one_keeps_the_node_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_with(dir.path(), &["--requirepass", "s3cret-pw"]);
+    let url = format!("redis://:s3cret-pw@127.0.0.1:{}", redis.port);
+    let node = Node::start(&[url], &[]);
+    let reply = node.publish(&json!({"id": 1, "channel": "c", "data": 1}));
+    assert_eq!(reply["seq"], 1, "{reply}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let port = common::redis::free_port();
+    let wrong = format!("redis://:wrong@127.0.0.1:{}", redis.port);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sidecast"))
+        .args([
+            "serve",
+            "--engine",
+            "redis",
+            "--redis-url",
+            &wrong,
+            "--log-level",
+            "off",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--publish-socket"])
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    wait_for("the node answers /health", PATIENCE, || {
+        common::redis::http_get(port, "/health").is_some()
+    });
+    let health = common::redis::http_get(port, "/health").unwrap();
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

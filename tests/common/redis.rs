@@ -85,7 +85,9 @@ impl RedisServer {
         self.child = Some(child);
         let port = self.port;
         wait_for("redis answers PING", PATIENCE, || {
-            command(port, &["PING"]).is_some_and(|r| r.starts_with("+PONG"))
+            // With requirepass, NOAUTH is an answer too.
+            command(port, &["PING"])
+                .is_some_and(|r| r.starts_with("+PONG") || r.starts_with("-NOAUTH"))
         });
     }
 
@@ -146,6 +148,17 @@ pub fn command(port: u16, args: &[&str]) -> Option<String> {
     let mut reply = vec![0; 64 * 1024];
     let n = stream.read(&mut reply).ok()?;
     Some(String::from_utf8_lossy(&reply[..n]).into_owned())
+}
+
+/// The whole response to `GET path` on a loopback port (`None` while nothing answers).
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(PATIENCE)).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
 }
 
 /// Three masters in cluster mode, slots spread by `redis-cli --cluster create`.
@@ -257,13 +270,7 @@ impl Node {
 
     /// The `/health` document (`None` while it does not answer).
     pub fn health(&self) -> Option<Value> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        stream.set_read_timeout(Some(PATIENCE)).ok()?;
-        stream
-            .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-            .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
+        let response = http_get(self.port, "/health")?;
         serde_json::from_str(response.split_once("\r\n\r\n")?.1).ok()
     }
 

@@ -22,7 +22,14 @@ impl RedisEngine {
         match request {
             Request::Hello => match resp::error_text(&frame) {
                 None => self.on_up(key),
-                Some(error) => self.fail(key, &format!("HELLO refused: {error}")),
+                Some(error) => {
+                    // A wrong password or user never heals by itself: say so at every try.
+                    let addr = &self.shards[key].addr;
+                    log::warn!(
+                        "redis {addr}: HELLO refused (check the URL's credentials): {error}"
+                    );
+                    self.fail(key, "HELLO refused");
+                }
             },
             Request::Ignore => {}
             Request::Load(script) => match resp::text(&frame) {

@@ -110,8 +110,11 @@ impl RedisEngine {
         let was_up = std::mem::replace(&mut self.shards[key].up, false);
         if was_up {
             self.disconnects += 1;
+            log::warn!("redis {}: connection lost: {why}", link.addr);
+        } else {
+            // Retries of a connection that never came up: one line per attempt at debug.
+            log::debug!("redis {}: cannot connect: {why}", link.addr);
         }
-        log::warn!("redis {}: connection lost: {why}", link.addr);
         for request in link.close(&self.registry).collect::<Vec<_>>() {
             if let Request::Call(_, purpose) = request {
                 self.abandon(purpose);
