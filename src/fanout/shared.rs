@@ -189,8 +189,7 @@ impl Fanout {
         let Some(shared) = &mut self.shared else {
             return;
         };
-        let happenings = shared.engine.take_happenings();
-        let mut happenings = happenings;
+        let mut happenings = shared.engine.take_happenings();
         for happening in happenings.drain(..) {
             match happening {
                 Happening::Deliver { channel, entry } => self.deliver_shared(&channel, &entry),

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::resp::{self, Frame, Redirect};
 use super::scripts;
-use super::sequencer::{Entry, Step, Sync};
+use super::sequencer::{Entry, Step};
 use super::{
     BROADCAST_CHANNEL, Call, Happening, Purpose, RedisEngine, Request, Stored, Unavailable,
 };
@@ -153,25 +153,27 @@ impl RedisEngine {
             return; // unwatched meanwhile
         };
         let mut steps = std::mem::take(&mut self.steps);
-        let next = match &join {
-            None => watched
-                .order
-                .on_read(epoch, seq, entries.clone(), &mut steps),
-            Some(_) if watched.order.position().is_none() => {
-                watched.order.on_read(epoch, seq, None, &mut steps)
+        let Some((conn, since)) = join else {
+            // The channel's own read: deliver what it missed, and read again if held events
+            // still leave a hole.
+            let next = watched.order.on_read(epoch, seq, entries, &mut steps);
+            self.emit(&channel, &mut steps);
+            self.steps = steps;
+            if next.is_some()
+                && let Some(shard) = self.up_shard(self.channels[&channel].keys.slot())
+            {
+                self.send_read(shard, &channel, None);
             }
-            Some(_) => None,
+            return;
         };
-        self.emit(&channel, &mut steps);
-        self.steps = steps;
-        if let Some(Sync { .. }) = next
-            && let Some(shard) = self.up_shard(self.channels[&channel].keys.slot())
-        {
-            self.send_read(shard, &channel, None);
+        if watched.order.position().is_none() {
+            // A join's read before the channel's own (after a reconnect): it places the
+            // channel too.
+            watched.order.on_read(epoch, seq, None, &mut steps);
+            self.emit(&channel, &mut steps);
         }
-        if let Some((conn, since)) = join
-            && let Some((seq_delivered, epoch_delivered)) = self.position(&channel)
-        {
+        self.steps = steps;
+        if let Some((seq_delivered, epoch_delivered)) = self.position(&channel) {
             let delivered = (seq_delivered, Arc::clone(epoch_delivered));
             self.out.push(Happening::Joined {
                 delivered,
