@@ -322,8 +322,10 @@ fn the_per_user_limit_holds_across_nodes_and_a_crashed_nodes_leases_expire() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
+    // The leases expire 3 s after their last renewal; the rest is this loop's polling and a
+    // loaded machine's scheduling.
     assert!(
-        admitted <= std::time::Duration::from_millis(3500),
+        admitted <= std::time::Duration::from_millis(4500),
         "admitted {admitted:?} after the kill; the lease time is 3s"
     );
 }
