@@ -8,6 +8,19 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Polls `ready` every 20 ms for 10 s at most.
+fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        if Instant::now() > deadline {
+            let message = format!("{what} never answered");
+            return Err(io::Error::new(io::ErrorKind::TimedOut, message));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// A command running `program`, pinned to `cpu` with `taskset` when one is given.
 fn pinned(cpu: Option<usize>, program: &std::ffi::OsStr) -> Command {
     match cpu {
@@ -62,16 +75,9 @@ impl SpawnedServer {
             .stdin(Stdio::null())
             .spawn()?;
         let server = SpawnedServer { child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if Instant::now() > deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the spawned server never answered",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until("the spawned server", || {
+            std::os::unix::net::UnixStream::connect(socket).is_ok()
+        })?;
         Ok(server)
     }
 
@@ -117,16 +123,9 @@ impl SpawnedRedis {
             child,
             url: format!("redis://127.0.0.1:{port}"),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "redis-server never answered",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until("redis-server", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })?;
         Ok(redis)
     }
 }

@@ -570,6 +570,14 @@ impl RedisEngine {
         true
     }
 
+    /// The leases this node holds, to renew or take again.
+    fn held_leases(&self) -> Vec<(ConnId, Arc<str>)> {
+        let leases = self.leases.iter();
+        leases
+            .map(|(conn, user)| (*conn, Arc::clone(user)))
+            .collect()
+    }
+
     fn lease_member(&self, conn: ConnId) -> String {
         format!("{}:{}.{}", self.settings.node_id, conn.key, conn.generation)
     }
@@ -683,12 +691,7 @@ impl RedisEngine {
         }
         if now >= self.next_renewal {
             self.next_renewal = now + self.settings.lease_ttl / 3;
-            let leases: Vec<(ConnId, Arc<str>)> = self
-                .leases
-                .iter()
-                .map(|(conn, user)| (*conn, Arc::clone(user)))
-                .collect();
-            for (conn, user) in leases {
+            for (conn, user) in self.held_leases() {
                 self.send_lease(&user, conn, Bytes::from_static(RENEW), false);
             }
         }

@@ -298,12 +298,7 @@ impl RedisEngine {
             let link = self.shards[key].link.as_mut().expect("up");
             send_subscription(link, "ssubscribe", &self.broadcast.shard_channel);
         }
-        let leases: Vec<(ConnId, Arc<str>)> = self
-            .leases
-            .iter()
-            .map(|(c, u)| (*c, Arc::clone(u)))
-            .collect();
-        for (conn, user) in leases {
+        for (conn, user) in self.held_leases() {
             let slot = Keys::of(&self.settings.prefix, &format!("user:{user}")).slot();
             if owned(self, slot) {
                 self.send_lease(&user, conn, Bytes::from_static(RENEW), false);
