@@ -8,6 +8,14 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// SIGTERM, and wait for the exit.
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
 /// Polls `ready` every 20 ms for 10 s at most.
 fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> io::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -89,10 +97,7 @@ impl SpawnedServer {
 
 impl Drop for SpawnedServer {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
 }
 
@@ -132,9 +137,6 @@ impl SpawnedRedis {
 
 impl Drop for SpawnedRedis {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
 }
