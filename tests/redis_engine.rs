@@ -4,7 +4,7 @@
 mod common;
 
 use common::PATIENCE;
-use common::redis::{Node, RedisCluster, RedisServer, wait_for};
+use common::redis::{Node, RedisCluster, RedisServer, View, Views, wait_for};
 use serde_json::{Value, json};
 
 #[test]
@@ -467,62 +467,6 @@ impl Rng {
     }
 }
 
-thread_local! {
-    static LOG: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// One page's view of a channel: the epoch and last seq it holds.
-#[derive(Clone, Default)]
-struct View {
-    epoch: Value,
-    seq: u64,
-}
-
-/// Applies one message to a page's views; panics on a duplicate or a reordering, and counts
-/// reported gaps.
-fn apply(views: &mut std::collections::HashMap<String, View>, message: &Value, gaps: &mut u64) {
-    LOG.with(|log| {
-        let mut log = log.borrow_mut();
-        log.push(message.to_string());
-        if log.len() > 40 {
-            log.remove(0);
-        }
-    });
-    let channel = message["channel"].as_str().unwrap_or_default().to_string();
-    match message["type"].as_str() {
-        Some("subscribed") => {
-            let view = views.entry(channel).or_default();
-            if message["recovered"] != true {
-                *gaps += u64::from(message["recovered"] == false);
-                view.epoch = message["epoch"].clone();
-                view.seq = message["seq"].as_u64().unwrap();
-            }
-        }
-        Some("gap") => {
-            *gaps += 1;
-            let view = views.entry(channel).or_default();
-            view.epoch = message["epoch"].clone();
-            view.seq = message["seq"].as_u64().unwrap();
-        }
-        Some("event") => {
-            let view = views
-                .get_mut(&channel)
-                .expect("an event on a subscribed channel");
-            let seq = message["seq"].as_u64().unwrap();
-            if seq != view.seq + 1 {
-                LOG.with(|log| eprintln!("{}", log.borrow().join("\n")));
-            }
-            assert_eq!(
-                seq,
-                view.seq + 1,
-                "gap-free, duplicate-free, in order: {message}"
-            );
-            view.seq = seq;
-        }
-        _ => {}
-    }
-}
-
 #[test]
 fn randomized_publishes_on_two_nodes_and_pages_hopping_at_random_see_no_duplicate_and_no_unreported_gap()
  {
@@ -569,21 +513,19 @@ fn randomized_publishes_on_two_nodes_and_pages_hopping_at_random_see_no_duplicat
             let nodes = std::sync::Arc::clone(&nodes);
             std::thread::spawn(move || {
                 let mut rng = Rng(seed.wrapping_mul(p as u64 + 101) | 1);
-                let mut views = std::collections::HashMap::new();
-                let mut gaps = 0;
+                let mut views = Views::default();
                 let started = std::time::Instant::now();
                 while started.elapsed() < std::time::Duration::from_secs(3) {
                     let which = rng.below(2) as usize;
                     let node = &nodes[which];
-                    LOG.with(|log| log.borrow_mut().push(format!("--- hop to node {which}")));
+                    views.note(format!("--- hop to node {which}"));
                     let mut ws = node.ws();
                     for channel in channels {
                         let mut subscribe = json!({"type": "subscribe", "channel": channel});
-                        if let Some(view) = views.get(channel) {
-                            let View { epoch, seq } = view;
+                        if let Some(View { epoch, seq, .. }) = views.channels.get(channel) {
                             subscribe["since"] = json!({"seq": seq, "epoch": epoch});
                         }
-                        LOG.with(|log| log.borrow_mut().push(format!("> {subscribe}")));
+                        views.note(format!("> {subscribe}"));
                         ws.send(subscribe);
                     }
                     ws.0.get_ref()
@@ -592,7 +534,7 @@ fn randomized_publishes_on_two_nodes_and_pages_hopping_at_random_see_no_duplicat
                     for _ in 0..rng.below(60) {
                         match ws.0.read() {
                             Ok(tungstenite::Message::Text(text)) => {
-                                apply(&mut views, &serde_json::from_str(&text).unwrap(), &mut gaps);
+                                views.apply(&serde_json::from_str(&text).unwrap());
                             }
                             Ok(_) => {}
                             Err(_) => break, // quiet for a moment: hop
@@ -603,7 +545,7 @@ fn randomized_publishes_on_two_nodes_and_pages_hopping_at_random_see_no_duplicat
                         std::thread::sleep(std::time::Duration::from_millis(rng.below(300)));
                     }
                 }
-                (views, gaps)
+                views
             })
         })
         .collect();
@@ -631,23 +573,23 @@ fn randomized_publishes_on_two_nodes_and_pages_hopping_at_random_see_no_duplicat
     );
     let mut total_gaps = 0;
     for page in pages {
-        let (mut views, mut gaps) = page.join().unwrap();
+        let mut views = page.join().unwrap();
         // A last visit catches up to the end, through resumes or reported gaps.
         let mut ws = nodes[1].ws();
         for channel in channels {
             let mut subscribe = json!({"type": "subscribe", "channel": channel});
-            if let Some(View { epoch, seq }) = views.get(channel) {
+            if let Some(View { epoch, seq, .. }) = views.channels.get(channel) {
                 subscribe["since"] = json!({"seq": seq, "epoch": epoch});
             }
             ws.send(subscribe);
         }
         while channels
             .iter()
-            .any(|c| views.get(*c).is_none_or(|v| v.seq < finals[c]))
+            .any(|c| views.channels.get(*c).is_none_or(|v| v.seq < finals[c]))
         {
-            apply(&mut views, &ws.recv(), &mut gaps);
+            views.apply(&ws.recv());
         }
-        total_gaps += gaps;
+        total_gaps += views.gaps;
     }
     eprintln!("seed {seed}: {total_gaps} gaps reported to pages that stayed away");
 }

@@ -84,6 +84,7 @@ settings! {
         engine: EngineKind = "memory", "ENGINE", "Where seqs, history and cross-node delivery live: memory (this process, one node) or redis (nodes share them through Redis or Redis Cluster)";
         redis_prefix: String = "sidecast:", "PREFIX", "Prefix of every Redis key and shard channel sidecast uses";
         redis_timeout: HumanDuration = "2s", "DURATION", "A Redis reply later than this marks the connection down: publishes answer unavailable until it is back";
+        redis_check_interval: HumanDuration = "30s", "DURATION", "With the redis engine, how often each channel with local subscribers compares what this node delivered with Redis's position, and fills any difference from the stream (a safety net: each repair is logged and counted)";
         redis_max_in_flight: usize = "65536", "COUNT", "With the redis engine, publishes sent to Redis and not yet answered, node-wide; past it publishers pause until Redis answers";
         redis_max_in_flight_bytes: ByteSize = "64MiB", "SIZE", "The same bound in bytes of event data waiting for Redis";
         user_lease_ttl: HumanDuration = "30s", "DURATION", "With the redis engine, how long a node's claim on a user's connection lasts unless refreshed: a crashed node's connections stop counting against max_connections_per_user after this";
@@ -260,6 +261,7 @@ impl Config {
             ("write_stall_timeout", self.write_stall_timeout),
             ("history_ttl", self.history_ttl),
             ("redis_timeout", self.redis_timeout),
+            ("redis_check_interval", self.redis_check_interval),
             ("user_lease_ttl", self.user_lease_ttl),
         ];
         for (key, value) in durations {

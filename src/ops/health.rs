@@ -1,7 +1,8 @@
 //! `GET /health`: a small JSON document for load balancers and orchestrators.
 //!
 //! `200` with `"status":"ok"` while the node can serve. Under the Redis engine, a node that
-//! cannot reach every Redis shard answers `503` with `"status":"unavailable"`: its WebSockets
+//! cannot reach every Redis shard, or has a channel with local subscribers subscribed on no
+//! Redis connection, answers `503` with `"status":"unavailable"`: its WebSockets
 //! stay open, but publishes fail and new subscribers wait, so a load balancer should steer
 //! new connections to a node that can serve.
 
@@ -38,8 +39,8 @@ impl Health {
         let engine = match redis {
             None => "\"engine\":\"memory\"".to_string(),
             Some(r) => format!(
-                "\"engine\":\"redis\",\"redis\":{{\"up\":{},\"shardsUp\":{},\"shards\":{}}}",
-                r.up, r.shards_up, r.shards
+                "\"engine\":\"redis\",\"redis\":{{\"up\":{},\"shardsUp\":{},\"shards\":{},\"unsubscribedChannels\":{}}}",
+                r.up, r.shards_up, r.shards, r.unsubscribed
             ),
         };
         format!(

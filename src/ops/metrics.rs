@@ -253,6 +253,18 @@ impl Metrics {
                 redis.held as u64,
             );
             metric(
+                "sidecast_redis_unsubscribed_channels",
+                "gauge",
+                "Channels with local subscribers that no Redis connection carries (health is 503 while above 0).",
+                redis.unsubscribed as u64,
+            );
+            metric(
+                "sidecast_redis_repairs_total",
+                "counter",
+                "Events and gaps the periodic position check delivered because the subscription had not (a lost message or a bug).",
+                redis.repairs,
+            );
+            metric(
                 "sidecast_redis_disconnects_total",
                 "counter",
                 "Redis connections lost.",

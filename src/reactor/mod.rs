@@ -222,6 +222,7 @@ impl Server {
                     idempotency_window: config.idempotency_window,
                     timeout: config.redis_timeout,
                     lease_ttl: config.user_lease_ttl,
+                    check_interval: config.redis_check_interval,
                     max_in_flight: config.redis_max_in_flight,
                     max_in_flight_bytes: config.redis_max_in_flight_bytes,
                 };

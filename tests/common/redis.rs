@@ -3,6 +3,7 @@
 //! sidecast nodes as child processes (so a test can SIGKILL one). Everything is stopped by
 //! PID on drop.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -101,15 +102,7 @@ impl RedisServer {
 
     /// SIGSTOP (`false`) or SIGCONT (`true`): a Redis that hangs, then comes back.
     pub fn set_running(&self, running: bool) {
-        let signal = if running { "-CONT" } else { "-STOP" };
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        assert!(
-            Command::new("kill")
-                .args([signal, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        set_running(self.child.as_ref().expect("running"), running);
     }
 
     /// Deletes its data files, so the next `restart` is an empty Redis.
@@ -134,6 +127,19 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// SIGSTOP (`false`) or SIGCONT (`true`) to `child`.
+fn set_running(child: &Child, running: bool) {
+    let signal = if running { "-CONT" } else { "-STOP" };
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
 }
 
 /// Sends one command in RESP2 to `port` and returns the raw reply read in one go.
@@ -161,14 +167,19 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     Some(response)
 }
 
-/// Three masters in cluster mode, slots spread by `redis-cli --cluster create`.
+/// A Redis Cluster: three masters, slots spread by `redis-cli --cluster create`, each with
+/// `replicas` replicas (ready for a failover when the call returns).
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
     pub fn start(dir: &Path) -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3)
+        RedisCluster::start_with_replicas(dir, 0)
+    }
+
+    pub fn start_with_replicas(dir: &Path, replicas: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
             .map(|i| {
                 RedisServer::start_with(
                     &dir.join(format!("node{i}")),
@@ -183,7 +194,7 @@ impl RedisCluster {
         let status = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -194,6 +205,11 @@ impl RedisCluster {
                 node.command(&["CLUSTER", "INFO"])
                     .is_some_and(|info| info.contains("cluster_state:ok"))
             });
+            wait_for("every replica is in sync", Duration::from_secs(30), || {
+                node.command(&["INFO", "replication"]).is_some_and(|info| {
+                    info.contains("role:master") || info.contains("master_link_status:up")
+                })
+            });
         }
         RedisCluster { nodes }
     }
@@ -202,9 +218,17 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
-    /// The node serving `slot`.
+    /// The node serving `slot`, as the first node still running says.
     pub fn owner_of(&self, slot: u16) -> usize {
-        let reply = self.nodes[0].command(&["CLUSTER", "SLOTS"]).unwrap();
+        let reply = self
+            .nodes
+            .iter()
+            .find_map(|n| {
+                n.child
+                    .as_ref()
+                    .and_then(|_| n.command(&["CLUSTER", "SLOTS"]))
+            })
+            .expect("a node answers");
         // Each range is `*N :start :end *M $len host :port ...`: find ours.
         let numbers: Vec<i64> = reply
             .split("\r\n")
@@ -318,6 +342,20 @@ impl Node {
             let _ = child.wait();
         }
     }
+
+    /// SIGSTOP (`false`) or SIGCONT (`true`): a node held back, then let go.
+    pub fn set_running(&self, running: bool) {
+        set_running(self.child.as_ref().expect("running"), running);
+    }
+
+    /// One series of `/metrics` (0 when absent).
+    pub fn metric(&self, series: &str) -> u64 {
+        let response = http_get(self.port, "/metrics").unwrap_or_default();
+        response
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for Node {
@@ -334,6 +372,98 @@ impl Drop for Node {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// One page's record of its channels, checked as messages arrive: events come in seq order
+/// with no duplicate, and every seq skipped is declared lost by a `gap` or by a resume that
+/// was not recovered. Panics (with the page's last messages) on anything else.
+#[derive(Default)]
+pub struct Views {
+    pub channels: HashMap<String, View>,
+    /// Losses reported: `gap` messages and resumes that were not recovered.
+    pub gaps: u64,
+    log: VecDeque<String>,
+}
+
+/// A page's view of one channel.
+#[derive(Clone, Default)]
+pub struct View {
+    pub epoch: Value,
+    pub seq: u64,
+    /// The data of every event delivered in `epoch`, by seq.
+    pub events: BTreeMap<u64, Value>,
+    /// The seqs of `epoch` declared lost.
+    pub lost: Vec<u64>,
+}
+
+impl View {
+    /// Moves to `seq` of `epoch` without the events between: they are lost.
+    fn skip_to(&mut self, epoch: &Value, seq: u64) {
+        if *epoch != self.epoch {
+            *self = View {
+                epoch: epoch.clone(),
+                ..View::default()
+            };
+        }
+        self.lost.extend(self.seq + 1..=seq);
+        self.seq = self.seq.max(seq);
+    }
+}
+
+impl Views {
+    /// Records a line of context, shown if a later check fails.
+    pub fn note(&mut self, line: String) {
+        self.log.push_back(line);
+        if self.log.len() > 40 {
+            self.log.pop_front();
+        }
+    }
+
+    /// Applies one message from the server.
+    #[track_caller]
+    pub fn apply(&mut self, message: &Value) {
+        self.note(message.to_string());
+        let channel = message["channel"].as_str().unwrap_or_default().to_string();
+        let seq = message["seq"].as_u64();
+        match message["type"].as_str() {
+            Some("subscribed") => {
+                let view = self.channels.entry(channel).or_default();
+                match message["recovered"].as_bool() {
+                    Some(true) => {}
+                    Some(false) => {
+                        self.gaps += 1;
+                        view.skip_to(&message["epoch"], seq.unwrap());
+                    }
+                    None => {
+                        *view = View {
+                            epoch: message["epoch"].clone(),
+                            seq: seq.unwrap(),
+                            ..View::default()
+                        };
+                    }
+                }
+            }
+            Some("gap") => {
+                self.gaps += 1;
+                let view = self.channels.entry(channel).or_default();
+                view.skip_to(&message["epoch"], seq.unwrap());
+            }
+            Some("event") => {
+                let view = self
+                    .channels
+                    .get_mut(&channel)
+                    .expect("an event on a subscribed channel");
+                let seq = seq.unwrap();
+                if seq != view.seq + 1 {
+                    eprintln!("{}", Vec::from(self.log.clone()).join("\n"));
+                    panic!("gap-free, duplicate-free, in order: {message}");
+                }
+                view.seq = seq;
+                view.events.insert(seq, message["data"].clone());
+            }
+            _ => {}
         }
     }
 }

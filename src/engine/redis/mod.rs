@@ -57,6 +57,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// A lease renewal's `max`: a connection already open is never refused by its renewal.
 const RENEW: &[u8] = b"1000000000";
+/// Channels whose position is checked per tick, at most, so a check round of many channels
+/// is spread out instead of sent to Redis at once.
+const CHECKS_PER_TICK: usize = 256;
+/// Least time between two reads of the slot map while a shard that is up has not taken its
+/// channels (its map answer was not usable).
+const MAP_RETRY: Duration = Duration::from_secs(1);
 
 /// What the Redis engine runs by, from the configuration.
 #[derive(Clone, Debug)]
@@ -77,6 +83,9 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// `user_lease_ttl`.
     pub lease_ttl: Duration,
+    /// `redis_check_interval`: how often each watched channel's delivered position is
+    /// compared with Redis's.
+    pub check_interval: Duration,
     /// `redis_max_in_flight`: publishes sent and not yet answered, node-wide; past it,
     /// publishers pause.
     pub max_in_flight: usize,
@@ -229,12 +238,23 @@ enum Purpose {
     },
     Read {
         channel: Arc<str>,
-        join: Option<(ConnId, Option<Since>)>,
+        read: Read,
     },
     Lease {
         conn: ConnId,
         fresh: bool,
     },
+}
+
+/// Why a channel's stream is read.
+enum Read {
+    /// The channel's own read, after (re)subscribing or a skipped seq: fills what was missed.
+    Sync,
+    /// The periodic position check: anything it fills is a repair (a lost pub/sub message,
+    /// or a bug), counted and logged.
+    Check,
+    /// A joining connection's read, with its `since`.
+    Join(ConnId, Option<Since>),
 }
 
 /// One master (or the standalone Redis).
@@ -243,6 +263,9 @@ struct Shard {
     link: Option<Link<Request>>,
     /// `HELLO` answered: commands may be sent.
     up: bool,
+    /// Every watched channel this shard owns was subscribed on its current connection,
+    /// under the current slot map. False from (re)connect until it takes its channels.
+    subscribed: bool,
     backoff: Duration,
     retry_at: Option<Instant>,
 }
@@ -255,6 +278,9 @@ struct Watched {
     order: Sequencer,
     /// Joins to send once the channel's shard is up.
     queued: Vec<(ConnId, Option<Since>)>,
+    /// The shard whose connection carries its subscription (asked or confirmed); `None`
+    /// while it is subscribed nowhere, which `/health` reports.
+    subscribed_on: Option<usize>,
 }
 
 /// Connection and request state, for `/health` and `/metrics`.
@@ -272,10 +298,14 @@ pub struct RedisState {
     pub held: usize,
     /// Channels watched.
     pub channels: usize,
+    /// Watched channels subscribed on no connection.
+    pub unsubscribed: usize,
     /// Connections lost since the start.
     pub disconnects: u64,
     /// Gaps reported to pages.
     pub gaps: u64,
+    /// Events and gaps the periodic position check found undelivered.
+    pub repairs: u64,
 }
 
 /// The Redis engine.
@@ -306,8 +336,15 @@ pub struct RedisEngine {
     retired: Vec<usize>,
     /// Calls to send again next tick (`TRYAGAIN`, `CLUSTERDOWN`).
     retries: Vec<(Call, Purpose)>,
+    /// When the next round of position checks starts.
+    next_check: Instant,
+    /// Channels still to check this round.
+    to_check: Vec<Arc<str>>,
+    /// Earliest next read of the slot map for a shard that has not taken its channels.
+    next_map_retry: Instant,
     disconnects: u64,
     gaps: u64,
+    repairs: u64,
 }
 
 impl RedisEngine {
@@ -339,8 +376,12 @@ impl RedisEngine {
             next_refresh: now + settings.meta_ttl() / 4,
             retries: Vec::new(),
             retired: Vec::new(),
+            next_check: now + settings.check_interval,
+            to_check: Vec::new(),
+            next_map_retry: now,
             disconnects: 0,
             gaps: 0,
+            repairs: 0,
             settings,
         };
         let seed = engine.settings.urls[0].host_port.clone();
@@ -365,15 +406,20 @@ impl RedisEngine {
     /// The state `/health` and `/metrics` report.
     pub fn state(&self) -> RedisState {
         let shards_up = self.shards.iter().filter(|(_, s)| s.up).count();
+        let unsubscribed = self.channels.values();
+        let unsubscribed = unsubscribed.filter(|w| w.subscribed_on.is_none()).count();
         RedisState {
-            up: self.map.is_some() && shards_up == self.shards.len(),
+            // A node that serves nothing on a channel its pages watch is not healthy.
+            up: self.map.is_some() && shards_up == self.shards.len() && unsubscribed == 0,
             shards_up,
             shards: self.shards.len(),
             in_flight: self.in_flight,
             held: self.channels.values().map(|w| w.order.held()).sum(),
             channels: self.channels.len(),
+            unsubscribed,
             disconnects: self.disconnects,
             gaps: self.gaps,
+            repairs: self.repairs,
         }
     }
 
@@ -489,6 +535,7 @@ impl RedisEngine {
                 interest: 1,
                 order: Sequencer::default(),
                 queued: Vec::new(),
+                subscribed_on: None,
             },
         );
         self.subscribe(&name);
@@ -524,7 +571,7 @@ impl RedisEngine {
         };
         let name = Arc::clone(name);
         match self.up_shard(watched.keys.slot()) {
-            Some(shard) => self.send_read(shard, &name, Some((conn, since))),
+            Some(shard) => self.send_read(shard, &name, Read::Join(conn, since)),
             None => {
                 let watched = self.channels.get_mut(channel).expect("watched");
                 watched.queued.push((conn, since));
@@ -689,6 +736,12 @@ impl RedisEngine {
                 link.send(&args, Some(Request::Ignore), now);
             }
         }
+        if now >= self.next_map_retry && self.shards.iter().any(|(_, s)| s.up && !s.subscribed) {
+            // Its map answer was unusable (a cluster still electing): ask again.
+            self.next_map_retry = now + MAP_RETRY;
+            self.refresh_map();
+        }
+        self.check_positions(now);
         if now >= self.next_renewal {
             self.next_renewal = now + self.settings.lease_ttl / 3;
             for (conn, user) in self.held_leases() {

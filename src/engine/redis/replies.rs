@@ -12,10 +12,8 @@ use super::resp::{self, Frame, Redirect};
 use super::scripts;
 use super::sequencer::{Entry, Step};
 use super::{
-    BROADCAST_CHANNEL, Call, Happening, Purpose, RedisEngine, Request, Stored, Unavailable,
+    BROADCAST_CHANNEL, Call, Happening, Purpose, Read, RedisEngine, Request, Stored, Unavailable,
 };
-use crate::ws::conn::ConnId;
-use crate::ws::wire::Since;
 
 impl RedisEngine {
     pub(super) fn on_reply(&mut self, key: usize, request: Request, frame: Frame) {
@@ -126,7 +124,7 @@ impl RedisEngine {
                     result: Ok(stored),
                 });
             }
-            Purpose::Read { channel, join } => self.on_read(channel, join, frame),
+            Purpose::Read { channel, read } => self.on_read(channel, read, frame),
             Purpose::Lease { conn, fresh } => {
                 if fresh && self.leases.contains_key(&conn) {
                     self.out.push(if resp::int(frame) == Some(0) {
@@ -139,12 +137,7 @@ impl RedisEngine {
         }
     }
 
-    pub(super) fn on_read(
-        &mut self,
-        channel: Arc<str>,
-        join: Option<(ConnId, Option<Since>)>,
-        frame: &Frame,
-    ) {
+    pub(super) fn on_read(&mut self, channel: Arc<str>, read: Read, frame: &Frame) {
         let Some((epoch, seq, entries)) = parse_read(frame) else {
             log::warn!("redis: unexpected read reply {frame:?}");
             return;
@@ -153,16 +146,24 @@ impl RedisEngine {
             return; // unwatched meanwhile
         };
         let mut steps = std::mem::take(&mut self.steps);
-        let Some((conn, since)) = join else {
+        let Read::Join(conn, since) = read else {
             // The channel's own read: deliver what it missed, and read again if held events
             // still leave a hole.
             let next = watched.order.on_read(epoch, seq, entries, &mut steps);
+            if matches!(read, Read::Check) && !steps.is_empty() {
+                // The subscription should have brought these: a lost message, or a bug.
+                self.repairs += steps.len() as u64;
+                log::warn!(
+                    "redis: the position check of {channel} found {} event(s) or gap(s) its subscription had not delivered; repaired",
+                    steps.len()
+                );
+            }
             self.emit(&channel, &mut steps);
             self.steps = steps;
             if next.is_some()
                 && let Some(shard) = self.up_shard(self.channels[&channel].keys.slot())
             {
-                self.send_read(shard, &channel, None);
+                self.send_read(shard, &channel, Read::Sync);
             }
             return;
         };
@@ -271,7 +272,7 @@ impl RedisEngine {
                 if sync.is_some()
                     && let Some(shard) = self.up_shard(self.channels[channel].keys.slot())
                 {
-                    self.send_read(shard, channel, None);
+                    self.send_read(shard, channel, Read::Sync);
                 }
             }
             _ => log::warn!("redis: an unknown message on {channel}"),

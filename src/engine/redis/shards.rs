@@ -15,13 +15,12 @@ use super::link::Link;
 use super::resp::{self, Frame};
 use super::scripts::{Keys, Script};
 use super::{
-    BROADCAST_CHANNEL, Call, Happening, MAX_BACKOFF, MIN_BACKOFF, Purpose, RENEW, RedisEngine,
-    Request, Shard, Unavailable, millis, number, send_subscription,
+    BROADCAST_CHANNEL, CHECKS_PER_TICK, Call, Happening, MAP_RETRY, MAX_BACKOFF, MIN_BACKOFF,
+    Purpose, RENEW, Read, RedisEngine, Request, Shard, Unavailable, millis, number,
+    send_subscription,
 };
 use crate::config::RedisUrl;
 use crate::reactor::token::{self, Source};
-use crate::ws::conn::ConnId;
-use crate::ws::wire::Since;
 
 impl RedisEngine {
     pub(super) fn shard_for_addr(&mut self, addr: &str) -> usize {
@@ -32,6 +31,7 @@ impl RedisEngine {
             addr: addr.to_string(),
             link: None,
             up: false,
+            subscribed: false,
             backoff: MIN_BACKOFF,
             retry_at: None,
         });
@@ -108,6 +108,7 @@ impl RedisEngine {
             return;
         };
         let was_up = std::mem::replace(&mut self.shards[key].up, false);
+        self.lost_subscriptions(key);
         if was_up {
             self.disconnects += 1;
             log::warn!("redis {}: connection lost: {why}", link.addr);
@@ -146,11 +147,11 @@ impl RedisEngine {
                     result: Err(Unavailable),
                 });
             }
-            Purpose::Read { channel, join } => {
+            Purpose::Read { channel, read } => {
                 if let Some(watched) = self.channels.get_mut(&channel) {
-                    match join {
-                        Some(join) => watched.queued.push(join),
-                        None => watched.order.abandon_sync(),
+                    match read {
+                        Read::Join(conn, since) => watched.queued.push((conn, since)),
+                        Read::Sync | Read::Check => watched.order.abandon_sync(),
                     }
                 }
             }
@@ -194,6 +195,7 @@ impl RedisEngine {
         };
         if let Some(watched) = self.channels.get_mut(channel) {
             watched.order.abandon_sync();
+            watched.subscribed_on = None;
         }
         self.subscribe(&name);
     }
@@ -206,7 +208,20 @@ impl RedisEngine {
         }
     }
 
-    /// Shard `key` answered `HELLO`.
+    /// Shard `key`'s connection is gone: the channels subscribed on it are subscribed
+    /// nowhere until it, or their slot's new owner, takes them again.
+    fn lost_subscriptions(&mut self, key: usize) {
+        self.shards[key].subscribed = false;
+        for watched in self.channels.values_mut() {
+            if watched.subscribed_on == Some(key) {
+                watched.subscribed_on = None;
+            }
+        }
+    }
+
+    /// Shard `key` answered `HELLO`. It takes its channels now (standalone) or once the slot
+    /// map says which are its own (cluster): whether this is its first connection, a
+    /// reconnect, a replica just promoted or a new owner, and whether or not the map changed.
     pub(super) fn on_up(&mut self, key: usize) {
         let shard = &mut self.shards[key];
         shard.up = true;
@@ -215,7 +230,9 @@ impl RedisEngine {
         if self.map.is_none() || self.map.as_ref().is_some_and(SlotMap::is_cluster) {
             let args: [&[u8]; 2] = [b"CLUSTER", b"SLOTS"];
             let link = shard.link.as_mut().expect("up");
-            link.send(&args, Some(Request::Slots), Instant::now());
+            let now = Instant::now();
+            link.send(&args, Some(Request::Slots), now);
+            self.next_map_retry = now + MAP_RETRY;
         } else {
             self.resubscribe(key);
         }
@@ -246,6 +263,7 @@ impl RedisEngine {
             .collect();
         for key in gone {
             self.by_addr.remove(&self.shards[key].addr);
+            self.lost_subscriptions(key);
             self.retired.push(key);
         }
         for master in &map.masters {
@@ -254,10 +272,8 @@ impl RedisEngine {
                 self.connect(shard, Instant::now());
             }
         }
-        if old.as_ref() == Some(&map) {
-            return;
-        }
-        if old.is_none() {
+        let changed = old.as_ref() != Some(&map);
+        if changed && old.is_none() {
             log::info!(
                 "redis: {} serving {} master(s)",
                 if map.is_cluster() {
@@ -268,12 +284,13 @@ impl RedisEngine {
                 map.masters.len()
             );
         }
-        // Every up shard takes the channels it now owns (those it owned already resync,
-        // which costs a read and finds nothing).
+        // A new map: every up shard takes the channels it now owns (those it owned already
+        // resync, which costs a read and finds nothing). The same map: the shards that came
+        // up since take theirs.
         let up: Vec<usize> = self
             .shards
             .iter()
-            .filter(|(_, s)| s.up)
+            .filter(|(_, s)| s.up && (changed || !s.subscribed))
             .map(|(k, _)| k)
             .collect();
         for shard in up {
@@ -284,6 +301,7 @@ impl RedisEngine {
     /// Subscribes shard `key` to every watched channel it owns (and to broadcasts if it owns
     /// that channel), reads what each missed, sends queued joins and takes leases again.
     pub(super) fn resubscribe(&mut self, key: usize) {
+        self.shards[key].subscribed = true;
         let owned = |engine: &RedisEngine, slot: u16| engine.up_shard(slot) == Some(key);
         let names: Vec<Arc<str>> = self
             .channels
@@ -315,27 +333,45 @@ impl RedisEngine {
         let watched = self.channels.get_mut(name).expect("watched");
         let link = self.shards[shard].link.as_mut().expect("up");
         send_subscription(link, "ssubscribe", &watched.keys.shard_channel);
+        watched.subscribed_on = Some(shard);
         let sync = watched.order.resync();
         let queued = std::mem::take(&mut watched.queued);
         if sync.is_some() {
-            self.send_read(shard, name, None);
+            self.send_read(shard, name, Read::Sync);
         }
-        for join in queued {
-            self.send_read(shard, name, Some(join));
+        for (conn, since) in queued {
+            self.send_read(shard, name, Read::Join(conn, since));
         }
     }
 
-    pub(super) fn send_read(
-        &mut self,
-        shard: usize,
-        name: &Arc<str>,
-        join: Option<(ConnId, Option<Since>)>,
-    ) {
+    /// The periodic position check: every `check_interval`, each watched channel whose
+    /// subscription is up reads where it stands in Redis, at most [`CHECKS_PER_TICK`] per
+    /// tick. What the read fills is counted as a repair (see `on_read`).
+    pub(super) fn check_positions(&mut self, now: Instant) {
+        if now >= self.next_check {
+            self.next_check = now + self.settings.check_interval;
+            self.to_check = self.channels.keys().cloned().collect();
+        }
+        let start = self.to_check.len().saturating_sub(CHECKS_PER_TICK);
+        for name in self.to_check.split_off(start) {
+            let Some(watched) = self.channels.get_mut(&name) else {
+                continue; // unwatched since
+            };
+            let Some(shard) = watched.subscribed_on.filter(|&s| self.shards[s].up) else {
+                continue; // its resubscription reads anyway
+            };
+            if watched.order.position().is_some() && watched.order.resync().is_some() {
+                self.send_read(shard, &name, Read::Check);
+            }
+        }
+    }
+
+    pub(super) fn send_read(&mut self, shard: usize, name: &Arc<str>, read: Read) {
         let watched = &self.channels[name];
-        let (epoch, since) = match &join {
-            Some((_, Some(since))) => (since.epoch.clone(), since.seq),
-            Some((_, None)) => (String::new(), 0),
-            None => match watched.order.position() {
+        let (epoch, since) = match &read {
+            Read::Join(_, Some(since)) => (since.epoch.clone(), since.seq),
+            Read::Join(_, None) => (String::new(), 0),
+            Read::Sync | Read::Check => match watched.order.position() {
                 Some((seq, epoch)) => (epoch.to_string(), seq),
                 None => (String::new(), 0),
             },
@@ -352,7 +388,7 @@ impl RedisEngine {
         let call = Call::script(Script::Read, script_keys, args);
         let purpose = Purpose::Read {
             channel: Arc::clone(name),
-            join,
+            read,
         };
         self.send_call(shard, call, purpose);
     }
