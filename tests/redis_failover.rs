@@ -216,6 +216,81 @@ fn a_cluster_master_that_restarts_with_its_data_serves_its_channels_again() {
 }
 
 #[test]
+fn after_an_empty_restart_a_late_node_delivers_the_new_epochs_events_after_its_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(dir.path());
+    let urls = [redis.url()];
+    let (a, b) = (Node::start(&urls, &[]), Node::start(&urls, &[]));
+    let mut page = b.ws();
+    let old_epoch = page.subscribe("c")["epoch"].clone();
+    for n in 1..=3 {
+        assert_eq!(
+            a.publish(&json!({"id": n, "channel": "c", "data": n}))["seq"],
+            n
+        );
+        assert_eq!(page.expect_event("c", n), json!(n));
+    }
+
+    // B is held back while Redis restarts empty and A's worker gets two new events stored:
+    // B can only learn of them by reading the new epoch's stream.
+    b.set_running(false);
+    redis.kill();
+    redis.wipe();
+    redis.restart();
+    let mut publisher = a.publisher();
+    let mut publish = |n: u64| loop {
+        publisher.send(
+            &json!({"id": n, "channel": "c", "idem": n.to_string(), "data": n * 10}).to_string(),
+        );
+        let reply = publisher.reply();
+        if reply["ok"] == true {
+            return reply["seq"].as_u64().unwrap();
+        }
+        assert_eq!(reply["retry"], true, "{reply}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!((publish(1), publish(2)), (1, 2), "a new epoch from seq 1");
+    b.set_running(true);
+    wait_for("node B heals", PATIENCE, || {
+        b.health().is_some_and(|h| h["status"] == "ok")
+    });
+    assert_eq!(publish(3), 3);
+
+    let gap = page.recv();
+    assert_eq!(
+        (gap["type"].clone(), gap["seq"].clone()),
+        (json!("gap"), json!(0)),
+        "only the old epoch's unread events are lost: {gap}"
+    );
+    let new_epoch = gap["epoch"].clone();
+    assert_ne!(new_epoch, old_epoch);
+    for n in 1..=3 {
+        assert_eq!(
+            page.expect_event("c", n),
+            json!(n * 10),
+            "stored, so delivered"
+        );
+    }
+
+    // A page that resumes from the old epoch is told it lost what it cannot have, and gets
+    // the new epoch's events from its start.
+    let mut late = a.ws();
+    late.send(
+        json!({"type": "subscribe", "channel": "c", "since": {"seq": 3, "epoch": old_epoch}}),
+    );
+    let subscribed = late.recv();
+    assert_eq!(
+        (subscribed["recovered"].clone(), subscribed["seq"].clone()),
+        (json!(false), json!(0)),
+        "{subscribed}"
+    );
+    assert_eq!(subscribed["epoch"], new_epoch);
+    for n in 1..=3 {
+        assert_eq!(late.expect_event("c", n), json!(n * 10));
+    }
+}
+
+#[test]
 fn the_position_check_delivers_an_event_whose_message_never_came_and_counts_the_repair() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(dir.path());

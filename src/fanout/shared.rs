@@ -400,24 +400,31 @@ impl Fanout {
         else {
             return; // left, or closed, meanwhile
         };
-        // The entries resume it when they are every event after `since` up to the read's seq.
+        // The entries resume it when they are every event after `since` up to the read's seq;
+        // from an earlier epoch, every event of this one from seq 1 (it is told it lost what
+        // it had not seen of its own, and gets the rest).
+        let same_epoch = since.as_ref().is_some_and(|s| *s.epoch == *epoch);
         let replay = match (&since, entries) {
-            (Some(since), Some(entries))
-                if *local_epoch == *epoch
-                    && since.seq <= seq
-                    && entries.len() as u64 == seq - since.seq
-                    && entries.first().is_none_or(|e| e.seq == since.seq + 1) =>
-            {
-                Some((since.seq, entries))
+            (Some(since), Some(entries)) if *local_epoch == *epoch => {
+                let from = if same_epoch { since.seq } else { 0 };
+                let whole = from <= seq
+                    && entries.len() as u64 == seq - from
+                    && entries.first().is_none_or(|e| e.seq == from + 1);
+                whole.then_some((from, entries))
             }
             _ => None,
         };
-        let recovered = since.as_ref().map(|_| replay.is_some());
+        let recovered = since.as_ref().map(|_| same_epoch && replay.is_some());
         let id = joins[index].id.take();
         let mut conn = self.clients.live_mut(conn_id.key as usize);
         conn.send_reply(&Reply::Subscribed {
             channel,
-            seq: delivered,
+            // A new epoch replayed from its start: the page is at its seq 0.
+            seq: if recovered == Some(false) && replay.is_some() {
+                0
+            } else {
+                delivered
+            },
             epoch: &local_epoch,
             recovered,
             id: id.as_ref(),

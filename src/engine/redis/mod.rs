@@ -152,7 +152,8 @@ pub enum Happening {
         epoch: Box<str>,
         /// The channel's seq when read.
         seq: u64,
-        /// The stream after `since` (`None`: another epoch).
+        /// The stream after `since` when its epoch is the channel's, or from seq 1 when it is
+        /// not (`None`: a join without `since`, nothing read).
         entries: Option<Vec<Entry>>,
         /// Where this node's delivery of the channel stood when the read answered: the
         /// happenings before this one brought it there, those after move it on.

@@ -149,6 +149,16 @@ impl RedisEngine {
         let Read::Join(conn, since) = read else {
             // The channel's own read: deliver what it missed, and read again if held events
             // still leave a hole.
+            if let Some((last, known)) = watched.order.position()
+                && **known == *epoch
+                && seq < last
+            {
+                // Acknowledged writes lost (a failover before replication, an AOF without
+                // fsync): the seqs after `seq` will be taken again by new events.
+                log::warn!(
+                    "redis: {channel} is at seq {seq} in Redis but this node delivered {last}: Redis lost acknowledged events"
+                );
+            }
             let next = watched.order.on_read(epoch, seq, entries, &mut steps);
             if matches!(read, Read::Check) && !steps.is_empty() {
                 // The subscription should have brought these: a lost message, or a bug.

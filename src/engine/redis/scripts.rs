@@ -44,13 +44,15 @@ if idem then redis.call('SET', idem, seq .. ':' .. nodes, 'PX', ARGV[8]) end
 return {0, seq, nodes}
 ";
 
-/// Reads where a channel stands, creating its epoch if it has none, and, when the caller's
-/// epoch is the channel's, the stream entries after the caller's seq: one atomic step, so
-/// the entries end exactly at the seq returned.
+/// Reads where a channel stands, creating its epoch if it has none, and the stream entries
+/// the caller has not seen: one atomic step, so the entries end exactly at the seq returned.
+/// When the caller's epoch is the channel's, they are those after the caller's seq; when it
+/// is not, and the caller asks for the epoch from its start, those from seq 1 (a new epoch's
+/// events are still events to deliver: only the old epoch's unread ones are lost).
 ///
 /// KEYS: meta, stream. ARGV: epoch to create, meta TTL (ms), the caller's epoch (or empty),
-/// the caller's seq, most entries. Returns `{epoch, seq}` (another epoch: nothing to read) or
-/// `{epoch, seq, entries}`.
+/// the caller's seq, most entries, `1` to read another epoch from its start (else `0`).
+/// Returns `{epoch, seq}` (nothing read) or `{epoch, seq, entries}`.
 pub const READ: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'e', 's')
 local epoch, seq = m[1], tonumber(m[2])
@@ -60,8 +62,11 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if ARGV[3] ~= epoch then return {epoch, seq} end
 local since = tonumber(ARGV[4])
+if ARGV[3] ~= epoch then
+  if ARGV[6] ~= '1' then return {epoch, seq} end
+  since = 0
+end
 if since >= seq then return {epoch, seq, {}} end
 return {epoch, seq, redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[5])}
 ";

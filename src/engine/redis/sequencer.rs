@@ -6,11 +6,14 @@
 //! what follows are held while the stream is read from `last`; the stream's entries and the
 //! held events are merged by seq and delivered in order, each hole reported as a gap. A seq
 //! at or below `last` was delivered already and is dropped. Another epoch means Redis lost
-//! the channel's state: a gap, then the new epoch's events.
+//! the channel's state: what this node had not delivered of the old epoch is lost, and the new
+//! epoch's events are delivered from seq 1 (read from its stream when they did not all come
+//! by the subscription), after one gap that announces the new epoch (`seq` 0 when nothing of
+//! the new epoch is missing).
 //!
 //! Invariants: `last` only grows within an epoch; an event is delivered at most once per
-//! epoch, in seq order; every seq skipped is covered by a [`Step::Gap`]; events are held only
-//! while a read is in flight (`syncing`).
+//! epoch, in seq order; every seq skipped is covered by a [`Step::Gap`], and a new epoch is
+//! announced by exactly one; events are held only while a read is in flight (`syncing`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,7 +59,10 @@ pub struct Sync {
 pub struct Sequencer {
     epoch: Option<Arc<str>>,
     last: u64,
-    held: BTreeMap<u64, Entry>,
+    /// The epoch changed and the subscribers have not been told yet: the next step is a gap.
+    announce: bool,
+    /// Events that arrived while a read was in flight, with their epoch, in arrival order.
+    held: Vec<(Arc<str>, Entry)>,
     syncing: bool,
 }
 
@@ -97,36 +103,27 @@ impl Sequencer {
         };
         if self.syncing {
             if entry.seq > self.last || **known != *epoch {
-                self.held.insert(entry.seq, entry);
+                self.held.push((epoch.into(), entry));
             }
             return None;
         }
         if **known != *epoch {
-            let epoch: Arc<str> = epoch.into();
-            out.push(Step::Gap {
-                seq: entry.seq - 1,
-                epoch: Arc::clone(&epoch),
-            });
-            self.epoch = Some(epoch);
-            self.last = entry.seq;
-            out.push(Step::Deliver(entry));
-            return None;
+            self.switch(epoch);
         }
         if entry.seq <= self.last {
             return None;
         }
         if entry.seq == self.last + 1 {
-            self.last = entry.seq;
-            out.push(Step::Deliver(entry));
+            self.step(entry, out);
             return None;
         }
-        self.held.insert(entry.seq, entry);
+        self.held.push((epoch.into(), entry));
         self.resync()
     }
 
-    /// The answer to a read: the channel is at `seq` of `epoch`, and `entries` (when the read's
-    /// epoch was the channel's) are the stream after the read's `since`. Returns the next read
-    /// to make, when held events still leave a gap.
+    /// The answer to a read: the channel is at `seq` of `epoch`, and `entries` are the stream
+    /// after the read's `since` (its epoch was the channel's) or from seq 1 (it was not).
+    /// Returns the next read to make, when held events still leave a gap.
     pub fn on_read(
         &mut self,
         epoch: &str,
@@ -136,59 +133,78 @@ impl Sequencer {
     ) -> Option<Sync> {
         self.syncing = false;
         let held = std::mem::take(&mut self.held);
+        let mut left = None;
         match &self.epoch {
             None => {
+                // The first read only places the channel.
                 self.epoch = Some(epoch.into());
                 self.last = seq;
             }
-            Some(known) if **known != *epoch => {
-                let epoch: Arc<str> = epoch.into();
-                out.push(Step::Gap {
-                    seq,
-                    epoch: Arc::clone(&epoch),
-                });
-                self.epoch = Some(epoch);
-                self.last = seq;
-            }
-            Some(_) => {
-                // The stream's entries and the events held meanwhile, merged by seq.
+            Some(known) => {
+                if **known != *epoch {
+                    left = Some(Arc::clone(known));
+                    self.switch(epoch);
+                }
+                // The stream's entries and the events of this epoch held meanwhile, merged.
                 let mut merged: BTreeMap<u64, Entry> = entries
                     .unwrap_or_default()
                     .into_iter()
                     .map(|e| (e.seq, e))
                     .collect();
-                for (s, entry) in held.range(..=seq) {
-                    merged.entry(*s).or_insert_with(|| entry.clone());
+                for (_, entry) in held.iter().filter(|(e, _)| **e == *epoch) {
+                    merged.entry(entry.seq).or_insert_with(|| entry.clone());
                 }
-                let epoch = self.epoch.clone().expect("known");
-                for (s, entry) in merged.into_iter().filter(|(s, _)| *s <= seq) {
-                    if s <= self.last {
-                        continue;
+                for (_, entry) in merged.into_iter().filter(|(s, _)| *s <= seq) {
+                    if entry.seq > self.last {
+                        self.step(entry, out);
                     }
-                    if s > self.last + 1 {
-                        out.push(Step::Gap {
-                            seq: s - 1,
-                            epoch: Arc::clone(&epoch),
-                        });
-                    }
-                    self.last = s;
-                    out.push(Step::Deliver(entry));
                 }
-                if self.last < seq {
-                    out.push(Step::Gap { seq, epoch });
-                    self.last = seq;
-                }
+                self.lose_to(seq, out);
             }
         }
         // Events held past the read's seq were published after it: on as if just arrived.
-        let epoch = self.epoch.clone().expect("known");
+        // Those of the epoch just left are covered by its gap.
         let mut next = None;
-        for (_, entry) in held.into_iter().filter(|(s, _)| *s > seq) {
-            if let Some(sync) = self.on_event(&epoch, entry, out) {
+        for (held_epoch, entry) in held {
+            let after = *held_epoch != *epoch || entry.seq > seq;
+            if after
+                && left.as_ref() != Some(&held_epoch)
+                && let Some(sync) = self.on_event(&held_epoch, entry, out)
+            {
                 next = Some(sync);
             }
         }
         next
+    }
+
+    /// Redis began a new epoch: delivery starts over from seq 0, and the next step announces it.
+    fn switch(&mut self, epoch: &str) {
+        self.epoch = Some(epoch.into());
+        self.last = 0;
+        self.announce = true;
+    }
+
+    /// Delivers `entry` (past `last`), after a gap for the seqs skipped, or the new epoch's.
+    fn step(&mut self, entry: Entry, out: &mut Vec<Step>) {
+        if entry.seq > self.last + 1 || self.announce {
+            self.gap(entry.seq - 1, out);
+        }
+        self.last = entry.seq;
+        out.push(Step::Deliver(entry));
+    }
+
+    /// Reports every seq up to `seq` not delivered as lost.
+    fn lose_to(&mut self, seq: u64, out: &mut Vec<Step>) {
+        if seq > self.last || self.announce {
+            self.gap(seq.max(self.last), out);
+            self.last = self.last.max(seq);
+        }
+    }
+
+    fn gap(&mut self, seq: u64, out: &mut Vec<Step>) {
+        let epoch = Arc::clone(self.epoch.as_ref().expect("known"));
+        out.push(Step::Gap { seq, epoch });
+        self.announce = false;
     }
 }
 
@@ -281,6 +297,50 @@ mod tests {
         s.on_read("newer", 3, None, &mut out);
         assert_eq!(delivered(&out), ["gap 3 newer"]);
         assert_eq!(s.position().map(|(seq, e)| (seq, &**e)), Some((3, "newer")));
+    }
+
+    #[test]
+    fn a_read_that_finds_a_new_epoch_delivers_it_from_seq_1_after_one_gap() {
+        // Redis restarted empty; two events of the new epoch were stored before this node
+        // read again. They are events to deliver, not losses.
+        let mut s = at("old", 3);
+        let mut out = vec![];
+        assert!(s.resync().is_some());
+        let read = s.on_read("new", 2, Some(vec![entry(1), entry(2)]), &mut out);
+        assert_eq!(read, None);
+        assert_eq!(delivered(&out), ["gap 0 new", "1", "2"]);
+        // The stream lost the first (trimmed): one gap covers the old epoch and it.
+        let mut s = at("old", 3);
+        let mut out = vec![];
+        s.resync();
+        s.on_read("new", 3, Some(vec![entry(2), entry(3)]), &mut out);
+        assert_eq!(delivered(&out), ["gap 1 new", "2", "3"]);
+    }
+
+    #[test]
+    fn a_live_event_of_a_new_epoch_past_seq_1_reads_the_ones_before_it() {
+        let mut s = at("old", 3);
+        let mut out = vec![];
+        let sync = s
+            .on_event("new", entry(3), &mut out)
+            .expect("1 and 2 to read");
+        assert_eq!((sync.epoch.as_deref(), sync.since), (Some("new"), 0));
+        // Held with its epoch while the read is in flight; old-epoch events left behind are
+        // covered by the gap.
+        s.on_event("new", entry(4), &mut out);
+        assert!(out.is_empty());
+        s.on_read("new", 3, Some(vec![entry(1), entry(2), entry(3)]), &mut out);
+        assert_eq!(delivered(&out), ["gap 0 new", "1", "2", "3", "4"]);
+    }
+
+    #[test]
+    fn events_of_the_old_epoch_held_when_a_read_finds_a_new_one_are_covered_by_its_gap() {
+        let mut s = at("old", 3);
+        let mut out = vec![];
+        assert!(s.on_event("old", entry(5), &mut out).is_some());
+        s.on_event("new", entry(1), &mut out);
+        s.on_read("new", 0, Some(vec![]), &mut out);
+        assert_eq!(delivered(&out), ["gap 0 new", "1"]);
     }
 
     #[test]

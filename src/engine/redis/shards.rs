@@ -368,12 +368,14 @@ impl RedisEngine {
 
     pub(super) fn send_read(&mut self, shard: usize, name: &Arc<str>, read: Read) {
         let watched = &self.channels[name];
-        let (epoch, since) = match &read {
-            Read::Join(_, Some(since)) => (since.epoch.clone(), since.seq),
-            Read::Join(_, None) => (String::new(), 0),
+        // Who already delivered events reads a newer epoch from its start; the first read
+        // of a channel, and a subscribe without `since`, only learn where it stands.
+        let (epoch, since, from_start) = match &read {
+            Read::Join(_, Some(since)) => (since.epoch.clone(), since.seq, true),
+            Read::Join(_, None) => (String::new(), 0, false),
             Read::Sync | Read::Check => match watched.order.position() {
-                Some((seq, epoch)) => (epoch.to_string(), seq),
-                None => (String::new(), 0),
+                Some((seq, epoch)) => (epoch.to_string(), seq, true),
+                None => (String::new(), 0, false),
             },
         };
         let keys = &watched.keys;
@@ -384,6 +386,7 @@ impl RedisEngine {
             epoch.into(),
             number(since),
             number(self.settings.history_size.max(1) as u64),
+            Bytes::from_static(if from_start { b"1" } else { b"0" }),
         ];
         let call = Call::script(Script::Read, script_keys, args);
         let purpose = Purpose::Read {
