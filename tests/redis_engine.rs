@@ -485,9 +485,11 @@ fn randomized_publishes_on_two_nodes_and_pages_hopping_at_random_see_no_duplicat
     let flags = ["--history-size", "30"];
     let nodes = std::sync::Arc::new([Node::start(&urls, &flags), Node::start(&urls, &flags)]);
     let channels = ["r:0", "r:1", "r:2"];
+    let stored = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let workers: Vec<_> = (0..2)
         .map(|w| {
             let socket = nodes[w].socket.clone();
+            let stored = std::sync::Arc::clone(&stored);
             std::thread::spawn(move || {
                 let mut rng = Rng(seed.wrapping_mul(w as u64 + 7) | 1);
                 let mut publisher = common::RawPublisher::connect(&socket);
@@ -500,6 +502,7 @@ fn randomized_publishes_on_two_nodes_and_pages_hopping_at_random_see_no_duplicat
                         publisher.send(&line.to_string());
                         let reply = publisher.reply();
                         if reply["ok"] == true {
+                            stored.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             break;
                         }
                         assert_eq!(reply["retry"], true, "{reply}");
@@ -551,15 +554,26 @@ fn randomized_publishes_on_two_nodes_and_pages_hopping_at_random_see_no_duplicat
             })
         })
         .collect();
-    // Redis restarts with its data in the middle of it all.
-    std::thread::sleep(std::time::Duration::from_millis(400));
-    assert!(
-        workers.iter().all(|w| !w.is_finished()),
-        "the restart comes mid-stream"
-    );
+    // Redis restarts with its data in the middle of it all, with one node (chosen at random)
+    // held back until the other has healed and published again: the nodes reconnect in a
+    // forced order.
+    let acknowledged = || stored.load(std::sync::atomic::Ordering::SeqCst);
+    wait_for("a hundred publishes stored", PATIENCE, || {
+        acknowledged() >= 100
+    });
+    let held = Rng(seed).below(2) as usize;
+    nodes[held].set_running(false);
     redis.kill();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let at_kill = acknowledged();
+    assert!(
+        at_kill < 800,
+        "the restart comes mid-stream: {at_kill} of 800 stored"
+    );
     redis.restart();
+    wait_for("the other node publishes again", PATIENCE, || {
+        acknowledged() >= at_kill + 20
+    });
+    nodes[held].set_running(true);
     for worker in workers {
         worker.join().unwrap();
     }

@@ -156,6 +156,18 @@ fn channels_over(cluster: &RedisCluster) -> (Vec<String>, usize) {
 
 #[test]
 fn a_cluster_failover_loses_no_acknowledged_event_on_any_page_of_any_node() {
+    failover(false);
+}
+
+#[test]
+fn a_node_held_back_through_a_failover_catches_up_on_the_promoted_master() {
+    failover(true);
+}
+
+/// A master SIGKILLed under a worker's traffic through node A, pages on A and B; with
+/// `hold_b`, B is stopped before the kill and let go only once A's worker has published 20
+/// rounds on the promoted master, so B meets the new map and the new master only afterwards.
+fn failover(hold_b: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = RedisCluster::start_with_replicas(dir.path(), 1);
     let urls: Vec<String> = cluster.urls();
@@ -167,10 +179,17 @@ fn a_cluster_failover_loses_no_acknowledged_event_on_any_page_of_any_node() {
     let worker = Worker::start(&a, &channels);
     worker.wait_rounds(10, PATIENCE);
 
+    if hold_b {
+        b.set_running(false);
+    }
     cluster.nodes[victim].kill();
     // The replica takes over (cluster-node-timeout 2s): publishes on its channels answer
     // `unavailable` meanwhile, and the worker retries them.
-    worker.wait_rounds(30, Duration::from_secs(60));
+    worker.wait_rounds(20, Duration::from_secs(60));
+    if hold_b {
+        b.set_running(true);
+    }
+    worker.wait_rounds(10, PATIENCE);
     let acknowledged = worker.stop();
     let slot = redis_protocol::redis_keyslot(victim_channel.as_bytes());
     let promoted = cluster.owner_of(slot);
