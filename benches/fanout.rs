@@ -13,14 +13,15 @@ use std::net::{TcpListener, TcpStream};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::value::RawValue;
 use sidecast::auth::ratelimit::Rate;
+use sidecast::base::ids::ConnId;
+use sidecast::base::time::Tick;
 use sidecast::engine::MemoryEngine;
 use sidecast::engine::history::HistoryLimits;
 use sidecast::engine::idempotency::IdempotencyLimits;
 use sidecast::fanout::{Fanout, SessionSettings};
 use sidecast::publish::{Outcome, Published, Reach, Sink, Target};
-use sidecast::reactor::timer::Tick;
+use sidecast::ws::ClientConn;
 use sidecast::ws::session::Inbound;
-use sidecast::ws::{ClientConn, ConnId};
 use tungstenite::protocol::WebSocketConfig;
 
 /// A fan-out with `subscribers` open WebSockets subscribed to `project:42`.

@@ -4,12 +4,12 @@
 //! subscribe + unsubscribe pair.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use sidecast::base::channel::ChannelName;
+use sidecast::base::ids::ConnId;
+use sidecast::base::time::Tick;
 use sidecast::engine::{Engine, MemoryEngine};
 use sidecast::fanout::Hub;
 use sidecast::fanout::hub::Joined;
-use sidecast::reactor::timer::Tick;
-use sidecast::ws::ConnId;
-use sidecast::ws::wire::ChannelName;
 
 const CONNECTIONS: u32 = 10_000;
 const CHANNELS: u32 = 100;

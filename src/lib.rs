@@ -39,6 +39,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod base;
 #[doc(hidden)]
 pub mod bench;
 pub mod config;

@@ -4,12 +4,13 @@
 
 use proptest::prelude::*;
 use serde_json::Value;
+use sidecast::base::channel::check_channel;
 use sidecast::ops::assets::Asset;
 use sidecast::publish::dapr::Dapr;
 use sidecast::publish::http::{HttpRules, parse_head};
 use sidecast::publish::{Target, command as publish};
 use sidecast::ws::http::{self, OriginPolicy, Refusal, Route};
-use sidecast::ws::wire::{self, ErrorCode, Request, check_channel};
+use sidecast::ws::wire::{self, ErrorCode, Request};
 
 const MAX_HEADER: usize = 1024;
 

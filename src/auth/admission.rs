@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use super::jwt::{Identity, Verifier};
 use super::ratelimit::{self, Rate, TokenBucket};
+use crate::base::time::{Tick, TickSource};
 use crate::error::Close;
-use crate::reactor::timer::{Tick, TickSource};
 use crate::ws::http::Refusal;
 
 /// New WebSockets per client address, when `connect_rate_per_ip` is on.

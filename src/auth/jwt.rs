@@ -49,7 +49,7 @@ pub struct Identity {
 impl Identity {
     /// May this user subscribe to `channel`?
     pub fn may_subscribe(&self, channel: &str) -> bool {
-        if channel.strip_prefix("user:") == Some(&*self.user) {
+        if crate::base::channel::user_of(channel) == Some(&*self.user) {
             return true;
         }
         self.channels

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use crate::reactor::timer::Tick;
+use crate::base::time::Tick;
 
 /// The key a client address is rate-limited under: an IPv4 address as it is, an IPv6
 /// address by its /64, since one subscriber line usually owns a whole /64 and could

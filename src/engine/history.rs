@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use crate::reactor::timer::Tick;
+use crate::base::time::Tick;
 
 /// How much history each channel keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,8 +8,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::base::time::Tick;
 use crate::publish::Published;
-use crate::reactor::timer::Tick;
 
 /// How many keys, for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

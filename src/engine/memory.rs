@@ -24,9 +24,9 @@ use slab::Slab;
 use super::history::{Delta, History, HistoryLimits};
 use super::idempotency::{Idempotency, IdempotencyLimits};
 use super::{Engine, EngineGauges, Position};
+use crate::base::channel::Since;
+use crate::base::time::Tick;
 use crate::publish::Published;
-use crate::reactor::timer::Tick;
-use crate::ws::wire::Since;
 
 /// Channel slots one sweep examines: a full cycle over a million channels takes about four
 /// minutes at one sweep a second, at a bounded cost per round.

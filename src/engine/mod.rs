@@ -24,9 +24,9 @@ pub mod redis;
 
 use bytes::Bytes;
 
+use crate::base::channel::Since;
+use crate::base::time::Tick;
 use crate::publish::Published;
-use crate::reactor::timer::Tick;
-use crate::ws::wire::Since;
 
 pub use memory::MemoryEngine;
 

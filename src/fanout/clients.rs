@@ -10,7 +10,8 @@ use std::ops::{Deref, DerefMut};
 
 use slab::Slab;
 
-use crate::ws::conn::{ClientConn, ConnId};
+use crate::base::ids::ConnId;
+use crate::ws::conn::ClientConn;
 
 /// The connections and their dirty list.
 #[derive(Default)]

@@ -13,12 +13,8 @@ use indexmap::IndexSet;
 use indexmap::set::Slice;
 use slab::Slab;
 
-use crate::ws::conn::ConnId;
-use crate::ws::wire::ChannelName;
-
-/// Index of a channel in the hub, valid while the channel has subscribers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChannelId(u32);
+use crate::base::channel::ChannelName;
+use crate::base::ids::{ChannelId, ConnId};
 
 struct Channel {
     name: Arc<str>,
@@ -70,13 +66,13 @@ impl Hub {
         };
         self.channels[key].subscribers.insert(conn);
         self.check_invariants();
-        (ChannelId(key as u32), joined)
+        (ChannelId::new(key), joined)
     }
 
     /// Removes `conn` from the channel's subscribers. Returns the channel's name when it was
     /// the last: the channel is freed, and the engine stops watching it.
     pub fn unsubscribe(&mut self, id: ChannelId, conn: ConnId) -> Option<Arc<str>> {
-        let key = id.0 as usize;
+        let key = id.index();
         let Some(channel) = self.channels.get_mut(key) else {
             debug_assert!(false, "unsubscribe from a freed channel");
             return None;
@@ -92,12 +88,12 @@ impl Hub {
 
     /// The name of a channel that has subscribers.
     pub fn name(&self, id: ChannelId) -> Arc<str> {
-        Arc::clone(&self.channels[id.0 as usize].name)
+        Arc::clone(&self.channels[id.index()].name)
     }
 
     /// The channel called `name`, if it has subscribers.
     pub fn find(&self, name: &str) -> Option<ChannelId> {
-        self.by_name.get(name).map(|&key| ChannelId(key as u32))
+        self.by_name.get(name).map(|&key| ChannelId::new(key))
     }
 
     /// The subscribers of `name` (none if it has no channel here).

@@ -28,13 +28,15 @@ use serde_json::value::RawValue;
 
 use crate::auth::admission::Auth;
 use crate::auth::ratelimit::Rate;
+use crate::base::channel::user_channel;
+use crate::base::ids::ConnId;
+use crate::base::time::Tick;
 use crate::engine::Engine;
 use crate::engine::redis::RedisEngine;
 use crate::error::Close;
 use crate::ops::metrics::{Gauges, Metrics};
 use crate::publish::{Outcome, Published, Reach, Seqs, Sink, Target};
-use crate::reactor::timer::Tick;
-use crate::ws::conn::{ClientConn, ConnId};
+use crate::ws::conn::ClientConn;
 use crate::ws::session::{Inbound, Rules, Verdict};
 use crate::ws::wire::{self, EventTarget, Reply};
 
@@ -222,7 +224,7 @@ impl Fanout {
     /// Whether `channel` lives in the shared engine (all but the node's own `sidecast:`
     /// channels, when there is one).
     fn is_shared(&self, channel: &str) -> bool {
-        self.shared.is_some() && !channel.starts_with(wire::RESERVED_PREFIX)
+        self.shared.is_some() && !channel.starts_with(crate::base::channel::RESERVED_PREFIX)
     }
 
     /// This node gains a reason to watch `channel`.
@@ -277,7 +279,7 @@ impl Fanout {
                 // The user's events and disconnects reach this node while a tab is open
                 // here; the lease counts the tab on every node.
                 if first {
-                    shared.engine.watch(&format!("user:{}", identity.user));
+                    shared.engine.watch(&user_channel(&identity.user));
                 }
                 if shared.engine.lease(&identity.user, id, max) {
                     let session = conn.session_mut().expect("an open session");
@@ -421,7 +423,7 @@ impl Fanout {
             if let Some(shared) = &mut self.shared {
                 shared.engine.release(id);
                 if last {
-                    shared.engine.unwatch(&format!("user:{user}"));
+                    shared.engine.unwatch(&user_channel(&user));
                 }
             }
         }
@@ -450,7 +452,7 @@ impl Fanout {
     /// Publishes the stats snapshot to its reserved channel (not counted as an event).
     pub fn publish_stats(&mut self, snapshot: String) {
         let data = RawValue::from_string(snapshot).expect("the stats feed renders valid JSON");
-        self.fan_out(wire::STATS_CHANNEL, &data, None);
+        self.fan_out(crate::base::channel::STATS_CHANNEL, &data, None);
     }
 
     /// The engine's periodic upkeep.
@@ -520,7 +522,7 @@ impl Sink for Fanout {
                 (Seqs::Many(seqs), delivered)
             }
             Target::User(user) => {
-                let channel = format!("user:{user}");
+                let channel = user_channel(user);
                 let (seq, delivered) = self.publish_to(&channel, data, Some(user));
                 (Seqs::One(seq), delivered)
             }

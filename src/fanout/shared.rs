@@ -20,12 +20,13 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 
 use super::{Fanout, deliver};
+use crate::base::channel::{Since, user_channel, user_of};
+use crate::base::ids::ConnId;
 use crate::engine::redis::sequencer::Entry;
 use crate::engine::redis::{Happening, RedisEngine, Stored, Unavailable};
 use crate::error::Close;
 use crate::publish::{Outcome, Published, Reach, Seqs, Target};
-use crate::ws::conn::ConnId;
-use crate::ws::wire::{self, EventTarget, Reply, RequestId, Since};
+use crate::ws::wire::{self, EventTarget, Reply, RequestId};
 
 /// A connection waiting to be live on a channel.
 #[derive(Debug)]
@@ -131,7 +132,7 @@ impl Fanout {
                 Shape::Many,
                 false,
             ),
-            Target::User(u) => (vec![format!("user:{u}")], Shape::One, true),
+            Target::User(u) => (vec![user_channel(u)], Shape::One, true),
             Target::Broadcast => (Vec::new(), Shape::Seqless, false),
         };
         let parts = channels.len().max(1);
@@ -307,7 +308,7 @@ impl Fanout {
             delivered += usize::from(deliver(&mut conn, &frame, started_us));
         }
         if entry.to_user
-            && let Some(user) = channel.strip_prefix("user:")
+            && let Some(user) = user_of(channel)
         {
             let channel_id = self.hub.find(channel);
             for id in self.users.connections(user) {

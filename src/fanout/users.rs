@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use crate::ws::conn::ConnId;
+use crate::base::ids::ConnId;
 
 /// Open connections per user.
 #[derive(Default)]

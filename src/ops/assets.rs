@@ -6,7 +6,7 @@
 //! server is upgraded. The client script allows any origin to load it (CORS `*`): it is public
 //! code that pages on the application's own origin import as a module.
 
-use crate::ws::http;
+use crate::base::http;
 
 /// A file served from memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use crate::ws::wire::{RESERVED_PREFIX, check_channel};
+use crate::base::channel::{RESERVED_PREFIX, check_channel, user_channel};
 
 /// What a command publishes to.
 #[derive(Debug, PartialEq)]
@@ -283,7 +283,7 @@ pub fn check_publishable(name: &str) -> Result<(), String> {
 /// # Errors
 /// Why not, naming the user.
 pub fn check_user(user: &str) -> Result<(), String> {
-    check_channel(&format!("user:{user}")).map_err(|why| format!("invalid user {user:?}: {why}"))
+    check_channel(&user_channel(user)).map_err(|why| format!("invalid user {user:?}: {why}"))
 }
 
 fn is_valid_id(id: &RawValue) -> bool {

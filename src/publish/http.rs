@@ -17,7 +17,6 @@
 
 use super::command::error_reply;
 use super::dapr::Dapr;
-use crate::ws;
 
 /// Most headers accepted in one request (more → 431).
 const MAX_HEADERS: usize = 32;
@@ -91,7 +90,7 @@ impl Reject {
         } else {
             ""
         };
-        ws::http::message(
+        crate::base::http::message(
             self.status,
             extra,
             "application/json",

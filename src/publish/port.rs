@@ -29,7 +29,6 @@ use std::collections::VecDeque;
 use super::command::{self, Answer, Outcome, Render, Sink, error_reply};
 use super::dapr;
 use super::http::{self, Ask, Head, HttpRules};
-use crate::ws;
 /// How a read pass over a publisher ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadStatus {
@@ -703,7 +702,7 @@ impl PublisherConn {
 
     /// Queues the response to the request `head` describes and forgets the request.
     fn respond(&mut self, head: Head, status: &str, content_type: &str, body: &str) -> ReadStatus {
-        let response = ws::http::message(status, "", content_type, body, head.keep_alive);
+        let response = crate::base::http::message(status, "", content_type, body, head.keep_alive);
         self.output.extend_from_slice(&response);
         self.pending.drain(..head.head_len + head.body_len);
         if head.keep_alive {

@@ -12,11 +12,12 @@ use mio::net::{TcpListener, UnixListener};
 use super::timer::Tick;
 use super::token::{self, Source};
 use super::{Server, TimerEvent};
+use crate::base::ids::ConnId;
 use crate::config::{Config, TIMER_TICK};
 use crate::error::StartupError;
 use crate::publish::port::Stream;
 use crate::publish::{PublisherConn, command, http};
-use crate::ws::conn::{ClientConn, ConnId};
+use crate::ws::conn::ClientConn;
 
 /// How long accepting pauses after the process runs out of file descriptors.
 const ACCEPT_BACKOFF_TICKS: u64 = 10;

@@ -12,10 +12,11 @@ use super::timer::Tick;
 use super::token::{self, Source};
 use super::{REFUSAL_LOG_INTERVAL, Server, TimerEvent, micros_since};
 use crate::auth::admission;
+use crate::base::ids::ConnId;
 use crate::error::Close;
 use crate::ops::assets::Asset;
 use crate::ops::health::Health;
-use crate::ws::conn::{ClientConn, ConnId, Deadline, ReadEnd, Readiness, RequestOutcome};
+use crate::ws::conn::{ClientConn, Deadline, ReadEnd, Readiness, RequestOutcome};
 use crate::ws::http::{self, Refusal, Route};
 
 impl Server {
@@ -106,9 +107,9 @@ impl Server {
                     "503 Service Unavailable"
                 };
                 let headers = "Cache-Control: no-store\r\n";
-                http::response(status, headers, "application/json", &health.json())
+                crate::base::http::response(status, headers, "application/json", &health.json())
             }
-            Route::Metrics => http::ok(
+            Route::Metrics => crate::base::http::ok(
                 "text/plain; version=0.0.4; charset=utf-8",
                 &self
                     .fanout

@@ -48,6 +48,8 @@ use tungstenite::protocol::WebSocketConfig;
 use crate::auth::admission::{Auth, ConnectRate, RefusalLog};
 use crate::auth::jwt::Verifier;
 use crate::auth::ratelimit::Rate;
+use crate::base::ids::ConnId;
+use crate::base::time::{Tick, TickSource};
 use crate::config::{Config, EngineKind, TIMER_TICK};
 use crate::engine::MemoryEngine;
 use crate::engine::history::HistoryLimits;
@@ -59,13 +61,13 @@ use crate::ops::stats::StatsFeed;
 use crate::publish::http::HttpRules;
 use crate::publish::port::PortRules;
 use crate::publish::{PublisherConn, ReadStatus};
-use crate::ws::conn::{ConnId, SharedInput, Timing};
+use crate::ws::conn::{SharedInput, Timing};
 use crate::ws::http::OriginPolicy;
 pub use accept::Listeners;
 use accept::Listening;
 pub use clock::Clock;
 pub use shutdown::ShutdownHandle;
-use timer::{Tick, TickSource, TimerWheel};
+use timer::TimerWheel;
 use token::Source;
 
 /// Size of the read buffer shared by all WebSocket connections, and so the bytes one

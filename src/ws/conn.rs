@@ -27,25 +27,17 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
 use crate::auth::ratelimit::Rate;
+use crate::base::ids::ChannelId;
+use crate::base::ids::ConnId;
+use crate::base::time::Tick;
 use crate::error::Close;
-use crate::fanout::hub::ChannelId;
-use crate::reactor::timer::{Tick, TimerKey};
+use crate::reactor::timer::TimerKey;
 use crate::ws::http::{self, OriginPolicy, Refusal, Route};
 use crate::ws::io::WsIo;
 pub use crate::ws::io::{Readiness, SharedInput};
 use crate::ws::outqueue::OutQueue;
 use crate::ws::session::{Inbound, Session};
 use crate::ws::wire::{self, Reply};
-
-/// Identifies a connection across slab-key reuse: `generation` is unique per accepted
-/// connection, so a stale id (in a timer or subscriber list) is detectable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConnId {
-    /// The key in the client slab.
-    pub key: u32,
-    /// Unique per accepted connection.
-    pub generation: u32,
-}
 
 /// An open WebSocket: its framing, when it was last heard from, and its request state.
 struct Open {

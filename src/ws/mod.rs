@@ -20,5 +20,5 @@ pub mod outqueue;
 pub mod session;
 pub mod wire;
 
-pub use conn::{ClientConn, ConnId};
+pub use conn::ClientConn;
 pub use outqueue::OutQueue;

@@ -11,7 +11,7 @@ use std::io::{self, IoSlice, Write};
 
 use bytes::Bytes;
 
-use crate::reactor::timer::Tick;
+use crate::base::time::Tick;
 
 /// Most chunks handed to one `write_vectored` call (Linux's `UIO_MAXIOV` is 1024).
 const MAX_IOVECS: usize = 64;

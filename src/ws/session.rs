@@ -9,10 +9,12 @@
 
 use crate::auth::jwt::{Identity, Verifier};
 use crate::auth::ratelimit::{Rate, TokenBucket};
+use crate::base::channel::{ChannelName, Since};
+use crate::base::ids::ChannelId;
+use crate::base::time::Tick;
 use crate::error::Close;
-use crate::fanout::hub::{ChannelId, Hub};
-use crate::reactor::timer::Tick;
-use crate::ws::wire::{self, ChannelName, ErrorCode, Rejection, Request, RequestId, Since};
+use crate::fanout::hub::Hub;
+use crate::ws::wire::{self, ErrorCode, Rejection, Request, RequestId};
 
 /// What a client sent, as the connection parsed it.
 #[derive(Debug)]
@@ -257,7 +259,7 @@ impl Session {
 mod tests {
     use super::*;
     use crate::auth::jwt::JwtKey;
-    use crate::ws::conn::ConnId;
+    use crate::base::ids::ConnId;
     use std::time::Duration;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";

@@ -5,7 +5,6 @@
 //! replies: the connection stays open), renders replies, and builds event frames once per
 //! publish. It does no I/O and never reads the clock.
 
-use std::fmt;
 use std::io::Write;
 
 use bytes::Bytes;
@@ -14,56 +13,7 @@ use serde_json::Value;
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-/// Longest channel name, in bytes (all allowed characters are ASCII).
-pub const MAX_CHANNEL_LEN: usize = 128;
-/// Channels under this prefix belong to the server: clients may subscribe, publishers may not.
-pub const RESERVED_PREFIX: &str = "sidecast:";
-/// The server's own stats feed, published once a second while the dashboard is on.
-pub const STATS_CHANNEL: &str = "sidecast:stats";
-
-/// A validated channel name: 1 to 128 characters of `[A-Za-z0-9_:.-]`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ChannelName(Box<str>);
-
-impl ChannelName {
-    /// Validates `name`.
-    ///
-    /// # Errors
-    /// A human-readable reason when the name is empty, too long or has a forbidden character.
-    pub fn parse(name: &str) -> Result<ChannelName, &'static str> {
-        check_channel(name)?;
-        Ok(ChannelName(name.into()))
-    }
-
-    /// The name as a string slice.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for ChannelName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Checks a channel name without allocating.
-///
-/// # Errors
-/// A human-readable reason when the name is invalid.
-pub fn check_channel(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("channel name is empty");
-    }
-    if name.len() > MAX_CHANNEL_LEN {
-        return Err("channel name is longer than 128 characters");
-    }
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-');
-    if !name.bytes().all(allowed) {
-        return Err("channel name may only contain A-Z a-z 0-9 _ : . -");
-    }
-    Ok(())
-}
+use crate::base::channel::{ChannelName, Since};
 
 /// The `code` of an `error` reply. Each is a client mistake; the connection stays open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -135,15 +85,6 @@ impl Request {
             Request::Ping { id } | Request::Refresh { id, .. } => (None, id.as_ref()),
         }
     }
-}
-
-/// The last event a resuming client saw on a channel.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Since {
-    /// Its sequence number.
-    pub seq: u64,
-    /// The channel epoch it belongs to.
-    pub epoch: String,
 }
 
 /// Why a request was refused: becomes an `error` reply.

@@ -39,10 +39,11 @@ use bytes::{Bytes, BytesMut};
 use mio::Registry;
 use slab::Slab;
 
+use crate::base::channel::user_channel;
 use crate::config::RedisUrl;
 
-use crate::ws::conn::ConnId;
-use crate::ws::wire::Since;
+use crate::base::channel::Since;
+use crate::base::ids::ConnId;
 use cluster::SlotMap;
 use link::{Expected, Incoming, Link};
 use resp::Frame;
@@ -498,7 +499,7 @@ impl RedisEngine {
     /// # Errors
     /// The user channel's shard is down.
     pub fn disconnect_user(&mut self, op: OpId, user: &str) -> Result<(), Unavailable> {
-        let keys = Keys::of(&self.settings.prefix, &format!("user:{user}"));
+        let keys = Keys::of(&self.settings.prefix, &user_channel(user));
         self.signal(op, &keys, Bytes::from_static(b"d"))
     }
 
@@ -594,7 +595,7 @@ impl RedisEngine {
         let Some(user) = self.leases.remove(&conn) else {
             return;
         };
-        let keys = Keys::of(&self.settings.prefix, &format!("user:{user}"));
+        let keys = Keys::of(&self.settings.prefix, &user_channel(&user));
         if let Some(shard) = self.up_shard(keys.slot()) {
             let (member, leases) = (self.lease_member(conn), keys.leases());
             let link = self.shards[shard].link.as_mut().expect("up");
@@ -604,7 +605,7 @@ impl RedisEngine {
     }
 
     fn send_lease(&mut self, user: &str, conn: ConnId, max: Bytes, fresh: bool) -> bool {
-        let keys = Keys::of(&self.settings.prefix, &format!("user:{user}"));
+        let keys = Keys::of(&self.settings.prefix, &user_channel(user));
         let Some(shard) = self.up_shard(keys.slot()) else {
             return false;
         };

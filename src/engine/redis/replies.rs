@@ -14,6 +14,7 @@ use super::sequencer::{Entry, Step};
 use super::{
     BROADCAST_CHANNEL, Call, Happening, Purpose, Read, RedisEngine, Request, Stored, Unavailable,
 };
+use crate::base::channel::user_of;
 
 impl RedisEngine {
     pub(super) fn on_reply(&mut self, key: usize, request: Request, frame: Frame) {
@@ -258,7 +259,7 @@ impl RedisEngine {
                 self.out.push(Happening::Broadcast(payload.slice(1..)));
             }
             Some(b'd') => {
-                if let Some(user) = channel.strip_prefix("user:")
+                if let Some(user) = user_of(channel)
                     && self.channels.contains_key(channel)
                 {
                     self.out.push(Happening::Disconnect(user.into()));

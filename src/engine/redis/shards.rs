@@ -19,6 +19,7 @@ use super::{
     Purpose, RENEW, Read, RedisEngine, Request, Shard, Unavailable, millis, number,
     send_subscription,
 };
+use crate::base::channel::user_channel;
 use crate::config::RedisUrl;
 use crate::reactor::token::{self, Source};
 
@@ -317,7 +318,7 @@ impl RedisEngine {
             send_subscription(link, "ssubscribe", &self.broadcast.shard_channel);
         }
         for (conn, user) in self.held_leases() {
-            let slot = Keys::of(&self.settings.prefix, &format!("user:{user}")).slot();
+            let slot = Keys::of(&self.settings.prefix, &user_channel(&user)).slot();
             if owned(self, slot) {
                 self.send_lease(&user, conn, Bytes::from_static(RENEW), false);
             }
