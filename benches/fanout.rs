@@ -47,7 +47,7 @@ fn subscribed(subscribers: usize) -> Fanout {
         window: 0,
     };
     let engine = MemoryEngine::new(history, idempotency);
-    let mut fanout = Fanout::new(Box::new(engine), None, None, settings);
+    let mut fanout = Fanout::new(Box::new(engine), None, settings);
     let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     let addr = listener.local_addr().expect("bound");
     let subscribe = r#"{"type":"subscribe","channel":"project:42"}"#;
@@ -108,7 +108,7 @@ fn publish_and_flush(c: &mut Criterion) {
             |b, _| {
                 b.iter(|| {
                     fanout.begin_pass(Tick(0), 1, 0);
-                    let published = fanout.publish(&target, &data, None);
+                    let published = fanout.serving(None).publish(&target, &data, None);
                     let delivered = match published {
                         Outcome::Done(Published { reach, .. }) => reach,
                         other => panic!("{other:?}"),

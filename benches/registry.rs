@@ -7,7 +7,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sidecast::base::channel::ChannelName;
 use sidecast::base::ids::ConnId;
 use sidecast::base::time::Tick;
-use sidecast::engine::{Engine, MemoryEngine};
+use sidecast::engine::MemoryEngine;
 use sidecast::fanout::Hub;
 use sidecast::fanout::hub::Joined;
 

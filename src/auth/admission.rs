@@ -48,6 +48,15 @@ impl ConnectRate {
     }
 }
 
+/// A connection [`Auth::admit`] refused.
+#[derive(Debug)]
+pub struct Refused {
+    /// How it is closed.
+    pub close: Close,
+    /// Why, for the log.
+    pub detail: String,
+}
+
 /// Authentication at the upgrade, when a JWT key is configured.
 pub struct Auth {
     verifier: Verifier,
@@ -82,20 +91,26 @@ impl Auth {
         self.max_per_user
     }
 
-    /// Checks an upgrade's token, and its user's `open` connections. The error carries the
-    /// close verdict and a detail for the log.
+    /// Checks an upgrade's token, and its user's `open` connections.
+    ///
+    /// # Errors
+    /// The close verdict, and a detail for the log.
     pub fn admit(
         &self,
         token: Option<&str>,
         open: impl Fn(&str) -> usize,
-    ) -> Result<Identity, (Close, String)> {
+    ) -> Result<Identity, Refused> {
         let identity = token
             .ok_or_else(|| "no token".to_string())
             .and_then(|t| self.verifier.verify(t))
-            .map_err(|why| (Close::Unauthorized, why))?;
+            .map_err(|detail| Refused {
+                close: Close::Unauthorized,
+                detail,
+            })?;
         if open(&identity.user) >= self.max_per_user {
             let detail = format!("user {} is at max_connections_per_user", identity.user);
-            return Err((Close::UserLimit, detail));
+            let close = Close::UserLimit;
+            return Err(Refused { close, detail });
         }
         Ok(identity)
     }

@@ -1,4 +1,6 @@
-//! The in-memory engine: each channel's seq, epoch and history live in this process.
+//! The in-memory engine: each channel's seq, epoch and history live in this process. It
+//! answers every request within the call (a publish is delivered, a join answered, before
+//! the call returns), so replay and live delivery happen in one step of the loop's thread.
 //!
 //! Invariants (checked by `check_invariants` in debug builds):
 //! - `by_name` and `logs` hold the same channels, under the same names;
@@ -23,10 +25,22 @@ use slab::Slab;
 
 use super::history::{Delta, History, HistoryLimits};
 use super::idempotency::{Idempotency, IdempotencyLimits};
-use super::{Engine, EngineGauges, Position};
+use super::{
+    Engine, EngineGauges, Entry, Event, Happening, Joined, OpId, Part, Replay, Stored, Unavailable,
+};
 use crate::base::channel::Since;
+use crate::base::ids::ConnId;
 use crate::base::time::Tick;
 use crate::publish::Published;
+
+/// A channel's latest sequence number and the epoch it counts in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position<'a> {
+    /// The last seq assigned (0: none yet).
+    pub seq: u64,
+    /// Changes whenever the channel's seqs restart, so a client can tell its seq is stale.
+    pub epoch: &'a str,
+}
 
 /// Channel slots one sweep examines: a full cycle over a million channels takes about four
 /// minutes at one sweep a second, at a bounded cost per round.
@@ -66,6 +80,8 @@ pub struct MemoryEngine {
     /// The slab slot the next sweep starts at.
     sweep_cursor: usize,
     idempotency: Idempotency,
+    /// Answers not yet taken by the fan-out.
+    out: Vec<Happening>,
 }
 
 /// No idempotency keys: `idem` is ignored.
@@ -95,6 +111,7 @@ impl MemoryEngine {
             epochs_made: 0,
             sweep_cursor: 0,
             idempotency: Idempotency::new(idempotency),
+            out: Vec::new(),
         }
     }
 
@@ -168,19 +185,17 @@ impl MemoryEngine {
     fn check_invariants(&self) {}
 }
 
-impl Engine for MemoryEngine {
-    fn next_seq(&mut self, channel: &str) -> u64 {
+impl MemoryEngine {
+    /// Takes the next sequence number of `channel`.
+    pub fn next_seq(&mut self, channel: &str) -> u64 {
         let key = self.entry(channel);
         let log = &mut self.logs[key];
         log.seq += 1;
         log.seq
     }
 
-    fn keeps_history(&self) -> bool {
-        self.limits.size > 0
-    }
-
-    fn record(&mut self, channel: &str, seq: u64, frame: &Bytes, now: Tick) {
+    /// Keeps the frame of event `seq` of `channel`, just assigned by [`next_seq`](Self::next_seq).
+    pub fn record(&mut self, channel: &str, seq: u64, frame: &Bytes, now: Tick) {
         let Some(&key) = self.by_name.get(channel) else {
             debug_assert!(false, "record before next_seq");
             return;
@@ -189,7 +204,8 @@ impl Engine for MemoryEngine {
         self.apply(delta);
     }
 
-    fn position(&mut self, channel: &str) -> Position<'_> {
+    /// Where `channel` stands (remembering it from now on).
+    pub fn position(&mut self, channel: &str) -> Position<'_> {
         let key = match self.by_name.get(channel) {
             Some(&key) => key,
             None => self.entry(channel),
@@ -201,7 +217,9 @@ impl Engine for MemoryEngine {
         }
     }
 
-    fn replay(&mut self, channel: &str, since: &Since, now: Tick) -> Option<Vec<Bytes>> {
+    /// The frames of every event after `since`, or `None` when they cannot all be given
+    /// (another epoch, or some no longer kept): the client is told it missed events.
+    pub fn replay(&mut self, channel: &str, since: &Since, now: Tick) -> Option<Vec<Bytes>> {
         let &key = self.by_name.get(channel)?;
         let log = &mut self.logs[key];
         let delta = log.history.expire(now, self.limits);
@@ -216,13 +234,15 @@ impl Engine for MemoryEngine {
         missed
     }
 
-    fn watch(&mut self, channel: &str) {
+    /// This node's first subscriber to `channel` arrived.
+    pub fn watch(&mut self, channel: &str) {
         let key = self.entry(channel);
         self.logs[key].watched = true;
         self.check_invariants();
     }
 
-    fn unwatch(&mut self, channel: &str, now: Tick) {
+    /// This node's last subscriber to `channel` left at `now`.
+    pub fn unwatch(&mut self, channel: &str, now: Tick) {
         let Some(&key) = self.by_name.get(channel) else {
             debug_assert!(false, "unwatch of an unknown channel");
             return;
@@ -240,12 +260,119 @@ impl Engine for MemoryEngine {
         self.check_invariants();
     }
 
+    /// A part of publish `op` done now.
+    fn done(&mut self, part: Part, seq: u64) {
+        let stored = Stored {
+            seq,
+            nodes: None,
+            duplicate: false,
+        };
+        self.out.push(Happening::Done {
+            part,
+            result: Ok(stored),
+        });
+    }
+}
+
+impl Engine for MemoryEngine {
+    fn publish(&mut self, part: Part, event: &Event<'_>, _now: Tick) -> Result<(), Unavailable> {
+        let key = self.entry(event.channel);
+        let log = &mut self.logs[key];
+        log.seq += 1;
+        let (seq, name) = (log.seq, Arc::clone(&log.name));
+        let entry = Entry {
+            seq,
+            to_user: event.to_user,
+            data: Bytes::copy_from_slice(event.data),
+        };
+        self.out.push(Happening::Deliver {
+            channel: name,
+            entry,
+            from: Some(part.op),
+        });
+        self.done(part, seq);
+        Ok(())
+    }
+
+    fn broadcast(&mut self, op: OpId, data: &[u8], _now: Tick) -> Result<(), Unavailable> {
+        self.out.push(Happening::Broadcast {
+            data: Bytes::copy_from_slice(data),
+            from: Some(op),
+        });
+        self.done(Part { op, index: 0 }, 0);
+        Ok(())
+    }
+
+    fn disconnect(&mut self, op: OpId, user: &str, _now: Tick) -> Result<(), Unavailable> {
+        self.out.push(Happening::Disconnect {
+            user: user.into(),
+            from: Some(op),
+        });
+        self.done(Part { op, index: 0 }, 0);
+        Ok(())
+    }
+
     fn recall(&mut self, key: &str, now: Tick) -> Option<Published> {
         self.idempotency.recall(key, now)
     }
 
     fn remember(&mut self, key: &str, published: &Published, now: Tick) {
         self.idempotency.remember(key, published, now);
+    }
+
+    fn keeps_frames(&self, _channel: &str) -> bool {
+        self.limits.size > 0
+    }
+
+    fn record(&mut self, channel: &str, seq: u64, frame: &Bytes, now: Tick) {
+        MemoryEngine::record(self, channel, seq, frame, now);
+    }
+
+    fn watch(&mut self, channel: &str, _now: Tick) {
+        MemoryEngine::watch(self, channel);
+    }
+
+    fn unwatch(&mut self, channel: &str, now: Tick) {
+        MemoryEngine::unwatch(self, channel, now);
+    }
+
+    fn join(&mut self, channel: &str, conn: ConnId, since: Option<Since>, now: Tick) {
+        // Replayed within this call: on one thread no publish can land between the replay
+        // and live delivery, so there is no gap and no duplicate.
+        let missed = since.map(|since| self.replay(channel, &since, now));
+        let position = self.position(channel);
+        let joined = Joined {
+            channel: channel.into(),
+            conn,
+            seq: position.seq,
+            epoch: position.epoch.into(),
+            recovered: missed.as_ref().map(Option::is_some),
+            replay: Replay::Frames(missed.flatten().unwrap_or_default()),
+            floor: None,
+        };
+        self.out.push(Happening::Joined(joined));
+    }
+
+    fn admit(&mut self, _user: &str, _conn: ConnId, _max: usize, _first: bool, _now: Tick) -> bool {
+        false // this node's count is the whole count
+    }
+
+    fn release(&mut self, _user: &str, _conn: ConnId, _last: bool, _now: Tick) {}
+
+    fn has_capacity(&self) -> bool {
+        true
+    }
+
+    fn happenings(&mut self, out: &mut Vec<Happening>) {
+        out.append(&mut self.out);
+    }
+
+    fn on_ready(&mut self, _key: usize, _now: Tick) {}
+
+    fn flush(&mut self, _now: Tick) {}
+
+    fn tick(&mut self, _now: Tick) -> Option<Tick> {
+        None
     }
 
     fn sweep(&mut self, now: Tick) {
@@ -258,6 +385,7 @@ impl Engine for MemoryEngine {
             history_events: self.history_events,
             history_bytes: self.history_bytes,
             idempotency_keys: self.idempotency.len(),
+            shared: None,
         }
     }
 }

@@ -1,34 +1,208 @@
-//! Where sequence numbers are assigned and where events are kept for resuming clients: the
-//! one interface between the fan-out and the state a channel has beyond this node's
-//! subscribers.
+//! Where sequence numbers are assigned, events kept for resuming clients and answers come
+//! from: the one interface between the fan-out and everything a channel has beyond this
+//! node's subscribers.
 //!
-//! The fan-out asks the [`Engine`] for the next seq of a channel, hands it the encoded frame
-//! to keep, asks where a channel stands (latest seq, epoch) when a client subscribes, and
-//! asks for what a resuming client missed. It tells the engine when this node starts and
-//! stops watching a channel (its first local subscriber arrives, its last leaves), which is
-//! when a shared engine subscribes to the channel's feed and the in-memory one starts or
-//! stops counting an idle channel's time.
+//! The fan-out *asks* ([`Engine::publish`], [`Engine::join`], [`Engine::admit`], …) and the
+//! engine *answers* with [`Happening`]s, which the fan-out takes with
+//! [`Engine::happenings`] right after every call and carries out in one place: an event to
+//! deliver, a join's `subscribed` and replay, a publish's result, a gap. The memory engine
+//! answers within the call, so a publish is delivered and a resume replayed in the same step
+//! of the loop's one thread; the Redis engine answers when Redis does, through the same
+//! values, so both engines share one delivery path and one subscribe path.
 //!
 //! - [`memory`]: everything in this process (the default): seqs, epochs, histories.
 //! - [`history`]: one channel's recent frames, bounded by count, bytes and age.
 //! - [`idempotency`]: publishes remembered by their `idem` key.
-//! - [`redis`]: the Redis engine, shared by every node: its answers come later, as
-//!   happenings read from Redis (see its module doc).
+//! - [`redis`]: the Redis engine, shared by every node (see its module doc).
 //!
-//! An engine must not block or spawn threads: it runs inside the reactor's pass.
+//! Invariants: every publish part an engine takes (`Ok` from [`Engine::publish`]) is answered
+//! by exactly one [`Happening::Done`]; every [`Engine::join`] by exactly one
+//! [`Happening::Joined`] while the channel stays watched; an engine never blocks, spawns a
+//! thread or reads a clock: `now` is passed in.
 
 pub mod history;
 pub mod idempotency;
 pub mod memory;
 pub mod redis;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
+use mio::{Registry, Token};
 
 use crate::base::channel::Since;
-use crate::base::time::Tick;
+use crate::base::ids::ConnId;
+use crate::base::time::{Tick, TickSource};
+use crate::config::{Config, EngineKind};
 use crate::publish::Published;
+use history::HistoryLimits;
+use idempotency::IdempotencyLimits;
+use redis::{RedisEngine, RedisSettings};
 
 pub use memory::MemoryEngine;
+
+/// A publish in flight, by its key in the fan-out's table.
+pub type OpId = usize;
+
+/// The token an engine registers its socket `key` under, as the reactor routes it back to
+/// [`Engine::on_ready`].
+pub type TokenOf = fn(usize) -> Token;
+
+/// One part of a publish: the event to one of its channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// The publish.
+    pub op: OpId,
+    /// Which of its channels, in the command's order.
+    pub index: usize,
+}
+
+/// An event to publish on one channel.
+#[derive(Clone, Copy, Debug)]
+pub struct Event<'a> {
+    /// A valid channel name.
+    pub channel: &'a str,
+    /// The event's `data`, valid JSON.
+    pub data: &'a [u8],
+    /// A `{"user":...}` publish: the user's connections not subscribed receive it too.
+    pub to_user: bool,
+    /// The publish's idempotency key, for an engine that keeps them per channel.
+    pub idem: Option<&'a str>,
+}
+
+/// One event of a channel, as delivered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Its seq.
+    pub seq: u64,
+    /// A `{"user":...}` publish: the user's connections receive it too.
+    pub to_user: bool,
+    /// The event's `data`, valid JSON.
+    pub data: Bytes,
+}
+
+/// What an engine stored for one part of a publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// The seq assigned (0 for a broadcast or a disconnect).
+    pub seq: u64,
+    /// Nodes subscribed to the channel when it was published, for an engine shared by
+    /// several nodes; `None` for one that is this node alone, whose reach is the connections
+    /// the fan-out queued the event to.
+    pub nodes: Option<usize>,
+    /// An earlier publish under the same `idem` key: `seq` and `nodes` are its.
+    pub duplicate: bool,
+}
+
+/// The engine could not be asked, or did not answer: nothing is known to be stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unavailable;
+
+/// Missed events a join delivers before live ones.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Replay {
+    /// Frames already encoded (the memory engine keeps them).
+    Frames(Vec<Bytes>),
+    /// Events to encode (read from a stream).
+    Entries(Vec<Entry>),
+}
+
+/// A join's answer: what the joining connection is told, and given, before it is live.
+#[derive(Debug)]
+pub struct Joined {
+    /// The channel.
+    pub channel: Arc<str>,
+    /// The joining connection.
+    pub conn: ConnId,
+    /// The `seq` its `subscribed` carries.
+    pub seq: u64,
+    /// The epoch its `subscribed` carries.
+    pub epoch: Arc<str>,
+    /// With `since`: whether every event after it follows.
+    pub recovered: Option<bool>,
+    /// What it missed, in seq order.
+    pub replay: Replay,
+    /// It has seen, on another node, events up to this seq that this node has not delivered
+    /// yet: it goes live with the first event past it.
+    pub floor: Option<u64>,
+}
+
+/// An engine's answer, for the fan-out to carry out.
+#[derive(Debug)]
+pub enum Happening {
+    /// The next event of `channel`, in order: to every live subscriber.
+    Deliver {
+        /// The channel.
+        channel: Arc<str>,
+        /// The event.
+        entry: Entry,
+        /// The publish on this node it answers, when the engine delivers within the call:
+        /// the connections it reaches count as that publish's reach.
+        from: Option<OpId>,
+    },
+    /// Events of `channel` up to `seq` of `epoch` that were not delivered are lost.
+    Gap {
+        /// The channel.
+        channel: Arc<str>,
+        /// The last seq lost.
+        seq: u64,
+        /// The epoch.
+        epoch: Arc<str>,
+    },
+    /// A join's answer.
+    Joined(Joined),
+    /// Part `part` of a publish is done.
+    Done {
+        /// Which.
+        part: Part,
+        /// Stored, or not.
+        result: Result<Stored, Unavailable>,
+    },
+    /// A broadcast, to every open connection.
+    Broadcast {
+        /// The event's data.
+        data: Bytes,
+        /// As for [`Happening::Deliver`].
+        from: Option<OpId>,
+    },
+    /// Close every connection of `user`.
+    Disconnect {
+        /// The user.
+        user: Box<str>,
+        /// As for [`Happening::Deliver`]: the connections closed count.
+        from: Option<OpId>,
+    },
+    /// The connection admitted with a pending lease may be told `connected`.
+    LeaseGranted(ConnId),
+    /// The user of `conn` has `max_connections_per_user` open on other nodes.
+    LeaseRefused(ConnId),
+}
+
+/// The state of an engine shared by several nodes, for `/health` and `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SharedState {
+    /// Every shard's connection is up, the slot map is known and every watched channel is
+    /// subscribed.
+    pub up: bool,
+    /// Shards whose connection is up.
+    pub shards_up: usize,
+    /// Shards known.
+    pub shards: usize,
+    /// Requests waiting for the shared store.
+    pub in_flight: usize,
+    /// Events held for a gap to be filled.
+    pub held: usize,
+    /// Channels watched.
+    pub channels: usize,
+    /// Watched channels subscribed on no connection.
+    pub unsubscribed: usize,
+    /// Connections lost since the start.
+    pub disconnects: u64,
+    /// Gaps reported to pages.
+    pub gaps: u64,
+    /// Events and gaps the periodic position check found undelivered.
+    pub repairs: u64,
+}
 
 /// Totals an engine reports for `/metrics` and the stats feed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,54 +215,140 @@ pub struct EngineGauges {
     pub history_bytes: usize,
     /// Idempotency keys remembered.
     pub idempotency_keys: usize,
+    /// The shared store's connections, for an engine shared by several nodes.
+    pub shared: Option<SharedState>,
 }
 
-/// A channel's latest sequence number and the epoch it counts in.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Position<'a> {
-    /// The last seq assigned (0: none yet).
-    pub seq: u64,
-    /// Changes whenever the channel's seqs restart, so a client can tell its seq is stale.
-    pub epoch: &'a str,
-}
-
-/// The source of a channel's sequence numbers and history. Channel names are valid (see
-/// [`crate::ws::wire::check_channel`]); calls happen on the reactor thread, inside a pass
-/// (`Send` only so that a server can be moved to the thread that runs it).
+/// The source of channels' sequence numbers, history and cross-node delivery. Channel names
+/// are valid (see [`crate::base::channel::check_channel`]); calls happen on the reactor
+/// thread, inside a pass (`Send` only so that a server can be moved to the thread that runs
+/// it).
 pub trait Engine: Send {
-    /// Takes the next sequence number of `channel`.
-    fn next_seq(&mut self, channel: &str) -> u64;
+    // ---- what the fan-out asks ----
 
-    /// Whether frames are kept for resuming clients; when false and nobody listens, the
-    /// fan-out skips encoding the event.
-    fn keeps_history(&self) -> bool;
+    /// Publishes `event` as `part` of a publish: answered by [`Happening::Done`] for `part`,
+    /// and the event comes as a [`Happening::Deliver`] (from whichever node published it).
+    ///
+    /// # Errors
+    /// The engine cannot take it now: nothing was stored, and nothing will answer.
+    fn publish(&mut self, part: Part, event: &Event<'_>, now: Tick) -> Result<(), Unavailable>;
 
-    /// Keeps the frame of event `seq` of `channel`, just assigned by [`next_seq`](Engine::next_seq).
-    fn record(&mut self, channel: &str, seq: u64, frame: &Bytes, now: Tick);
+    /// Sends `data` to every connection, as part 0 of publish `op`.
+    ///
+    /// # Errors
+    /// As for [`publish`](Engine::publish).
+    fn broadcast(&mut self, op: OpId, data: &[u8], now: Tick) -> Result<(), Unavailable>;
 
-    /// Where `channel` stands. Called for a channel this node watches.
-    fn position(&mut self, channel: &str) -> Position<'_>;
+    /// Closes every connection of `user`, as part 0 of publish `op`.
+    ///
+    /// # Errors
+    /// As for [`publish`](Engine::publish).
+    fn disconnect(&mut self, op: OpId, user: &str, now: Tick) -> Result<(), Unavailable>;
 
-    /// The frames of every event after `since`, or `None` when they cannot all be given
-    /// (another epoch, or some no longer kept): the client is told it missed events.
-    fn replay(&mut self, channel: &str, since: &Since, now: Tick) -> Option<Vec<Bytes>>;
-
-    /// This node's first subscriber to `channel` arrived.
-    fn watch(&mut self, channel: &str);
-
-    /// This node's last subscriber to `channel` left at `now`.
-    fn unwatch(&mut self, channel: &str, now: Tick);
-
-    /// The result of the publish made under idempotency key `key`, if the engine still
-    /// remembers it: the fan-out answers a retry with it instead of publishing again.
+    /// The result of the publish made under idempotency key `key`, when this engine keeps
+    /// keys per publish and still remembers it: the fan-out answers a retry with it.
     fn recall(&mut self, key: &str, now: Tick) -> Option<Published>;
 
-    /// Remembers the result of the publish just made under `key`.
+    /// Remembers the result of the publish just made under `key` (see [`recall`](Engine::recall)).
     fn remember(&mut self, key: &str, published: &Published, now: Tick);
 
-    /// Bounded periodic upkeep: expire old history, forget idle channels.
+    /// Whether [`record`](Engine::record) wants the frames of `channel`: when false and nobody
+    /// listens, the fan-out skips encoding the event.
+    fn keeps_frames(&self, channel: &str) -> bool;
+
+    /// Keeps the encoded frame of event `seq` of `channel`, just delivered.
+    fn record(&mut self, channel: &str, seq: u64, frame: &Bytes, now: Tick);
+
+    /// This node's first subscriber to `channel` arrived.
+    fn watch(&mut self, channel: &str, now: Tick);
+
+    /// This node's last subscriber to `channel` left.
+    fn unwatch(&mut self, channel: &str, now: Tick);
+
+    /// Where `channel` stands for `conn`, which joins it (a watched channel), and with
+    /// `since`, what it missed: answered by [`Happening::Joined`].
+    fn join(&mut self, channel: &str, conn: ConnId, since: Option<Since>, now: Tick);
+
+    /// `conn`, of `user` (`first`: the user's first connection on this node), was admitted
+    /// on this node's count, `max` at most per user. Returns true when the engine asks other
+    /// nodes too: the connection waits for [`Happening::LeaseGranted`] or
+    /// [`Happening::LeaseRefused`].
+    fn admit(&mut self, user: &str, conn: ConnId, max: usize, first: bool, now: Tick) -> bool;
+
+    /// `conn` of `user` closed (`last`: the user's last connection on this node).
+    fn release(&mut self, user: &str, conn: ConnId, last: bool, now: Tick);
+
+    /// Whether another publish may be started now.
+    fn has_capacity(&self) -> bool;
+
+    /// Moves the answers given since the last call to the end of `out`, in order.
+    fn happenings(&mut self, out: &mut Vec<Happening>);
+
+    // ---- the reactor's side ----
+
+    /// Readiness on the engine's socket `key` (registered under `TokenOf(key)`).
+    fn on_ready(&mut self, key: usize, now: Tick);
+
+    /// Writes what the engine queued on its sockets; once per pass, after the fan-out.
+    fn flush(&mut self, now: Tick);
+
+    /// The engine's own upkeep, due at `now` (the first call comes at the first pass).
+    /// Returns when it is next due, if ever.
+    fn tick(&mut self, now: Tick) -> Option<Tick>;
+
+    /// Bounded periodic upkeep of what is kept: expire old history, forget idle channels.
     fn sweep(&mut self, now: Tick);
 
     /// Current totals.
     fn gauges(&self) -> EngineGauges;
+}
+
+/// The engine `config` asks for, starting at tick 0: in memory, or over Redis (its sockets in
+/// `registry`, under `token_of`). `ticks` converts the settings' durations; `node_id` names
+/// this node in Redis.
+///
+/// # Errors
+/// The registry cannot be shared.
+pub fn start(
+    config: &Config,
+    registry: &Registry,
+    token_of: TokenOf,
+    ticks: TickSource,
+    node_id: String,
+) -> std::io::Result<Box<dyn Engine>> {
+    let history = HistoryLimits {
+        size: config.history_size,
+        max_bytes: config.history_max_bytes,
+        ttl_ticks: ticks.ticks_in(config.history_ttl),
+        quiet_channels: config.max_quiet_channels,
+    };
+    let idempotency = IdempotencyLimits {
+        limit: config.max_idempotency_keys,
+        window: ticks.ticks_in(config.idempotency_window),
+    };
+    let memory = MemoryEngine::new(history, idempotency);
+    if config.engine == EngineKind::Memory {
+        return Ok(Box::new(memory));
+    }
+    let settings = RedisSettings {
+        urls: config.redis_url.clone(),
+        prefix: config.redis_prefix.clone(),
+        node_id: config.node_id.clone().unwrap_or(node_id),
+        history_size: config.history_size,
+        history_ttl: config.history_ttl,
+        idempotency_window: config.idempotency_window,
+        timeout: config.redis_timeout,
+        lease_ttl: config.user_lease_ttl,
+        check_interval: config.redis_check_interval,
+        max_in_flight: config.redis_max_in_flight,
+        max_in_flight_bytes: config.redis_max_in_flight_bytes,
+    };
+    let urls: Vec<String> = settings.urls.iter().map(ToString::to_string).collect();
+    log::info!(
+        "engine redis: {} as node {}",
+        urls.join(", "),
+        settings.node_id
+    );
+    let engine = RedisEngine::new(settings, registry, token_of, memory, ticks, Tick(0))?;
+    Ok(Box::new(engine))
 }

@@ -1,49 +1,58 @@
-//! One publish to every subscriber's queue, and the WebSocket sessions it serves.
+//! One event to every subscriber's queue, whichever engine assigned it, and the WebSocket
+//! sessions it serves.
 //!
-//! The path of one event, top to bottom in this file: a publish command arrives through
-//! [`Sink::publish`] (from `publish::port`) → [`Fanout::fan_out`] takes the channel's next
-//! seq from the [`Engine`] → encodes one frame, shared by every recipient → queues it to each
-//! local subscriber in the [`Hub`] (and, for a `{"user":...}` publish, to each of the user's
-//! connections not subscribed already) → hands it to the engine's history. The reactor then
-//! flushes every connection the [`Clients`] guard listed.
+//! The fan-out asks the [`Engine`] and carries out its answers ([`Happening`]s) in one place,
+//! [`Fanout::apply`], called right after every engine call: the memory engine answers within
+//! the call, the Redis engine when Redis does, through the same values. So there is one path
+//! for an event ([`Fanout::deliver_event`]: one encoded frame, shared by every recipient),
+//! one for a subscribe ([`sessions`]: `join`, then `on_joined`), and one for a publish's
+//! answer ([`ops`]).
 //!
-//! - [`hub`]: channel → local subscribers.
-//! - [`users`]: user → open connections.
+//! The path of one event: a publish command arrives through a [`Serving`] sink (from
+//! `publish::port`) → `ops` starts it and asks the engine → the engine answers with
+//! `Deliver` (now, or when Redis delivers it to this node) → [`Fanout::deliver_event`]
+//! encodes one frame and queues it to each live local subscriber in the [`Hub`] (and, for a
+//! `{"user":...}` publish, to each of the user's connections not subscribed already), then
+//! hands it to the engine's history → `Done` completes the publish; the reactor flushes every
+//! connection the [`Clients`] guard listed and routes the publisher's answer.
+//!
+//! - [`hub`]: channel → local subscribers. [`users`]: user → open connections.
 //! - [`clients`]: the connection slab and its dirty list.
-//! - [`shared`]: the same over the Redis engine, whose answers come later.
+//! - [`sessions`]: opening and ending sessions, their verdicts, joins.
+//! - [`ops`]: publishes in flight and their answers; the [`Serving`] sink.
 //!
-//! It also carries out the [`Verdict`]s of client sessions (subscribe, resume, refresh) and
-//! opens and ends sessions, since each of those changes the hub, the user index and the
-//! engine together. Invariants: a connection is in the hub, the user index and the
-//! `connections` gauge exactly while its session is open; [`Fanout::end`] takes it out of all
-//! three, once. The fan-out never writes to a socket.
+//! Invariants: a connection is in the hub, the user index and the `connections` gauge exactly
+//! while its session is open; [`Fanout::end`] takes it out of all three, once. A connection
+//! is listed in `joins[channel]` only while it is in the hub for that channel, and gets no
+//! live event of it until its join is answered. The fan-out never writes to a socket.
 
 pub mod clients;
 pub mod hub;
-pub mod shared;
+pub mod ops;
+pub mod sessions;
 pub mod users;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use bytes::Bytes;
-use serde_json::value::RawValue;
 
 use crate::auth::admission::Auth;
 use crate::auth::ratelimit::Rate;
-use crate::base::channel::user_channel;
+use crate::base::channel::user_of;
 use crate::base::ids::ConnId;
 use crate::base::time::Tick;
-use crate::engine::Engine;
-use crate::engine::redis::RedisEngine;
+use crate::engine::{Engine, Entry, Happening, OpId};
 use crate::error::Close;
 use crate::ops::metrics::{Gauges, Metrics};
-use crate::publish::{Outcome, Published, Reach, Seqs, Sink, Target};
 use crate::ws::conn::ClientConn;
-use crate::ws::session::{Inbound, Rules, Verdict};
 use crate::ws::wire::{self, EventTarget, Reply};
 
 pub use clients::Clients;
 pub use hub::Hub;
-pub use shared::Completion;
-use shared::Shared;
+use ops::Ops;
+pub use ops::{Completion, PublisherRef, Serving};
+use sessions::Join;
 pub use users::Users;
 
 /// Fan-out work per loop pass: frames queued (a line to a channel without subscribers counts
@@ -87,16 +96,17 @@ struct Pass {
 pub struct Fanout {
     clients: Clients,
     hub: Hub,
-    /// Seqs and history of the channels this node keeps itself: every channel under the
-    /// memory engine, the node's own `sidecast:` channels under Redis.
     engine: Box<dyn Engine>,
-    /// The Redis engine, for every other channel, when the node runs one.
-    shared: Option<Shared>,
     users: Users,
     auth: Option<Auth>,
     settings: SessionSettings,
     metrics: Metrics,
     pass: Pass,
+    ops: Ops,
+    /// Connections waiting for their join's answer, by channel.
+    joins: HashMap<Arc<str>, Vec<Join>>,
+    /// Reused: the engine's answers being carried out.
+    happenings: Vec<Happening>,
     /// Reused to build event payloads.
     scratch: Vec<u8>,
     /// Connections closed by a publisher's command; the reactor arms their drain deadline.
@@ -104,24 +114,20 @@ pub struct Fanout {
 }
 
 impl Fanout {
-    /// An empty fan-out over `engine` (and `redis` for every channel outside `sidecast:`, when
-    /// given); `auth` when tokens are required.
-    pub fn new(
-        engine: Box<dyn Engine>,
-        redis: Option<Box<RedisEngine>>,
-        auth: Option<Auth>,
-        settings: SessionSettings,
-    ) -> Fanout {
+    /// An empty fan-out over `engine`; `auth` when tokens are required.
+    pub fn new(engine: Box<dyn Engine>, auth: Option<Auth>, settings: SessionSettings) -> Fanout {
         Fanout {
             clients: Clients::default(),
             hub: Hub::new(),
             engine,
-            shared: redis.map(Shared::new),
             users: Users::default(),
             auth,
             settings,
             metrics: Metrics::default(),
             pass: Pass::default(),
+            ops: Ops::default(),
+            joins: HashMap::new(),
+            happenings: Vec::new(),
             scratch: Vec::new(),
             closed_by_command: Vec::new(),
         }
@@ -169,27 +175,76 @@ impl Fanout {
         &mut self.metrics
     }
 
-    // ---- the path of one event ----
+    // ---- the engine's answers: the one place they are carried out ----
 
-    /// Publishes one event to one channel: one sequence number, one encoded frame shared by
-    /// every subscriber, by every connection of `user` not subscribed to it already, and by
-    /// the channel's history. Returns the seq and how many connections it was queued to.
-    pub fn fan_out(&mut self, channel: &str, data: &RawValue, user: Option<&str>) -> (u64, usize) {
-        let seq = self.engine.next_seq(channel);
+    /// Carries out what the engine answered since the last call, in order.
+    fn apply(&mut self) {
+        let mut happenings = std::mem::take(&mut self.happenings);
+        self.engine.happenings(&mut happenings);
+        for happening in happenings.drain(..) {
+            match happening {
+                Happening::Deliver {
+                    channel,
+                    entry,
+                    from,
+                } => self.deliver_event(&channel, &entry, from),
+                Happening::Gap {
+                    channel,
+                    seq,
+                    epoch,
+                } => self.report_gap(&channel, seq, &epoch),
+                Happening::Joined(joined) => self.on_joined(joined),
+                Happening::Done { part, result } => self.on_done(part, result),
+                Happening::Broadcast { data, from } => {
+                    let delivered = self.broadcast_local(&data);
+                    self.ops.reached(from, delivered);
+                }
+                Happening::Disconnect { user, from } => {
+                    let closed = self.close_user(&user);
+                    self.ops.reached(from, closed);
+                }
+                Happening::LeaseGranted(conn) => {
+                    if self.clients.is_current(conn) {
+                        self.send_connected(conn.key as usize);
+                    }
+                }
+                Happening::LeaseRefused(conn) => {
+                    if self.clients.is_current(conn) {
+                        log::debug!("conn={}: user at max_connections_per_user", conn.generation);
+                        self.end(conn.key as usize, Close::UserLimit);
+                        self.closed_by_command.push(conn);
+                    }
+                }
+            }
+        }
+        self.happenings = happenings;
+    }
+
+    /// An event of `channel`, in its one order: one frame, shared by every live local
+    /// subscriber, by every connection of the user of a `{"user":...}` publish not
+    /// subscribed already, and by the engine's history.
+    fn deliver_event(&mut self, channel: &Arc<str>, entry: &Entry, from: Option<OpId>) {
+        let joins = sessions::joiners_before(&mut self.joins, channel, entry.seq);
         let subscribers = self.hub.subscribers(channel);
-        let tabs = user.map_or(&[][..], |user| self.users.connections(user));
+        let tabs = match user_of(channel) {
+            Some(user) if entry.to_user => self.users.connections(user),
+            _ => &[],
+        };
         self.pass.deliveries += (subscribers.len() + tabs.len()).max(1);
-        if subscribers.is_empty() && tabs.is_empty() && !self.engine.keeps_history() {
-            return (seq, 0);
+        if subscribers.is_empty() && tabs.is_empty() && !self.engine.keeps_frames(channel) {
+            return;
         }
         let frame = wire::event_frame(
-            EventTarget::Channel(channel, seq),
-            data.get().as_bytes(),
+            EventTarget::Channel(channel, entry.seq),
+            &entry.data,
             &mut self.scratch,
         );
         let started_us = self.pass.started_us;
         let mut delivered = 0;
         for id in subscribers {
+            if joins.is_some_and(|joins| joins.iter().any(|j| j.conn == *id)) {
+                continue;
+            }
             let mut conn = self.clients.live_mut(id.key as usize);
             debug_assert_eq!(conn.id(), *id, "the hub holds only live connections");
             delivered += usize::from(deliver(&mut conn, &frame, started_us));
@@ -203,233 +258,39 @@ impl Fanout {
                 }
             }
         }
-        self.engine.record(channel, seq, &frame, self.pass.now);
-        (seq, delivered)
-    }
-
-    /// [`fan_out`](Fanout::fan_out), counted as a published event.
-    fn publish_to(&mut self, channel: &str, data: &RawValue, user: Option<&str>) -> (u64, usize) {
-        let (seq, delivered) = self.fan_out(channel, data, user);
-        self.metrics.events_published += 1;
+        self.engine
+            .record(channel, entry.seq, &frame, self.pass.now);
         self.metrics.frames_delivered += delivered as u64;
-        (seq, delivered)
+        self.ops.reached(from, delivered);
     }
 
-    /// One frame to every open WebSocket; broadcasts have no seq and no history.
-    fn broadcast(&mut self, data: &RawValue) -> usize {
-        self.metrics.events_published += 1;
-        self.broadcast_local(data.get().as_bytes())
-    }
-
-    /// Whether `channel` lives in the shared engine (all but the node's own `sidecast:`
-    /// channels, when there is one).
-    fn is_shared(&self, channel: &str) -> bool {
-        self.shared.is_some() && !channel.starts_with(crate::base::channel::RESERVED_PREFIX)
-    }
-
-    /// This node gains a reason to watch `channel`.
-    fn watch(&mut self, channel: &str) {
-        if self.is_shared(channel) {
-            self.shared.as_mut().expect("shared").engine.watch(channel);
-        } else {
-            self.engine.watch(channel);
-        }
-    }
-
-    /// This node loses a reason to watch `channel`.
-    fn unwatch(&mut self, channel: &str) {
-        if self.is_shared(channel) {
-            self.shared
-                .as_mut()
-                .expect("shared")
-                .engine
-                .unwatch(channel);
-        } else {
-            self.engine.unwatch(channel, self.pass.now);
-        }
-    }
-
-    // ---- sessions ----
-
-    /// Opens the session of a connection just upgraded: checks its token (with
-    /// authentication on), indexes its user and sends `connected`. Returns when its token
-    /// expires, if it has one.
-    ///
-    /// # Errors
-    /// The close verdict for a refused token or a user at `max_connections_per_user`.
-    pub fn open(&mut self, key: usize, token: Option<&str>) -> Result<Option<Tick>, Close> {
-        self.metrics.connections += 1;
-        self.metrics.connections_opened += 1;
-        let mut conn = self.clients.live_mut(key);
-        let id = conn.id();
-        let mut expires = None;
-        if let Some(auth) = &self.auth {
-            let users = &self.users;
-            let identity = auth
-                .admit(token, |user| users.connections(user).len())
-                .map_err(|(close, detail)| {
-                    log::debug!("conn={} from {}: {detail}", id.generation, conn.peer());
-                    close
-                })?;
-            let first = self.users.add(&identity.user, id);
-            let tick = auth.expiry_tick(&identity, self.pass.now, self.pass.unix_secs);
-            expires = Some(tick);
-            let max = auth.max_per_user();
-            if let Some(shared) = &mut self.shared {
-                // The user's events and disconnects reach this node while a tab is open
-                // here; the lease counts the tab on every node.
-                if first {
-                    shared.engine.watch(&user_channel(&identity.user));
-                }
-                if shared.engine.lease(&identity.user, id, max) {
-                    let session = conn.session_mut().expect("an open session");
-                    session.set_identity(identity, tick);
-                    return Ok(expires); // `connected` once the lease is held
-                }
-            }
-            let session = conn.session_mut().expect("an open session");
-            session.set_identity(identity, tick);
-        }
-        drop(conn);
-        self.send_connected(key);
-        Ok(expires)
-    }
-
-    /// Sends `connected` to a session just admitted.
-    fn send_connected(&mut self, key: usize) {
-        let mut conn = self.clients.live_mut(key);
-        let id = conn.id();
-        let settings = &self.settings;
-        let client_id = format!("{:08x}{:08x}", settings.instance, id.generation);
-        let session = conn.session().expect("an open session");
-        let user_id = session
-            .identity()
-            .map(|(identity, _)| identity.user.clone());
-        conn.send_reply(&Reply::Connected {
-            client_id: &client_id,
-            heartbeat_ms: settings.heartbeat_ms,
-            rate_limit: settings.rate_limit,
-            rate_burst: settings.rate_burst,
-            user_id: user_id.as_deref(),
-        });
-    }
-
-    /// Judges one client message and carries out the verdict. Returns a close verdict for
-    /// the reactor to act on.
-    pub fn on_message(&mut self, key: usize, message: Inbound) -> Option<Close> {
-        let now = self.pass.now;
-        let mut conn = self.clients.get_mut(key)?;
-        if !conn.is_open() {
-            return None;
-        }
-        let settings = &self.settings;
-        let rules = Rules {
-            rate: settings.rate,
-            rate_limit: settings.rate_limit,
-            rate_burst: settings.rate_burst,
-            strikes: settings.rate_limit_strikes,
-            max_subscriptions: settings.max_subscriptions,
-            verifier: self.auth.as_ref().map(Auth::verifier),
+    /// Tells the live subscribers of `channel` that events up to `seq` are lost.
+    fn report_gap(&mut self, channel: &str, seq: u64, epoch: &str) {
+        let joins = self.joins.get(channel);
+        let gap = Reply::Gap {
+            channel,
+            seq,
+            epoch,
         };
-        let session = conn.session_mut()?;
-        let verdict = session.on_message(message, &rules, &self.hub, now);
-        let conn_id = conn.id();
-        match verdict {
-            Verdict::Nothing => {}
-            Verdict::Close(close) => return Some(close),
-            Verdict::Reject(rejection) => conn.send_reply(&Reply::from(&rejection)),
-            Verdict::Pong { id } => conn.send_reply(&Reply::Pong { id: id.as_ref() }),
-            Verdict::Subscribe { channel, since, id } => {
-                let name = channel.as_str();
-                let (channel_id, joined) = self.hub.subscribe(&channel, conn_id);
-                conn.session_mut()?.add_subscription(channel_id);
-                drop(conn);
-                if joined == hub::Joined::First {
-                    self.watch(name);
-                }
-                if self.is_shared(name) {
-                    self.join_shared(key, name, since, id);
-                    return None;
-                }
-                let mut conn = self.clients.live_mut(key);
-                // Replayed within this call: on one thread no publish can land between the
-                // replay and live delivery, so there is no gap and no duplicate.
-                let missed = since.map(|since| self.engine.replay(name, &since, now));
-                let position = self.engine.position(name);
-                conn.send_reply(&Reply::Subscribed {
-                    channel: name,
-                    seq: position.seq,
-                    epoch: position.epoch,
-                    recovered: missed.as_ref().map(Option::is_some),
-                    id: id.as_ref(),
-                });
-                for frame in missed.flatten().unwrap_or_default() {
-                    deliver(&mut conn, &frame, self.pass.started_us);
-                }
+        for id in self.hub.subscribers(channel) {
+            if joins.is_some_and(|joins| joins.iter().any(|j| j.conn == *id)) {
+                continue;
             }
-            Verdict::Unsubscribe { channel, id } => {
-                let mut last = None;
-                if let Some(channel_id) = self.hub.find(channel.as_str())
-                    && conn.session_mut()?.remove_subscription(channel_id)
-                {
-                    last = self.hub.unsubscribe(channel_id, conn_id);
-                }
-                conn.send_reply(&Reply::Unsubscribed {
-                    channel: channel.as_str(),
-                    id: id.as_ref(),
-                });
-                drop(conn);
-                self.forget_join(channel.as_str(), conn_id);
-                if let Some(name) = last {
-                    self.unwatch(&name);
-                }
-            }
-            Verdict::Refresh { identity, id } => {
-                let auth = self.auth.as_ref()?;
-                let expires_at = identity.expires_at;
-                let tick = auth.expiry_tick(&identity, now, self.pass.unix_secs);
-                conn.session_mut()?.set_identity(identity, tick);
-                conn.send_reply(&Reply::Refreshed {
-                    expires_at,
-                    id: id.as_ref(),
-                });
-            }
+            self.clients.live_mut(id.key as usize).send_reply(&gap);
         }
-        None
+        self.metrics.gaps_reported += 1;
     }
 
-    /// Ends a connection's session for `close` (the first reason given sticks), queuing the
-    /// Close frame: leaves every channel, forgets its user, updates the gauge and counts the
-    /// disconnect, once.
-    pub fn end(&mut self, key: usize, close: Close) {
-        let Some(mut conn) = self.clients.get_mut(key) else {
-            return;
-        };
-        let Some(ended) = conn.end(close) else {
-            return;
-        };
-        let id = conn.id();
-        let reason = conn.close_reason().unwrap_or(close);
-        drop(conn);
-        for channel in ended.subscriptions {
-            let name = self.hub.name(channel);
-            self.forget_join(&name, id);
-            if let Some(name) = self.hub.unsubscribe(channel, id) {
-                self.unwatch(&name);
-            }
-        }
-        if let Some(user) = ended.user {
-            let last = self.users.remove(&user, id);
-            if let Some(shared) = &mut self.shared {
-                shared.engine.release(id);
-                if last {
-                    shared.engine.unwatch(&user_channel(&user));
-                }
-            }
-        }
-        self.metrics.connections -= 1;
-        self.metrics.disconnected(reason);
-        log::debug!("conn={} closed: {}", id.generation, reason.label());
+    /// A broadcast's frame to every open connection of this node; returns how many.
+    fn broadcast_local(&mut self, data: &[u8]) -> usize {
+        let frame = wire::event_frame(EventTarget::Broadcast, data, &mut self.scratch);
+        let started_us = self.pass.started_us;
+        let mut delivered = 0;
+        self.clients
+            .for_each(|conn| delivered += usize::from(deliver(conn, &frame, started_us)));
+        self.metrics.frames_delivered += delivered as u64;
+        self.pass.deliveries += delivered.max(1);
+        delivered
     }
 
     /// Closes this node's connections of `user` (4003); returns how many.
@@ -447,12 +308,38 @@ impl Fanout {
         std::mem::take(&mut self.closed_by_command)
     }
 
+    // ---- the engine's sockets and timer, for the reactor ----
+
+    /// Readiness on the engine's socket `key`; its answers are carried out at once, so no
+    /// client message is judged against a position whose events are not delivered yet.
+    pub fn engine_ready(&mut self, key: usize) {
+        self.engine.on_ready(key, self.pass.now);
+        self.apply();
+    }
+
+    /// Writes what the engine queued this pass (a connection that fails answers its requests
+    /// as failed, carried out here).
+    pub fn engine_flush(&mut self) {
+        self.engine.flush(self.pass.now);
+        self.apply();
+    }
+
+    /// The engine's own upkeep; returns when it is next due.
+    pub fn engine_tick(&mut self, now: Tick) -> Option<Tick> {
+        let next = self.engine.tick(now);
+        self.apply();
+        next
+    }
+
     // ---- upkeep and gauges ----
 
-    /// Publishes the stats snapshot to its reserved channel (not counted as an event).
+    /// Publishes the stats snapshot to its reserved channel (neither answered nor counted as
+    /// an event).
     pub fn publish_stats(&mut self, snapshot: String) {
-        let data = RawValue::from_string(snapshot).expect("the stats feed renders valid JSON");
-        self.fan_out(crate::base::channel::STATS_CHANNEL, &data, None);
+        let data = serde_json::value::RawValue::from_string(snapshot)
+            .expect("the stats feed renders valid JSON");
+        let target = crate::publish::Target::Channel(crate::base::channel::STATS_CHANNEL.into());
+        self.execute(None, &target, &data, None);
     }
 
     /// The engine's periodic upkeep.
@@ -475,7 +362,7 @@ impl Fanout {
             history_events: engine.history_events,
             history_bytes: engine.history_bytes,
             idempotency_keys: engine.idempotency_keys,
-            redis: self.redis_state(),
+            shared: engine.shared,
         }
     }
 }
@@ -489,72 +376,4 @@ fn deliver(conn: &mut ClientConn, frame: &Bytes, started_us: u64) -> bool {
     }
     conn.note_event(started_us);
     true
-}
-
-impl Sink for Fanout {
-    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Outcome {
-        if self.shared.is_some() {
-            return self.publish_shared(target, data, idem);
-        }
-        let now = self.pass.now;
-        if let Some(key) = idem
-            && let Some(first) = self.engine.recall(key, now)
-        {
-            self.metrics.publish_duplicates += 1;
-            return Outcome::Done(Published {
-                duplicate: true,
-                ..first
-            });
-        }
-        let (seqs, delivered) = match target {
-            Target::Channel(channel) => {
-                let (seq, delivered) = self.publish_to(channel, data, None);
-                (Seqs::One(seq), delivered)
-            }
-            Target::Channels(channels) => {
-                let mut seqs = Vec::with_capacity(channels.len());
-                let mut delivered = 0;
-                for channel in channels {
-                    let (seq, count) = self.publish_to(channel, data, None);
-                    seqs.push(seq);
-                    delivered += count;
-                }
-                (Seqs::Many(seqs), delivered)
-            }
-            Target::User(user) => {
-                let channel = user_channel(user);
-                let (seq, delivered) = self.publish_to(&channel, data, Some(user));
-                (Seqs::One(seq), delivered)
-            }
-            Target::Broadcast => (Seqs::None, self.broadcast(data)),
-        };
-        let published = Published {
-            seqs,
-            reach: Reach::Connections(delivered),
-            duplicate: false,
-        };
-        if let Some(key) = idem {
-            self.engine.remember(key, &published, now);
-        }
-        Outcome::Done(published)
-    }
-
-    fn disconnect_user(&mut self, user: &str) -> Outcome {
-        if self.shared.is_some() {
-            return self.disconnect_shared(user);
-        }
-        Outcome::Done(Published {
-            seqs: Seqs::None,
-            reach: Reach::Disconnected(self.close_user(user)),
-            duplicate: false,
-        })
-    }
-
-    fn has_capacity(&self) -> bool {
-        self.pass.deliveries < DELIVERIES_PER_PASS
-            && self
-                .shared
-                .as_ref()
-                .is_none_or(|shared| shared.engine.has_capacity())
-    }
 }

@@ -6,7 +6,7 @@
 //! stay open, but publishes fail and new subscribers wait, so a load balancer should steer
 //! new connections to a node that can serve.
 
-use crate::engine::redis::RedisState;
+use crate::engine::SharedState;
 
 /// The figures the document reports.
 #[derive(Clone, Copy, Debug)]
@@ -17,14 +17,14 @@ pub struct Health {
     pub channels: usize,
     /// Seconds since start.
     pub uptime_secs: u64,
-    /// The Redis engine's state, when it runs.
-    pub redis: Option<RedisState>,
+    /// The state of an engine shared by several nodes (Redis), when it runs one.
+    pub shared: Option<SharedState>,
 }
 
 impl Health {
     /// Whether the node can serve.
     pub fn is_ok(&self) -> bool {
-        self.redis.is_none_or(|redis| redis.up)
+        self.shared.is_none_or(|shared| shared.up)
     }
 
     /// The JSON document.
@@ -33,10 +33,10 @@ impl Health {
             connections,
             channels,
             uptime_secs,
-            redis,
+            shared,
         } = *self;
         let status = if self.is_ok() { "ok" } else { "unavailable" };
-        let engine = match redis {
+        let engine = match shared {
             None => "\"engine\":\"memory\"".to_string(),
             Some(r) => format!(
                 "\"engine\":\"redis\",\"redis\":{{\"up\":{},\"shardsUp\":{},\"shards\":{},\"unsubscribedChannels\":{}}}",
@@ -59,7 +59,7 @@ mod tests {
             connections: 3,
             channels: 2,
             uptime_secs: 7,
-            redis: None,
+            shared: None,
         };
         let value: serde_json::Value = serde_json::from_str(&health.json()).unwrap();
         assert_eq!(value["status"], "ok");
@@ -67,10 +67,10 @@ mod tests {
         assert_eq!(value["channels"], 2);
         assert_eq!(value["uptimeSecs"], 7);
         assert_eq!(value["engine"], "memory");
-        health.redis = Some(RedisState {
+        health.shared = Some(SharedState {
             shards: 3,
             shards_up: 2,
-            ..RedisState::default()
+            ..SharedState::default()
         });
         assert!(!health.is_ok());
         let value: serde_json::Value = serde_json::from_str(&health.json()).unwrap();

@@ -101,8 +101,8 @@ pub struct Gauges {
     pub history_bytes: usize,
     /// Idempotency keys the engine remembers.
     pub idempotency_keys: usize,
-    /// The Redis engine's state, when it runs.
-    pub redis: Option<crate::engine::redis::RedisState>,
+    /// The state of an engine shared by several nodes (Redis), when it runs one.
+    pub shared: Option<crate::engine::SharedState>,
 }
 
 impl Metrics {
@@ -221,7 +221,7 @@ impl Metrics {
             "Gaps reported to subscribers: events that could not be delivered or recovered.",
             self.gaps_reported,
         );
-        if let Some(redis) = &gauges.redis {
+        if let Some(redis) = &gauges.shared {
             metric(
                 "sidecast_redis_up",
                 "gauge",
@@ -320,7 +320,7 @@ mod tests {
             history_events: 0,
             history_bytes: 0,
             idempotency_keys: 0,
-            redis: None,
+            shared: None,
         });
         assert!(text.contains("# TYPE sidecast_connections gauge\nsidecast_connections 3\n"));
         assert!(text.contains("sidecast_channels 2\n"));
@@ -345,7 +345,7 @@ mod tests {
             history_events: 0,
             history_bytes: 0,
             idempotency_keys: 0,
-            redis: None,
+            shared: None,
         });
         let name = "sidecast_publish_write_latency_seconds";
         for (le, count) in [

@@ -102,7 +102,7 @@ mod tests {
             history_events: 3,
             history_bytes: 300,
             idempotency_keys: 0,
-            redis: None,
+            shared: None,
         }
     }
 

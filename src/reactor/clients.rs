@@ -99,7 +99,7 @@ impl Server {
                     connections: self.fanout.metrics().connections,
                     channels: self.fanout.active_channels(),
                     uptime_secs,
-                    redis: self.fanout.redis_state(),
+                    shared: self.fanout.gauges(uptime_secs).shared,
                 };
                 let status = if health.is_ok() {
                     "200 OK"

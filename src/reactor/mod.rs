@@ -50,13 +50,10 @@ use crate::auth::jwt::Verifier;
 use crate::auth::ratelimit::Rate;
 use crate::base::ids::ConnId;
 use crate::base::time::{Tick, TickSource};
-use crate::config::{Config, EngineKind, TIMER_TICK};
-use crate::engine::MemoryEngine;
-use crate::engine::history::HistoryLimits;
-use crate::engine::idempotency::IdempotencyLimits;
-use crate::engine::redis::{RedisEngine, RedisSettings};
+use crate::config::{Config, TIMER_TICK};
+use crate::engine;
 use crate::error::StartupError;
-use crate::fanout::{Fanout, SessionSettings};
+use crate::fanout::{Fanout, PublisherRef, SessionSettings};
 use crate::ops::stats::StatsFeed;
 use crate::publish::http::HttpRules;
 use crate::publish::port::PortRules;
@@ -77,8 +74,6 @@ const SHARED_READ_BUFFER: usize = 16 * 1024;
 const PUBLISH_READ_BUFFER: usize = 64 * 1024;
 /// Time between two housekeeping rounds: an engine sweep and a stats snapshot.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
-/// Time between two rounds of Redis upkeep (see `RedisEngine::tick`).
-const REDIS_TICK: Duration = Duration::from_millis(50);
 /// At most one log line about refused upgrades per this interval (see `RefusalLog`).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -91,8 +86,8 @@ enum TimerEvent {
     ResumeAccept,
     /// Once a second: the engine's sweep, the stats snapshot.
     Housekeeping,
-    /// Every `REDIS_TICK`: Redis reconnects, reply timeouts, lease renewals.
-    RedisTick,
+    /// The engine's own upkeep, when it asks for it (see `Engine::tick`).
+    EngineTick,
     /// The graceful shutdown's time is up.
     ShutdownDeadline,
 }
@@ -133,6 +128,7 @@ pub struct Server {
     publish_input: Box<[u8]>,
     expired: Vec<TimerEvent>,
     flushing: Vec<usize>,
+    completions: Vec<crate::fanout::Completion>,
 }
 
 impl Server {
@@ -179,17 +175,6 @@ impl Server {
             )),
             None => None,
         };
-        let history = HistoryLimits {
-            size: config.history_size,
-            max_bytes: config.history_max_bytes,
-            ttl_ticks: ticks.ticks_in(config.history_ttl),
-            quiet_channels: config.max_quiet_channels,
-        };
-        let idempotency = IdempotencyLimits {
-            limit: config.max_idempotency_keys,
-            window: ticks.ticks_in(config.idempotency_window),
-        };
-        let engine = MemoryEngine::new(history, idempotency);
         let settings = SessionSettings {
             instance: random_u32(),
             heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
@@ -209,43 +194,13 @@ impl Server {
             Tick(0).after(ticks.ticks_in(HOUSEKEEPING_INTERVAL)),
             TimerEvent::Housekeeping,
         );
-        let redis = match config.engine {
-            EngineKind::Memory => None,
-            EngineKind::Redis => {
-                let settings = RedisSettings {
-                    urls: config.redis_url.clone(),
-                    prefix: config.redis_prefix.clone(),
-                    node_id: config
-                        .node_id
-                        .clone()
-                        .unwrap_or_else(|| format!("{:08x}", random_u32())),
-                    history_size: config.history_size,
-                    history_ttl: config.history_ttl,
-                    idempotency_window: config.idempotency_window,
-                    timeout: config.redis_timeout,
-                    lease_ttl: config.user_lease_ttl,
-                    check_interval: config.redis_check_interval,
-                    max_in_flight: config.redis_max_in_flight,
-                    max_in_flight_bytes: config.redis_max_in_flight_bytes,
-                };
-                log::info!(
-                    "engine redis: {} as node {}",
-                    config
-                        .redis_url
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    settings.node_id
-                );
-                timers.insert(
-                    Tick(0).after(ticks.ticks_in(REDIS_TICK)),
-                    TimerEvent::RedisTick,
-                );
-                Some(Box::new(RedisEngine::new(settings, registry)?))
-            }
-        };
-        let fanout = Fanout::new(Box::new(engine), redis, auth, settings);
+        // The engine's sockets come back to it as `Source::Engine` events; its upkeep is an
+        // ordinary timer, first due at the first tick.
+        let token_of = |key| token::encode(Source::Engine(key));
+        let node_id = format!("{:08x}", random_u32());
+        let engine = engine::start(&config, registry, token_of, ticks, node_id)?;
+        timers.insert(Tick(1), TimerEvent::EngineTick);
+        let fanout = Fanout::new(engine, auth, settings);
         let stats = config
             .dashboard_enabled()
             .then(|| StatsFeed::new(fanout.metrics(), started));
@@ -290,6 +245,7 @@ impl Server {
             publish_input: vec![0; PUBLISH_READ_BUFFER].into_boxed_slice(),
             expired: Vec::new(),
             flushing: Vec::new(),
+            completions: Vec::new(),
         })
     }
 
@@ -380,13 +336,7 @@ impl Server {
                     }
                 }
                 Source::Publisher(key) => self.on_publisher_ready(key),
-                Source::Redis(key) => {
-                    if let Some(redis) = self.fanout.redis() {
-                        redis.on_ready(key);
-                    }
-                    // At once: a channel's position must not run ahead of its deliveries.
-                    self.apply_engine_answers();
-                }
+                Source::Engine(key) => self.fanout.engine_ready(key),
             }
         }
         self.fire_timers(now);
@@ -397,25 +347,23 @@ impl Server {
             }
         }
         self.flush_dirty(now);
-        if let Some(redis) = self.fanout.redis() {
-            redis.flush();
-        }
-        // A connection that failed while writing answered its requests as failed.
-        self.apply_engine_answers();
+        self.fanout.engine_flush();
+        self.complete_publishes();
         if self.shutting_down && self.fanout.clients().is_empty() && self.publishers.is_empty() {
             self.finished = true;
         }
         Ok(())
     }
 
-    /// What the shared engine just read or decided: deliveries, joins and leases through the
-    /// fan-out, then each publisher's answered commands, resuming those that waited. Called
-    /// right after every engine step that can produce answers, so that no client message is
-    /// judged against a channel position whose events are not delivered yet.
-    fn apply_engine_answers(&mut self) {
-        self.fanout.apply_happenings();
-        for completion in self.fanout.take_completions() {
-            let (key, serial) = completion.publisher;
+    /// Hands each publisher its commands the engine answered in this pass, resuming those
+    /// that waited: once per pass, after the engine's sockets were written.
+    fn complete_publishes(&mut self) {
+        let mut completions = std::mem::take(&mut self.completions);
+        self.fanout.take_completions(&mut completions);
+        for completion in completions.drain(..) {
+            let Some(PublisherRef { key, serial }) = completion.publisher else {
+                continue;
+            };
             if let Some(publisher) = self.publishers.get_mut(key)
                 && publisher.serial == serial
             {
@@ -423,13 +371,13 @@ impl Server {
                 self.on_publisher_ready(key);
             }
         }
+        self.completions = completions;
     }
 
     fn on_publisher_ready(&mut self, key: usize) {
         let Some(publisher) = self.publishers.get_mut(key) else {
             return;
         };
-        self.fanout.serve(key, publisher.serial);
         // Replies first: an HTTP publisher's next request waits for its last response.
         let mut flushed = publisher.flush();
         let status = if publisher.is_finished {
@@ -444,7 +392,12 @@ impl Server {
                     dapr: &self.config.dapr,
                 },
             };
-            publisher.read_and_execute(&rules, &mut self.publish_input, &mut self.fanout)
+            let from = PublisherRef {
+                key,
+                serial: publisher.serial,
+            };
+            let sink = &mut self.fanout.serving(Some(from));
+            publisher.read_and_execute(&rules, &mut self.publish_input, sink)
         };
         self.fanout.metrics_mut().publish_errors += std::mem::take(&mut publisher.errors);
         flushed = flushed.and_then(|()| publisher.flush());
@@ -493,13 +446,10 @@ impl Server {
                     self.accept_clients(now);
                 }
                 TimerEvent::Housekeeping => self.housekeeping(now),
-                TimerEvent::RedisTick => {
-                    if let Some(redis) = self.fanout.redis() {
-                        redis.tick(self.clock.now());
+                TimerEvent::EngineTick => {
+                    if let Some(next) = self.fanout.engine_tick(now) {
+                        self.timers.insert(next, TimerEvent::EngineTick);
                     }
-                    self.apply_engine_answers();
-                    let next = now.after(self.ticks.ticks_in(REDIS_TICK));
-                    self.timers.insert(next, TimerEvent::RedisTick);
                 }
                 TimerEvent::ShutdownDeadline => {
                     log::warn!(

@@ -3,7 +3,7 @@
 //!
 //! Singletons take fixed tokens below `FIRST_DYNAMIC`. Slab entries follow them, interleaved
 //! by kind: `Token(FIRST_DYNAMIC + key * 3 + kind)` with kind 0 for WebSocket clients, 1 for
-//! publishers and 2 for Redis connections, so each slab can use its own keys.
+//! publishers and 2 for engine sockets (Redis connections), so each slab can use its own keys.
 
 use mio::Token;
 
@@ -24,8 +24,8 @@ pub enum Source {
     Client(usize),
     /// A publish-port connection, by its key in the publisher slab.
     Publisher(usize),
-    /// A connection to a Redis node, by its shard key in the Redis engine.
-    Redis(usize),
+    /// A socket of the engine (a connection to a Redis node), by the engine's own key.
+    Engine(usize),
 }
 
 const FIRST_DYNAMIC: usize = 5;
@@ -42,7 +42,7 @@ pub fn encode(source: Source) -> Token {
         Source::PublishTcpListener => 4,
         Source::Client(key) => FIRST_DYNAMIC + key * KINDS,
         Source::Publisher(key) => FIRST_DYNAMIC + key * KINDS + 1,
-        Source::Redis(key) => FIRST_DYNAMIC + key * KINDS + 2,
+        Source::Engine(key) => FIRST_DYNAMIC + key * KINDS + 2,
     })
 }
 
@@ -59,7 +59,7 @@ pub fn decode(token: Token) -> Source {
             match (n - FIRST_DYNAMIC) % KINDS {
                 0 => Source::Client(key),
                 1 => Source::Publisher(key),
-                _ => Source::Redis(key),
+                _ => Source::Engine(key),
             }
         }
     }
@@ -82,8 +82,8 @@ mod tests {
             Source::Client(7),
             Source::Publisher(7),
             Source::Client(1 << 40),
-            Source::Redis(0),
-            Source::Redis(9),
+            Source::Engine(0),
+            Source::Engine(9),
         ];
         for source in sources {
             assert_eq!(decode(encode(source)), source);

@@ -11,13 +11,13 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::time::Instant;
 
 use bytes::BytesMut;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::resp::{self, Frame};
+use crate::base::time::Tick;
 
 /// What came in on a link.
 pub enum Incoming<T> {
@@ -45,7 +45,7 @@ pub struct Link<T> {
     connected: bool,
     output: BytesMut,
     input: BytesMut,
-    waiting: VecDeque<(T, Instant)>,
+    waiting: VecDeque<(T, Tick)>,
 }
 
 impl<T: Expected> Link<T> {
@@ -74,7 +74,7 @@ impl<T: Expected> Link<T> {
 
     /// Queues a command; `tag` says what its reply answers (`None` for a command answered
     /// by a push only, like `SSUBSCRIBE` in RESP3).
-    pub fn send(&mut self, args: &[&[u8]], tag: Option<T>, now: Instant) {
+    pub fn send(&mut self, args: &[&[u8]], tag: Option<T>, now: Tick) {
         self.write(args);
         if let Some(tag) = tag {
             self.expect(tag, now);
@@ -87,12 +87,12 @@ impl<T: Expected> Link<T> {
     }
 
     /// The command just written expects a reply, which answers `tag`.
-    pub fn expect(&mut self, tag: T, now: Instant) {
+    pub fn expect(&mut self, tag: T, now: Tick) {
         self.waiting.push_back((tag, now));
     }
 
     /// When the oldest command still waiting was sent.
-    pub fn oldest_wait(&self) -> Option<Instant> {
+    pub fn oldest_wait(&self) -> Option<Tick> {
         self.waiting.front().map(|(_, sent)| *sent)
     }
 

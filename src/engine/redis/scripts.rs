@@ -10,10 +10,31 @@
 //! <prefix>{user:<id>}:l        sorted set: the user's connections, member <node>:<conn>, score = lease expiry (ms)
 //! <prefix>{sidecast:all}       shard channel of broadcasts: "b<data>"
 //! ```
+//! The message kinds are named in [`tag`], the stream fields in [`field`].
 //!
 //! A channel's epoch is made by the first script that finds none (after a Redis that lost
 //! its data, or a channel idle past its lifetime), which also deletes any stream left from an
 //! earlier epoch, so stream ids only grow within an epoch.
+
+/// The first byte of a shard-channel message: what it is.
+pub mod tag {
+    /// An event: `e<seq>:<epoch>:<data>`.
+    pub const EVENT: u8 = b'e';
+    /// A `{"user":...}` event, which the user's connections receive too: `u<seq>:<epoch>:<data>`.
+    pub const USER_EVENT: u8 = b'u';
+    /// A broadcast, on the broadcast channel: `b<data>`.
+    pub const BROADCAST: u8 = b'b';
+    /// A `disconnect` of the user whose channel it is: `d`.
+    pub const DISCONNECT: u8 = b'd';
+}
+
+/// The fields of a stream entry (the scripts write them as `'k'` and `'d'`).
+pub mod field {
+    /// The entry's kind, a [`tag`](super::tag) byte (`e` or `u`).
+    pub const KIND: &str = "k";
+    /// The event's data.
+    pub const DATA: &str = "d";
+}
 
 /// Assigns the next seq, appends the event to the stream and publishes it, atomically; with
 /// an idempotency key, a key already used answers with the first publish instead.

@@ -18,18 +18,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
-
-/// One event of a channel, as published.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    /// Its seq.
-    pub seq: u64,
-    /// A `{"user":...}` publish: the user's connections receive it too.
-    pub to_user: bool,
-    /// The event's `data`, valid JSON.
-    pub data: Bytes,
-}
+use crate::engine::Entry;
 
 /// What the channel's subscribers get next.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,6 +199,8 @@ impl Sequencer {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     fn entry(seq: u64) -> Entry {

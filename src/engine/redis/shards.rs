@@ -1,39 +1,133 @@
-//! The Redis engine's connections: one shard per master, found from the seeds and the slot
-//! map, connected with backoff, and on each (re)connect subscribed to every watched channel it
-//! owns, with a read of what each missed. Also how calls are written (`EVALSHA`, `EVAL`
-//! after `NOSCRIPT`, `ASKING` after `ASK`) and what becomes of the requests of a connection
-//! that fails.
+//! The Redis engine's connections: one [`Shard`] per master (or the standalone Redis), found
+//! from the seed URLs and the slot map, each connected with backoff, and how calls are written
+//! to them (`EVALSHA`, `EVAL` after `NOSCRIPT`, `ASKING` after `ASK`).
+//!
+//! Invariants: a shard is `up` only while its link answered `HELLO`; `subscribed` is false
+//! from each (re)connect until the engine has subscribed the shard's channels on it under the
+//! current map; a shard whose link is gone has a `retry_at`, or is retired; time is the
+//! reactor's `Tick`, passed in.
 
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
-use bytes::Bytes;
+use mio::Registry;
+use slab::Slab;
 
+use super::calls::{Call, Purpose, Request};
 use super::cluster::SlotMap;
 use super::link::Link;
 use super::resp::{self, Frame};
-use super::scripts::{Keys, Script};
-use super::{
-    BROADCAST_CHANNEL, CHECKS_PER_TICK, Call, Happening, MAP_RETRY, MAX_BACKOFF, MIN_BACKOFF,
-    Purpose, RENEW, Read, RedisEngine, Request, Shard, Unavailable, millis, number,
-    send_subscription,
-};
-use crate::base::channel::user_channel;
+use super::scripts::Script;
+use crate::base::time::{Tick, TickSource};
 use crate::config::RedisUrl;
-use crate::reactor::token::{self, Source};
+use crate::engine::TokenOf;
 
-impl RedisEngine {
-    pub(super) fn shard_for_addr(&mut self, addr: &str) -> usize {
+/// First wait after a connection fails.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Least time between two reads of the slot map while a shard that is up has not taken its
+/// channels (its map answer was not usable).
+const MAP_RETRY: Duration = Duration::from_secs(1);
+
+/// One master (or the standalone Redis).
+pub(super) struct Shard {
+    pub addr: String,
+    pub link: Option<Link<Request>>,
+    /// `HELLO` answered: commands may be sent.
+    pub up: bool,
+    /// Every watched channel this shard owns was subscribed on its current connection,
+    /// under the current slot map.
+    pub subscribed: bool,
+    /// The wait before the next attempt, in ticks.
+    backoff: u64,
+    retry_at: Option<Tick>,
+}
+
+/// What a slot-map answer changed.
+pub(super) enum MapAnswer {
+    /// Not a usable map (a cluster still electing): asked again later.
+    Unusable,
+    /// The map, new or the same as before.
+    Read {
+        /// It differs from the one known.
+        changed: bool,
+    },
+}
+
+/// The connections to Redis.
+pub(super) struct Shards {
+    urls: Vec<RedisUrl>,
+    /// `CLIENT SETNAME`.
+    name: String,
+    registry: Registry,
+    token_of: TokenOf,
+    list: Slab<Shard>,
+    by_addr: HashMap<String, usize>,
+    map: Option<SlotMap>,
+    /// Which seed to try next while no map is known.
+    next_seed: usize,
+    shas: [Option<Box<str>>; 3],
+    jitter: RandomState,
+    min_backoff: u64,
+    max_backoff: u64,
+    map_retry: u64,
+    next_map_retry: Tick,
+    /// Shards no longer in the slot map, removed once the read in progress is over.
+    retired: Vec<usize>,
+    /// Connections lost since the start.
+    pub disconnects: u64,
+}
+
+impl Shards {
+    /// No connection yet; [`start`](Shards::start) makes the first.
+    pub fn new(
+        urls: Vec<RedisUrl>,
+        node_id: &str,
+        registry: Registry,
+        token_of: TokenOf,
+        ticks: TickSource,
+    ) -> Shards {
+        Shards {
+            urls,
+            name: format!("sidecast-{node_id}"),
+            registry,
+            token_of,
+            list: Slab::new(),
+            by_addr: HashMap::new(),
+            map: None,
+            next_seed: 0,
+            shas: [None, None, None],
+            jitter: RandomState::new(),
+            min_backoff: ticks.ticks_in(MIN_BACKOFF),
+            max_backoff: ticks.ticks_in(MAX_BACKOFF),
+            map_retry: ticks.ticks_in(MAP_RETRY),
+            next_map_retry: Tick(0),
+            retired: Vec::new(),
+            disconnects: 0,
+        }
+    }
+
+    /// Starts connecting to the first seed.
+    pub fn start(&mut self, now: Tick) {
+        let seed = self.urls[0].host_port.clone();
+        let key = self.key_of(&seed);
+        self.connect(key, now);
+    }
+
+    /// The shard at `addr`, made (not connected) if it is new.
+    pub fn key_of(&mut self, addr: &str) -> usize {
         if let Some(&key) = self.by_addr.get(addr) {
             return key;
         }
-        let key = self.shards.insert(Shard {
+        let key = self.list.insert(Shard {
             addr: addr.to_string(),
             link: None,
             up: false,
             subscribed: false,
-            backoff: MIN_BACKOFF,
+            backoff: self.min_backoff,
             retry_at: None,
         });
         self.by_addr.insert(addr.to_string(), key);
@@ -41,40 +135,82 @@ impl RedisEngine {
     }
 
     /// The shard that owns `slot`, when its connection is up.
-    pub(super) fn up_shard(&self, slot: u16) -> Option<usize> {
+    pub fn up(&self, slot: u16) -> Option<usize> {
         let owner = self.map.as_ref()?.owner(slot);
         let key = *self.by_addr.get(owner)?;
-        self.shards[key].up.then_some(key)
+        self.list[key].up.then_some(key)
+    }
+
+    /// The link of the shard that owns `slot`, when it is up.
+    pub fn up_link(&mut self, slot: u16) -> Option<(usize, &mut Link<Request>)> {
+        let key = self.up(slot)?;
+        Some((key, self.link(key)))
+    }
+
+    /// Shard `key`'s link, which is up.
+    pub fn link(&mut self, key: usize) -> &mut Link<Request> {
+        self.list[key]
+            .link
+            .as_mut()
+            .expect("an up shard has a link")
+    }
+
+    pub fn get(&self, key: usize) -> Option<&Shard> {
+        self.list.get(key)
+    }
+
+    pub fn get_mut(&mut self, key: usize) -> Option<&mut Shard> {
+        self.list.get_mut(key)
+    }
+
+    /// Keys of the shards for which `keep` holds.
+    pub fn keys(&self, keep: impl Fn(&Shard) -> bool) -> Vec<usize> {
+        let shards = self.list.iter();
+        shards.filter(|(_, s)| keep(s)).map(|(k, _)| k).collect()
+    }
+
+    /// Shards known, and how many are up.
+    pub fn counts(&self) -> (usize, usize) {
+        let up = self.list.iter().filter(|(_, s)| s.up).count();
+        (self.list.len(), up)
+    }
+
+    /// Whether the slot map is known.
+    pub fn has_map(&self) -> bool {
+        self.map.is_some()
+    }
+
+    fn is_cluster(&self) -> bool {
+        self.map.as_ref().is_some_and(SlotMap::is_cluster)
     }
 
     /// The URL (and so the credentials) to use for `addr`: a seed's own, or the first seed's
     /// for a node the cluster named.
-    pub(super) fn url_for(&self, addr: &str) -> &RedisUrl {
-        let urls = &self.settings.urls;
+    fn url_for(&self, addr: &str) -> &RedisUrl {
+        let urls = &self.urls;
         urls.iter()
             .find(|u| u.host_port == addr)
             .unwrap_or(&urls[0])
     }
 
-    pub(super) fn connect(&mut self, key: usize, now: Instant) {
-        let addr = self.shards[key].addr.clone();
-        let token = token::encode(Source::Redis(key));
-        match Link::connect(&addr, &self.registry, token) {
+    /// Opens shard `key`'s connection: `HELLO 3` (with `AUTH`), `SETNAME`, the scripts.
+    pub fn connect(&mut self, key: usize, now: Tick) {
+        let addr = self.list[key].addr.clone();
+        match Link::connect(&addr, &self.registry, (self.token_of)(key)) {
             Ok(mut link) => {
                 let url = self.url_for(&addr);
-                let name = format!("sidecast-{}", self.settings.node_id);
                 let mut hello: Vec<&[u8]> = vec![b"HELLO", b"3"];
                 if let (Some(user), Some(password)) = (&url.user, &url.password) {
                     hello.extend([b"AUTH".as_slice(), user.as_bytes(), password.as_bytes()]);
                 }
-                hello.extend([b"SETNAME".as_slice(), name.as_bytes()]);
+                hello.extend([b"SETNAME".as_slice(), self.name.as_bytes()]);
                 link.send(&hello, Some(Request::Hello), now);
                 for script in [Script::Publish, Script::Read, Script::Lease] {
                     let args: [&[u8]; 3] = [b"SCRIPT", b"LOAD", script.source().as_bytes()];
                     link.send(&args, Some(Request::Load(script)), now);
                 }
-                self.shards[key].link = Some(link);
-                self.shards[key].retry_at = None;
+                self.list[key].link = Some(link);
+                self.list[key].retry_at = None;
             }
             Err(e) => {
                 log::warn!("redis {addr}: cannot connect: {e}");
@@ -83,166 +219,96 @@ impl RedisEngine {
         }
     }
 
-    pub(super) fn schedule_retry(&mut self, key: usize, now: Instant) {
-        let shard = &mut self.shards[key];
-        // Full jitter over the upper half, so nodes that lost Redis together spread out.
-        let jitter = self.epoch_seed.hash_one(now) % 1000;
-        let wait = shard.backoff / 2 + shard.backoff.mul_f64(jitter as f64 / 2000.0);
-        shard.retry_at = Some(now + wait);
-        shard.backoff = (shard.backoff * 2).min(MAX_BACKOFF);
+    /// Connects shard `key` unless it is connected or waiting for its retry.
+    pub fn ensure_connecting(&mut self, key: usize, now: Tick) {
+        let shard = &self.list[key];
+        if shard.link.is_none() && shard.retry_at.is_none() {
+            self.connect(key, now);
+        }
+    }
+
+    /// The next attempt after a backoff: doubling from `MIN_BACKOFF` to `MAX_BACKOFF`, full
+    /// jitter over its upper half, so nodes that lost Redis together spread out.
+    pub fn schedule_retry(&mut self, key: usize, now: Tick) {
+        let jitter = self.jitter.hash_one(now) % 1000;
+        let shard = &mut self.list[key];
+        let wait = shard.backoff / 2 + shard.backoff * jitter / 2000;
+        shard.retry_at = Some(now.after(wait.max(1)));
+        shard.backoff = (shard.backoff * 2).min(self.max_backoff);
         if self.map.is_none() {
             // No map yet: try the next seed.
-            self.next_seed = (self.next_seed + 1) % self.settings.urls.len();
-            let seed = self.settings.urls[self.next_seed].host_port.clone();
-            if seed != self.shards[key].addr {
-                self.by_addr.remove(&self.shards[key].addr);
+            self.next_seed = (self.next_seed + 1) % self.urls.len();
+            let seed = self.urls[self.next_seed].host_port.clone();
+            if seed != self.list[key].addr {
+                self.by_addr.remove(&self.list[key].addr);
                 self.by_addr.insert(seed.clone(), key);
-                self.shards[key].addr = seed;
+                self.list[key].addr = seed;
             }
         }
     }
 
-    /// Shard `key`'s connection failed: every request on it is answered as failed or kept
-    /// for the heal, and it reconnects after a backoff.
-    pub(super) fn fail(&mut self, key: usize, why: &str) {
-        let Some(link) = self.shards[key].link.take() else {
-            return;
+    /// Shard `key`'s connection failed: closes it (returning what waited for a reply, in
+    /// send order) and schedules the next attempt; re-reads a cluster's map, which a
+    /// failover may have changed.
+    pub fn fail(&mut self, key: usize, why: &str, now: Tick) -> Vec<Request> {
+        let Some(link) = self.list[key].link.take() else {
+            return Vec::new();
         };
-        let was_up = std::mem::replace(&mut self.shards[key].up, false);
-        self.lost_subscriptions(key);
-        if was_up {
+        let shard = &mut self.list[key];
+        shard.subscribed = false;
+        if std::mem::replace(&mut shard.up, false) {
             self.disconnects += 1;
             log::warn!("redis {}: connection lost: {why}", link.addr);
         } else {
             // Retries of a connection that never came up: one line per attempt at debug.
             log::debug!("redis {}: cannot connect: {why}", link.addr);
         }
-        for request in link.close(&self.registry).collect::<Vec<_>>() {
-            if let Request::Call(_, purpose) = request {
-                self.abandon(purpose);
-            }
+        let waiting = link.close(&self.registry).collect();
+        self.schedule_retry(key, now);
+        if self.is_cluster() {
+            self.refresh_map(now);
         }
-        self.schedule_retry(key, Instant::now());
-        if self.map.as_ref().is_some_and(SlotMap::is_cluster) {
-            // A failover may have moved its slots: read the map again from another node.
-            self.refresh_map();
-        }
+        waiting
     }
 
-    /// A request whose connection failed before it was answered.
-    pub(super) fn abandon(&mut self, purpose: Purpose) {
-        match purpose {
-            Purpose::Publish { op, part, bytes } => {
-                self.end_flight(bytes);
-                self.out.push(Happening::Done {
-                    op,
-                    part,
-                    result: Err(Unavailable),
-                });
-            }
-            Purpose::Signal { op, bytes } => {
-                self.end_flight(bytes);
-                self.out.push(Happening::Done {
-                    op,
-                    part: 0,
-                    result: Err(Unavailable),
-                });
-            }
-            Purpose::Read { channel, read } => {
-                if let Some(watched) = self.channels.get_mut(&channel) {
-                    match read {
-                        Read::Join(conn, since) => watched.queued.push((conn, since)),
-                        Read::Sync | Read::Check => watched.order.abandon_sync(),
-                    }
-                }
-            }
-            // Admitted on this node's count; the lease is taken again on heal.
-            Purpose::Lease { conn, fresh } => {
-                if fresh && self.leases.contains_key(&conn) {
-                    self.out.push(Happening::LeaseGranted(conn));
-                }
-            }
-        }
-    }
-
-    /// A `MOVED`: `slot` lives on `addr` now; connects to it if it is new.
-    pub(super) fn moved(&mut self, slot: u16, addr: &str) {
-        if let Some(map) = &mut self.map {
-            map.moved(slot, addr);
-        }
-        let target = self.shard_for_addr(addr);
-        if self.shards[target].link.is_none() && self.shards[target].retry_at.is_none() {
-            self.connect(target, Instant::now());
-        }
-    }
-
-    /// Subscribes again, where the map says, to a channel whose subscription was lost to a
-    /// slot move (a wrong guess is answered `MOVED`, which corrects the map and comes back
-    /// here).
-    pub(super) fn follow_subscription(&mut self, channel: &str) {
-        if channel == BROADCAST_CHANNEL {
-            if let Some(shard) = self.up_shard(self.broadcast.slot()) {
-                let link = self.shards[shard].link.as_mut().expect("up");
-                send_subscription(link, "ssubscribe", &self.broadcast.shard_channel);
-            }
-            return;
-        }
-        let Some(name) = self
-            .channels
-            .get_key_value(channel)
-            .map(|(n, _)| Arc::clone(n))
-        else {
-            return;
-        };
-        if let Some(watched) = self.channels.get_mut(channel) {
-            watched.order.abandon_sync();
-            watched.subscribed_on = None;
-        }
-        self.subscribe(&name);
-    }
-
-    pub(super) fn refresh_map(&mut self) {
-        if let Some((_, shard)) = self.shards.iter_mut().find(|(_, s)| s.up) {
-            let args: [&[u8]; 2] = [b"CLUSTER", b"SLOTS"];
-            let link = shard.link.as_mut().expect("up");
-            link.send(&args, Some(Request::Slots), Instant::now());
-        }
-    }
-
-    /// Shard `key`'s connection is gone: the channels subscribed on it are subscribed
-    /// nowhere until it, or their slot's new owner, takes them again.
-    fn lost_subscriptions(&mut self, key: usize) {
-        self.shards[key].subscribed = false;
-        for watched in self.channels.values_mut() {
-            if watched.subscribed_on == Some(key) {
-                watched.subscribed_on = None;
-            }
-        }
-    }
-
-    /// Shard `key` answered `HELLO`. It takes its channels now (standalone) or once the slot
-    /// map says which are its own (cluster): whether this is its first connection, a
-    /// reconnect, a replica just promoted or a new owner, and whether or not the map changed.
-    pub(super) fn on_up(&mut self, key: usize) {
-        let shard = &mut self.shards[key];
+    /// Shard `key` answered `HELLO`: it is up, and reads the slot map when there may be one.
+    /// Returns true when it can take its channels now (a standalone Redis); a cluster's
+    /// shard takes them once the map answers.
+    pub fn on_up(&mut self, key: usize, now: Tick) -> bool {
+        let shard = &mut self.list[key];
         shard.up = true;
-        shard.backoff = MIN_BACKOFF;
+        shard.backoff = self.min_backoff;
         log::info!("redis {}: connected", shard.addr);
-        if self.map.is_none() || self.map.as_ref().is_some_and(SlotMap::is_cluster) {
+        if self.map.is_none() || self.is_cluster() {
             let args: [&[u8]; 2] = [b"CLUSTER", b"SLOTS"];
-            let link = shard.link.as_mut().expect("up");
-            let now = Instant::now();
-            link.send(&args, Some(Request::Slots), now);
-            self.next_map_retry = now + MAP_RETRY;
-        } else {
-            self.resubscribe(key);
+            self.link(key).send(&args, Some(Request::Slots), now);
+            self.next_map_retry = now.after(self.map_retry);
+            return false;
+        }
+        true
+    }
+
+    /// Asks an up shard for the slot map.
+    pub fn refresh_map(&mut self, now: Tick) {
+        if let Some(key) = self.list.iter().find(|(_, s)| s.up).map(|(k, _)| k) {
+            let args: [&[u8]; 2] = [b"CLUSTER", b"SLOTS"];
+            self.link(key).send(&args, Some(Request::Slots), now);
         }
     }
 
-    /// A `CLUSTER SLOTS` answer from shard `key`: a map (or, from a standalone Redis, an
-    /// error); connects to new masters and resubscribes channels whose owner changed.
-    pub(super) fn on_slots(&mut self, key: usize, frame: &Frame) {
-        let addr = self.shards[key].addr.clone();
+    /// Asks for the map again, at most once per `MAP_RETRY`, while a shard that is up has not
+    /// taken its channels (its map answer was unusable).
+    pub fn retry_map(&mut self, now: Tick) {
+        if now >= self.next_map_retry && self.list.iter().any(|(_, s)| s.up && !s.subscribed) {
+            self.next_map_retry = now.after(self.map_retry);
+            self.refresh_map(now);
+        }
+    }
+
+    /// A `CLUSTER SLOTS` answer from shard `key` (from a standalone Redis, an error): keeps
+    /// the map, connects to new masters, retires shards that are no longer masters.
+    pub fn on_slots(&mut self, key: usize, frame: &Frame, now: Tick) -> MapAnswer {
+        let addr = self.list[key].addr.clone();
         let seed_host = addr.rsplit_once(':').map_or("", |(host, _)| host);
         let map = match resp::error_text(frame) {
             Some(_) => SlotMap::standalone(&addr),
@@ -250,162 +316,95 @@ impl RedisEngine {
                 Some(map) => map,
                 None => {
                     log::warn!("redis {addr}: the cluster does not serve every slot yet");
-                    return;
+                    return MapAnswer::Unusable;
                 }
             },
         };
         let old = self.map.replace(map.clone());
-        // Shards that are no longer masters (a failover, a seed that is a replica) go.
-        let gone: Vec<usize> = self
-            .shards
-            .iter()
-            .filter(|(_, s)| !map.masters.contains(&s.addr))
-            .map(|(k, _)| k)
-            .collect();
-        for key in gone {
-            self.by_addr.remove(&self.shards[key].addr);
-            self.lost_subscriptions(key);
-            self.retired.push(key);
+        for gone in self.keys(|s| !map.masters.contains(&s.addr)) {
+            self.by_addr.remove(&self.list[gone].addr);
+            self.retired.push(gone);
         }
         for master in &map.masters {
-            let shard = self.shard_for_addr(master);
-            if self.shards[shard].link.is_none() && self.shards[shard].retry_at.is_none() {
-                self.connect(shard, Instant::now());
-            }
+            let shard = self.key_of(master);
+            self.ensure_connecting(shard, now);
         }
         let changed = old.as_ref() != Some(&map);
         if changed && old.is_none() {
-            log::info!(
-                "redis: {} serving {} master(s)",
-                if map.is_cluster() {
-                    "cluster"
-                } else {
-                    "standalone"
-                },
-                map.masters.len()
-            );
-        }
-        // A new map: every up shard takes the channels it now owns (those it owned already
-        // resync, which costs a read and finds nothing). The same map: the shards that came
-        // up since take theirs.
-        let up: Vec<usize> = self
-            .shards
-            .iter()
-            .filter(|(_, s)| s.up && (changed || !s.subscribed))
-            .map(|(k, _)| k)
-            .collect();
-        for shard in up {
-            self.resubscribe(shard);
-        }
-    }
-
-    /// Subscribes shard `key` to every watched channel it owns (and to broadcasts if it owns
-    /// that channel), reads what each missed, sends queued joins and takes leases again.
-    pub(super) fn resubscribe(&mut self, key: usize) {
-        self.shards[key].subscribed = true;
-        let owned = |engine: &RedisEngine, slot: u16| engine.up_shard(slot) == Some(key);
-        let names: Vec<Arc<str>> = self
-            .channels
-            .iter()
-            .filter(|(_, w)| owned(self, w.keys.slot()))
-            .map(|(name, _)| Arc::clone(name))
-            .collect();
-        for name in names {
-            self.subscribe(&name);
-        }
-        if owned(self, self.broadcast.slot()) {
-            let link = self.shards[key].link.as_mut().expect("up");
-            send_subscription(link, "ssubscribe", &self.broadcast.shard_channel);
-        }
-        for (conn, user) in self.held_leases() {
-            let slot = Keys::of(&self.settings.prefix, &user_channel(&user)).slot();
-            if owned(self, slot) {
-                self.send_lease(&user, conn, Bytes::from_static(RENEW), false);
-            }
-        }
-    }
-
-    /// `SSUBSCRIBE` to a watched channel on its shard, a read of what it missed, and the joins
-    /// that waited; nothing while the shard is down (its heal does this).
-    pub(super) fn subscribe(&mut self, name: &Arc<str>) {
-        let Some(shard) = self.up_shard(self.channels[name].keys.slot()) else {
-            return;
-        };
-        let watched = self.channels.get_mut(name).expect("watched");
-        let link = self.shards[shard].link.as_mut().expect("up");
-        send_subscription(link, "ssubscribe", &watched.keys.shard_channel);
-        watched.subscribed_on = Some(shard);
-        let sync = watched.order.resync();
-        let queued = std::mem::take(&mut watched.queued);
-        if sync.is_some() {
-            self.send_read(shard, name, Read::Sync);
-        }
-        for (conn, since) in queued {
-            self.send_read(shard, name, Read::Join(conn, since));
-        }
-    }
-
-    /// The periodic position check: every `check_interval`, each watched channel whose
-    /// subscription is up reads where it stands in Redis, at most [`CHECKS_PER_TICK`] per
-    /// tick. What the read fills is counted as a repair (see `on_read`).
-    pub(super) fn check_positions(&mut self, now: Instant) {
-        if now >= self.next_check {
-            self.next_check = now + self.settings.check_interval;
-            self.to_check = self.channels.keys().cloned().collect();
-        }
-        let start = self.to_check.len().saturating_sub(CHECKS_PER_TICK);
-        for name in self.to_check.split_off(start) {
-            let Some(watched) = self.channels.get_mut(&name) else {
-                continue; // unwatched since
+            let kind = if map.is_cluster() {
+                "cluster"
+            } else {
+                "standalone"
             };
-            let Some(shard) = watched.subscribed_on.filter(|&s| self.shards[s].up) else {
-                continue; // its resubscription reads anyway
-            };
-            if watched.order.position().is_some() && watched.order.resync().is_some() {
-                self.send_read(shard, &name, Read::Check);
-            }
+            log::info!("redis: {kind} serving {} master(s)", map.masters.len());
+        }
+        MapAnswer::Read { changed }
+    }
+
+    /// A `MOVED`: `slot` lives on `addr` now; connects to it if it is new.
+    pub fn moved(&mut self, slot: u16, addr: &str, now: Tick) {
+        if let Some(map) = &mut self.map {
+            map.moved(slot, addr);
+        }
+        let target = self.key_of(addr);
+        self.ensure_connecting(target, now);
+    }
+
+    /// Removes the shards a new slot map left out; returns their keys and what still waited
+    /// on them.
+    pub fn remove_retired(&mut self) -> Vec<(usize, Vec<Request>)> {
+        let mut removed = Vec::new();
+        for key in std::mem::take(&mut self.retired) {
+            let shard = self.list.remove(key);
+            log::info!("redis {}: no longer a master; disconnected", shard.addr);
+            let waiting = shard.link.map(|link| link.close(&self.registry).collect());
+            removed.push((key, waiting.unwrap_or_default()));
+        }
+        removed
+    }
+
+    /// Shards whose oldest request has waited longer than `timeout` ticks.
+    pub fn stalled(&self, now: Tick, timeout: u64) -> Vec<usize> {
+        self.keys(|s| {
+            s.link
+                .as_ref()
+                .and_then(Link::oldest_wait)
+                .is_some_and(|sent| now.since(sent) > timeout)
+        })
+    }
+
+    /// Reconnects the shards whose backoff is over.
+    pub fn reconnect_due(&mut self, now: Tick) {
+        for key in self.keys(|s| s.link.is_none() && s.retry_at.is_some_and(|at| at <= now)) {
+            self.connect(key, now);
         }
     }
 
-    pub(super) fn send_read(&mut self, shard: usize, name: &Arc<str>, read: Read) {
-        let watched = &self.channels[name];
-        // Who already delivered events reads a newer epoch from its start; the first read
-        // of a channel, and a subscribe without `since`, only learn where it stands.
-        let (epoch, since, from_start) = match &read {
-            Read::Join(_, Some(since)) => (since.epoch.clone(), since.seq, true),
-            Read::Join(_, None) => (String::new(), 0, false),
-            Read::Sync | Read::Check => match watched.order.position() {
-                Some((seq, epoch)) => (epoch.to_string(), seq, true),
-                None => (String::new(), 0, false),
-            },
-        };
-        let keys = &watched.keys;
-        let script_keys = vec![keys.meta().into(), keys.stream().into()];
-        let args = [
-            Bytes::from(self.new_epoch()),
-            millis(self.settings.meta_ttl()),
-            epoch.into(),
-            number(since),
-            number(self.settings.history_size.max(1) as u64),
-            Bytes::from_static(if from_start { b"1" } else { b"0" }),
-        ];
-        let call = Call::script(Script::Read, script_keys, args);
-        let purpose = Purpose::Read {
-            channel: Arc::clone(name),
-            read,
-        };
-        self.send_call(shard, call, purpose);
+    /// Writes every connection's queued commands; returns those that failed.
+    pub fn flush(&mut self) -> Vec<(usize, String)> {
+        let shards = self.list.iter_mut();
+        shards
+            .filter_map(|(key, shard)| match shard.link.as_mut()?.flush() {
+                Ok(()) => None,
+                Err(why) => Some((key, why)),
+            })
+            .collect()
     }
 
-    pub(super) fn send_call(&mut self, shard: usize, call: Call, purpose: Purpose) {
-        self.write_call(shard, &call, false);
-        let link = self.shards[shard].link.as_mut().expect("up");
-        link.expect(Request::Call(call, purpose), Instant::now());
+    /// A script's SHA1, answered to `SCRIPT LOAD`.
+    pub fn loaded(&mut self, script: Script, sha: &str) {
+        self.shas[script as usize] = Some(sha.into());
     }
 
-    /// Queues `call` on `shard` as `EVALSHA` (or `EVAL` when the script's SHA1 is not known
-    /// or `eval` is asked), preceded by `ASKING` after an `ASK`; the caller adds its tag.
-    pub(super) fn write_call(&mut self, shard: usize, call: &Call, eval: bool) {
+    /// Sends `call` on `key` and keeps it, with its purpose, for the reply.
+    pub fn send_call(&mut self, key: usize, call: Call, purpose: Purpose, now: Tick) {
+        self.write_call(key, &call, false, now);
+        self.link(key).expect(Request::Call(call, purpose), now);
+    }
+
+    /// Queues `call` on `key` as `EVALSHA` (or `EVAL` when the script's SHA1 is not known or
+    /// `eval` is asked), preceded by `ASKING` after an `ASK`; the caller adds its tag.
+    pub fn write_call(&mut self, key: usize, call: &Call, eval: bool, now: Tick) {
         let keys = call.keys.to_string();
         let mut args: Vec<&[u8]> = Vec::with_capacity(call.args.len() + 3);
         if let Some(script) = call.script {
@@ -415,15 +414,68 @@ impl RedisEngine {
             }
             args.push(keys.as_bytes());
         }
-        args.extend(call.args.iter().map(|a| a.as_ref()));
-        let link = self.shards[shard].link.as_mut().expect("up");
+        args.extend(call.args.iter().map(AsRef::as_ref));
+        let link = self.list[key]
+            .link
+            .as_mut()
+            .expect("an up shard has a link");
         if call.asking {
-            link.send(
-                &[b"ASKING".as_slice()],
-                Some(Request::Ignore),
-                Instant::now(),
-            );
+            link.send(&[b"ASKING".as_slice()], Some(Request::Ignore), now);
         }
         link.write(&args);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn shards() -> Shards {
+        let poll = mio::Poll::new().unwrap();
+        let registry = poll.registry().try_clone().unwrap();
+        let url = "redis://127.0.0.1:1".parse().unwrap();
+        let ticks = TickSource::new(Instant::now(), Duration::from_millis(10));
+        Shards::new(vec![url], "n", registry, mio::Token, ticks)
+    }
+
+    #[test]
+    fn retries_back_off_from_100ms_doubling_to_5s_with_jitter_in_the_upper_half() {
+        let mut shards = shards();
+        let key = shards.key_of("127.0.0.1:1");
+        let mut now = Tick(1000);
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            shards.schedule_retry(key, now);
+            let at = shards.get(key).unwrap().retry_at.unwrap();
+            waits.push(at.since(now));
+            now = at;
+        }
+        // 10 ticks of 10 ms, then 20, 40, ... up to 500; each wait in [backoff/2, backoff].
+        let backoffs = [10, 20, 40, 80, 160, 320, 500, 500, 500, 500];
+        for (wait, backoff) in waits.iter().zip(backoffs) {
+            assert!(
+                (backoff / 2..=backoff).contains(wait),
+                "{waits:?}: {wait} outside [{}, {backoff}]",
+                backoff / 2
+            );
+        }
+        shards.connect(key, now);
+        shards.on_up(key, now);
+        assert_eq!(shards.get(key).unwrap().backoff, 10, "reset once up");
+    }
+
+    #[test]
+    fn a_request_older_than_the_timeout_stalls_its_shard() {
+        let mut shards = shards();
+        let key = shards.key_of("127.0.0.1:1");
+        assert!(shards.stalled(Tick(0), 200).is_empty(), "no link");
+        shards.connect(key, Tick(5));
+        assert!(
+            shards.stalled(Tick(205), 200).is_empty(),
+            "200 ticks: not yet"
+        );
+        assert_eq!(shards.stalled(Tick(206), 200), [key]);
     }
 }

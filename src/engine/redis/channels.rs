@@ -1,0 +1,435 @@
+//! The channels a node watches: subscribing each on the shard that owns its slot (on first
+//! interest, and again whenever that shard comes up or the map moves it), reading its stream
+//! to fill what it missed, the joins that wait for such a read, and the periodic position
+//! check.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::calls::{Call, Purpose, Read, Request};
+use super::resp::{self, Frame};
+use super::scripts::{Keys, Script};
+use super::sequencer::{Sequencer, Step};
+use super::shards::MapAnswer;
+use super::{BROADCAST_CHANNEL, CHECKS_PER_TICK, RENEW, RedisEngine, Watched, millis, number};
+use crate::base::channel::{Since, user_channel};
+use crate::base::ids::ConnId;
+use crate::base::time::Tick;
+use crate::engine::{Entry, Happening, Joined, Replay};
+
+impl RedisEngine {
+    /// A new reason to watch `channel` (a first local subscriber, or a user's first connection
+    /// for `user:<id>`): subscribes to it on first interest.
+    pub(super) fn watch_shared(&mut self, channel: &str, now: Tick) {
+        if let Some(watched) = self.channels.get_mut(channel) {
+            watched.interest += 1;
+            return;
+        }
+        let name: Arc<str> = channel.into();
+        let watched = Watched {
+            keys: Keys::of(&self.settings.prefix, channel),
+            interest: 1,
+            order: Sequencer::default(),
+            queued: Vec::new(),
+            subscribed_on: None,
+        };
+        self.channels.insert(Arc::clone(&name), watched);
+        self.subscribe(&name, now);
+    }
+
+    /// One reason to watch `channel` is gone; the last unsubscribes.
+    pub(super) fn unwatch_shared(&mut self, channel: &str, now: Tick) {
+        let Some(watched) = self.channels.get_mut(channel) else {
+            return;
+        };
+        watched.interest -= 1;
+        if watched.interest > 0 {
+            return;
+        }
+        let watched = self.channels.remove(channel).expect("watched");
+        if let Some((_, link)) = self.shards.up_link(watched.keys.slot()) {
+            send_subscription(link, "sunsubscribe", &watched.keys.shard_channel, now);
+        }
+    }
+
+    /// `SSUBSCRIBE` to a watched channel on its shard, a read of what it missed, and the joins
+    /// that waited; nothing while the shard is down (its heal does this).
+    pub(super) fn subscribe(&mut self, name: &Arc<str>, now: Tick) {
+        let Some((shard, link)) = self.shards.up_link(self.channels[name].keys.slot()) else {
+            return;
+        };
+        let watched = self.channels.get_mut(name).expect("watched");
+        send_subscription(link, "ssubscribe", &watched.keys.shard_channel, now);
+        watched.subscribed_on = Some(shard);
+        let sync = watched.order.resync();
+        let queued = std::mem::take(&mut watched.queued);
+        if sync.is_some() {
+            self.send_read(shard, name, Read::Sync, now);
+        }
+        for (conn, since) in queued {
+            self.send_read(shard, name, Read::Join(conn, since), now);
+        }
+    }
+
+    /// A slot-map answer from shard `key`: a new map, and every up shard takes the channels
+    /// it now owns (those it owned already resync, which costs a read and finds nothing); the
+    /// same map, and the shards that came up since take theirs: whether a shard connected the
+    /// first time, reconnected, was just promoted or is a new owner.
+    pub(super) fn on_slots(&mut self, key: usize, frame: &Frame, now: Tick) {
+        let MapAnswer::Read { changed } = self.shards.on_slots(key, frame, now) else {
+            return;
+        };
+        for shard in self.shards.keys(|s| s.up && (changed || !s.subscribed)) {
+            self.resubscribe(shard, now);
+        }
+    }
+
+    /// Subscribes shard `key` to every watched channel it owns (and to broadcasts if it owns
+    /// that channel), reads what each missed, sends queued joins and takes leases again.
+    pub(super) fn resubscribe(&mut self, key: usize, now: Tick) {
+        if let Some(shard) = self.shards.get_mut(key) {
+            shard.subscribed = true;
+        }
+        let owned = |engine: &RedisEngine, slot: u16| engine.shards.up(slot) == Some(key);
+        let names: Vec<Arc<str>> = self
+            .channels
+            .iter()
+            .filter(|(_, w)| owned(self, w.keys.slot()))
+            .map(|(name, _)| Arc::clone(name))
+            .collect();
+        for name in names {
+            self.subscribe(&name, now);
+        }
+        if owned(self, self.broadcast.slot()) {
+            let link = self.shards.link(key);
+            send_subscription(link, "ssubscribe", &self.broadcast.shard_channel, now);
+        }
+        for (conn, user) in self.held_leases() {
+            let slot = Keys::of(&self.settings.prefix, &user_channel(&user)).slot();
+            if owned(self, slot) {
+                self.send_lease(&user, conn, Bytes::from_static(RENEW), false, now);
+            }
+        }
+    }
+
+    /// Shard `key`'s connection is gone: the channels subscribed on it are subscribed
+    /// nowhere until it, or their slot's new owner, takes them again.
+    pub(super) fn lost_subscriptions(&mut self, key: usize) {
+        for watched in self.channels.values_mut() {
+            if watched.subscribed_on == Some(key) {
+                watched.subscribed_on = None;
+            }
+        }
+    }
+
+    /// Subscribes again, where the map says, to a channel whose subscription was lost to a
+    /// slot move (a wrong guess is answered `MOVED`, which corrects the map and comes back
+    /// here).
+    pub(super) fn follow_subscription(&mut self, channel: &str, now: Tick) {
+        if channel == BROADCAST_CHANNEL {
+            if let Some((_, link)) = self.shards.up_link(self.broadcast.slot()) {
+                send_subscription(link, "ssubscribe", &self.broadcast.shard_channel, now);
+            }
+            return;
+        }
+        let Some(name) = self
+            .channels
+            .get_key_value(channel)
+            .map(|(n, _)| Arc::clone(n))
+        else {
+            return;
+        };
+        let watched = self.channels.get_mut(channel).expect("watched");
+        watched.order.abandon_sync();
+        watched.subscribed_on = None;
+        self.subscribe(&name, now);
+    }
+
+    /// A channel pages watch but nobody publishes to keeps its epoch: otherwise its next
+    /// event would come in a new epoch, a gap that lost nothing.
+    pub(super) fn keep_epochs(&mut self, now: Tick) {
+        let ttl = self.settings.meta_ttl().as_millis().to_string();
+        for watched in self.channels.values() {
+            if let Some((_, link)) = self.shards.up_link(watched.keys.slot()) {
+                let meta = watched.keys.meta();
+                let args: [&[u8]; 3] = [b"PEXPIRE", meta.as_bytes(), ttl.as_bytes()];
+                link.send(&args, Some(Request::Ignore), now);
+            }
+        }
+    }
+
+    /// The periodic position check: every `check_interval`, each watched channel whose
+    /// subscription is up reads where it stands in Redis, at most [`CHECKS_PER_TICK`] per
+    /// tick. What the read fills is counted as a repair (see `on_read`).
+    pub(super) fn check_positions(&mut self, now: Tick) {
+        if now >= self.due.check {
+            self.due.check = now.after(self.periods.check);
+            self.to_check = self.channels.keys().cloned().collect();
+        }
+        let start = self.to_check.len().saturating_sub(CHECKS_PER_TICK);
+        for name in self.to_check.split_off(start) {
+            let Some(watched) = self.channels.get_mut(&name) else {
+                continue; // unwatched since
+            };
+            let up = |s: &usize| self.shards.get(*s).is_some_and(|s| s.up);
+            let Some(shard) = watched.subscribed_on.filter(up) else {
+                continue; // its resubscription reads anyway
+            };
+            if watched.order.position().is_some() && watched.order.resync().is_some() {
+                self.send_read(shard, &name, Read::Check, now);
+            }
+        }
+    }
+
+    /// Where `channel` stands and what it missed since, atomically, on `shard`.
+    pub(super) fn send_read(&mut self, shard: usize, name: &Arc<str>, read: Read, now: Tick) {
+        let watched = &self.channels[name];
+        // Who already delivered events reads a newer epoch from its start; the first read
+        // of a channel, and a subscribe without `since`, only learn where it stands.
+        let (epoch, since, from_start) = match &read {
+            Read::Join(_, Some(since)) => (since.epoch.clone(), since.seq, true),
+            Read::Join(_, None) => (String::new(), 0, false),
+            Read::Sync | Read::Check => match watched.order.position() {
+                Some((seq, epoch)) => (epoch.to_string(), seq, true),
+                None => (String::new(), 0, false),
+            },
+        };
+        let keys = &watched.keys;
+        let script_keys = vec![keys.meta().into(), keys.stream().into()];
+        let args = [
+            Bytes::from(self.new_epoch()),
+            millis(self.settings.meta_ttl()),
+            epoch.into(),
+            number(since),
+            number(self.settings.history_size.max(1) as u64),
+            Bytes::from_static(if from_start { b"1" } else { b"0" }),
+        ];
+        let call = Call::script(Script::Read, script_keys, args);
+        let channel = Arc::clone(name);
+        self.shards
+            .send_call(shard, call, Purpose::Read { channel, read }, now);
+    }
+
+    /// A read whose connection failed: a join waits for the heal, the channel's own read is
+    /// asked again by its resubscription.
+    pub(super) fn abandon_read(&mut self, channel: &str, read: Read) {
+        if let Some(watched) = self.channels.get_mut(channel) {
+            match read {
+                Read::Join(conn, since) => watched.queued.push((conn, since)),
+                Read::Sync | Read::Check => watched.order.abandon_sync(),
+            }
+        }
+    }
+
+    /// Where `channel` stands for `conn`, which joins it: answered now when this node knows
+    /// where the channel stands and nothing needs reading, else when a read answers (after
+    /// a reconnect if need be).
+    pub(super) fn join_shared(
+        &mut self,
+        channel: &str,
+        conn: ConnId,
+        since: Option<Since>,
+        now: Tick,
+    ) {
+        let Some((name, watched)) = self.channels.get_key_value(channel) else {
+            debug_assert!(false, "a join on a channel not watched");
+            return;
+        };
+        if let Some((seq, epoch)) = watched.order.position() {
+            let recovered = match &since {
+                None => Some(None),
+                Some(s) if s.seq == seq && *s.epoch == **epoch => Some(Some(true)),
+                Some(_) => None,
+            };
+            if let Some(recovered) = recovered {
+                let joined = Joined {
+                    channel: Arc::clone(name),
+                    conn,
+                    seq,
+                    epoch: Arc::clone(epoch),
+                    recovered,
+                    replay: Replay::Entries(Vec::new()),
+                    floor: None,
+                };
+                self.out.push(Happening::Joined(joined));
+                return;
+            }
+        }
+        let name = Arc::clone(name);
+        match self.shards.up(watched.keys.slot()) {
+            Some(shard) => self.send_read(shard, &name, Read::Join(conn, since), now),
+            None => {
+                let watched = self.channels.get_mut(channel).expect("watched");
+                watched.queued.push((conn, since));
+            }
+        }
+    }
+
+    /// A read's answer: the channel's own (deliver what it missed, read again while held
+    /// events leave a hole), or a join's.
+    pub(super) fn on_read(&mut self, channel: Arc<str>, read: Read, frame: &Frame, now: Tick) {
+        let Some((epoch, seq, entries)) = parse_read(frame) else {
+            log::warn!("redis: unexpected read reply {frame:?}");
+            return;
+        };
+        let Some(watched) = self.channels.get_mut(&channel) else {
+            return; // unwatched meanwhile
+        };
+        let mut steps = std::mem::take(&mut self.steps);
+        let Read::Join(conn, since) = read else {
+            if let Some((last, known)) = watched.order.position()
+                && **known == *epoch
+                && seq < last
+            {
+                // Acknowledged writes lost (a failover before replication, an AOF without
+                // fsync): the seqs after `seq` will be taken again by new events.
+                log::warn!(
+                    "redis: {channel} is at seq {seq} in Redis but this node delivered {last}: Redis lost acknowledged events"
+                );
+            }
+            let next = watched.order.on_read(epoch, seq, entries, &mut steps);
+            if matches!(read, Read::Check) && !steps.is_empty() {
+                // The subscription should have brought these: a lost message, or a bug.
+                self.repairs += steps.len() as u64;
+                log::warn!(
+                    "redis: the position check of {channel} found {} event(s) or gap(s) its subscription had not delivered; repaired",
+                    steps.len()
+                );
+            }
+            self.emit(&channel, &mut steps);
+            self.steps = steps;
+            if next.is_some()
+                && let Some(shard) = self.shards.up(self.channels[&channel].keys.slot())
+            {
+                self.send_read(shard, &channel, Read::Sync, now);
+            }
+            return;
+        };
+        if watched.order.position().is_none() {
+            // A join's read before the channel's own (after a reconnect): it places the
+            // channel too.
+            watched.order.on_read(epoch, seq, None, &mut steps);
+            self.emit(&channel, &mut steps);
+        }
+        self.steps = steps;
+        let joined = self.joined(channel, conn, since, (epoch, seq), entries);
+        self.out.extend(joined.map(Happening::Joined));
+    }
+
+    /// A join's answer from its read: the channel was at `seq` of `epoch` in Redis, and this
+    /// node's delivery stands where the happenings before this one brought it.
+    fn joined(
+        &self,
+        channel: Arc<str>,
+        conn: ConnId,
+        since: Option<Since>,
+        (epoch, seq): (&str, u64),
+        entries: Option<Vec<Entry>>,
+    ) -> Option<Joined> {
+        let (delivered, local_epoch) = self.channels.get(&channel)?.order.position()?;
+        // The entries resume it when they are every event after `since` up to the read's seq;
+        // from an earlier epoch, every event of this one from seq 1 (it is told it lost what
+        // it had not seen of its own, and gets the rest).
+        let same_epoch = since.as_ref().is_some_and(|s| *s.epoch == *epoch);
+        let replay = match (&since, entries) {
+            (Some(since), Some(entries)) if **local_epoch == *epoch => {
+                let from = if same_epoch { since.seq } else { 0 };
+                let whole = from <= seq
+                    && entries.len() as u64 == seq - from
+                    && entries.first().is_none_or(|e| e.seq == from + 1);
+                whole.then_some((from, entries))
+            }
+            _ => None,
+        };
+        let recovered = since.as_ref().map(|_| same_epoch && replay.is_some());
+        let (told, replay, floor) = match replay {
+            Some((from, mut entries)) => {
+                entries.retain(|e| e.seq <= delivered);
+                // A new epoch replayed from its start: the page is at its seq 0.
+                let told = if same_epoch { delivered } else { from };
+                // Ahead of this node: live once delivery passes what it has.
+                (told, entries, (from > delivered).then_some(from))
+            }
+            None => (delivered, Vec::new(), None),
+        };
+        Some(Joined {
+            channel,
+            conn,
+            seq: told,
+            epoch: Arc::clone(local_epoch),
+            recovered,
+            replay: Replay::Entries(replay),
+            floor,
+        })
+    }
+
+    /// The sequencer's steps for `channel`, as happenings.
+    pub(super) fn emit(&mut self, channel: &Arc<str>, steps: &mut Vec<Step>) {
+        for step in steps.drain(..) {
+            self.out.push(match step {
+                Step::Deliver(entry) => Happening::Deliver {
+                    channel: Arc::clone(channel),
+                    entry,
+                    from: None,
+                },
+                Step::Gap { seq, epoch } => {
+                    self.gaps += 1;
+                    Happening::Gap {
+                        channel: Arc::clone(channel),
+                        seq,
+                        epoch,
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// `SSUBSCRIBE` or `SUNSUBSCRIBE` (`kind`, lower case as its push names it) of one shard
+/// channel.
+pub(super) fn send_subscription(
+    link: &mut super::link::Link<Request>,
+    kind: &'static str,
+    channel: &str,
+    now: Tick,
+) {
+    let command = kind.to_ascii_uppercase();
+    let args: [&[u8]; 2] = [command.as_bytes(), channel.as_bytes()];
+    let tag = Request::Subscription(kind, channel.to_string());
+    link.send(&args, Some(tag), now);
+}
+
+/// The READ script's answer: epoch, seq, and the entries when they were read.
+fn parse_read(frame: &Frame) -> Option<(&str, u64, Option<Vec<Entry>>)> {
+    use super::scripts::{field, tag};
+    let parts = resp::items(frame)?;
+    let epoch = resp::text(parts.first()?)?;
+    let seq = resp::int(parts.get(1)?)? as u64;
+    let Some(entries) = parts.get(2) else {
+        return Some((epoch, seq, None));
+    };
+    let mut out = Vec::new();
+    for entry in resp::items(entries)? {
+        let fields = resp::items(entry)?;
+        let id = resp::text(fields.first()?)?;
+        let seq = id.split_once('-')?.0.parse().ok()?;
+        let values = resp::items(fields.get(1)?)?;
+        let (mut to_user, mut data) = (false, None);
+        for pair in values.chunks(2) {
+            match (resp::text(&pair[0])?, pair.get(1)) {
+                (field::KIND, Some(kind)) => {
+                    to_user = resp::text(kind)?.as_bytes() == [tag::USER_EVENT];
+                }
+                (field::DATA, Some(value)) => data = Some(resp::bytes(value)?.clone()),
+                _ => {}
+            }
+        }
+        out.push(Entry {
+            seq,
+            to_user,
+            data: data?,
+        });
+    }
+    Some((epoch, seq, Some(out)))
+}

@@ -1,0 +1,324 @@
+//! Publishes in flight: one entry per publish command from its start until every part (one
+//! per channel) is answered by the engine's [`Happening::Done`](crate::engine::Happening),
+//! and the publisher it answers. The memory engine answers within the call, so a publish is
+//! done before [`Serving::publish`] returns; the Redis engine answers later, and the answer
+//! becomes a [`Completion`] the reactor hands to its publisher.
+//!
+//! Invariants: every op is completed exactly once, when its last part is answered; a publish
+//! is answered `ok` only when every part was stored; its reach is the nodes Redis counted, or
+//! the connections this node queued it to (the engine that is this node alone).
+
+use serde_json::value::RawValue;
+use slab::Slab;
+
+use super::{DELIVERIES_PER_PASS, Fanout};
+use crate::base::channel::user_channel;
+use crate::engine::{Event, OpId, Part, Stored, Unavailable};
+use crate::publish::{Outcome, Published, Reach, Seqs, Sink, Target};
+
+/// The publisher a command's answer goes back to: its slab key, and its serial (a stale key
+/// is told apart by its serial).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublisherRef {
+    /// The key in the reactor's publisher slab.
+    pub key: usize,
+    /// Unique per accepted publisher.
+    pub serial: u64,
+}
+
+/// A publisher's answered command, for the reactor to hand to that publisher.
+#[derive(Debug)]
+pub struct Completion {
+    /// Who asked (`None`: nobody to hand it to).
+    pub publisher: Option<PublisherRef>,
+    /// The ticket its command was given.
+    pub ticket: u64,
+    /// The answer.
+    pub outcome: Outcome,
+}
+
+/// What a publish's answer looks like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    /// One channel (or a user's): one seq.
+    One,
+    /// Several channels: their seqs, in order.
+    Many,
+    /// A broadcast: no seq.
+    Broadcast,
+    /// A `disconnect`: no seq; the connections closed.
+    Disconnect,
+}
+
+/// A publish in flight.
+struct Op {
+    /// `None`: the node's own stats feed, neither answered nor counted as an event.
+    from: Option<PublisherRef>,
+    ticket: u64,
+    shape: Shape,
+    idem: Option<Box<str>>,
+    /// Parts not answered yet.
+    waiting: usize,
+    unavailable: bool,
+    seqs: Seqs,
+    /// Nodes reached, summed over the parts, while every part counted them.
+    nodes: Option<usize>,
+    /// Connections of this node it was queued to (or closed, for a disconnect).
+    delivered: usize,
+    duplicate: bool,
+}
+
+/// A publish just started.
+#[derive(Clone, Copy)]
+struct Started {
+    op: OpId,
+    ticket: u64,
+}
+
+impl Started {
+    fn part(self, index: usize) -> Part {
+        Part { op: self.op, index }
+    }
+}
+
+/// The publishes in flight.
+#[derive(Default)]
+pub(super) struct Ops {
+    table: Slab<Op>,
+    next_ticket: u64,
+    completions: Vec<Completion>,
+}
+
+impl Ops {
+    fn start(
+        &mut self,
+        from: Option<PublisherRef>,
+        shape: Shape,
+        parts: usize,
+        idem: Option<&str>,
+    ) -> Started {
+        self.next_ticket += 1;
+        let seqs = match shape {
+            Shape::One => Seqs::One(0),
+            Shape::Many => Seqs::Many(vec![0; parts]),
+            Shape::Broadcast | Shape::Disconnect => Seqs::None,
+        };
+        let op = self.table.insert(Op {
+            from,
+            ticket: self.next_ticket,
+            shape,
+            idem: idem.map(Into::into),
+            waiting: parts,
+            unavailable: false,
+            seqs,
+            nodes: Some(0),
+            delivered: 0,
+            duplicate: true,
+        });
+        Started {
+            op,
+            ticket: self.next_ticket,
+        }
+    }
+
+    /// Connections of this node an answer of publish `from` reached.
+    pub fn reached(&mut self, from: Option<OpId>, connections: usize) {
+        if let Some(op) = from.and_then(|op| self.table.get_mut(op)) {
+            op.delivered += connections;
+        }
+    }
+}
+
+/// The fan-out executing one publisher's commands: its answers go back to that publisher.
+pub struct Serving<'a> {
+    fanout: &'a mut Fanout,
+    from: Option<PublisherRef>,
+}
+
+impl Fanout {
+    /// The sink for the commands of publisher `from` (`None`: one whose answers are only
+    /// ever given at once, as in benchmarks).
+    pub fn serving(&mut self, from: Option<PublisherRef>) -> Serving<'_> {
+        Serving { fanout: self, from }
+    }
+
+    /// Moves the publishes answered since the last call to the end of `into`.
+    pub fn take_completions(&mut self, into: &mut Vec<Completion>) {
+        into.append(&mut self.ops.completions);
+    }
+
+    /// A publish: a retry of one remembered under `idem` is answered with it; otherwise each
+    /// part is asked of the engine, and the answer is given now if the engine answered
+    /// within the call, or later as a [`Completion`].
+    pub(super) fn execute(
+        &mut self,
+        from: Option<PublisherRef>,
+        target: &Target<'_>,
+        data: &RawValue,
+        idem: Option<&str>,
+    ) -> Outcome {
+        let now = self.pass.now;
+        if let Some(key) = idem
+            && let Some(first) = self.engine.recall(key, now)
+        {
+            self.metrics.publish_duplicates += 1;
+            return Outcome::Done(Published {
+                duplicate: true,
+                ..first
+            });
+        }
+        let data = data.get().as_bytes();
+        let started = match target {
+            Target::Broadcast => {
+                let started = self.ops.start(from, Shape::Broadcast, 1, idem);
+                let asked = self.engine.broadcast(started.op, data, now);
+                self.asked(started.part(0), asked);
+                started
+            }
+            Target::Channel(channel) => {
+                let started = self.ops.start(from, Shape::One, 1, idem);
+                self.publish_part(started.part(0), channel, false, data, idem);
+                started
+            }
+            Target::Channels(channels) => {
+                let started = self.ops.start(from, Shape::Many, channels.len(), idem);
+                for (index, channel) in channels.iter().enumerate() {
+                    self.publish_part(started.part(index), channel, false, data, idem);
+                }
+                started
+            }
+            Target::User(user) => {
+                let started = self.ops.start(from, Shape::One, 1, idem);
+                let channel = user_channel(user);
+                self.publish_part(started.part(0), &channel, true, data, idem);
+                started
+            }
+        };
+        self.settle(started)
+    }
+
+    fn publish_part(
+        &mut self,
+        part: Part,
+        channel: &str,
+        to_user: bool,
+        data: &[u8],
+        idem: Option<&str>,
+    ) {
+        let event = Event {
+            channel,
+            data,
+            to_user,
+            idem,
+        };
+        let asked = self.engine.publish(part, &event, self.pass.now);
+        self.asked(part, asked);
+    }
+
+    /// An engine call for `part` returned: carries out its answers, or counts the part
+    /// failed when it could not even be asked.
+    fn asked(&mut self, part: Part, asked: Result<(), Unavailable>) {
+        match asked {
+            Ok(()) => self.apply(),
+            Err(Unavailable) => self.on_done(part, Err(Unavailable)),
+        }
+    }
+
+    /// A `disconnect`: every connection of `user`, on every node.
+    fn disconnect(&mut self, from: Option<PublisherRef>, user: &str) -> Outcome {
+        let started = self.ops.start(from, Shape::Disconnect, 1, None);
+        let asked = self.engine.disconnect(started.op, user, self.pass.now);
+        self.asked(started.part(0), asked);
+        self.settle(started)
+    }
+
+    /// What the publisher is told now: the answer when the engine gave it within the call
+    /// (taken back from the completions), else a ticket for the answer to come.
+    fn settle(&mut self, Started { op, ticket }: Started) -> Outcome {
+        if self.ops.table.contains(op) {
+            return Outcome::Waiting(ticket);
+        }
+        let completions = &mut self.ops.completions;
+        let done = completions.iter().rposition(|c| c.ticket == ticket);
+        completions
+            .remove(done.expect("an op done within the call"))
+            .outcome
+    }
+
+    /// Part `part` answered: once all are, the publish is done.
+    pub(super) fn on_done(&mut self, part: Part, result: Result<Stored, Unavailable>) {
+        let Some(op) = self.ops.table.get_mut(part.op) else {
+            return;
+        };
+        op.waiting -= 1;
+        match result {
+            Err(Unavailable) => op.unavailable = true,
+            Ok(stored) => {
+                match &mut op.seqs {
+                    Seqs::One(seq) => *seq = stored.seq,
+                    Seqs::Many(seqs) => seqs[part.index] = stored.seq,
+                    Seqs::None => {}
+                }
+                op.nodes = op.nodes.zip(stored.nodes).map(|(a, b)| a + b);
+                op.duplicate &= stored.duplicate;
+            }
+        }
+        if op.waiting > 0 {
+            return;
+        }
+        let op = self.ops.table.remove(part.op);
+        let outcome = self.outcome(&op);
+        if let (Some(key), Outcome::Done(published)) = (&op.idem, &outcome)
+            && !published.duplicate
+        {
+            self.engine.remember(key, published, self.pass.now);
+        }
+        self.ops.completions.push(Completion {
+            publisher: op.from,
+            ticket: op.ticket,
+            outcome,
+        });
+    }
+
+    /// A finished op's answer, counted.
+    fn outcome(&mut self, op: &Op) -> Outcome {
+        if op.unavailable {
+            self.metrics.publish_unavailable += 1;
+            return Outcome::Unavailable;
+        }
+        if op.from.is_some() && op.shape != Shape::Disconnect {
+            if op.duplicate {
+                self.metrics.publish_duplicates += 1;
+            } else {
+                self.metrics.events_published += match &op.seqs {
+                    Seqs::Many(seqs) => seqs.len() as u64,
+                    _ => 1,
+                };
+            }
+        }
+        let reach = match (op.nodes, op.shape) {
+            (Some(nodes), _) => Reach::Nodes(nodes),
+            (None, Shape::Disconnect) => Reach::Disconnected(op.delivered),
+            (None, _) => Reach::Connections(op.delivered),
+        };
+        Outcome::Done(Published {
+            seqs: op.seqs.clone(),
+            reach,
+            duplicate: op.duplicate,
+        })
+    }
+}
+
+impl Sink for Serving<'_> {
+    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Outcome {
+        self.fanout.execute(self.from, target, data, idem)
+    }
+
+    fn disconnect_user(&mut self, user: &str) -> Outcome {
+        self.fanout.disconnect(self.from, user)
+    }
+
+    fn has_capacity(&self) -> bool {
+        self.fanout.pass.deliveries < DELIVERIES_PER_PASS && self.fanout.engine.has_capacity()
+    }
+}

@@ -1,0 +1,302 @@
+//! WebSocket sessions as the fan-out serves them: opening one (token, per-user limit,
+//! `connected`), carrying out its verdicts (subscribe, unsubscribe, refresh), and ending it.
+//!
+//! A subscribe has one path whichever the engine: the connection enters the hub and is
+//! listed in `joins` (deliveries skip it meanwhile), the engine is asked to [`join`], and its
+//! [`Joined`] answer (within the call for the memory engine, after a read of the stream for
+//! Redis) sends `subscribed`, then what was missed, and makes the connection live: at once,
+//! or, when it saw on another node events this one has not delivered yet, with the first
+//! event past that *floor*.
+//!
+//! [`join`]: crate::engine::Engine::join
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{Fanout, deliver, hub};
+use crate::base::channel::Since;
+use crate::base::ids::ConnId;
+use crate::base::time::Tick;
+use crate::engine::{Joined, Replay};
+use crate::error::Close;
+use crate::ws::session::{Inbound, Rules, Verdict};
+use crate::ws::wire::{self, EventTarget, Reply, RequestId};
+
+/// A connection waiting to be live on a channel.
+#[derive(Debug)]
+pub(super) struct Join {
+    pub conn: ConnId,
+    id: Option<RequestId>,
+    /// `None` while its join is unanswered; then the last seq it has (it goes live past it).
+    floor: Option<u64>,
+}
+
+impl Fanout {
+    /// Opens the session of a connection just upgraded: checks its token (with
+    /// authentication on), indexes its user and sends `connected` (once the engine admits it
+    /// everywhere, when it asks other nodes). Returns when its token expires, if it has one.
+    ///
+    /// # Errors
+    /// The close verdict for a refused token or a user at `max_connections_per_user`.
+    pub fn open(&mut self, key: usize, token: Option<&str>) -> Result<Option<Tick>, Close> {
+        self.metrics.connections += 1;
+        self.metrics.connections_opened += 1;
+        let mut conn = self.clients.live_mut(key);
+        let id = conn.id();
+        let mut expires = None;
+        if let Some(auth) = &self.auth {
+            let users = &self.users;
+            let identity = auth
+                .admit(token, |user| users.connections(user).len())
+                .map_err(|refused| {
+                    log::debug!(
+                        "conn={} from {}: {}",
+                        id.generation,
+                        conn.peer(),
+                        refused.detail
+                    );
+                    refused.close
+                })?;
+            let first = self.users.add(&identity.user, id);
+            let tick = auth.expiry_tick(&identity, self.pass.now, self.pass.unix_secs);
+            expires = Some(tick);
+            let (max, now) = (auth.max_per_user(), self.pass.now);
+            let waits = self.engine.admit(&identity.user, id, max, first, now);
+            let session = conn.session_mut().expect("an open session");
+            session.set_identity(identity, tick);
+            drop(conn);
+            self.apply();
+            if waits {
+                return Ok(expires); // `connected` once the engine admits it everywhere
+            }
+        } else {
+            drop(conn);
+        }
+        self.send_connected(key);
+        Ok(expires)
+    }
+
+    /// Sends `connected` to a session just admitted.
+    pub(super) fn send_connected(&mut self, key: usize) {
+        let mut conn = self.clients.live_mut(key);
+        let id = conn.id();
+        let settings = &self.settings;
+        let client_id = format!("{:08x}{:08x}", settings.instance, id.generation);
+        let session = conn.session().expect("an open session");
+        let user_id = session
+            .identity()
+            .map(|(identity, _)| identity.user.clone());
+        conn.send_reply(&Reply::Connected {
+            client_id: &client_id,
+            heartbeat_ms: settings.heartbeat_ms,
+            rate_limit: settings.rate_limit,
+            rate_burst: settings.rate_burst,
+            user_id: user_id.as_deref(),
+        });
+    }
+
+    /// Judges one client message and carries out the verdict. Returns a close verdict for
+    /// the reactor to act on.
+    pub fn on_message(&mut self, key: usize, message: Inbound) -> Option<Close> {
+        let now = self.pass.now;
+        let mut conn = self.clients.get_mut(key)?;
+        if !conn.is_open() {
+            return None;
+        }
+        let settings = &self.settings;
+        let rules = Rules {
+            rate: settings.rate,
+            rate_limit: settings.rate_limit,
+            rate_burst: settings.rate_burst,
+            strikes: settings.rate_limit_strikes,
+            max_subscriptions: settings.max_subscriptions,
+            verifier: self.auth.as_ref().map(super::Auth::verifier),
+        };
+        let session = conn.session_mut()?;
+        let verdict = session.on_message(message, &rules, &self.hub, now);
+        let conn_id = conn.id();
+        match verdict {
+            Verdict::Nothing => {}
+            Verdict::Close(close) => return Some(close),
+            Verdict::Reject(rejection) => conn.send_reply(&Reply::from(&rejection)),
+            Verdict::Pong { id } => conn.send_reply(&Reply::Pong { id: id.as_ref() }),
+            Verdict::Subscribe { channel, since, id } => {
+                let (channel_id, joined) = self.hub.subscribe(&channel, conn_id);
+                conn.session_mut()?.add_subscription(channel_id);
+                drop(conn);
+                if joined == hub::Joined::First {
+                    self.engine.watch(channel.as_str(), now);
+                }
+                self.join(self.hub.name(channel_id), conn_id, since, id);
+            }
+            Verdict::Unsubscribe { channel, id } => {
+                let mut last = None;
+                if let Some(channel_id) = self.hub.find(channel.as_str())
+                    && conn.session_mut()?.remove_subscription(channel_id)
+                {
+                    last = self.hub.unsubscribe(channel_id, conn_id);
+                }
+                conn.send_reply(&Reply::Unsubscribed {
+                    channel: channel.as_str(),
+                    id: id.as_ref(),
+                });
+                drop(conn);
+                self.forget_join(channel.as_str(), conn_id);
+                if let Some(name) = last {
+                    self.engine.unwatch(&name, now);
+                    self.apply();
+                }
+            }
+            Verdict::Refresh { identity, id } => {
+                let auth = self.auth.as_ref()?;
+                let expires_at = identity.expires_at;
+                let tick = auth.expiry_tick(&identity, now, self.pass.unix_secs);
+                conn.session_mut()?.set_identity(identity, tick);
+                conn.send_reply(&Reply::Refreshed {
+                    expires_at,
+                    id: id.as_ref(),
+                });
+            }
+        }
+        None
+    }
+
+    /// `conn`, just in the hub for `channel`, joins it: listed as joining, then the engine's
+    /// answer (carried out at once when it answers within the call).
+    fn join(
+        &mut self,
+        channel: Arc<str>,
+        conn: ConnId,
+        since: Option<Since>,
+        id: Option<RequestId>,
+    ) {
+        let joins = self.joins.entry(Arc::clone(&channel)).or_default();
+        joins.retain(|j| j.conn != conn);
+        joins.push(Join {
+            conn,
+            id,
+            floor: None,
+        });
+        self.engine.join(&channel, conn, since, self.pass.now);
+        self.apply();
+    }
+
+    /// A join's answer: `subscribed`, what it missed, and live from there (or from its floor).
+    pub(super) fn on_joined(&mut self, joined: Joined) {
+        let Joined {
+            channel,
+            conn: conn_id,
+            seq,
+            epoch,
+            recovered,
+            replay,
+            floor,
+        } = joined;
+        let Some(joins) = self.joins.get_mut(&channel) else {
+            return;
+        };
+        let Some(index) = joins
+            .iter()
+            .position(|j| j.conn == conn_id && j.floor.is_none())
+        else {
+            return; // left, or closed, meanwhile
+        };
+        let id = joins[index].id.take();
+        let mut conn = self.clients.live_mut(conn_id.key as usize);
+        conn.send_reply(&Reply::Subscribed {
+            channel: &channel,
+            seq,
+            epoch: &epoch,
+            recovered,
+            id: id.as_ref(),
+        });
+        let started_us = self.pass.started_us;
+        match replay {
+            Replay::Frames(frames) => {
+                for frame in &frames {
+                    deliver(&mut conn, frame, started_us);
+                }
+            }
+            Replay::Entries(entries) => {
+                for entry in &entries {
+                    let target = EventTarget::Channel(&channel, entry.seq);
+                    let frame = wire::event_frame(target, &entry.data, &mut self.scratch);
+                    deliver(&mut conn, &frame, started_us);
+                }
+            }
+        }
+        drop(conn);
+        let joins = self.joins.get_mut(&channel).expect("listed");
+        match floor {
+            Some(floor) => joins[index].floor = Some(floor),
+            None => {
+                joins.swap_remove(index);
+                if joins.is_empty() {
+                    self.joins.remove(&channel);
+                }
+            }
+        }
+    }
+
+    /// `conn` left `channel` (or closed): it is no longer joining it.
+    fn forget_join(&mut self, channel: &str, conn: ConnId) {
+        if let Some(joins) = self.joins.get_mut(channel) {
+            joins.retain(|j| j.conn != conn);
+            if joins.is_empty() {
+                self.joins.remove(channel);
+            }
+        }
+    }
+
+    /// Ends a connection's session for `close` (the first reason given sticks), queuing the
+    /// Close frame: leaves every channel, forgets its user, updates the gauge and counts the
+    /// disconnect, once.
+    pub fn end(&mut self, key: usize, close: Close) {
+        let Some(mut conn) = self.clients.get_mut(key) else {
+            return;
+        };
+        let Some(ended) = conn.end(close) else {
+            return;
+        };
+        let id = conn.id();
+        let reason = conn.close_reason().unwrap_or(close);
+        drop(conn);
+        let now = self.pass.now;
+        for channel in ended.subscriptions {
+            let name = self.hub.name(channel);
+            self.forget_join(&name, id);
+            if let Some(name) = self.hub.unsubscribe(channel, id) {
+                self.engine.unwatch(&name, now);
+            }
+        }
+        if let Some(user) = ended.user {
+            let last = self.users.remove(&user, id);
+            self.engine.release(&user, id, last, now);
+        }
+        // What the engine answers to these (nothing, for both engines today) is carried out
+        // by the next `apply`, at the latest the pass's `engine_flush`: `end` runs inside
+        // `apply` too (a disconnect, a refused lease).
+        self.metrics.connections -= 1;
+        self.metrics.disconnected(reason);
+        log::debug!("conn={} closed: {}", id.generation, reason.label());
+    }
+}
+
+/// The connections an event `seq` of `channel` must skip: those still joining it. Joiners
+/// whose floor this event passes are live from it on.
+pub(super) fn joiners_before<'a>(
+    joins: &'a mut HashMap<Arc<str>, Vec<Join>>,
+    channel: &str,
+    seq: u64,
+) -> Option<&'a [Join]> {
+    if joins.is_empty() {
+        return None;
+    }
+    let waiting = joins.get_mut(channel)?;
+    waiting.retain(|j| j.floor.is_none_or(|floor| seq <= floor));
+    if waiting.is_empty() {
+        joins.remove(channel);
+        return None;
+    }
+    joins.get(channel).map(Vec::as_slice)
+}
