@@ -42,6 +42,7 @@ use crate::auth::ratelimit::Rate;
 use crate::base::channel::user_of;
 use crate::base::ids::ConnId;
 use crate::base::time::Tick;
+use crate::config::{Config, TIMER_TICK};
 use crate::engine::{Engine, Entry, Happening, OpId};
 use crate::error::Close;
 use crate::ops::metrics::{Gauges, Metrics};
@@ -78,6 +79,22 @@ pub struct SessionSettings {
     pub rate_limit_strikes: u32,
     /// `max_subscriptions`.
     pub max_subscriptions: usize,
+}
+
+impl SessionSettings {
+    /// The settings `config` sets; `instance` tells this process's client ids apart.
+    pub fn new(config: &Config, instance: u32) -> SessionSettings {
+        let tick_secs = TIMER_TICK.as_secs_f64();
+        SessionSettings {
+            instance,
+            heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
+            rate: Rate::new(config.rate_limit, f64::from(config.rate_burst), tick_secs),
+            rate_limit: config.rate_limit,
+            rate_burst: config.rate_burst,
+            rate_limit_strikes: config.rate_limit_strikes,
+            max_subscriptions: config.max_subscriptions,
+        }
+    }
 }
 
 /// The current loop pass, as the fan-out sees it.

@@ -24,11 +24,10 @@ use std::io::{self, Read, Write};
 use mio::event::Source;
 use mio::net::{TcpStream, UnixStream};
 
-use std::collections::VecDeque;
-
-use super::command::{self, Answer, Outcome, Render, Sink, error_reply};
+use super::command::{self, Outcome, Sink, error_reply};
 use super::dapr;
 use super::http::{self, Ask, Head, HttpRules};
+use super::replies::{Lines, Replies, Reply, run_lines};
 /// How a read pass over a publisher ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadStatus {
@@ -108,147 +107,6 @@ enum Work {
         body: serde_json::Value,
         progress: dapr::Progress,
     },
-}
-
-/// A command's reply in its place among the others: ready, or awaiting the engine.
-enum Slot {
-    Ready {
-        line: String,
-        ok: bool,
-        wanted: bool,
-    },
-    Waiting {
-        ticket: u64,
-        render: Render,
-        wanted: bool,
-    },
-}
-
-/// Replies in command order. Invariant: the front is `Waiting` (ready replies before it have
-/// gone out) unless the queue is in the hands of an HTTP job, which renders them all at once;
-/// `bytes` counts the ready lines held, which count against `max_output_buffer`.
-#[derive(Default)]
-struct Replies {
-    slots: VecDeque<Slot>,
-    bytes: usize,
-}
-
-impl Replies {
-    fn push(&mut self, executed: command::Executed) {
-        let wanted = executed.wanted;
-        self.slots.push_back(match executed.answer {
-            Answer::Ready { line, ok } => {
-                self.bytes += line.len();
-                Slot::Ready { line, ok, wanted }
-            }
-            Answer::Waiting { ticket, render } => Slot::Waiting {
-                ticket,
-                render,
-                wanted,
-            },
-        });
-    }
-
-    /// Fills in the answer to `ticket`; false when it is not one of these.
-    fn complete(&mut self, ticket: u64, outcome: &Outcome) -> bool {
-        for slot in &mut self.slots {
-            if let Slot::Waiting {
-                ticket: t,
-                render,
-                wanted,
-            } = slot
-                && *t == ticket
-            {
-                let (line, ok) = render.line(outcome);
-                self.bytes += line.len();
-                *slot = Slot::Ready {
-                    line,
-                    ok,
-                    wanted: *wanted,
-                };
-                return true;
-            }
-        }
-        false
-    }
-
-    fn is_waiting(&self) -> bool {
-        self.slots.iter().any(|s| matches!(s, Slot::Waiting { .. }))
-    }
-
-    /// The ready replies at the front, in order: (line, ok, wanted).
-    fn take_ready(&mut self) -> impl Iterator<Item = (String, bool, bool)> + '_ {
-        std::iter::from_fn(|| match self.slots.front() {
-            Some(Slot::Ready { .. }) => match self.slots.pop_front() {
-                Some(Slot::Ready { line, ok, wanted }) => {
-                    self.bytes -= line.len();
-                    Some((line, ok, wanted))
-                }
-                _ => None,
-            },
-            _ => None,
-        })
-    }
-}
-
-/// A `POST /publish` body's lines as they are executed.
-#[derive(Default)]
-struct Lines {
-    /// Bytes of the body executed so far.
-    cursor: usize,
-    replies: Replies,
-    commands: usize,
-}
-
-impl Lines {
-    /// The response body and how many commands failed, once every reply is known.
-    fn render(&mut self) -> (String, usize) {
-        let mut body = String::new();
-        let mut failed = 0;
-        for (line, ok, _) in self.replies.take_ready() {
-            failed += usize::from(!ok);
-            body.push_str(&line);
-        }
-        if self.commands == 0 {
-            failed = 1;
-            body = error_reply(None, "the body holds no publish command");
-        }
-        (body, failed)
-    }
-
-    /// The status line and content type of the response: 200 when every command succeeded,
-    /// 400 when one failed (the body says which) or there was none.
-    fn status(&self, failed: usize) -> (&'static str, &'static str) {
-        let status = if failed > 0 {
-            "400 Bad Request"
-        } else {
-            "200 OK"
-        };
-        let content_type = if self.commands > 1 {
-            "application/x-ndjson"
-        } else {
-            "application/json"
-        };
-        (status, content_type)
-    }
-}
-
-/// Executes the lines of a `POST /publish` body from where `job` stopped, while the sink has
-/// capacity. Returns true once every line was executed. The last line needs no newline.
-fn run_lines(job: &mut Lines, body: &[u8], sink: &mut impl Sink) -> bool {
-    while job.cursor < body.len() {
-        if !sink.has_capacity() {
-            return false;
-        }
-        let rest = &body[job.cursor..];
-        let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
-        job.cursor += (end + 1).min(rest.len());
-        if let Some(executed) = command::execute(&rest[..end], sink) {
-            job.commands += 1;
-            job.replies.push(executed);
-        }
-    }
-    true
 }
 
 /// One publish-port connection.
@@ -496,7 +354,7 @@ impl PublisherConn {
     /// Sends the NDJSON replies that are ready, in order, up to the first that waits; a
     /// failure nobody asked about (no id) is logged instead.
     fn emit_ready(&mut self) {
-        for (line, ok, wanted) in self.replies.take_ready() {
+        for Reply { line, ok, wanted } in self.replies.take_ready() {
             if !ok {
                 self.errors += 1;
             }

@@ -58,7 +58,7 @@ use crate::ops::stats::StatsFeed;
 use crate::publish::http::HttpRules;
 use crate::publish::port::PortRules;
 use crate::publish::{PublisherConn, ReadStatus};
-use crate::ws::conn::{SharedInput, Timing};
+use crate::ws::conn::{SharedInput, Timing, websocket_config};
 use crate::ws::http::OriginPolicy;
 pub use accept::Listeners;
 use accept::Listening;
@@ -155,14 +155,8 @@ impl Server {
         let waker = Arc::new(Waker::new(registry, token::encode(Source::Waker))?);
         let started = clock.now();
         let ticks = TickSource::new(started, TIMER_TICK);
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(config.read_buffer_size)
-            .write_buffer_size(0)
-            .max_write_buffer_size(config.max_output_buffer)
-            .max_message_size(Some(config.max_message_size))
-            .max_frame_size(Some(config.max_message_size));
+        let ws_config = websocket_config(&config);
         let tick_secs = TIMER_TICK.as_secs_f64();
-        let message_rate = Rate::new(config.rate_limit, f64::from(config.rate_burst), tick_secs);
         let connect_rate = config
             .connect_rate_per_ip
             .map(|rate| Rate::new(rate, 2.0 * rate, tick_secs));
@@ -175,20 +169,8 @@ impl Server {
             )),
             None => None,
         };
-        let settings = SessionSettings {
-            instance: random_u32(),
-            heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
-            rate: message_rate,
-            rate_limit: config.rate_limit,
-            rate_burst: config.rate_burst,
-            rate_limit_strikes: config.rate_limit_strikes,
-            max_subscriptions: config.max_subscriptions,
-        };
-        let timing = Timing {
-            heartbeat_interval: ticks.ticks_in(config.heartbeat_interval),
-            heartbeat_timeout: ticks.ticks_in(config.heartbeat_timeout),
-            write_stall: ticks.ticks_in(config.write_stall_timeout),
-        };
+        let settings = SessionSettings::new(&config, random_u32());
+        let timing = Timing::new(&config, ticks);
         let mut timers = TimerWheel::new(Tick(0));
         timers.insert(
             Tick(0).after(ticks.ticks_in(HOUSEKEEPING_INTERVAL)),

@@ -29,7 +29,8 @@ use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use crate::auth::ratelimit::Rate;
 use crate::base::ids::ChannelId;
 use crate::base::ids::ConnId;
-use crate::base::time::Tick;
+use crate::base::time::{Tick, TickSource};
+use crate::config::Config;
 use crate::error::Close;
 use crate::reactor::timer::TimerKey;
 use crate::ws::http::{self, OriginPolicy, Refusal, Route};
@@ -99,6 +100,28 @@ pub struct Timing {
     pub heartbeat_timeout: u64,
     /// `write_stall_timeout`: how long queued output may sit without moving.
     pub write_stall: u64,
+}
+
+impl Timing {
+    /// The deadlines `config` sets, in `ticks`.
+    pub fn new(config: &Config, ticks: TickSource) -> Timing {
+        Timing {
+            heartbeat_interval: ticks.ticks_in(config.heartbeat_interval),
+            heartbeat_timeout: ticks.ticks_in(config.heartbeat_timeout),
+            write_stall: ticks.ticks_in(config.write_stall_timeout),
+        }
+    }
+}
+
+/// The framing limits `config` sets: no write buffering in tungstenite (the out queue is the
+/// buffer), `max_output_buffer`, `max_message_size`.
+pub fn websocket_config(config: &Config) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(config.read_buffer_size)
+        .write_buffer_size(0)
+        .max_write_buffer_size(config.max_output_buffer)
+        .max_message_size(Some(config.max_message_size))
+        .max_frame_size(Some(config.max_message_size))
 }
 
 /// What a connection's timer firing means.
