@@ -11,13 +11,16 @@
 //! - [`ws`]: the browser side: one connection's state machine and output queue, HTTP
 //!   routing, the JSON wire types, and [`ws::session`], which judges a client's request and
 //!   returns a verdict.
-//! - [`fanout`]: one publish to every subscriber's queue, whole, in `fanout/mod.rs`; the hub
-//!   (channel → local subscribers), the per-user index, the connection slab and its dirty
-//!   list. It carries out session verdicts.
-//! - [`engine`]: where sequence numbers are assigned, events kept for resuming and
-//!   idempotency keys remembered: the [`Engine`](engine::Engine) interface and the in-memory
-//!   engine; and the Redis engine ([`engine::redis`]), shared by several nodes, whose answers
-//!   come back later as happenings the fan-out carries out.
+//! - [`fanout`]: one event to every subscriber's queue: the engine's answers carried out in
+//!   one place (`Fanout::apply`), one delivery loop, one subscribe path; the hub (channel →
+//!   local subscribers), the per-user index, the connection slab and its dirty list;
+//!   sessions and their verdicts; publishes in flight.
+//! - [`engine`]: where sequence numbers are assigned, events kept for resuming and answers
+//!   come from: the [`Engine`](engine::Engine) interface, which the in-memory engine and the
+//!   Redis engine ([`engine::redis`], shared by several nodes) both implement, answering with
+//!   [`Happening`](engine::Happening)s.
+//! - [`base`]: the ground floor: ticks, connection and channel ids, channel names, `Since`,
+//!   HTTP responses as bytes. It imports nothing of the crate.
 //! - [`publish`]: the worker side: publish-port connections (NDJSON or HTTP, on the Unix
 //!   socket or the keyed TCP listener), commands and replies, Dapr subscriptions, and the
 //!   Rust [`Publisher`].
@@ -29,10 +32,13 @@
 //!
 //! # The path of one event
 //! `publish::port` reads a line from a worker and `publish::command` parses it →
-//! [`fanout::Fanout`] (as the port's [`Sink`](publish::Sink)) takes the next seq from the
-//! engine, encodes one frame, queues it to each subscriber's [`OutQueue`](ws::OutQueue) and
-//! hands it to the engine's history → the reactor flushes every connection the fan-out listed
-//! as dirty, one `write_vectored` each, and writes the worker's reply line.
+//! [`fanout::Serving`] (the port's [`Sink`](publish::Sink)) asks the engine to publish it →
+//! the engine answers `Deliver` (the memory engine within the call, Redis when the event
+//! comes back on the subscription) → `Fanout::deliver_event` encodes one frame, queues it to
+//! each subscriber's [`OutQueue`](ws::OutQueue) and hands it to the engine's history → the
+//! engine's `Done` answers the worker → the reactor flushes every connection the fan-out
+//! listed as dirty, one `write_vectored` each, and writes the worker's reply line.
+//! `docs/architecture.md` walks it, and one subscribe, file by file.
 //!
 //! Everything runs on the thread that calls [`Server::run`]; the only cross-thread object is
 //! the [`ShutdownHandle`].

@@ -7,7 +7,8 @@ export class PublishError extends Error {
    * - `timeout`: no reply in time; retry with `idem`
    * - `unreachable`: cannot connect (server down, wrong path or URL)
    * - `unauthorized`: the HTTP listener refused the key
-   * - `unavailable`: the server answered 5xx
+   * - `unavailable`: the engine could not store it (a reply with `retry: true`, Redis
+   *   unreachable), or over HTTP a 5xx answer; retry with `idem`
    * - `closed`: `close()` was called
    */
   readonly code:

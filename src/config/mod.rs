@@ -57,7 +57,7 @@ settings! {
         shutdown_timeout: HumanDuration = "5s", "DURATION", "Exit at the latest this long after SIGTERM/SIGINT";
         shutdown_drain: HumanDuration = "3s", "DURATION", "On shutdown, close WebSockets spread over this window so their reconnects do not arrive at once";
         write_stall_timeout: HumanDuration = "10s", "DURATION", "Close a connection whose queued output has not moved for this long (slow consumer, 1008)";
-        send_buffer_size: ByteSize = "64KiB", "SIZE", "Kernel send buffer (SO_SNDBUF) per WebSocket; 0 keeps the kernel's autotuning (megabytes)";
+        send_buffer_size: ByteSize = "64KiB", "SIZE", "Kernel send buffer (SO_SNDBUF) per WebSocket; 0 leaves it to the kernel's autotuning, which grows it to a few megabytes";
         max_connections: usize = "10000", "COUNT", "Open WebSockets at most; further upgrades get HTTP 503";
         max_message_size: ByteSize = "64KiB", "SIZE", "Largest client frame or message; larger ones close with 1009";
         max_subscriptions: usize = "100", "COUNT", "Channels one connection may subscribe to";
@@ -92,7 +92,7 @@ settings! {
     }
     options {
         publish_listen: SocketAddr, "ADDR", "Also take publishes over HTTP on this TCP address (for workers in other containers of the pod); needs publish_key unless it is a loopback address", "off";
-        publish_key: String, "KEY", "The key HTTP publishes on publish_listen must present (Authorization: Bearer); prefer SIDECAST_PUBLISH_KEY", "none";
+        publish_key: String, "KEY", "The key HTTP publishes on publish_listen must present (Authorization: Bearer); prefer SIDECAST_PUBLISH_KEY", "so publish_listen must be a loopback address";
         node_id: String, "ID", "This node's name in Redis (leases, logs); letters, digits, - and _", "random";
         connect_rate_per_ip: f64, "PER_SECOND", "New WebSockets per second per client address, bursts of twice that; recommended when clients connect directly, not through a proxy", "off";
     }
@@ -105,7 +105,7 @@ settings! {
         allowed_origin: String, "ORIGIN", "Origin allowed to open a WebSocket, e.g. `https://app.example.com`, or `*` (repeatable)", "so only same-host pages";
         trusted_proxies: Cidr, "CIDR", "Proxy addresses or CIDRs whose X-Forwarded-For is believed, e.g. 10.0.0.0/8 (repeatable, or comma-separated)", "so the TCP peer is the client"
             [value_delimiter = ','];
-        redis_url: RedisUrl, "URL", "Redis to use with --engine redis, e.g. redis://127.0.0.1:6379 (repeatable: a cluster's seed nodes; or set SIDECAST_REDIS_URL)", "none";
+        redis_url: RedisUrl, "URL", "Redis to use with --engine redis, e.g. redis://127.0.0.1:6379 (repeatable: a cluster's seed nodes; or set SIDECAST_REDIS_URL)", "SIDECAST_REDIS_URL, needed with --engine redis";
     }
     files {
         dapr: DaprSettings, "Dapr subscriptions ([[dapr.subscription]]): broker topics whose CloudEvents are published to channels";

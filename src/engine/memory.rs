@@ -188,10 +188,15 @@ impl MemoryEngine {
 impl MemoryEngine {
     /// Takes the next sequence number of `channel`.
     pub fn next_seq(&mut self, channel: &str) -> u64 {
+        self.take_seq(channel).0
+    }
+
+    /// Takes the next sequence number of `channel`, with the channel's shared name.
+    fn take_seq(&mut self, channel: &str) -> (u64, Arc<str>) {
         let key = self.entry(channel);
         let log = &mut self.logs[key];
         log.seq += 1;
-        log.seq
+        (log.seq, Arc::clone(&log.name))
     }
 
     /// Keeps the frame of event `seq` of `channel`, just assigned by [`next_seq`](Self::next_seq).
@@ -276,10 +281,7 @@ impl MemoryEngine {
 
 impl Engine for MemoryEngine {
     fn publish(&mut self, part: Part, event: &Event<'_>, _now: Tick) -> Result<(), Unavailable> {
-        let key = self.entry(event.channel);
-        let log = &mut self.logs[key];
-        log.seq += 1;
-        let (seq, name) = (log.seq, Arc::clone(&log.name));
+        let (seq, name) = self.take_seq(event.channel);
         let entry = Entry {
             seq,
             to_user: event.to_user,

@@ -190,8 +190,13 @@ impl Server {
             .publish_listen
             .map(|addr| format!(", HTTP publishes on http://{addr}/publish"))
             .unwrap_or_default();
+        let dashboard = if stats.is_some() {
+            format!(", dashboard at http://{local_addr}/")
+        } else {
+            String::new()
+        };
         log::info!(
-            "listening on ws://{local_addr}/ws, publish socket {}{tcp}",
+            "listening on ws://{local_addr}/ws, publish socket {}{tcp}{dashboard}",
             config.publish_socket.display()
         );
         Ok(Server {
