@@ -19,5 +19,6 @@ export interface ChannelState<T = Json> {
 export declare function useChannel<T = Json>(
   client: Sidecast,
   channel: string | null | undefined,
-  options?: { keep?: number },
+  /** `rewind`: start from the channel's latest events (see `SubscribeOptions.rewind`). */
+  options?: { keep?: number; rewind?: number },
 ): ChannelState<T>;

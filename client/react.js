@@ -7,10 +7,12 @@ import { useEffect, useState } from "react";
  * Subscribes `client` to `channel` while the component is mounted.
  * Returns { status, lastEvent, events, gap }: the connection status, the newest event
  * ({ data, channel, seq }) or null, the last `keep` events (oldest first), and whether
- * events were lost since subscribing (the component should reload its state).
+ * events were lost since subscribing (the component should reload its state). With
+ * `rewind` (e.g. 1), it starts from the channel's latest events, so `lastEvent` holds the
+ * current state on first paint after subscribing.
  * Changing `channel` unsubscribes from the old one and starts afresh.
  */
-export function useChannel(client, channel, { keep = 100 } = {}) {
+export function useChannel(client, channel, { keep = 100, rewind = 0 } = {}) {
   const [status, setStatus] = useState(client.status);
   const [feed, setFeed] = useState({ events: [], gap: false });
 
@@ -26,10 +28,10 @@ export function useChannel(client, channel, { keep = 100 } = {}) {
       channel,
       (data, meta) =>
         setFeed((feed) => ({ ...feed, events: [...feed.events, { data, ...meta }].slice(-keep) })),
-      { onGap: () => setFeed((feed) => ({ ...feed, gap: true })) },
+      { rewind, onGap: () => setFeed((feed) => ({ ...feed, gap: true })) },
     );
     return () => sub.unsubscribe();
-  }, [client, channel, keep]);
+  }, [client, channel, keep, rewind]);
 
   const lastEvent = feed.events.length > 0 ? feed.events[feed.events.length - 1] : null;
   return { status, lastEvent, events: feed.events, gap: feed.gap };

@@ -59,6 +59,12 @@ export interface SidecastOptions {
 }
 
 export interface SubscribeOptions {
+  /**
+   * Start with the channel's latest events, up to this many (the server's `history_size` at
+   * most), before live ones: the page renders the current state at once. After a reconnect
+   * whose resume could not be recovered, they come again after `onGap`.
+   */
+  rewind?: number;
   /** Events were lost (the server could not replay them): reload this channel's state. */
   onGap?: (info: { channel: string }) => void;
   /** The server refused the subscription (invalid_channel, forbidden, too_many_subscriptions). */

@@ -115,21 +115,34 @@ export class Sidecast {
 
   /**
    * Calls `onEvent(data, {channel, seq})` for each event on `channel`, in order, once each,
-   * across reconnections. `options.onGap({channel})` is called when events were lost (the
-   * server could not replay them); `options.onError(error)` when the server refuses the
-   * subscription. Returns `{channel, unsubscribe()}`.
+   * across reconnections. `options.rewind` (a number of events) starts with the channel's
+   * latest events, so a page renders the current state at once (and gets them again after a
+   * reconnect whose resume could not be recovered). `options.onGap({channel})` is called
+   * when events were lost (the server could not replay them); `options.onError(error)` when
+   * the server refuses the subscription. Returns `{channel, unsubscribe()}`.
    */
   subscribe(channel, onEvent, options = {}) {
     if (typeof channel !== "string" || !CHANNEL_NAME.test(channel)) {
       throw new TypeError(`invalid channel name ${JSON.stringify(channel)}: 1 to 128 of A-Z a-z 0-9 _ : . -`);
     }
     if (typeof onEvent !== "function") throw new TypeError("onEvent must be a function");
+    const rewind = options.rewind ?? 0;
+    if (!Number.isInteger(rewind) || rewind < 0) throw new TypeError("rewind must be a whole number");
     const sub = { onEvent, onGap: options.onGap, onError: options.onError };
     let state = this.#channels.get(channel);
     if (!state) {
-      state = { seq: null, epoch: null, subs: new Set(), requestId: null };
+      state = { seq: null, epoch: null, subs: new Set(), requestId: null, rewind, recent: [] };
       this.#channels.set(channel, state);
       if (this.#status === "connected") this.#subscribeOnServer(channel, state);
+    } else if (rewind > 0) {
+      // The channel is live already: this subscriber starts from the latest events the
+      // client kept for it, and the client keeps as many from now on.
+      state.rewind = Math.max(state.rewind, rewind);
+      const latest = state.recent.slice(-rewind);
+      queueMicrotask(() => {
+        if (!state.subs.has(sub)) return;
+        for (const { data, meta } of latest) this.#call(sub.onEvent, data, meta);
+      });
     }
     state.subs.add(sub);
     return {
@@ -271,6 +284,10 @@ export class Sidecast {
     if (!state || (state.seq !== null && seq <= state.seq)) return;
     state.seq = seq;
     const meta = { channel, seq };
+    if (state.rewind > 0) {
+      state.recent.push({ data, meta });
+      if (state.recent.length > state.rewind) state.recent.shift();
+    }
     for (const sub of [...state.subs]) this.#call(sub.onEvent, data, meta);
   }
 
@@ -311,10 +328,14 @@ export class Sidecast {
     }
   }
 
-  /** Subscribes on the server, resuming from the last event delivered when there is one. */
+  /**
+   * Subscribes on the server, resuming from the last event delivered when there is one; with
+   * `rewind`, the latest events come first (or after a resume that could not be recovered).
+   */
   #subscribeOnServer(channel, state) {
     const since = state.epoch === null ? undefined : { seq: state.seq, epoch: state.epoch };
-    state.requestId = this.#send({ type: "subscribe", channel, since });
+    const rewind = state.rewind > 0 ? state.rewind : undefined;
+    state.requestId = this.#send({ type: "subscribe", channel, since, rewind });
   }
 
   async #onClose(code, reason) {

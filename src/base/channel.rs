@@ -1,5 +1,6 @@
 //! Channel names: what a valid one is, the server's reserved ones, the per-user channel, and
-//! a resuming client's position in a channel ([`Since`]).
+//! a resuming client's position in a channel ([`Since`]) and what a subscribe asks to be
+//! given before live events ([`Backfill`]).
 
 use std::fmt;
 
@@ -67,8 +68,18 @@ pub fn user_of(channel: &str) -> Option<&str> {
     channel.strip_prefix(USER_PREFIX)
 }
 
+/// What a subscribe asks for besides the live events: a resume from `since`, and, when
+/// there is nothing to resume or it cannot be recovered, the channel's last `rewind` events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Backfill {
+    /// The last event the client saw.
+    pub since: Option<Since>,
+    /// How many of the channel's latest events to deliver (0: none).
+    pub rewind: usize,
+}
+
 /// The last event a resuming client saw on a channel.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Since {
     /// Its sequence number.
     pub seq: u64,

@@ -119,6 +119,12 @@ impl History {
         )
     }
 
+    /// The frames of the newest `n` events held (fewer if it holds fewer), oldest first.
+    pub fn last(&self, n: usize) -> impl Iterator<Item = &Bytes> {
+        let skip = self.entries.len().saturating_sub(n);
+        self.entries.iter().skip(skip).map(|e| &e.frame)
+    }
+
     fn pop_front(&mut self) -> Delta {
         let entry = self
             .entries

@@ -28,7 +28,7 @@ use super::idempotency::{Idempotency, IdempotencyLimits};
 use super::{
     Engine, EngineGauges, Entry, Event, Happening, Joined, OpId, Part, Replay, Stored, Unavailable,
 };
-use crate::base::channel::Since;
+use crate::base::channel::{Backfill, Since};
 use crate::base::ids::ConnId;
 use crate::base::time::Tick;
 use crate::publish::Published;
@@ -239,6 +239,19 @@ impl MemoryEngine {
         missed
     }
 
+    /// The frames of the newest `n` events of `channel` still held, oldest first: they end
+    /// at its latest seq, since every event is kept while there is history at all.
+    fn latest(&mut self, channel: &str, n: usize, now: Tick) -> Vec<Bytes> {
+        let Some(&key) = self.by_name.get(channel).filter(|_| n > 0) else {
+            return Vec::new();
+        };
+        let log = &mut self.logs[key];
+        let delta = log.history.expire(now, self.limits);
+        let frames = log.history.last(n).cloned().collect();
+        self.apply(delta);
+        frames
+    }
+
     /// This node's first subscriber to `channel` arrived.
     pub fn watch(&mut self, channel: &str) {
         let key = self.entry(channel);
@@ -338,18 +351,29 @@ impl Engine for MemoryEngine {
         MemoryEngine::unwatch(self, channel, now);
     }
 
-    fn join(&mut self, channel: &str, conn: ConnId, since: Option<Since>, now: Tick) {
+    fn join(&mut self, channel: &str, conn: ConnId, backfill: Backfill, now: Tick) {
         // Replayed within this call: on one thread no publish can land between the replay
         // and live delivery, so there is no gap and no duplicate.
-        let missed = since.map(|since| self.replay(channel, &since, now));
+        let missed = backfill
+            .since
+            .map(|since| self.replay(channel, &since, now));
+        let recovered = missed.as_ref().map(Option::is_some);
+        let (frames, rewound) = match missed.flatten() {
+            Some(frames) => (frames, 0),
+            None => {
+                let frames = self.latest(channel, backfill.rewind, now);
+                let rewound = frames.len() as u64;
+                (frames, rewound)
+            }
+        };
         let position = self.position(channel);
         let joined = Joined {
             channel: channel.into(),
             conn,
-            seq: position.seq,
+            seq: position.seq - rewound,
             epoch: position.epoch.into(),
-            recovered: missed.as_ref().map(Option::is_some),
-            replay: Replay::Frames(missed.flatten().unwrap_or_default()),
+            recovered,
+            replay: Replay::Frames(frames),
             floor: None,
         };
         self.out.push(Happening::Joined(joined));

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use mio::{Registry, Token};
 
-use crate::base::channel::Since;
+use crate::base::channel::Backfill;
 use crate::base::ids::ConnId;
 use crate::base::time::{Tick, TickSource};
 use crate::config::{Config, EngineKind};
@@ -114,7 +114,9 @@ pub struct Joined {
     pub channel: Arc<str>,
     /// The joining connection.
     pub conn: ConnId,
-    /// The `seq` its `subscribed` carries.
+    /// The `seq` its `subscribed` carries: the channel's, or, when events are replayed
+    /// without a recovered resume (a rewind, a newer epoch from its start), the one before
+    /// the first of them.
     pub seq: u64,
     /// The epoch its `subscribed` carries.
     pub epoch: Arc<str>,
@@ -265,9 +267,11 @@ pub trait Engine: Send {
     /// This node's last subscriber to `channel` left.
     fn unwatch(&mut self, channel: &str, now: Tick);
 
-    /// Where `channel` stands for `conn`, which joins it (a watched channel), and with
-    /// `since`, what it missed: answered by [`Happening::Joined`].
-    fn join(&mut self, channel: &str, conn: ConnId, since: Option<Since>, now: Tick);
+    /// Where `channel` stands for `conn`, which joins it (a watched channel), and what it
+    /// asks besides: what it missed since `backfill.since`, or, when there is nothing to
+    /// resume or it cannot be recovered, the channel's last `backfill.rewind` events.
+    /// Answered by [`Happening::Joined`].
+    fn join(&mut self, channel: &str, conn: ConnId, backfill: Backfill, now: Tick);
 
     /// `conn`, of `user` (`first`: the user's first connection on this node), was admitted
     /// on this node's count, `max` at most per user. Returns true when the engine asks other

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Fanout, deliver, hub};
-use crate::base::channel::Since;
+use crate::base::channel::Backfill;
 use crate::base::ids::ConnId;
 use crate::base::time::Tick;
 use crate::engine::{Joined, Replay};
@@ -120,14 +120,18 @@ impl Fanout {
             Verdict::Close(close) => return Some(close),
             Verdict::Reject(rejection) => conn.send_reply(&Reply::from(&rejection)),
             Verdict::Pong { id } => conn.send_reply(&Reply::Pong { id: id.as_ref() }),
-            Verdict::Subscribe { channel, since, id } => {
+            Verdict::Subscribe {
+                channel,
+                backfill,
+                id,
+            } => {
                 let (channel_id, joined) = self.hub.subscribe(&channel, conn_id);
                 conn.session_mut()?.add_subscription(channel_id);
                 drop(conn);
                 if joined == hub::Joined::First {
                     self.engine.watch(channel.as_str(), now);
                 }
-                self.join(self.hub.name(channel_id), conn_id, since, id);
+                self.join(self.hub.name(channel_id), conn_id, backfill, id);
             }
             Verdict::Unsubscribe { channel, id } => {
                 let mut last = None;
@@ -163,13 +167,7 @@ impl Fanout {
 
     /// `conn`, just in the hub for `channel`, joins it: listed as joining, then the engine's
     /// answer (carried out at once when it answers within the call).
-    fn join(
-        &mut self,
-        channel: Arc<str>,
-        conn: ConnId,
-        since: Option<Since>,
-        id: Option<RequestId>,
-    ) {
+    fn join(&mut self, channel: Arc<str>, conn: ConnId, backfill: Backfill, id: Option<RequestId>) {
         let joins = self.joins.entry(Arc::clone(&channel)).or_default();
         joins.retain(|j| j.conn != conn);
         joins.push(Join {
@@ -177,7 +175,7 @@ impl Fanout {
             id,
             floor: None,
         });
-        self.engine.join(&channel, conn, since, self.pass.now);
+        self.engine.join(&channel, conn, backfill, self.pass.now);
         self.apply();
     }
 

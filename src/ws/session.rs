@@ -9,7 +9,7 @@
 
 use crate::auth::jwt::{Identity, Verifier};
 use crate::auth::ratelimit::{Rate, TokenBucket};
-use crate::base::channel::{ChannelName, Since};
+use crate::base::channel::{Backfill, ChannelName};
 use crate::base::ids::ChannelId;
 use crate::base::time::Tick;
 use crate::error::Close;
@@ -51,12 +51,13 @@ pub enum Verdict {
     Nothing,
     /// Answer with an `error`; the connection stays open.
     Reject(Rejection),
-    /// Join `channel` (again, possibly), replay what `since` missed, reply `subscribed`.
+    /// Join `channel` (again, possibly), reply `subscribed`, then what `since` missed or the
+    /// latest `rewind` events.
     Subscribe {
         /// The channel.
         channel: ChannelName,
-        /// Where a resuming client stopped.
-        since: Option<Since>,
+        /// Where a resuming client stopped, and the latest events it wants.
+        backfill: Backfill,
         /// Echoed.
         id: Option<RequestId>,
     },
@@ -162,7 +163,11 @@ impl Session {
             })
         };
         match request {
-            Request::Subscribe { channel, since, id } => {
+            Request::Subscribe {
+                channel,
+                backfill,
+                id,
+            } => {
                 let name = channel.as_str();
                 if self
                     .identity()
@@ -179,7 +184,11 @@ impl Session {
                     let message = format!("at most {max} subscriptions per connection");
                     return reject(ErrorCode::TooManySubscriptions, message, Some(&channel), id);
                 }
-                Verdict::Subscribe { channel, since, id }
+                Verdict::Subscribe {
+                    channel,
+                    backfill,
+                    id,
+                }
             }
             Request::Unsubscribe { channel, id } => Verdict::Unsubscribe { channel, id },
             Request::Ping { id } => Verdict::Pong { id },

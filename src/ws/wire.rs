@@ -13,7 +13,7 @@ use serde_json::Value;
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-use crate::base::channel::{ChannelName, Since};
+use crate::base::channel::{Backfill, ChannelName, Since};
 
 /// The `code` of an `error` reply. Each is a client mistake; the connection stays open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -45,12 +45,12 @@ pub type RequestId = Value;
 /// A well-formed client request.
 #[derive(Debug, PartialEq)]
 pub enum Request {
-    /// `{"type":"subscribe","channel":...,"since":{"seq":17,"epoch":"x7f3"}}`
+    /// `{"type":"subscribe","channel":...,"since":{"seq":17,"epoch":"x7f3"},"rewind":1}`
     Subscribe {
         /// The channel to join.
         channel: ChannelName,
-        /// The last event the client saw, to replay what it missed.
-        since: Option<Since>,
+        /// What it missed (`since`) and the latest events it wants (`rewind`).
+        backfill: Backfill,
         /// Echoed in the reply.
         id: Option<RequestId>,
     },
@@ -113,6 +113,7 @@ impl Rejection {
 }
 
 const SINCE_SHAPE: &str = "since must be {\"seq\": <number>, \"epoch\": <string>}";
+const REWIND_SHAPE: &str = "rewind must be a whole number of events, at least 1";
 
 /// Parses one text frame from a client.
 ///
@@ -221,7 +222,22 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
                         );
                     }
                 };
-                Request::Subscribe { channel, since, id }
+                let rewind = match fields.remove("rewind") {
+                    None | Some(Value::Null) => 0,
+                    Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n >= 1) => {
+                        usize::try_from(n.as_u64().unwrap_or_default()).unwrap_or(usize::MAX)
+                    }
+                    Some(_) => {
+                        let message = REWIND_SHAPE.into();
+                        return reject(ErrorCode::InvalidMessage, message, Some(name), id);
+                    }
+                };
+                let backfill = Backfill { since, rewind };
+                Request::Subscribe {
+                    channel,
+                    backfill,
+                    id,
+                }
             } else {
                 Request::Unsubscribe { channel, id }
             })
@@ -423,14 +439,19 @@ mod tests {
             sub,
             Ok(Request::Subscribe {
                 channel: ChannelName::parse("project:42").unwrap(),
-                since: None,
+                backfill: Backfill::default(),
                 id: Some(json!(7))
             })
         );
-        let resume = r#"{"type":"subscribe","channel":"a","since":{"seq":17,"epoch":"x7f3"}}"#;
+        let resume =
+            r#"{"type":"subscribe","channel":"a","since":{"seq":17,"epoch":"x7f3"},"rewind":3}"#;
+        let since = Some(Since {
+            seq: 17,
+            epoch: "x7f3".into(),
+        });
         assert!(matches!(
             parse_request(resume),
-            Ok(Request::Subscribe { since: Some(Since { seq: 17, ref epoch }), .. }) if epoch == "x7f3"
+            Ok(Request::Subscribe { backfill, .. }) if backfill == Backfill { since, rewind: 3 }
         ));
         for bad in [
             r#"{"seq":-1,"epoch":"e"}"#,
@@ -440,6 +461,16 @@ mod tests {
         ] {
             let text = format!(r#"{{"type":"subscribe","channel":"a","since":{bad}}}"#);
             assert_eq!(rejected(&text).0, ErrorCode::InvalidMessage, "{text}");
+        }
+        for bad in ["0", "-1", "1.5", "\"1\"", "true"] {
+            let text = format!(r#"{{"type":"subscribe","channel":"a","rewind":{bad}}}"#);
+            let rejection = parse_request(&text).expect_err(&text);
+            assert_eq!(rejection.code, ErrorCode::InvalidMessage, "{text}");
+            assert!(
+                rejection.message.contains("rewind"),
+                "{}",
+                rejection.message
+            );
         }
         let unsub = parse_request(r#"{"type":"unsubscribe","channel":"a","id":"x"}"#);
         assert!(matches!(

@@ -58,3 +58,25 @@ test("useChannel renders the last event and follows the channel prop", async () 
   await page.close();
   await server.stop();
 });
+
+test("useChannel with rewind renders the current progress on first paint", async () => {
+  const server = await startServer({ args: ["--allowed-origin", fixture.pages.origin] });
+  const publisher = await Publisher.connect(server.socket);
+  // The render is at 40% before the page opens; nothing is published while it loads.
+  await publisher.publish({ channel: "project:42", data: { percent: 10 } });
+  await publisher.publish({ channel: "project:42", data: { percent: 40 } });
+  const url = `${fixture.pages.origin}/react.html?rewind=1&ws=${encodeURIComponent(server.wsUrl)}`;
+  const page = await openPage(fixture.browser, url);
+  const text = (id) => page.locator(`#${id}`).textContent();
+  await waitFor("the current progress is rendered", async () => (await text("last")) !== "none");
+  assert.equal(await text("last"), 'project:42 #2 {"percent":40}');
+  assert.equal(await text("count"), "1", "only the latest, as asked");
+  // Then live, with nothing repeated.
+  await publisher.publish({ channel: "project:42", data: { percent: 60 } });
+  await waitFor("the next event follows", async () => (await text("count")) === "2");
+  assert.equal(await text("last"), 'project:42 #3 {"percent":60}');
+  assert.deepEqual(page.problems, []);
+  publisher.close();
+  await page.close();
+  await server.stop();
+});

@@ -23,6 +23,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A port for a cluster node: free, with its cluster bus port (+10000) free and valid too
+/// (an ephemeral port above 55535 would put the bus past 65535, and redis-server would not
+/// start).
+pub fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55535 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Polls `condition` until it holds, for `patience` at most.
 #[track_caller]
 pub fn wait_for(what: &str, patience: Duration, mut condition: impl FnMut() -> bool) {
@@ -51,8 +63,13 @@ impl RedisServer {
     /// Like `start`, with extra `redis-server` arguments.
     pub fn start_with(dir: &Path, extra: &[&str]) -> RedisServer {
         std::fs::create_dir_all(dir).unwrap();
+        let cluster = extra.contains(&"--cluster-enabled");
         let mut server = RedisServer {
-            port: free_port(),
+            port: if cluster {
+                free_cluster_port()
+            } else {
+                free_port()
+            },
             dir: dir.to_path_buf(),
             extra: extra.iter().map(ToString::to_string).collect(),
             child: None,
@@ -79,17 +96,25 @@ impl RedisServer {
                 "",
             ])
             .args(&self.extra)
+            .args(["--logfile", self.dir.join("redis.log").to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server runs (apt-get install redis-server)");
+            .expect("redis-server runs (tests/run installs it)");
         self.child = Some(child);
         let port = self.port;
-        wait_for("redis answers PING", PATIENCE, || {
-            // With requirepass, NOAUTH is an answer too.
-            command(port, &["PING"])
-                .is_some_and(|r| r.starts_with("+PONG") || r.starts_with("-NOAUTH"))
-        });
+        let deadline = Instant::now() + PATIENCE;
+        // With requirepass, NOAUTH is an answer too.
+        while !command(port, &["PING"])
+            .is_some_and(|r| r.starts_with("+PONG") || r.starts_with("-NOAUTH"))
+        {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                panic!("redis-server on port {port} does not answer PING; its log ends: {tail:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGKILL, and wait for the process to be gone.

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::link::Expected;
 use super::resp::{self, Frame};
 use super::scripts::Script;
-use crate::base::channel::Since;
+use crate::base::channel::Backfill;
 use crate::base::ids::ConnId;
 use crate::engine::{OpId, Part};
 
@@ -111,6 +111,6 @@ pub(super) enum Read {
     /// The periodic position check: anything it fills is a repair (a lost pub/sub message,
     /// or a bug), counted and logged.
     Check,
-    /// A joining connection's read, with its `since`.
-    Join(ConnId, Option<Since>),
+    /// A joining connection's read, with what it asks besides the position.
+    Join(ConnId, Backfill),
 }

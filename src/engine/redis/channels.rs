@@ -13,7 +13,7 @@ use super::scripts::{Keys, Script};
 use super::sequencer::{Sequencer, Step};
 use super::shards::MapAnswer;
 use super::{BROADCAST_CHANNEL, CHECKS_PER_TICK, RENEW, RedisEngine, Watched, millis, number};
-use crate::base::channel::{Since, user_channel};
+use crate::base::channel::{Backfill, Since, user_channel};
 use crate::base::ids::ConnId;
 use crate::base::time::Tick;
 use crate::engine::{Entry, Happening, Joined, Replay};
@@ -67,8 +67,8 @@ impl RedisEngine {
         if sync.is_some() {
             self.send_read(shard, name, Read::Sync, now);
         }
-        for (conn, since) in queued {
-            self.send_read(shard, name, Read::Join(conn, since), now);
+        for (conn, backfill) in queued {
+            self.send_read(shard, name, Read::Join(conn, backfill), now);
         }
     }
 
@@ -186,13 +186,16 @@ impl RedisEngine {
     pub(super) fn send_read(&mut self, shard: usize, name: &Arc<str>, read: Read, now: Tick) {
         let watched = &self.channels[name];
         // Who already delivered events reads a newer epoch from its start; the first read
-        // of a channel, and a subscribe without `since`, only learn where it stands.
-        let (epoch, since, from_start) = match &read {
-            Read::Join(_, Some(since)) => (since.epoch.clone(), since.seq, true),
-            Read::Join(_, None) => (String::new(), 0, false),
+        // of a channel, and a subscribe without `since`, only learn where it stands (and,
+        // with `rewind`, the latest events).
+        let (epoch, since, from_start, rewind) = match &read {
+            Read::Join(_, Backfill { since, rewind }) => match since {
+                Some(since) => (since.epoch.clone(), since.seq, true, *rewind),
+                None => (String::new(), 0, false, *rewind),
+            },
             Read::Sync | Read::Check => match watched.order.position() {
-                Some((seq, epoch)) => (epoch.to_string(), seq, true),
-                None => (String::new(), 0, false),
+                Some((seq, epoch)) => (epoch.to_string(), seq, true, 0),
+                None => (String::new(), 0, false, 0),
             },
         };
         let keys = &watched.keys;
@@ -204,6 +207,7 @@ impl RedisEngine {
             number(since),
             number(self.settings.history_size.max(1) as u64),
             Bytes::from_static(if from_start { b"1" } else { b"0" }),
+            number(rewind.min(self.settings.history_size) as u64),
         ];
         let call = Call::script(Script::Read, script_keys, args);
         let channel = Arc::clone(name);
@@ -216,7 +220,7 @@ impl RedisEngine {
     pub(super) fn abandon_read(&mut self, channel: &str, read: Read) {
         if let Some(watched) = self.channels.get_mut(channel) {
             match read {
-                Read::Join(conn, since) => watched.queued.push((conn, since)),
+                Read::Join(conn, backfill) => watched.queued.push((conn, backfill)),
                 Read::Sync | Read::Check => watched.order.abandon_sync(),
             }
         }
@@ -229,7 +233,7 @@ impl RedisEngine {
         &mut self,
         channel: &str,
         conn: ConnId,
-        since: Option<Since>,
+        backfill: Backfill,
         now: Tick,
     ) {
         let Some((name, watched)) = self.channels.get_key_value(channel) else {
@@ -237,10 +241,10 @@ impl RedisEngine {
             return;
         };
         if let Some((seq, epoch)) = watched.order.position() {
-            let recovered = match &since {
-                None => Some(None),
+            let recovered = match &backfill.since {
+                None if backfill.rewind == 0 => Some(None),
                 Some(s) if s.seq == seq && *s.epoch == **epoch => Some(Some(true)),
-                Some(_) => None,
+                _ => None, // to read: what it missed, or the latest events
             };
             if let Some(recovered) = recovered {
                 let joined = Joined {
@@ -258,10 +262,10 @@ impl RedisEngine {
         }
         let name = Arc::clone(name);
         match self.shards.up(watched.keys.slot()) {
-            Some(shard) => self.send_read(shard, &name, Read::Join(conn, since), now),
+            Some(shard) => self.send_read(shard, &name, Read::Join(conn, backfill), now),
             None => {
                 let watched = self.channels.get_mut(channel).expect("watched");
-                watched.queued.push((conn, since));
+                watched.queued.push((conn, backfill));
             }
         }
     }
@@ -269,7 +273,13 @@ impl RedisEngine {
     /// A read's answer: the channel's own (deliver what it missed, read again while held
     /// events leave a hole), or a join's.
     pub(super) fn on_read(&mut self, channel: Arc<str>, read: Read, frame: &Frame, now: Tick) {
-        let Some((epoch, seq, entries)) = parse_read(frame) else {
+        let Some(ReadAnswer {
+            epoch,
+            seq,
+            entries,
+            rewound,
+        }) = parse_read(frame)
+        else {
             log::warn!("redis: unexpected read reply {frame:?}");
             return;
         };
@@ -277,7 +287,7 @@ impl RedisEngine {
             return; // unwatched meanwhile
         };
         let mut steps = std::mem::take(&mut self.steps);
-        let Read::Join(conn, since) = read else {
+        let Read::Join(conn, backfill) = read else {
             if let Some((last, known)) = watched.order.position()
                 && **known == *epoch
                 && seq < last
@@ -313,7 +323,12 @@ impl RedisEngine {
             self.emit(&channel, &mut steps);
         }
         self.steps = steps;
-        let joined = self.joined(channel, conn, since, (epoch, seq), entries);
+        let at = (epoch, seq);
+        let joined = if rewound {
+            self.rewound(channel, conn, backfill.since.is_some(), at, entries)
+        } else {
+            self.joined(channel, conn, backfill.since, at, entries)
+        };
         self.out.extend(joined.map(Happening::Joined));
     }
 
@@ -364,6 +379,38 @@ impl RedisEngine {
         })
     }
 
+    /// A join's answer from a read that gave the channel's latest events (`rewind`, with no
+    /// `since` or one that could not be recovered): those this node has delivered, then live.
+    fn rewound(
+        &self,
+        channel: Arc<str>,
+        conn: ConnId,
+        resumed: bool,
+        (epoch, seq): (&str, u64),
+        entries: Option<Vec<Entry>>,
+    ) -> Option<Joined> {
+        let (delivered, local_epoch) = self.channels.get(&channel)?.order.position()?;
+        let mut entries = entries.unwrap_or_default();
+        // The read ends at Redis's `seq`; this node delivers up to it in order, so the events
+        // it has delivered, among the latest, are replayed, and the rest come live. A node
+        // ahead of the read (it cannot be, the read and the events share one connection) or
+        // in another epoch replays nothing rather than risk a gap.
+        if **local_epoch != *epoch || delivered > seq {
+            entries.clear();
+        }
+        entries.retain(|e| e.seq <= delivered);
+        let told = entries.first().map_or(delivered, |e| e.seq - 1);
+        Some(Joined {
+            channel,
+            conn,
+            seq: told,
+            epoch: Arc::clone(local_epoch),
+            recovered: resumed.then_some(false),
+            replay: Replay::Entries(entries),
+            floor: None,
+        })
+    }
+
     /// The sequencer's steps for `channel`, as happenings.
     pub(super) fn emit(&mut self, channel: &Arc<str>, steps: &mut Vec<Step>) {
         for step in steps.drain(..) {
@@ -400,14 +447,29 @@ pub(super) fn send_subscription(
     link.send(&args, Some(tag), now);
 }
 
-/// The READ script's answer: epoch, seq, and the entries when they were read.
-fn parse_read(frame: &Frame) -> Option<(&str, u64, Option<Vec<Entry>>)> {
+/// The READ script's answer.
+struct ReadAnswer<'a> {
+    epoch: &'a str,
+    seq: u64,
+    /// The entries, when they were read.
+    entries: Option<Vec<Entry>>,
+    /// They are the channel's latest (a rewind), not those after the caller's seq.
+    rewound: bool,
+}
+
+/// The READ script's answer.
+fn parse_read(frame: &Frame) -> Option<ReadAnswer<'_>> {
     use super::scripts::{field, tag};
     let parts = resp::items(frame)?;
     let epoch = resp::text(parts.first()?)?;
     let seq = resp::int(parts.get(1)?)? as u64;
     let Some(entries) = parts.get(2) else {
-        return Some((epoch, seq, None));
+        return Some(ReadAnswer {
+            epoch,
+            seq,
+            entries: None,
+            rewound: false,
+        });
     };
     let mut out = Vec::new();
     for entry in resp::items(entries)? {
@@ -431,5 +493,11 @@ fn parse_read(frame: &Frame) -> Option<(&str, u64, Option<Vec<Entry>>)> {
             data: data?,
         });
     }
-    Some((epoch, seq, Some(out)))
+    let rewound = parts.get(3).and_then(resp::int) == Some(1);
+    Some(ReadAnswer {
+        epoch,
+        seq,
+        entries: Some(out),
+        rewound,
+    })
 }

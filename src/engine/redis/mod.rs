@@ -49,7 +49,7 @@ use super::memory::MemoryEngine;
 use super::{
     Engine, EngineGauges, Event, Happening, OpId, Part, SharedState, TokenOf, Unavailable,
 };
-use crate::base::channel::{RESERVED_PREFIX, Since, user_channel};
+use crate::base::channel::{Backfill, RESERVED_PREFIX, user_channel};
 use crate::base::ids::ConnId;
 use crate::base::time::{Tick, TickSource};
 use crate::config::RedisUrl;
@@ -124,7 +124,7 @@ struct Watched {
     interest: u32,
     order: Sequencer,
     /// Joins to send once the channel's shard is up.
-    queued: Vec<(ConnId, Option<Since>)>,
+    queued: Vec<(ConnId, Backfill)>,
     /// The shard whose connection carries its subscription (asked or confirmed); `None`
     /// while it is subscribed nowhere, which `/health` reports.
     subscribed_on: Option<usize>,
@@ -453,12 +453,12 @@ impl Engine for RedisEngine {
         }
     }
 
-    fn join(&mut self, channel: &str, conn: ConnId, since: Option<Since>, now: Tick) {
+    fn join(&mut self, channel: &str, conn: ConnId, backfill: Backfill, now: Tick) {
         if Self::is_local(channel) {
-            Engine::join(&mut self.local, channel, conn, since, now);
+            Engine::join(&mut self.local, channel, conn, backfill, now);
             self.take_local();
         } else {
-            self.join_shared(channel, conn, since, now);
+            self.join_shared(channel, conn, backfill, now);
         }
     }
 

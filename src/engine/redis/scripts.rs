@@ -69,11 +69,14 @@ return {0, seq, nodes}
 /// the caller has not seen: one atomic step, so the entries end exactly at the seq returned.
 /// When the caller's epoch is the channel's, they are those after the caller's seq; when it
 /// is not, and the caller asks for the epoch from its start, those from seq 1 (a new epoch's
-/// events are still events to deliver: only the old epoch's unread ones are lost).
+/// events are still events to deliver: only the old epoch's unread ones are lost). With a
+/// rewind of N, when there is nothing to resume from in this epoch or the stream no longer
+/// holds all of it, they are the channel's last N entries instead, marked as such.
 ///
 /// KEYS: meta, stream. ARGV: epoch to create, meta TTL (ms), the caller's epoch (or empty),
-/// the caller's seq, most entries, `1` to read another epoch from its start (else `0`).
-/// Returns `{epoch, seq}` (nothing read) or `{epoch, seq, entries}`.
+/// the caller's seq, most entries, `1` to read another epoch from its start (else `0`),
+/// rewind (0: none). Returns `{epoch, seq}` (nothing read), `{epoch, seq, entries}`, or
+/// `{epoch, seq, entries, 1}` (the last entries, for a rewind).
 pub const READ: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'e', 's')
 local epoch, seq = m[1], tonumber(m[2])
@@ -83,13 +86,21 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local rewind = tonumber(ARGV[7])
 local since = tonumber(ARGV[4])
-if ARGV[3] ~= epoch then
-  if ARGV[6] ~= '1' then return {epoch, seq} end
-  since = 0
+local other = ARGV[3] ~= epoch
+if rewind == 0 and other and ARGV[6] ~= '1' then return {epoch, seq} end
+if rewind == 0 or not other then
+  if other then since = 0 end
+  if since >= seq then return {epoch, seq, {}} end
+  local entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[5])
+  local whole = #entries == seq - since and (#entries == 0 or entries[1][1] == (since + 1) .. '-0')
+  if whole or rewind == 0 then return {epoch, seq, entries} end
 end
-if since >= seq then return {epoch, seq, {}} end
-return {epoch, seq, redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[5])}
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', rewind)
+local last = {}
+for i = #newest, 1, -1 do last[#last + 1] = newest[i] end
+return {epoch, seq, last, 1}
 ";
 
 /// Takes or renews a lease on one of a user's connections, using Redis's clock so nodes'

@@ -4,8 +4,8 @@ import { createRoot } from "react-dom/client";
 import { Sidecast } from "../../../client/sidecast.js";
 import { useChannel } from "../../../client/react.js";
 
-function Progress({ client, channel }) {
-  const { status, lastEvent, events } = useChannel(client, channel);
+function Progress({ client, channel, rewind }) {
+  const { status, lastEvent, events } = useChannel(client, channel, { rewind });
   return (
     <div>
       <p>Status: <span id="status">{status}</span></p>
@@ -15,18 +15,19 @@ function Progress({ client, channel }) {
   );
 }
 
-function App({ client }) {
+function App({ client, rewind }) {
   const [channel, setChannel] = useState("project:42");
   const [mounted, setMounted] = useState(true);
   return (
     <main>
       <button id="switch" onClick={() => setChannel("order:7")}>Watch order:7</button>
       <button id="unmount" onClick={() => setMounted(false)}>Unmount</button>
-      {mounted && <Progress client={client} channel={channel} />}
+      {mounted && <Progress client={client} channel={channel} rewind={rewind} />}
     </main>
   );
 }
 
 const params = new URLSearchParams(location.search);
 const client = new Sidecast(params.get("ws"));
-createRoot(document.getElementById("root")).render(<App client={client} />);
+const rewind = Number(params.get("rewind") ?? 0);
+createRoot(document.getElementById("root")).render(<App client={client} rewind={rewind} />);
