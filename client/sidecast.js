@@ -28,6 +28,8 @@ const TOO_MANY_CONNECTIONS = 4008;
 const ABNORMAL_CLOSURE = 1006;
 /** Consecutive attempts that never reach `connected` before the page is told (once). */
 const UNREACHABLE_AFTER = 3;
+/** Channels per batch `subscribe`: 10 messages of the server's budget (burst 50 by default). */
+const BATCH = 100;
 /** setTimeout's longest delay; a longer one would fire at once. */
 const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 
@@ -221,7 +223,7 @@ export class Sidecast {
         this.#armWatchdog(this.#heartbeatMs / 2);
         this.#stableTimer = setTimeout(() => (this.#attempt = 0), this.#options.stableAfterMs);
         this.#scheduleRefresh();
-        for (const [channel, state] of this.#channels) this.#subscribeOnServer(channel, state);
+        this.#subscribeAll([...this.#channels.keys()]);
         this.#setStatus("connected");
         break;
       case "subscribed":
@@ -316,7 +318,14 @@ export class Sidecast {
     const state = this.#channels.get(request.channel);
     switch (request.type) {
       case "subscribe":
-        if (state && state.requestId === request.id) this.#subscribeOnServer(request.channel, state);
+        if (request.channels) {
+          const standing = request.channels
+            .map((entry) => entry.channel)
+            .filter((channel) => this.#channels.get(channel)?.requestId === request.id);
+          this.#subscribeAll(standing);
+        } else if (state && state.requestId === request.id) {
+          this.#subscribeOnServer(request.channel, state);
+        }
         break;
       case "unsubscribe":
         if (!state) this.#send({ type: "unsubscribe", channel: request.channel });
@@ -329,13 +338,35 @@ export class Sidecast {
   }
 
   /**
-   * Subscribes on the server, resuming from the last event delivered when there is one; with
-   * `rewind`, the latest events come first (or after a resume that could not be recovered).
+   * What to ask the server for `channel`: a resume from the last event delivered when there
+   * is one; with `rewind`, the latest events first (or after a resume that could not be
+   * recovered).
    */
-  #subscribeOnServer(channel, state) {
+  #entry(channel, state) {
     const since = state.epoch === null ? undefined : { seq: state.seq, epoch: state.epoch };
     const rewind = state.rewind > 0 ? state.rewind : undefined;
-    state.requestId = this.#send({ type: "subscribe", channel, since, rewind });
+    return { channel, since, rewind };
+  }
+
+  /** Subscribes one channel on the server. */
+  #subscribeOnServer(channel, state) {
+    state.requestId = this.#send({ type: "subscribe", ...this.#entry(channel, state) });
+  }
+
+  /**
+   * Subscribes (and resumes) `channels` on the server in as few requests as possible: one per
+   * BATCH channels (fewer when the server's burst is small), each charged one message per 10
+   * channels, so 100 channels are one request.
+   */
+  #subscribeAll(channels) {
+    // A batch never costs more than the server's burst, or it could never be sent.
+    const size = Math.max(1, Math.min(BATCH, Math.floor(this.#budget.burst) * 10));
+    for (let i = 0; i < channels.length; i += size) {
+      const states = channels.slice(i, i + size).map((channel) => [channel, this.#channels.get(channel)]);
+      const entries = states.map(([channel, state]) => this.#entry(channel, state));
+      const id = this.#send({ type: "subscribe", channels: entries });
+      for (const [, state] of states) state.requestId = id;
+    }
   }
 
   async #onClose(code, reason) {
@@ -446,7 +477,8 @@ export class Sidecast {
    */
   #send(request) {
     const id = this.#nextId++;
-    const key = request.channel ?? request.type;
+    // At most one waiting request per channel, the latest; each batch waits on its own.
+    const key = request.channels ? `batch:${id}` : (request.channel ?? request.type);
     this.#outbox.delete(key);
     this.#outbox.set(key, { ...request, id });
     if (this.#outboxTimer === null) this.#flush();
@@ -460,16 +492,19 @@ export class Sidecast {
     const now = Date.now();
     budget.tokens = Math.min(budget.burst, budget.tokens + ((now - budget.at) / 1000) * budget.rate);
     budget.at = now;
+    const costOf = (request) => (request.channels ? Math.ceil(request.channels.length / 10) : 1);
     for (const [key, request] of this.#outbox) {
-      if (budget.tokens < 1) break;
-      budget.tokens -= 1;
+      const cost = costOf(request);
+      if (budget.tokens < cost) break;
+      budget.tokens -= cost;
       this.#outbox.delete(key);
       this.#inFlight.set(request.id, request);
       this.#ws.send(JSON.stringify(request));
     }
     if (this.#outbox.size > 0) {
       // A little past the refill, so the server's bucket (on its own clock) has it too.
-      const waitMs = ((1 - budget.tokens) / budget.rate) * 1000 + 20;
+      const next = this.#outbox.values().next().value;
+      const waitMs = ((costOf(next) - budget.tokens) / budget.rate) * 1000 + 20;
       this.#outboxTimer = setTimeout(() => this.#flush(), waitMs);
     }
   }

@@ -161,6 +161,26 @@ proptest! {
                 prop_assert!(check_channel(channel.as_str()).is_ok());
                 prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string()));
             }
+            Ok(Request::SubscribeMany { entries, id }) => {
+                prop_assert!((1..=wire::MAX_BATCH).contains(&entries.len()));
+                for entry in entries {
+                    match entry {
+                        Ok(entry) => prop_assert!(check_channel(entry.channel.as_str()).is_ok()),
+                        Err(rejection) => prop_assert!(!rejection.message.is_empty()),
+                    }
+                }
+                prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string()));
+            }
+            Ok(Request::UnsubscribeMany { entries, id }) => {
+                prop_assert!((1..=wire::MAX_BATCH).contains(&entries.len()));
+                for entry in entries {
+                    match entry {
+                        Ok(channel) => prop_assert!(check_channel(channel.as_str()).is_ok()),
+                        Err(rejection) => prop_assert!(!rejection.message.is_empty()),
+                    }
+                }
+                prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string()));
+            }
             Ok(Request::Refresh { id, .. }) => prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string())),
             Ok(Request::Ping { id }) => prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string())),
             Err(rejection) => {

@@ -55,9 +55,15 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn try_take(&mut self, rate: Rate, now: Tick) -> bool {
+        self.try_take_n(rate, now, 1)
+    }
+
+    /// Takes `n` tokens if there are that many; takes nothing otherwise.
+    pub fn try_take_n(&mut self, rate: Rate, now: Tick, n: usize) -> bool {
         self.refill(rate, now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = n as f64;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false

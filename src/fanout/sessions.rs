@@ -114,12 +114,28 @@ impl Fanout {
         };
         let session = conn.session_mut()?;
         let verdict = session.on_message(message, &rules, &self.hub, now);
+        drop(conn);
+        self.carry_out(key, verdict)
+    }
+
+    /// Carries out a session's verdict on connection `key`, open.
+    fn carry_out(&mut self, key: usize, verdict: Verdict) -> Option<Close> {
+        let now = self.pass.now;
+        let mut conn = self.clients.live_mut(key);
         let conn_id = conn.id();
         match verdict {
             Verdict::Nothing => {}
             Verdict::Close(close) => return Some(close),
             Verdict::Reject(rejection) => conn.send_reply(&Reply::from(&rejection)),
             Verdict::Pong { id } => conn.send_reply(&Reply::Pong { id: id.as_ref() }),
+            Verdict::Many(verdicts) => {
+                drop(conn);
+                for verdict in verdicts {
+                    if let Some(close) = self.carry_out(key, verdict) {
+                        return Some(close);
+                    }
+                }
+            }
             Verdict::Subscribe {
                 channel,
                 backfill,

@@ -14,7 +14,7 @@ use crate::base::ids::ChannelId;
 use crate::base::time::Tick;
 use crate::error::Close;
 use crate::fanout::hub::Hub;
-use crate::ws::wire::{self, ErrorCode, Rejection, Request, RequestId};
+use crate::ws::wire::{self, ErrorCode, Rejection, Request, RequestId, Subscribing};
 
 /// What a client sent, as the connection parsed it.
 #[derive(Debug)]
@@ -51,6 +51,8 @@ pub enum Verdict {
     Nothing,
     /// Answer with an `error`; the connection stays open.
     Reject(Rejection),
+    /// A batch: each verdict in turn, each answered on its own.
+    Many(Vec<Verdict>),
     /// Join `channel` (again, possibly), reply `subscribed`, then what `since` missed or the
     /// latest `rewind` events.
     Subscribe {
@@ -125,7 +127,13 @@ impl Session {
             ))),
             Inbound::Ping => None,
         };
-        if !self.admit(rules.rate, now) {
+        // A batch costs one message per `BATCH_PER_MESSAGE` channels; a refused one takes
+        // nothing, and is refused whole.
+        let cost = match &request {
+            Some(Ok(request)) => request.cost(),
+            _ => 1,
+        };
+        if !self.admit(rules.rate, now, cost) {
             if self.strikes >= rules.strikes {
                 return Verdict::Close(Close::RateLimited);
             }
@@ -167,30 +175,30 @@ impl Session {
                 channel,
                 backfill,
                 id,
-            } => {
-                let name = channel.as_str();
-                if self
-                    .identity()
-                    .is_some_and(|(who, _)| !who.may_subscribe(name))
-                {
-                    let message = "your token does not allow this channel".into();
-                    return reject(ErrorCode::Forbidden, message, Some(&channel), id);
-                }
-                let has = hub
-                    .find(name)
-                    .is_some_and(|c| self.subscriptions.contains(&c));
-                if !has && self.subscriptions.len() >= rules.max_subscriptions {
-                    let max = rules.max_subscriptions;
-                    let message = format!("at most {max} subscriptions per connection");
-                    return reject(ErrorCode::TooManySubscriptions, message, Some(&channel), id);
-                }
-                Verdict::Subscribe {
-                    channel,
-                    backfill,
-                    id,
-                }
+            } => self.judge_subscribe(channel, backfill, id, rules, hub, &mut Vec::new()),
+            Request::SubscribeMany { entries, id } => {
+                // Counted as they are judged, so the batch cannot pass max_subscriptions.
+                let mut joining = Vec::new();
+                let judge = |entry: Result<Subscribing, Rejection>| match entry {
+                    Ok(Subscribing { channel, backfill }) => {
+                        let id = id.clone();
+                        self.judge_subscribe(channel, backfill, id, rules, hub, &mut joining)
+                    }
+                    Err(rejection) => Verdict::Reject(rejection),
+                };
+                Verdict::Many(entries.into_iter().map(judge).collect())
             }
             Request::Unsubscribe { channel, id } => Verdict::Unsubscribe { channel, id },
+            Request::UnsubscribeMany { entries, id } => {
+                let judge = |entry: Result<ChannelName, Rejection>| match entry {
+                    Ok(channel) => Verdict::Unsubscribe {
+                        channel,
+                        id: id.clone(),
+                    },
+                    Err(rejection) => Verdict::Reject(rejection),
+                };
+                Verdict::Many(entries.into_iter().map(judge).collect())
+            }
             Request::Ping { id } => Verdict::Pong { id },
             Request::Refresh { token, id } => {
                 let (Some(verifier), Some((current, _))) = (rules.verifier, self.identity()) else {
@@ -212,11 +220,56 @@ impl Session {
     }
 
     /// Charges one message to the rate limit; false when it is over.
-    fn admit(&mut self, rate: Rate, now: Tick) -> bool {
+    /// A subscribe, allowed by the token and `max_subscriptions`; `joining` lists the
+    /// channels new to this session that the same message subscribed before it.
+    fn judge_subscribe(
+        &self,
+        channel: ChannelName,
+        backfill: Backfill,
+        id: Option<RequestId>,
+        rules: &Rules<'_>,
+        hub: &Hub,
+        joining: &mut Vec<ChannelName>,
+    ) -> Verdict {
+        let name = channel.as_str();
+        let refuse = |code, message: String, channel: &ChannelName, id| {
+            Verdict::Reject(Rejection {
+                channel: Some(channel.as_str().to_string()),
+                id,
+                ..Rejection::new(code, message)
+            })
+        };
+        if self
+            .identity()
+            .is_some_and(|(who, _)| !who.may_subscribe(name))
+        {
+            let message = "your token does not allow this channel".into();
+            return refuse(ErrorCode::Forbidden, message, &channel, id);
+        }
+        let has = hub
+            .find(name)
+            .is_some_and(|c| self.subscriptions.contains(&c))
+            || joining.contains(&channel);
+        if !has {
+            if self.subscriptions.len() + joining.len() >= rules.max_subscriptions {
+                let max = rules.max_subscriptions;
+                let message = format!("at most {max} subscriptions per connection");
+                return refuse(ErrorCode::TooManySubscriptions, message, &channel, id);
+            }
+            joining.push(channel.clone());
+        }
+        Verdict::Subscribe {
+            channel,
+            backfill,
+            id,
+        }
+    }
+
+    fn admit(&mut self, rate: Rate, now: Tick, cost: usize) -> bool {
         if self.messages.is_full(rate, now) {
             self.strikes = 0;
         }
-        let admitted = self.messages.try_take(rate, now);
+        let admitted = self.messages.try_take_n(rate, now, cost);
         if !admitted {
             self.strikes += 1;
         }

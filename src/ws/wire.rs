@@ -9,7 +9,7 @@ use std::io::Write;
 
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
@@ -54,6 +54,21 @@ pub enum Request {
         /// Echoed in the reply.
         id: Option<RequestId>,
     },
+    /// `{"type":"subscribe","channels":["a",{"channel":"b","since":{...},"rewind":1}]}`: each
+    /// channel answered on its own, so one refusal does not refuse the rest.
+    SubscribeMany {
+        /// Each channel asked for, or why it is refused.
+        entries: Vec<Result<Subscribing, Rejection>>,
+        /// Echoed in every reply.
+        id: Option<RequestId>,
+    },
+    /// `{"type":"unsubscribe","channels":["a","b"]}`.
+    UnsubscribeMany {
+        /// Each channel to leave, or why it is refused.
+        entries: Vec<Result<ChannelName, Rejection>>,
+        /// Echoed in every reply.
+        id: Option<RequestId>,
+    },
     /// `{"type":"unsubscribe","channel":...}`
     Unsubscribe {
         /// The channel to leave.
@@ -75,6 +90,22 @@ pub enum Request {
     },
 }
 
+/// One channel of a batch `subscribe`.
+#[derive(Debug, PartialEq)]
+pub struct Subscribing {
+    /// The channel to join.
+    pub channel: ChannelName,
+    /// What it missed (`since`) and the latest events it wants (`rewind`).
+    pub backfill: Backfill,
+}
+
+/// Channels one batch `subscribe` or `unsubscribe` may name: the message budget charges a
+/// batch one message per [`BATCH_PER_MESSAGE`] channels, and this bounds what one message
+/// can make the server parse and hold.
+pub const MAX_BATCH: usize = 1000;
+/// Channels of a batch that cost one message of the rate limit.
+pub const BATCH_PER_MESSAGE: usize = 10;
+
 impl Request {
     /// The request's channel and id, for an error reply about it.
     pub fn channel_and_id(&self) -> (Option<&str>, Option<&RequestId>) {
@@ -82,9 +113,100 @@ impl Request {
             Request::Subscribe { channel, id, .. } | Request::Unsubscribe { channel, id } => {
                 (Some(channel.as_str()), id.as_ref())
             }
-            Request::Ping { id } | Request::Refresh { id, .. } => (None, id.as_ref()),
+            Request::SubscribeMany { id, .. }
+            | Request::UnsubscribeMany { id, .. }
+            | Request::Ping { id }
+            | Request::Refresh { id, .. } => (None, id.as_ref()),
         }
     }
+
+    /// How many messages of the rate limit it costs: one, or for a batch one per
+    /// [`BATCH_PER_MESSAGE`] channels (rounded up).
+    pub fn cost(&self) -> usize {
+        match self {
+            Request::SubscribeMany { entries, .. } => entries.len().div_ceil(BATCH_PER_MESSAGE),
+            Request::UnsubscribeMany { entries, .. } => entries.len().div_ceil(BATCH_PER_MESSAGE),
+            _ => 1,
+        }
+        .max(1)
+    }
+}
+
+/// The `since` and `rewind` of a subscribe.
+fn backfill(fields: &mut Map<String, Value>) -> Result<Backfill, &'static str> {
+    let since = match fields.remove("since") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(mut since)) => match (since.remove("seq"), since.remove("epoch")) {
+            (Some(Value::Number(seq)), Some(Value::String(epoch))) => Some(Since {
+                seq: seq.as_u64().ok_or(SINCE_SHAPE)?,
+                epoch,
+            }),
+            _ => return Err(SINCE_SHAPE),
+        },
+        Some(_) => return Err(SINCE_SHAPE),
+    };
+    let rewind = match fields.remove("rewind") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+            _ => return Err(REWIND_SHAPE),
+        },
+        Some(_) => return Err(REWIND_SHAPE),
+    };
+    Ok(Backfill { since, rewind })
+}
+
+const ENTRY_SHAPE: &str = "each of channels is a channel name or {\"channel\": <name>, ...}";
+
+/// A batch entry's channel name, and its other fields: a string, or an object with
+/// `channel`.
+fn entry_name(
+    entry: Value,
+    id: &Option<RequestId>,
+) -> Result<(String, Map<String, Value>), Rejection> {
+    match entry {
+        Value::String(name) => Ok((name, Map::new())),
+        Value::Object(mut fields) => match fields.remove("channel") {
+            Some(Value::String(name)) => Ok((name, fields)),
+            _ => Err(Rejection {
+                id: id.clone(),
+                ..Rejection::new(ErrorCode::InvalidMessage, ENTRY_SHAPE)
+            }),
+        },
+        _ => Err(Rejection {
+            id: id.clone(),
+            ..Rejection::new(ErrorCode::InvalidMessage, ENTRY_SHAPE)
+        }),
+    }
+}
+
+/// A checked channel name, or the refusal that names it.
+fn checked(name: String, id: &Option<RequestId>) -> Result<ChannelName, Rejection> {
+    ChannelName::parse(&name).map_err(|why| Rejection {
+        code: ErrorCode::InvalidChannel,
+        message: why.into(),
+        channel: Some(name),
+        id: id.clone(),
+    })
+}
+
+/// One entry of a batch subscribe.
+fn subscribing(entry: Value, id: &Option<RequestId>) -> Result<Subscribing, Rejection> {
+    let (name, mut fields) = entry_name(entry, id)?;
+    let backfill = backfill(&mut fields).map_err(|why| Rejection {
+        code: ErrorCode::InvalidMessage,
+        message: why.into(),
+        channel: Some(name.clone()),
+        id: id.clone(),
+    })?;
+    let channel = checked(name, id)?;
+    Ok(Subscribing { channel, backfill })
+}
+
+/// One entry of a batch unsubscribe.
+fn leaving(entry: Value, id: &Option<RequestId>) -> Result<ChannelName, Rejection> {
+    let (name, _) = entry_name(entry, id)?;
+    checked(name, id)
 }
 
 /// Why a request was refused: becomes an `error` reply.
@@ -157,8 +279,8 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
             id,
         })
     };
-    let kind = match fields.get("type") {
-        Some(Value::String(kind)) => kind.as_str(),
+    let kind = match fields.remove("type") {
+        Some(Value::String(kind)) => kind,
         Some(_) => {
             return reject(
                 ErrorCode::InvalidMessage,
@@ -176,8 +298,28 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
             );
         }
     };
-    match kind {
+    match kind.as_str() {
         "subscribe" | "unsubscribe" => {
+            if let Some(list) = fields.remove("channels") {
+                if channel.is_some() {
+                    let message = "give channel or channels, not both".into();
+                    return reject(ErrorCode::InvalidMessage, message, channel, id);
+                }
+                let list = match list {
+                    Value::Array(list) if (1..=MAX_BATCH).contains(&list.len()) => list,
+                    _ => {
+                        let message = format!("channels must be an array of 1 to {MAX_BATCH}");
+                        return reject(ErrorCode::InvalidMessage, message, None, id);
+                    }
+                };
+                return Ok(if kind == "subscribe" {
+                    let entries = list.into_iter().map(|e| subscribing(e, &id)).collect();
+                    Request::SubscribeMany { entries, id }
+                } else {
+                    let entries = list.into_iter().map(|e| leaving(e, &id)).collect();
+                    Request::UnsubscribeMany { entries, id }
+                });
+            }
             let Some(name) = channel else {
                 return reject(
                     ErrorCode::InvalidMessage,
@@ -191,48 +333,12 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
                 Err(why) => return reject(ErrorCode::InvalidChannel, why.into(), Some(name), id),
             };
             Ok(if kind == "subscribe" {
-                let since = match fields.remove("since") {
-                    None | Some(Value::Null) => None,
-                    Some(Value::Object(mut since)) => {
-                        match (since.remove("seq"), since.remove("epoch")) {
-                            (Some(Value::Number(seq)), Some(Value::String(epoch)))
-                                if seq.as_u64().is_some() =>
-                            {
-                                Some(Since {
-                                    seq: seq.as_u64().unwrap_or_default(),
-                                    epoch,
-                                })
-                            }
-                            _ => {
-                                return reject(
-                                    ErrorCode::InvalidMessage,
-                                    SINCE_SHAPE.into(),
-                                    Some(name),
-                                    id,
-                                );
-                            }
-                        }
-                    }
-                    Some(_) => {
-                        return reject(
-                            ErrorCode::InvalidMessage,
-                            SINCE_SHAPE.into(),
-                            Some(name),
-                            id,
-                        );
+                let backfill = match backfill(&mut fields) {
+                    Ok(backfill) => backfill,
+                    Err(why) => {
+                        return reject(ErrorCode::InvalidMessage, why.into(), Some(name), id);
                     }
                 };
-                let rewind = match fields.remove("rewind") {
-                    None | Some(Value::Null) => 0,
-                    Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n >= 1) => {
-                        usize::try_from(n.as_u64().unwrap_or_default()).unwrap_or(usize::MAX)
-                    }
-                    Some(_) => {
-                        let message = REWIND_SHAPE.into();
-                        return reject(ErrorCode::InvalidMessage, message, Some(name), id);
-                    }
-                };
-                let backfill = Backfill { since, rewind };
                 Request::Subscribe {
                     channel,
                     backfill,

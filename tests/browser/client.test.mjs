@@ -62,10 +62,12 @@ test("a page loads /sidecast.js from the server and shows published events", asy
 test("a cut connection resumes: every event once, in order, recovered", async () => {
   const server = await serve();
   const proxy = await startProxy(server.port);
-  // project:42 comes last of 100 channels, so after a reconnect its resubscribe waits for the
-  // budget (50 at once, then 20/s): events published in that window race the resume.
+  // project:42 comes last of 100 channels, and the page is told a budget of 2 messages a
+  // second in bursts of 1: it resubscribes in batches of 10 channels, one every half second,
+  // so events published in those seconds race the resume of project:42.
   const channels = [...Array.from({ length: 99 }, (_, i) => `job:${i}`), "project:42"];
-  const page = await clientPage(server, { ws: proxy.wsUrl, channels, initialDelayMs: "200" });
+  const options = { ws: proxy.wsUrl, channels, initialDelayMs: "200", slowBudget: "1" };
+  const page = await clientPage(server, options);
   await waitSubscribed(page, server, 100);
   const publisher = await Publisher.connect(server.socket);
   await publishRange(publisher, 1, 5);
@@ -130,17 +132,29 @@ test("subscribe and unsubscribe while disconnected take effect on reconnect", as
   await server.stop();
 });
 
-test("a page on 100 channels resubscribes to all of them within the rate limit", async () => {
+test("a page on 100 channels resubscribes to all of them in one request", async () => {
   // The defaults: 100 subscriptions per connection, 20 messages per second in bursts of 50.
   const server = await serve();
   const proxy = await startProxy(server.port);
   const channels = Array.from({ length: 100 }, (_, i) => `job:${i}`);
-  const page = await clientPage(server, { ws: proxy.wsUrl, channels, initialDelayMs: "100" });
+  const options = { ws: proxy.wsUrl, channels, initialDelayMs: "100", timeSubscribed: "1" };
+  const page = await clientPage(server, options);
   await waitSubscribed(page, server, 100);
   proxy.cut();
   await waitFor("the server sees the cut", async () => (await server.health()).channels === 0);
   proxy.restore();
   await waitFor("all 100 resubscribed", async () => (await server.health()).channels === 100);
+  // One batch request, answered within a round trip: from the page's `connected` to its
+  // last `subscribed`, as the page saw them.
+  const answers = await waitFor("the page has every answer", async () => {
+    const { statuses, subscribedAt } = await recorded(page);
+    const connectedAt = statuses.filter((s) => s.status === "connected").at(-1).at;
+    const after = subscribedAt.filter((at) => at >= connectedAt);
+    return after.length >= 100 && { connectedAt, after };
+  });
+  const took = answers.after.at(-1) - answers.connectedAt;
+  console.log(`all 100 resubscribed ${took.toFixed(1)} ms after the page said connected`);
+  assert.ok(took < 1000, `one request, not paced by the rate limit: ${took} ms`);
   const publisher = await Publisher.connect(server.socket);
   await publisher.publish({ channels: ["job:0", "job:99"], data: "last" });
   const record = await waitForEvents(page, 2);
@@ -362,12 +376,17 @@ test("events directed to the user reach a page that never subscribed to user:<su
 });
 
 test("a request the server's rate limit drops is sent again", async () => {
-  // The page is told 100 times the real budget, so most of its 10 subscribes are dropped.
+  // The page is told 100 times the real budget, so most of its 10 subscribes, made one by
+  // one once connected, are dropped.
   const server = await serve({ args: ["--rate-limit", "5", "--rate-burst", "2", "--rate-limit-strikes", "1000"] });
-  const channels = Array.from({ length: 10 }, (_, i) => `job:${i}`);
-  const page = await clientPage(server, { channels, inflateBudget: "1" });
+  const page = await clientPage(server, { channels: [], inflateBudget: "1" });
+  await waitFor("connected", async () => (await recorded(page)).statuses.at(-1)?.status === "connected");
+  await page.evaluate(() => {
+    for (let i = 0; i < 10; i++) window.watch(`job:${i}`);
+  });
   await waitFor("all 10 subscribed in the end", async () => (await server.health()).channels === 10);
   const record = await recorded(page);
+  assert.ok(record.dropped > 0, "the server dropped some");
   assert.deepEqual(record.errors, [], "handled by the client, not the page");
   await page.close();
   await server.stop();

@@ -336,6 +336,14 @@ impl RawPublisher {
         self.writer.write_all(bytes).unwrap();
     }
 
+    /// Sends bytes to a server that may close the connection meanwhile (which is what the
+    /// caller tests): a broken pipe is not an error here.
+    pub fn send_until_closed(&mut self, bytes: &[u8]) {
+        if let Err(e) = self.writer.write_all(bytes) {
+            assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
+        }
+    }
+
     /// The next reply line, parsed.
     #[track_caller]
     pub fn reply(&mut self) -> Value {
