@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::redis::{Node, RedisServer};
+use common::redis::TwoNodes;
 use common::{TestServer, Ws};
 use serde_json::{Value, json};
 
@@ -170,10 +170,7 @@ fn a_page_resumes_100_channels_in_one_request() {
     let took = resume_100(|| server.ws(), |command| server.publish(command));
     eprintln!("memory engine: 100 channels resumed in one request in {took:?}");
 
-    let dir = tempfile::tempdir().unwrap();
-    let redis = RedisServer::start(dir.path());
-    let urls = [redis.url()];
-    let (a, b) = (Node::start(&urls, &[]), Node::start(&urls, &[]));
-    let took = resume_100(|| b.ws(), |command| a.publish(&command));
+    let nodes = TwoNodes::start(&[]);
+    let took = resume_100(|| nodes.b.ws(), |command| nodes.a.publish(&command));
     eprintln!("redis engine: 100 channels resumed in one request in {took:?}");
 }

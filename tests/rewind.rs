@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::redis::{Node, RedisServer, Views};
+use common::redis::{TwoNodes, Views};
 use common::{RawPublisher, TestServer, Ws};
 use serde_json::{Value, json};
 
@@ -95,13 +95,10 @@ fn memory_engine_rewinds_the_latest_events_before_live_ones() {
 
 #[test]
 fn redis_engine_rewinds_from_the_stream_on_any_node() {
-    let dir = tempfile::tempdir().unwrap();
-    let redis = RedisServer::start(dir.path());
-    let urls = [redis.url()];
-    let (a, b) = (Node::start(&urls, &[]), Node::start(&urls, &[]));
-    let mut publisher = a.publisher();
+    let nodes = TwoNodes::start(&[]);
+    let mut publisher = nodes.a.publisher();
     // Pages on B, the events published through A.
-    rewinds_the_latest_events(|| b.ws(), &mut publisher);
+    rewinds_the_latest_events(|| nodes.b.ws(), &mut publisher);
 }
 
 /// Pages that join with `rewind` while a worker publishes: each sees one run of consecutive
@@ -150,10 +147,7 @@ fn memory_engine_rewind_races_publishes_without_a_duplicate_or_a_gap() {
 
 #[test]
 fn redis_engine_rewind_races_publishes_without_a_duplicate_or_a_gap() {
-    let dir = tempfile::tempdir().unwrap();
-    let redis = RedisServer::start(dir.path());
-    let urls = [redis.url()];
-    let (a, b) = (Node::start(&urls, &[]), Node::start(&urls, &[]));
-    let (on_a, on_b) = (|| a.ws(), || b.ws());
-    racing_publishes(&[&on_a, &on_b], a.publisher());
+    let nodes = TwoNodes::start(&[]);
+    let (on_a, on_b) = (|| nodes.a.ws(), || nodes.b.ws());
+    racing_publishes(&[&on_a, &on_b], nodes.a.publisher());
 }

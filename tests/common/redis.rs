@@ -278,6 +278,30 @@ impl RedisCluster {
     }
 }
 
+/// Two sidecast nodes over one standalone Redis, all stopped on drop (nodes first).
+pub struct TwoNodes {
+    pub a: Node,
+    pub b: Node,
+    pub redis: RedisServer,
+    _dir: tempfile::TempDir,
+}
+
+impl TwoNodes {
+    /// A fresh Redis in a temp dir, and two nodes on it with `flags`.
+    pub fn start(flags: &[&str]) -> TwoNodes {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = RedisServer::start(dir.path());
+        let urls = [redis.url()];
+        let (a, b) = (Node::start(&urls, flags), Node::start(&urls, flags));
+        TwoNodes {
+            a,
+            b,
+            redis,
+            _dir: dir,
+        }
+    }
+}
+
 /// A sidecast node in its own process.
 pub struct Node {
     pub port: u16,
