@@ -2,15 +2,15 @@
 //! sessions it serves.
 //!
 //! The fan-out asks the [`Engine`] and carries out its answers ([`Happening`]s) in one place,
-//! [`Fanout::apply`], called right after every engine call: the memory engine answers within
+//! `Fanout::apply`, called right after every engine call: the memory engine answers within
 //! the call, the Redis engine when Redis does, through the same values. So there is one path
-//! for an event ([`Fanout::deliver_event`]: one encoded frame, shared by every recipient),
+//! for an event (`Fanout::deliver_event`: one encoded frame, shared by every recipient),
 //! one for a subscribe ([`sessions`]: `join`, then `on_joined`), and one for a publish's
 //! answer ([`ops`]).
 //!
 //! The path of one event: a publish command arrives through a [`Serving`] sink (from
 //! `publish::port`) → `ops` starts it and asks the engine → the engine answers with
-//! `Deliver` (now, or when Redis delivers it to this node) → [`Fanout::deliver_event`]
+//! `Deliver` (now, or when Redis delivers it to this node) → `Fanout::deliver_event`
 //! encodes one frame and queues it to each live local subscriber in the [`Hub`] (and, for a
 //! `{"user":...}` publish, to each of the user's connections not subscribed already), then
 //! hands it to the engine's history → `Done` completes the publish; the reactor flushes every

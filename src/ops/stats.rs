@@ -1,6 +1,6 @@
 //! The stats feed behind the dashboard: once a second, while the dashboard is on, the server
 //! publishes a snapshot of its gauges and counters, and the rates since the previous snapshot,
-//! to [`STATS_CHANNEL`](crate::ws::wire::STATS_CHANNEL). The feed is not counted in the event and
+//! to [`STATS_CHANNEL`](crate::base::channel::STATS_CHANNEL). The feed is not counted in the event and
 //! frame counters it reports.
 
 use std::fmt::Write;

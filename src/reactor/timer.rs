@@ -1,7 +1,7 @@
 //! A single-level hashed timer wheel (Varghese & Lauck) driven by integer ticks.
 //!
 //! The wheel never reads the clock: the reactor converts `Instant`s to [`Tick`]s with a
-//! [`TickSource`] and calls [`TimerWheel::advance`] with the current tick, so tests step time
+//! [`TickSource`](crate::base::time::TickSource) and calls [`TimerWheel::advance`] with the current tick, so tests step time
 //! by hand.
 //!
 //! Invariants:
