@@ -68,6 +68,10 @@ settings! {
         log_level: LevelFilter = "info", "LEVEL", "Log level: error, warn, info, debug, trace or off; RUST_LOG overrides it";
         require_origin: bool = "false", "BOOL", "Refuse WebSocket upgrades without an Origin header (non-browser clients)"
             [num_args = 0..=1, require_equals = true, default_missing_value = "true"];
+        reuse_port: bool = "false", "BOOL", "Let several nodes on this host listen on the same WebSocket address (SO_REUSEPORT): the kernel spreads new connections over them; needs --engine redis"
+            [num_args = 0..=1, require_equals = true, default_missing_value = "true"];
+        reuse_port_without_redis: bool = "false", "BOOL", "Allow reuse_port with the memory engine: each node then serves only its own subscribers, and a publish reaches only the node it was sent to"
+            [num_args = 0..=1, require_equals = true, default_missing_value = "true"];
         rate_limit: f64 = "20", "PER_SECOND", "Client messages per second per connection";
         rate_burst: u32 = "50", "COUNT", "Client messages a connection may send in one burst";
         rate_limit_strikes: u32 = "20", "COUNT", "Rate-limited messages before the connection is closed with 1008";
@@ -350,6 +354,15 @@ impl Config {
             return invalid(
                 "redis_url",
                 format!("--engine redis needs a redis_url (or {REDIS_URL_ENV})"),
+            );
+        }
+        if self.reuse_port && self.engine == EngineKind::Memory && !self.reuse_port_without_redis {
+            return invalid(
+                "reuse_port",
+                "nodes sharing a port must share their channels: use --engine redis (or add \
+                 --reuse-port-without-redis to insist: each node then serves only its own \
+                 subscribers, and a publish reaches only the node it was sent to)"
+                    .into(),
             );
         }
         if self.redis_prefix.contains(['{', '}']) {

@@ -43,7 +43,7 @@ impl Listeners {
     /// A [`StartupError`] naming the address or path at fault.
     pub fn bind(config: &Config) -> Result<Listeners, StartupError> {
         let ws =
-            std::net::TcpListener::bind(config.listen).map_err(|source| StartupError::Listen {
+            bind_ws(config.listen, config.reuse_port).map_err(|source| StartupError::Listen {
                 addr: config.listen,
                 source,
             })?;
@@ -262,6 +262,27 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 /// Binds the publish socket, replacing a stale file left by a crashed server.
+/// Backlog of the WebSocket listener bound with `reuse_port` (what std's `bind` uses).
+const BACKLOG: i32 = 128;
+
+/// The WebSocket listener: as `std` binds it, or with `SO_REUSEPORT` so that several nodes
+/// on this host share the address and the kernel spreads new connections over them.
+fn bind_ws(addr: std::net::SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    if !reuse_port {
+        return std::net::TcpListener::bind(addr);
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
 fn bind_publish_socket(
     path: &Path,
     mode: u32,

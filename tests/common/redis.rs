@@ -313,9 +313,14 @@ pub struct Node {
 impl Node {
     /// `sidecast serve --engine redis` against `urls`, with extra flags; waits for /health.
     pub fn start(urls: &[String], extra: &[&str]) -> Node {
+        Node::start_on(free_port(), urls, extra)
+    }
+
+    /// The same on `port`, which other nodes may share (`--reuse-port`): waits for /health on
+    /// the port and for this node's own publish socket.
+    pub fn start_on(port: u16, urls: &[String], extra: &[&str]) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("sidecast.sock");
-        let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_sidecast"));
         command
             .arg("serve")
@@ -337,6 +342,7 @@ impl Node {
         };
         wait_for("the node is healthy", PATIENCE, || {
             node.health().is_some_and(|h| h["status"] == "ok")
+                && std::os::unix::net::UnixStream::connect(&node.socket).is_ok()
         });
         node
     }

@@ -1,4 +1,4 @@
-"""The files in docs/deploy/ stay valid: the systemd unit verifies, the Kubernetes manifests
+"""The files in docs/deploy/ stay valid: the systemd units verify (sidecast.service, and sidecast@.service as an instance), the Kubernetes manifests
 parse with the fields Kubernetes requires and agree with each other, and the config they
 carry is one sidecast accepts."""
 
@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,13 +19,18 @@ DEPLOY = ROOT / "docs" / "deploy"
 BIN = os.environ.get("SIDECAST_BIN", str(ROOT / "target" / "debug" / "sidecast"))
 
 
-def test_the_systemd_unit_verifies_without_a_warning():
+@pytest.mark.parametrize(
+    "unit_file, verified_as",
+    [("sidecast.service", "sidecast.service"), ("sidecast@.service", "sidecast@0.service")],
+)
+def test_the_systemd_units_verify_without_a_warning(unit_file, verified_as):
     assert shutil.which("systemd-analyze"), "systemd-analyze is needed (apt-get install systemd)"
-    unit = (DEPLOY / "sidecast.service").read_text()
-    # verify checks that ExecStart exists: point it at the binary cargo built.
+    unit = (DEPLOY / unit_file).read_text()
+    # verify checks that ExecStart exists: point it at the binary cargo built. The template
+    # is verified as its instance 0 (core 0).
     unit = unit.replace("/usr/local/bin/sidecast", BIN)
     with tempfile.TemporaryDirectory() as dir_:
-        path = Path(dir_) / "sidecast.service"
+        path = Path(dir_) / verified_as
         path.write_text(unit)
         result = subprocess.run(
             ["systemd-analyze", "verify", "--man=no", str(path)],
