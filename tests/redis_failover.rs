@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::redis::{Node, RedisCluster, RedisServer, Views, wait_for};
+use common::redis::{Node, RedisCluster, RedisServer, TwoNodes, Views, wait_for};
 use common::{PATIENCE, Ws};
 use serde_json::{Value, json};
 
@@ -236,10 +236,8 @@ fn a_cluster_master_that_restarts_with_its_data_serves_its_channels_again() {
 
 #[test]
 fn after_an_empty_restart_a_late_node_delivers_the_new_epochs_events_after_its_gap() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut redis = RedisServer::start(dir.path());
-    let urls = [redis.url()];
-    let (a, b) = (Node::start(&urls, &[]), Node::start(&urls, &[]));
+    let mut nodes = TwoNodes::start(&[]);
+    let TwoNodes { a, b, redis, .. } = &mut nodes;
     let mut page = b.ws();
     let old_epoch = page.subscribe("c")["epoch"].clone();
     for n in 1..=3 {

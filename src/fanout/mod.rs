@@ -124,6 +124,9 @@ pub struct Fanout {
     joins: HashMap<Arc<str>, Vec<Join>>,
     /// Reused: the engine's answers being carried out.
     happenings: Vec<Happening>,
+    /// `apply` is running: a call from within it (a disconnect ends sessions, which asks the
+    /// engine) leaves the new answers to the running one, which takes them next, in order.
+    applying: bool,
     /// Reused to build event payloads.
     scratch: Vec<u8>,
     /// Connections closed by a publisher's command; the reactor arms their drain deadline.
@@ -145,6 +148,7 @@ impl Fanout {
             ops: Ops::default(),
             joins: HashMap::new(),
             happenings: Vec::new(),
+            applying: false,
             scratch: Vec::new(),
             closed_by_command: Vec::new(),
         }
@@ -194,10 +198,26 @@ impl Fanout {
 
     // ---- the engine's answers: the one place they are carried out ----
 
-    /// Carries out what the engine answered since the last call, in order.
+    /// Carries out what the engine answered since the last call, in order, including what
+    /// it answers meanwhile.
     fn apply(&mut self) {
+        if self.applying {
+            return;
+        }
+        self.applying = true;
         let mut happenings = std::mem::take(&mut self.happenings);
-        self.engine.happenings(&mut happenings);
+        loop {
+            self.engine.happenings(&mut happenings);
+            if happenings.is_empty() {
+                break;
+            }
+            self.carry_out_all(&mut happenings);
+        }
+        self.happenings = happenings;
+        self.applying = false;
+    }
+
+    fn carry_out_all(&mut self, happenings: &mut Vec<Happening>) {
         for happening in happenings.drain(..) {
             match happening {
                 Happening::Deliver {
@@ -234,7 +254,6 @@ impl Fanout {
                 }
             }
         }
-        self.happenings = happenings;
     }
 
     /// An event of `channel`, in its one order: one frame, shared by every live local

@@ -266,8 +266,8 @@ impl Fanout {
         if op.waiting > 0 {
             return;
         }
-        let op = self.ops.table.remove(part.op);
-        let outcome = self.outcome(&op);
+        let mut op = self.ops.table.remove(part.op);
+        let outcome = self.outcome(&mut op);
         if let (Some(key), Outcome::Done(published)) = (&op.idem, &outcome)
             && !published.duplicate
         {
@@ -280,8 +280,8 @@ impl Fanout {
         });
     }
 
-    /// A finished op's answer, counted.
-    fn outcome(&mut self, op: &Op) -> Outcome {
+    /// A finished op's answer (its seqs taken out of it), counted.
+    fn outcome(&mut self, op: &mut Op) -> Outcome {
         if op.unavailable {
             self.metrics.publish_unavailable += 1;
             return Outcome::Unavailable;
@@ -302,7 +302,7 @@ impl Fanout {
             (None, _) => Reach::Connections(op.delivered),
         };
         Outcome::Done(Published {
-            seqs: op.seqs.clone(),
+            seqs: std::mem::replace(&mut op.seqs, Seqs::None),
             reach,
             duplicate: op.duplicate,
         })

@@ -287,9 +287,7 @@ impl Fanout {
             let last = self.users.remove(&user, id);
             self.engine.release(&user, id, last, now);
         }
-        // What the engine answers to these (nothing, for both engines today) is carried out
-        // by the next `apply`, at the latest the pass's `engine_flush`: `end` runs inside
-        // `apply` too (a disconnect, a refused lease).
+        self.apply();
         self.metrics.connections -= 1;
         self.metrics.disconnected(reason);
         log::debug!("conn={} closed: {}", id.generation, reason.label());
