@@ -30,6 +30,7 @@ fn subscribed(subscribers: usize) -> Fanout {
     let settings = SessionSettings {
         instance: 1,
         heartbeat_ms: 30_000,
+        sse_heartbeat_ms: 15_000,
         rate,
         rate_limit: 1e9,
         rate_burst: 1_000_000_000,

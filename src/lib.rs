@@ -11,6 +11,8 @@
 //! - [`ws`]: the browser side: one connection's state machine and output queue, HTTP
 //!   routing, the JSON wire types, and [`ws::session`], which judges a client's request and
 //!   returns a verdict.
+//! - [`sse`]: Server-Sent Events (`GET /sse`), the fallback transport for networks that
+//!   refuse WebSockets: the request's channels and resume positions, the stream's framing.
 //! - [`fanout`]: one event to every subscriber's queue: the engine's answers carried out in
 //!   one place (`Fanout::apply`), one delivery loop, one subscribe path; the hub (channel →
 //!   local subscribers), the per-user index, the connection slab and its dirty list;
@@ -55,6 +57,7 @@ pub mod fanout;
 pub mod ops;
 pub mod publish;
 pub mod reactor;
+pub mod sse;
 pub mod ws;
 
 pub use config::Config;

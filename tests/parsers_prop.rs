@@ -9,7 +9,7 @@ use sidecast::ops::assets::Asset;
 use sidecast::publish::dapr::Dapr;
 use sidecast::publish::http::{HttpRules, parse_head};
 use sidecast::publish::{Target, command as publish};
-use sidecast::ws::http::{self, OriginPolicy, Refusal, Route};
+use sidecast::ws::http::{self, OriginPolicy, Refusal, Route, Routing};
 use sidecast::ws::wire::{self, ErrorCode, Request};
 
 const MAX_HEADER: usize = 1024;
@@ -48,6 +48,14 @@ fn json_like() -> impl Strategy<Value = String> {
 
 /// The statuses protocol.md documents for HTTP publishes.
 const PUBLISH_STATUSES: [&str; 8] = ["400", "401", "404", "405", "411", "413", "431", "503"];
+
+fn routing() -> Routing {
+    Routing {
+        max_header_size: MAX_HEADER,
+        origins: OriginPolicy::default(),
+        token_cookie: Some("sidecast_token".into()),
+    }
+}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
@@ -96,7 +104,7 @@ proptest! {
 
     #[test]
     fn http_heads_never_panic_and_respect_the_cap(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
-        match http::parse_request(&bytes, MAX_HEADER, &OriginPolicy::default()) {
+        match http::parse_request(&bytes, &routing()) {
             Ok(None) => prop_assert!(bytes.len() < MAX_HEADER, "waiting for more past the cap"),
             Ok(Some((_, head_len))) => prop_assert!(head_len <= MAX_HEADER && head_len <= bytes.len()),
             Err(_) => {}
@@ -114,7 +122,7 @@ proptest! {
             request.push_str(&format!("{name}: {value}\r\n"));
         }
         request.push_str("\r\n");
-        match http::parse_request(request.as_bytes(), MAX_HEADER, &OriginPolicy::default()) {
+        match http::parse_request(request.as_bytes(), &routing()) {
             Ok(Some((route, _))) => {
                 prop_assert_eq!(method.as_str(), "GET");
                 let bare = path.split('?').next().unwrap();
@@ -122,6 +130,10 @@ proptest! {
                     Route::Upgrade { accept_key, .. } => {
                         prop_assert_eq!(bare, "/ws");
                         prop_assert_eq!(accept_key.len(), 28, "base64 of a SHA-1");
+                    }
+                    Route::EventStream { opening, .. } => {
+                        prop_assert_eq!(bare, "/sse");
+                        prop_assert!(!opening.entries.is_empty());
                     }
                     Route::Health => prop_assert_eq!(bare, "/health"),
                     Route::Metrics => prop_assert_eq!(bare, "/metrics"),

@@ -1,5 +1,5 @@
 //! HTTP/1.1 responses as bytes, for the WebSocket port's routes, the served assets and the
-//! publish port's HTTP framing.
+//! publish port's HTTP framing; percent-decoding of query values.
 
 /// A 200 response with `body`, never cached, which closes the connection.
 pub fn ok(content_type: &str, body: &str) -> Vec<u8> {
@@ -33,4 +33,43 @@ pub fn message(
          Connection: {connection}\r\n\r\n{body}"
     )
     .into_bytes()
+}
+
+/// Percent-decodes a query value (`+` is a space, as in a form). `None` when an escape is
+/// malformed or the result is not UTF-8.
+pub fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%3Ab+c").as_deref(), Some("a:b c"));
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%ff"), None, "not UTF-8");
+    }
 }

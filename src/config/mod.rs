@@ -52,6 +52,8 @@ settings! {
         publish_socket: PathBuf = "./sidecast.sock", "PATH", "Path of the publish port's Unix socket";
         heartbeat_interval: HumanDuration = "30s", "DURATION", "Time between WebSocket Pings to each client";
         heartbeat_timeout: HumanDuration = "60s", "DURATION", "Close a client silent for this long (longer than heartbeat_interval)";
+        sse_heartbeat_interval: HumanDuration = "15s", "DURATION", "Time between comment lines on an idle Server-Sent Events stream (GET /sse), so proxies do not cut it; keep it under your proxies' idle timeout";
+        token_cookie: String = "sidecast_token", "NAME", "Cookie that may carry the token when the request has no token parameter or Authorization header (GET /sse, GET /ws); an empty name turns cookies off";
         handshake_timeout: HumanDuration = "10s", "DURATION", "Drop a TCP connection that has not completed its HTTP request by then";
         close_timeout: HumanDuration = "2s", "DURATION", "Drop a closing connection that has not finished closing by then";
         shutdown_timeout: HumanDuration = "5s", "DURATION", "Exit at the latest this long after SIGTERM/SIGINT";
@@ -258,6 +260,7 @@ impl Config {
         let durations = [
             ("heartbeat_interval", self.heartbeat_interval),
             ("heartbeat_timeout", self.heartbeat_timeout),
+            ("sse_heartbeat_interval", self.sse_heartbeat_interval),
             ("handshake_timeout", self.handshake_timeout),
             ("close_timeout", self.close_timeout),
             ("shutdown_timeout", self.shutdown_timeout),

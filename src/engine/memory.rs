@@ -367,13 +367,15 @@ impl Engine for MemoryEngine {
             }
         };
         let position = self.position(channel);
+        // What is replayed always ends with the channel's latest event.
+        let first = position.seq + 1 - frames.len() as u64;
         let joined = Joined {
             channel: channel.into(),
             conn,
             seq: position.seq - rewound,
             epoch: position.epoch.into(),
             recovered,
-            replay: Replay::Frames(frames),
+            replay: Replay::Frames { first, frames },
             floor: None,
         };
         self.out.push(Happening::Joined(joined));

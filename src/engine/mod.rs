@@ -101,8 +101,13 @@ pub struct Unavailable;
 /// Missed events a join delivers before live ones.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Replay {
-    /// Frames already encoded (the memory engine keeps them).
-    Frames(Vec<Bytes>),
+    /// Frames already encoded (the memory engine keeps them), of consecutive seqs.
+    Frames {
+        /// The first frame's seq.
+        first: u64,
+        /// The frames.
+        frames: Vec<Bytes>,
+    },
     /// Events to encode (read from a stream).
     Entries(Vec<Entry>),
 }

@@ -46,6 +46,7 @@ use crate::config::{Config, TIMER_TICK};
 use crate::engine::{Engine, Entry, Happening, OpId};
 use crate::error::Close;
 use crate::ops::metrics::{Gauges, Metrics};
+use crate::sse::Arena;
 use crate::ws::conn::ClientConn;
 use crate::ws::wire::{self, EventTarget, Reply};
 
@@ -69,6 +70,8 @@ pub struct SessionSettings {
     pub instance: u32,
     /// `heartbeat_interval`, for the `connected` reply.
     pub heartbeat_ms: u64,
+    /// `sse_heartbeat_interval`, for an event stream's `connected`.
+    pub sse_heartbeat_ms: u64,
     /// Messages per second and burst.
     pub rate: Rate,
     /// `rate_limit`.
@@ -88,6 +91,7 @@ impl SessionSettings {
         SessionSettings {
             instance,
             heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
+            sse_heartbeat_ms: config.sse_heartbeat_interval.as_millis() as u64,
             rate: Rate::new(config.rate_limit, f64::from(config.rate_burst), tick_secs),
             rate_limit: config.rate_limit,
             rate_burst: config.rate_burst,
@@ -129,6 +133,8 @@ pub struct Fanout {
     applying: bool,
     /// Reused to build event payloads.
     scratch: Vec<u8>,
+    /// Where event streams' per-recipient messages are built.
+    arena: Arena,
     /// Connections closed by a publisher's command; the reactor arms their drain deadline.
     closed_by_command: Vec<ConnId>,
 }
@@ -150,6 +156,7 @@ impl Fanout {
             happenings: Vec::new(),
             applying: false,
             scratch: Vec::new(),
+            arena: Arena::default(),
             closed_by_command: Vec::new(),
         }
     }
@@ -276,6 +283,8 @@ impl Fanout {
             &mut self.scratch,
         );
         let started_us = self.pass.started_us;
+        let at = Some((&**channel, entry.seq));
+        let arena = &mut self.arena;
         let mut delivered = 0;
         for id in subscribers {
             if joins.is_some_and(|joins| joins.iter().any(|j| j.conn == *id)) {
@@ -283,14 +292,14 @@ impl Fanout {
             }
             let mut conn = self.clients.live_mut(id.key as usize);
             debug_assert_eq!(conn.id(), *id, "the hub holds only live connections");
-            delivered += usize::from(deliver(&mut conn, &frame, started_us));
+            delivered += usize::from(deliver(&mut conn, &frame, at, started_us, arena));
         }
         if !tabs.is_empty() {
             let channel_id = self.hub.find(channel);
             for id in tabs {
                 let mut conn = self.clients.live_mut(id.key as usize);
                 if !channel_id.is_some_and(|c| conn.is_subscribed(c)) {
-                    delivered += usize::from(deliver(&mut conn, &frame, started_us));
+                    delivered += usize::from(deliver(&mut conn, &frame, at, started_us, arena));
                 }
             }
         }
@@ -321,9 +330,11 @@ impl Fanout {
     fn broadcast_local(&mut self, data: &[u8]) -> usize {
         let frame = wire::event_frame(EventTarget::Broadcast, data, &mut self.scratch);
         let started_us = self.pass.started_us;
+        let arena = &mut self.arena;
         let mut delivered = 0;
-        self.clients
-            .for_each(|conn| delivered += usize::from(deliver(conn, &frame, started_us)));
+        self.clients.for_each(|conn| {
+            delivered += usize::from(deliver(conn, &frame, None, started_us, arena));
+        });
         self.metrics.frames_delivered += delivered as u64;
         self.pass.deliveries += delivered.max(1);
         delivered
@@ -403,11 +414,18 @@ impl Fanout {
     }
 }
 
-/// Queues a shared frame to one connection: a refcount bump, no copy. A connection that
-/// would go over `max_output_buffer` gets nothing more; its queue is marked overflowed, so
-/// the reactor closes it as a slow consumer at the end of the pass.
-fn deliver(conn: &mut ClientConn, frame: &Bytes, started_us: u64) -> bool {
-    if conn.close_reason().is_some() || !conn.send_frame(frame.clone()) {
+/// Queues an event to one connection: for a WebSocket the shared frame (a refcount bump, no
+/// copy), for an event stream its message built in `arena`; `at` is the event's channel and
+/// seq. A connection that would go over `max_output_buffer` gets nothing more; its queue is
+/// marked overflowed, so the reactor closes it as a slow consumer at the end of the pass.
+fn deliver(
+    conn: &mut ClientConn,
+    frame: &Bytes,
+    at: Option<(&str, u64)>,
+    started_us: u64,
+    arena: &mut Arena,
+) -> bool {
+    if conn.close_reason().is_some() || !conn.send_event(frame, at, arena) {
         return false;
     }
     conn.note_event(started_us);

@@ -13,14 +13,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Fanout, deliver, hub};
+use super::{Auth, Fanout, SessionSettings, deliver, hub};
 use crate::base::channel::Backfill;
 use crate::base::ids::ConnId;
 use crate::base::time::Tick;
 use crate::engine::{Joined, Replay};
 use crate::error::Close;
 use crate::ws::session::{Inbound, Rules, Verdict};
-use crate::ws::wire::{self, EventTarget, Reply, RequestId};
+use crate::ws::wire::{self, EventTarget, Rejection, Reply, Request, RequestId, Subscribing};
 
 /// A connection waiting to be live on a channel.
 #[derive(Debug)]
@@ -42,6 +42,7 @@ impl Fanout {
         self.metrics.connections += 1;
         self.metrics.connections_opened += 1;
         let mut conn = self.clients.live_mut(key);
+        self.metrics.event_streams += u64::from(conn.is_event_stream());
         let id = conn.id();
         let mut expires = None;
         if let Some(auth) = &self.auth {
@@ -86,9 +87,14 @@ impl Fanout {
         let user_id = session
             .identity()
             .map(|(identity, _)| identity.user.clone());
+        let heartbeat_ms = if conn.is_event_stream() {
+            settings.sse_heartbeat_ms
+        } else {
+            settings.heartbeat_ms
+        };
         conn.send_reply(&Reply::Connected {
             client_id: &client_id,
-            heartbeat_ms: settings.heartbeat_ms,
+            heartbeat_ms,
             rate_limit: settings.rate_limit,
             rate_burst: settings.rate_burst,
             user_id: user_id.as_deref(),
@@ -103,17 +109,27 @@ impl Fanout {
         if !conn.is_open() {
             return None;
         }
-        let settings = &self.settings;
-        let rules = Rules {
-            rate: settings.rate,
-            rate_limit: settings.rate_limit,
-            rate_burst: settings.rate_burst,
-            strikes: settings.rate_limit_strikes,
-            max_subscriptions: settings.max_subscriptions,
-            verifier: self.auth.as_ref().map(super::Auth::verifier),
-        };
+        let rules = rules(&self.settings, self.auth.as_ref());
         let session = conn.session_mut()?;
         let verdict = session.on_message(message, &rules, &self.hub, now);
+        drop(conn);
+        self.carry_out(key, verdict)
+    }
+
+    /// Subscribes an event stream just opened to the channels of its request, as one batch
+    /// `subscribe` (judged and charged alike). Returns a close verdict for the reactor.
+    pub fn subscribe_stream(
+        &mut self,
+        key: usize,
+        entries: Vec<Result<Subscribing, Rejection>>,
+    ) -> Option<Close> {
+        let now = self.pass.now;
+        let rules = rules(&self.settings, self.auth.as_ref());
+        let mut conn = self.clients.live_mut(key);
+        let request = Request::SubscribeMany { entries, id: None };
+        let verdict = conn
+            .session_mut()?
+            .on_request(request, &rules, &self.hub, now);
         drop(conn);
         self.carry_out(key, verdict)
     }
@@ -225,17 +241,19 @@ impl Fanout {
             id: id.as_ref(),
         });
         let started_us = self.pass.started_us;
+        let arena = &mut self.arena;
         match replay {
-            Replay::Frames(frames) => {
-                for frame in &frames {
-                    deliver(&mut conn, frame, started_us);
+            Replay::Frames { first, frames } => {
+                for (seq, frame) in (first..).zip(&frames) {
+                    deliver(&mut conn, frame, Some((&channel, seq)), started_us, arena);
                 }
             }
             Replay::Entries(entries) => {
                 for entry in &entries {
                     let target = EventTarget::Channel(&channel, entry.seq);
                     let frame = wire::event_frame(target, &entry.data, &mut self.scratch);
-                    deliver(&mut conn, &frame, started_us);
+                    let at = Some((&*channel, entry.seq));
+                    deliver(&mut conn, &frame, at, started_us, arena);
                 }
             }
         }
@@ -289,8 +307,21 @@ impl Fanout {
         }
         self.apply();
         self.metrics.connections -= 1;
+        self.metrics.event_streams -= u64::from(ended.event_stream);
         self.metrics.disconnected(reason);
         log::debug!("conn={} closed: {}", id.generation, reason.label());
+    }
+}
+
+/// What a session's requests are judged by.
+fn rules<'a>(settings: &SessionSettings, auth: Option<&'a Auth>) -> Rules<'a> {
+    Rules {
+        rate: settings.rate,
+        rate_limit: settings.rate_limit,
+        rate_burst: settings.rate_burst,
+        strikes: settings.rate_limit_strikes,
+        max_subscriptions: settings.max_subscriptions,
+        verifier: auth.map(Auth::verifier),
     }
 }
 

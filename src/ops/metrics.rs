@@ -58,8 +58,10 @@ impl LatencyHistogram {
 /// The server's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Open WebSocket connections.
+    /// Open sessions: WebSockets and event streams.
     pub connections: u64,
+    /// Of them, event streams (`GET /sse`).
+    pub event_streams: u64,
     /// Open publish-port connections.
     pub publishers: u64,
     /// WebSocket upgrades completed.
@@ -128,8 +130,14 @@ impl Metrics {
         metric(
             "sidecast_connections",
             "gauge",
-            "Open WebSocket connections.",
+            "Open sessions: WebSockets and Server-Sent Events streams.",
             self.connections,
+        );
+        metric(
+            "sidecast_event_streams",
+            "gauge",
+            "Open Server-Sent Events streams (counted in sidecast_connections too).",
+            self.event_streams,
         );
         metric(
             "sidecast_channels",

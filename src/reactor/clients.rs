@@ -16,6 +16,7 @@ use crate::base::ids::ConnId;
 use crate::error::Close;
 use crate::ops::assets::Asset;
 use crate::ops::health::Health;
+use crate::sse::{Opening, Stream};
 use crate::ws::conn::{ClientConn, Deadline, ReadEnd, Readiness, RequestOutcome};
 use crate::ws::http::{self, Refusal, Route};
 
@@ -25,7 +26,7 @@ impl Server {
             return;
         };
         if client.is_handshaking() {
-            match client.read_request(self.config.max_header_size, &self.origins) {
+            match client.read_request(&self.routing) {
                 RequestOutcome::Incomplete => return,
                 RequestOutcome::Gone => {
                     drop(client);
@@ -45,6 +46,14 @@ impl Server {
         } else if client.is_draining() {
             if client.discard_input() {
                 drop(client);
+                self.drop_client(key);
+            }
+            return;
+        } else if client.is_event_stream() {
+            // A stream's reader sends nothing; its EOF is the page closing it.
+            if client.discard_input() {
+                drop(client);
+                self.fanout.end(key, Close::ClientClosed);
                 self.drop_client(key);
             }
             return;
@@ -90,7 +99,8 @@ impl Server {
         }
     }
 
-    /// Answers a complete request. Returns true when the connection is now a WebSocket.
+    /// Answers a complete request. Returns true when the connection is now a WebSocket (whose
+    /// first frames may have come with the request).
     pub(super) fn route(&mut self, key: usize, route: Route, rest: Vec<u8>, now: Tick) -> bool {
         let uptime_secs = self.uptime_secs();
         let response = match route {
@@ -127,11 +137,11 @@ impl Server {
                 asset,
                 if_none_match,
             } => asset.response(if_none_match.as_deref()),
-            Route::Upgrade { .. }
+            Route::Upgrade { .. } | Route::EventStream { .. }
                 if self.fanout.metrics().connections >= self.config.max_connections as u64 =>
             {
                 log::warn!(
-                    "max_connections ({}) reached; refusing an upgrade",
+                    "max_connections ({}) reached; refusing a session",
                     self.config.max_connections
                 );
                 self.refuse(key, Refusal::Busy, now);
@@ -142,14 +152,19 @@ impl Server {
                 token,
                 forwarded_for,
             } => {
-                let peer = self.fanout.clients().live(key).peer();
-                let trusted = &self.config.trusted_proxies;
-                let client = http::client_address(peer.ip(), forwarded_for.as_deref(), trusted);
-                if !self.connect_rate.admit(client, now) {
-                    self.refuse(key, Refusal::TooManyRequests, now);
-                    return false;
+                return self.admit_address(key, forwarded_for.as_deref(), now)
+                    && self.open_websocket(key, &accept_key, token.as_deref(), rest, now);
+            }
+            Route::EventStream {
+                opening,
+                token,
+                forwarded_for,
+                origin,
+            } => {
+                if self.admit_address(key, forwarded_for.as_deref(), now) {
+                    self.open_event_stream(key, opening, token.as_deref(), origin.as_deref(), now);
                 }
-                return self.open_websocket(key, &accept_key, token.as_deref(), rest, now);
+                return false;
             }
         };
         let mut client = self.fanout.clients_mut().live_mut(key);
@@ -182,6 +197,49 @@ impl Server {
         }
         self.fanout.metrics_mut().http_refusals += 1;
         self.arm_close_deadline(key, now);
+    }
+
+    /// Admits a new session from the client behind this connection under
+    /// `connect_rate_per_ip`, or refuses it (429). True when admitted.
+    fn admit_address(&mut self, key: usize, forwarded_for: Option<&str>, now: Tick) -> bool {
+        let peer = self.fanout.clients().live(key).peer();
+        let trusted = &self.config.trusted_proxies;
+        let client = http::client_address(peer.ip(), forwarded_for, trusted);
+        let admitted = self.connect_rate.admit(client, now);
+        if !admitted {
+            self.refuse(key, Refusal::TooManyRequests, now);
+        }
+        admitted
+    }
+
+    /// Opens an event stream and subscribes it to its channels. With authentication on, an
+    /// invalid token or a user at `max_connections_per_user` gets an HTTP status (401, 429)
+    /// instead of the stream.
+    fn open_event_stream(
+        &mut self,
+        key: usize,
+        opening: Opening,
+        token: Option<&str>,
+        origin: Option<&str>,
+        now: Tick,
+    ) {
+        let rate = self.fanout.message_rate();
+        let stream = Stream::new(opening.positions, origin);
+        let mut client = self.fanout.clients_mut().live_mut(key);
+        client.open_event_stream(stream, rate, now);
+        drop(client);
+        let opened = self
+            .fanout
+            .open(key, token)
+            .err()
+            .or_else(|| self.fanout.subscribe_stream(key, opening.entries));
+        if let Some(close) = opened {
+            return self.close_client(key, close, now);
+        }
+        let client = self.fanout.clients().live(key);
+        log::debug!("conn={} event stream opened", client.id().generation);
+        let first = client.first_deadline(now, &self.timing);
+        self.arm(key, first);
     }
 
     /// Completes the upgrade. With authentication on, an invalid token or a user at

@@ -59,7 +59,7 @@ use crate::publish::http::HttpRules;
 use crate::publish::port::PortRules;
 use crate::publish::{PublisherConn, ReadStatus};
 use crate::ws::conn::{SharedInput, Timing, websocket_config};
-use crate::ws::http::OriginPolicy;
+use crate::ws::http::Routing;
 pub use accept::Listeners;
 use accept::Listening;
 pub use clock::Clock;
@@ -109,7 +109,7 @@ pub struct Server {
     ws_config: WebSocketConfig,
     timing: Timing,
     /// Which pages may open a WebSocket.
-    origins: OriginPolicy,
+    routing: Routing,
     connect_rate: ConnectRate,
     refusal_log: RefusalLog,
     /// The dashboard's stats feed, while the dashboard is on.
@@ -211,10 +211,7 @@ impl Server {
             clock,
             ticks,
             started,
-            origins: OriginPolicy {
-                allowed: config.allowed_origin.clone(),
-                require: config.require_origin,
-            },
+            routing: Routing::new(&config),
             config,
             ws_config,
             timing,

@@ -3,15 +3,18 @@
 //! verdicts and the reactor acts on them.
 //!
 //! ```text
-//!  accept ─► Request ──(101)──► WebSocket ──(close: any side, error, timeout)──► Draining ─► dropped
-//!               └──(HTTP response or refusal)──────────────────────────────────────┘
+//!  accept ─► Request ──(101 / 200)──► Open ──(close: any side, error, timeout)──► Draining ─► dropped
+//!               └──(HTTP response or refusal)──────────────────────────────────┘
 //! ```
 //! - `Request`: bytes accumulate until httparse sees a complete head (capped at
 //!   `max_header_size`).
-//! - `WebSocket`: tungstenite's `WebSocketContext` parses frames straight from the socket and
-//!   writes its own frames (pongs, close, replies) into the `OutQueue` through `WsIo`, so the
-//!   queue is the single owner of outbound byte order. Pre-encoded event frames are appended
-//!   directly.
+//! - `Open`, a session over one of two transports:
+//!   - a WebSocket (`GET /ws`): tungstenite's `WebSocketContext` parses frames straight from
+//!     the socket and writes its own frames (pongs, close, replies) into the `OutQueue`
+//!     through `WsIo`, so the queue is the single owner of outbound byte order. Pre-encoded
+//!     event frames are appended directly;
+//!   - an event stream (`GET /sse`, see [`crate::sse`]): output only. Each message is framed
+//!     for this stream (its `id` is this stream's positions); input is discarded until EOF.
 //! - `Draining`: nothing more is parsed or queued. Once the queue is flushed the write side is
 //!   shut (FIN) and input is discarded until the peer closes, so the final bytes (a close frame
 //!   or an HTTP response) are not destroyed by a reset. A deadline bounds this state.
@@ -33,18 +36,29 @@ use crate::base::time::{Tick, TickSource};
 use crate::config::Config;
 use crate::error::Close;
 use crate::reactor::timer::TimerKey;
-use crate::ws::http::{self, OriginPolicy, Refusal, Route};
+use crate::sse::{self, Arena, Stream};
+use crate::ws::http::{self, Refusal, Route, Routing};
 use crate::ws::io::WsIo;
 pub use crate::ws::io::{Readiness, SharedInput};
 use crate::ws::outqueue::OutQueue;
 use crate::ws::session::{Inbound, Session};
 use crate::ws::wire::{self, Reply};
 
-/// An open WebSocket: its framing, when it was last heard from, and its request state.
+/// An open session: its transport, when it was last heard from, and its request state.
 struct Open {
-    ws: WebSocketContext,
+    transport: Transport,
     last_seen: Tick,
     session: Session,
+}
+
+/// How an open session's messages travel. `Open` is boxed already and WebSockets are the
+/// common case, so the large variant stays inline rather than cost a second allocation.
+#[allow(clippy::large_enum_variant)]
+enum Transport {
+    /// `GET /ws`: framing both ways.
+    WebSocket(WebSocketContext),
+    /// `GET /sse`: server to client only.
+    EventStream(Stream),
 }
 
 /// What a WebSocket session leaves behind when it ends.
@@ -54,11 +68,13 @@ pub struct Ended {
     pub subscriptions: Vec<ChannelId>,
     /// The authenticated user, to forget.
     pub user: Option<Box<str>>,
+    /// It was an event stream.
+    pub event_stream: bool,
 }
 
 enum Phase {
     Request { head: Vec<u8> },
-    WebSocket(Box<Open>),
+    Open(Box<Open>),
     Draining,
 }
 
@@ -100,6 +116,8 @@ pub struct Timing {
     pub heartbeat_timeout: u64,
     /// `write_stall_timeout`: how long queued output may sit without moving.
     pub write_stall: u64,
+    /// `sse_heartbeat_interval`: time between an event stream's comment lines.
+    pub sse_heartbeat: u64,
 }
 
 impl Timing {
@@ -109,6 +127,7 @@ impl Timing {
             heartbeat_interval: ticks.ticks_in(config.heartbeat_interval),
             heartbeat_timeout: ticks.ticks_in(config.heartbeat_timeout),
             write_stall: ticks.ticks_in(config.write_stall_timeout),
+            sse_heartbeat: ticks.ticks_in(config.sse_heartbeat_interval),
         }
     }
 }
@@ -131,9 +150,9 @@ pub enum Deadline {
     HandshakeTimeout,
     /// Closing took longer than `close_timeout`: drop the connection.
     CloseTimeout,
-    /// End the WebSocket.
+    /// End the session.
     Close(Close),
-    /// A Ping was queued; arm the timer again for this tick.
+    /// A Ping (or an event stream's heartbeat) was queued; arm the timer again for this tick.
     Next(Tick),
 }
 
@@ -254,9 +273,20 @@ impl ClientConn {
         })
     }
 
-    /// True while the WebSocket is open and accepts frames.
+    /// True while the session is open and accepts messages.
     pub fn is_open(&self) -> bool {
-        matches!(&self.phase, Phase::WebSocket(s) if s.ws.can_write())
+        match &self.phase {
+            Phase::Open(open) => match &open.transport {
+                Transport::WebSocket(ws) => ws.can_write(),
+                Transport::EventStream(_) => true,
+            },
+            _ => false,
+        }
+    }
+
+    /// True while the session is an event stream.
+    pub fn is_event_stream(&self) -> bool {
+        matches!(&self.phase, Phase::Open(open) if matches!(open.transport, Transport::EventStream(_)))
     }
 
     /// True once the connection only drains.
@@ -279,7 +309,7 @@ impl ClientConn {
     /// When a frame was last received, for an open WebSocket.
     pub fn last_seen(&self) -> Option<Tick> {
         match &self.phase {
-            Phase::WebSocket(s) => Some(s.last_seen),
+            Phase::Open(s) => Some(s.last_seen),
             _ => None,
         }
     }
@@ -293,7 +323,7 @@ impl ClientConn {
     /// The request state of an open WebSocket.
     pub fn session(&self) -> Option<&Session> {
         match &self.phase {
-            Phase::WebSocket(open) => Some(&open.session),
+            Phase::Open(open) => Some(&open.session),
             _ => None,
         }
     }
@@ -301,17 +331,13 @@ impl ClientConn {
     /// The request state of an open WebSocket, to change it.
     pub fn session_mut(&mut self) -> Option<&mut Session> {
         match &mut self.phase {
-            Phase::WebSocket(open) => Some(&mut open.session),
+            Phase::Open(open) => Some(&mut open.session),
             _ => None,
         }
     }
 
     /// Reads the request head until it is complete, refused, or the socket is drained.
-    pub fn read_request(
-        &mut self,
-        max_header_size: usize,
-        origins: &OriginPolicy,
-    ) -> RequestOutcome {
+    pub fn read_request(&mut self, routing: &Routing) -> RequestOutcome {
         let Phase::Request { head } = &mut self.phase else {
             return RequestOutcome::Incomplete;
         };
@@ -326,7 +352,7 @@ impl ClientConn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return RequestOutcome::Gone,
             }
-            match http::parse_request(head, max_header_size, origins) {
+            match http::parse_request(head, routing) {
                 Ok(None) => {}
                 Ok(Some((route, head_len))) => {
                     let rest = head.split_off(head_len);
@@ -359,8 +385,18 @@ impl ClientConn {
             .push(Bytes::from(http::switching_protocols(accept_key)));
         debug_assert!(pushed);
         let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(config));
-        self.phase = Phase::WebSocket(Box::new(Open {
-            ws,
+        self.phase = Phase::Open(Box::new(Open {
+            transport: Transport::WebSocket(ws),
+            last_seen: now,
+            session: Session::new(rate, now),
+        }));
+    }
+
+    /// Opens an event stream. Nothing is queued yet: until the first message the stream can
+    /// still be refused with an HTTP status (see [`end`](Self::end)).
+    pub fn open_event_stream(&mut self, stream: Stream, rate: Rate, now: Tick) {
+        self.phase = Phase::Open(Box::new(Open {
+            transport: Transport::EventStream(stream),
             last_seen: now,
             session: Session::new(rate, now),
         }));
@@ -378,7 +414,10 @@ impl ClientConn {
         now: Tick,
         input: &mut SharedInput,
     ) -> Result<Option<Inbound>, ReadEnd> {
-        let Phase::WebSocket(session) = &mut self.phase else {
+        let Phase::Open(session) = &mut self.phase else {
+            return Ok(None);
+        };
+        let Transport::WebSocket(ws) = &mut session.transport else {
             return Ok(None);
         };
         let mut io = WsIo {
@@ -387,7 +426,7 @@ impl ClientConn {
             out: &mut self.out,
         };
         loop {
-            let message = match session.ws.read(&mut io) {
+            let message = match ws.read(&mut io) {
                 Ok(message) => message,
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -406,30 +445,84 @@ impl ClientConn {
         }
     }
 
-    /// Queues a reply, if the WebSocket still accepts frames. Replies are framed here rather
-    /// than by tungstenite so its internal write buffer is never allocated for them.
+    /// Queues a reply, if the session still accepts messages. WebSocket replies are framed
+    /// here rather than by tungstenite so its internal write buffer is never allocated for
+    /// them.
     pub fn send_reply(&mut self, reply: &Reply<'_>) {
-        self.send_frame(wire::text_frame(reply.to_json().as_bytes()));
+        let bytes = match self.event_stream() {
+            Some(stream) => stream.reply(reply),
+            None => wire::text_frame(reply.to_json().as_bytes()),
+        };
+        self.send(bytes);
     }
 
-    /// Queues a protocol-level Ping with an empty payload: a static frame, no allocation.
-    pub fn send_ping(&mut self) {
+    /// Queues a keepalive: a protocol-level Ping with an empty payload, or an event stream's
+    /// comment line; static bytes, no allocation.
+    pub fn send_heartbeat(&mut self) {
         const PING: &[u8] = &[0x89, 0x00];
-        self.send_frame(Bytes::from_static(PING));
+        let beat = match self.event_stream() {
+            Some(_) => sse::stream::HEARTBEAT,
+            None => PING,
+        };
+        self.send(Bytes::from_static(beat));
     }
 
-    /// Queues a shared, pre-encoded frame. Returns false when the WebSocket no longer accepts
-    /// frames, or the frame would go over `max_output_buffer` (see [`is_slow`](Self::is_slow)).
-    pub fn send_frame(&mut self, frame: Bytes) -> bool {
-        self.is_open() && self.out.push(frame)
+    /// Queues an event: the shared, pre-encoded WebSocket `frame` itself, or for an event
+    /// stream its message, built in `arena`; `at` is the event's channel and seq (`None` for
+    /// a broadcast). Returns false when the session no longer accepts messages, or the
+    /// message would go over `max_output_buffer` (see [`is_slow`](Self::is_slow)).
+    pub fn send_event(
+        &mut self,
+        frame: &Bytes,
+        at: Option<(&str, u64)>,
+        arena: &mut Arena,
+    ) -> bool {
+        let bytes = match self.event_stream() {
+            Some(stream) => stream.event(wire::text_payload(frame), at, arena),
+            None => frame.clone(),
+        };
+        self.send(bytes)
     }
 
-    /// Ends the WebSocket for `close` (the first reason given sticks), queuing its Close
-    /// frame if the connection can still send one. Returns what the session held when it was
-    /// open, `None` if it had already ended (or never opened).
+    /// The event stream, when the session is one, with its head queued first if it is not
+    /// yet.
+    fn event_stream(&mut self) -> Option<&mut Stream> {
+        let Phase::Open(open) = &mut self.phase else {
+            return None;
+        };
+        let Transport::EventStream(stream) = &mut open.transport else {
+            return None;
+        };
+        if let Some(head) = stream.start() {
+            // The first chunk of an empty queue: it always fits (`max_output_buffer` ≥ 1 KiB).
+            let pushed = self.out.push(head);
+            debug_assert!(pushed);
+        }
+        Some(stream)
+    }
+
+    fn send(&mut self, bytes: Bytes) -> bool {
+        self.is_open() && self.out.push(bytes)
+    }
+
+    /// Ends the session for `close` (the first reason given sticks), queuing its Close frame
+    /// if the connection can still send one: for an event stream, the closing message, or
+    /// the HTTP refusal when its head is not out yet. Returns what the session held when it
+    /// was open, `None` if it had already ended (or never opened).
     pub fn end(&mut self, close: Close) -> Option<Ended> {
         self.close.get_or_insert(close);
-        if let Some((code, reason)) = close.frame() {
+        if let Phase::Open(open) = &mut self.phase
+            && let Transport::EventStream(stream) = &mut open.transport
+        {
+            if stream.is_started() {
+                if let Some(closing) = stream.closing(close) {
+                    self.out.push_final(closing);
+                }
+            } else if close.frame().is_some() {
+                self.out
+                    .push_final(Bytes::from(sse::stream::refusal(close)));
+            }
+        } else if let Some((code, reason)) = close.frame() {
             self.send_close(code, reason);
         }
         self.end_session()
@@ -440,8 +533,9 @@ impl ClientConn {
         code: tungstenite::protocol::frame::coding::CloseCode,
         reason: &'static str,
     ) {
-        if let Phase::WebSocket(session) = &mut self.phase
-            && session.ws.can_write()
+        if let Phase::Open(open) = &mut self.phase
+            && let Transport::WebSocket(ws) = &mut open.transport
+            && ws.can_write()
         {
             let mut io = WsIo {
                 socket: &mut self.socket,
@@ -452,7 +546,7 @@ impl ClientConn {
                 code,
                 reason: reason.into(),
             };
-            let sent = session.ws.close(&mut io, Some(frame));
+            let sent = ws.close(&mut io, Some(frame));
             debug_assert!(sent.is_ok(), "{sent:?}");
         }
     }
@@ -461,11 +555,12 @@ impl ClientConn {
     /// WebSocket, `None` otherwise.
     fn end_session(&mut self) -> Option<Ended> {
         match std::mem::replace(&mut self.phase, Phase::Draining) {
-            Phase::WebSocket(open) => {
+            Phase::Open(open) => {
                 let mut session = open.session;
                 Some(Ended {
                     subscriptions: session.take_subscriptions(),
                     user: session.take_identity().map(|identity| identity.user),
+                    event_stream: matches!(open.transport, Transport::EventStream(_)),
                 })
             }
             Phase::Request { .. } | Phase::Draining => None,
@@ -519,10 +614,12 @@ impl ClientConn {
         }
     }
 
-    /// Decides what the connection's timer firing at `now` means: for an open WebSocket, the
-    /// silence deadline, a slow consumer, the token's expiry, or the next Ping (queued here).
-    /// One timer per connection: the earliest of the next Ping, the silence deadline and the
-    /// token's expiry (a refresh moves the expiry later; the early wake re-arms).
+    /// Decides what the connection's timer firing at `now` means: for an open session, the
+    /// silence deadline (a WebSocket's), a slow consumer, the token's expiry, or the next
+    /// heartbeat (queued here). One timer per connection: the earliest of the next heartbeat,
+    /// the silence deadline and the token's expiry (a refresh moves the expiry later; the
+    /// early wake re-arms). An event stream cannot be heard from: a vanished reader shows as
+    /// output that stops moving, or as a socket error.
     pub fn on_deadline(&mut self, now: Tick, timing: &Timing) -> Deadline {
         if self.is_handshaking() {
             return Deadline::HandshakeTimeout;
@@ -530,7 +627,8 @@ impl ClientConn {
         let Some(last_seen) = self.last_seen() else {
             return Deadline::CloseTimeout;
         };
-        if now.since(last_seen) >= timing.heartbeat_timeout {
+        let stream = self.is_event_stream();
+        if !stream && now.since(last_seen) >= timing.heartbeat_timeout {
             return Deadline::Close(Close::HeartbeatTimeout);
         }
         if self.is_slow(now, timing.write_stall) {
@@ -540,17 +638,25 @@ impl ClientConn {
         if expires.is_some_and(|expires| expires <= now) {
             return Deadline::Close(Close::TokenExpired);
         }
-        self.send_ping();
-        let next = now
-            .after(timing.heartbeat_interval)
-            .min(last_seen.after(timing.heartbeat_timeout));
+        self.send_heartbeat();
+        let next = if stream {
+            now.after(timing.sse_heartbeat)
+        } else {
+            now.after(timing.heartbeat_interval)
+                .min(last_seen.after(timing.heartbeat_timeout))
+        };
         Deadline::Next(expires.map_or(next, |expires| expires.min(next)))
     }
 
-    /// When the next heartbeat is due after the upgrade at `now`: the first Ping, or the
-    /// token's expiry if that comes first.
+    /// When the next heartbeat is due after the session opened at `now`: the first Ping (or
+    /// comment line), or the token's expiry if that comes first.
     pub fn first_deadline(&self, now: Tick, timing: &Timing) -> Tick {
-        let next_ping = now.after(timing.heartbeat_interval);
+        let interval = if self.is_event_stream() {
+            timing.sse_heartbeat
+        } else {
+            timing.heartbeat_interval
+        };
+        let next_ping = now.after(interval);
         let expires = self.session().and_then(|s| s.identity()).map(|(_, at)| *at);
         expires.map_or(next_ping, |e| e.min(next_ping))
     }

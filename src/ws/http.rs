@@ -6,19 +6,25 @@
 //! - `GET /ws[?query]` with `Upgrade: websocket`, `Connection: upgrade`,
 //!   `Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key` → [`Route::Upgrade`];
 //!   `/ws` without the upgrade headers → 426; with a bad key or version → 400 / 426;
+//! - `GET /sse?channels=...` → [`Route::EventStream`] (see [`crate::sse::request`]); a query
+//!   that cannot be a stream → 400;
 //! - `GET /health`, `GET /metrics` → [`Route::Health`], [`Route::Metrics`];
 //! - `GET /sidecast.js`, `GET /` → [`Route::Asset`] (the reactor answers 404 for the
 //!   dashboard when it is off);
 //! - any other path → 404.
 //!
-//! A head that is not complete within `max_header_size` bytes → 431. An upgrade whose
-//! `Origin` the [`OriginPolicy`] does not permit → 403, before anything else happens.
+//! A head that is not complete within `max_header_size` bytes → 431. An upgrade or a stream
+//! whose `Origin` the [`OriginPolicy`] does not permit → 403, before anything else happens.
+//!
+//! The token comes from the `token` query parameter, else `Authorization: Bearer`, else the
+//! `token_cookie` cookie. Nothing here logs a request's target, its query or its cookies.
 
 use std::net::IpAddr;
 
 use crate::base::http::response;
-use crate::config::Cidr;
+use crate::config::{Cidr, Config};
 use crate::ops::assets::Asset;
+use crate::sse::{self, Opening};
 
 /// Most headers accepted in one request (more → 431).
 const MAX_HEADERS: usize = 48;
@@ -34,6 +40,14 @@ pub struct OriginPolicy {
 }
 
 impl OriginPolicy {
+    /// The policy `config` sets (`allowed_origin`, `require_origin`).
+    pub fn new(config: &Config) -> OriginPolicy {
+        OriginPolicy {
+            allowed: config.allowed_origin.clone(),
+            require: config.require_origin,
+        }
+    }
+
     fn permits(&self, origin: Option<&str>, host: Option<&str>) -> bool {
         let Some(origin) = origin else {
             return !self.require;
@@ -50,8 +64,30 @@ impl OriginPolicy {
     }
 }
 
+/// How request heads are judged.
+#[derive(Clone, Debug)]
+pub struct Routing {
+    /// `max_header_size`.
+    pub max_header_size: usize,
+    /// Which pages may open a session.
+    pub origins: OriginPolicy,
+    /// The cookie that may carry the token (`token_cookie`); `None` when off.
+    pub token_cookie: Option<String>,
+}
+
+impl Routing {
+    /// What `config` sets.
+    pub fn new(config: &Config) -> Routing {
+        Routing {
+            max_header_size: config.max_header_size,
+            origins: OriginPolicy::new(config),
+            token_cookie: Some(config.token_cookie.clone()).filter(|c| !c.is_empty()),
+        }
+    }
+}
+
 /// Where a complete, acceptable request goes.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Route {
     /// A valid WebSocket upgrade on `/ws`.
     Upgrade {
@@ -62,6 +98,17 @@ pub enum Route {
         /// Every `X-Forwarded-For` header, joined by commas; believed only from a trusted
         /// proxy (see [`client_address`]).
         forwarded_for: Option<String>,
+    },
+    /// A Server-Sent Events stream on `/sse`.
+    EventStream {
+        /// Its channels and where it starts.
+        opening: Opening,
+        /// The token (query, header or cookie).
+        token: Option<String>,
+        /// As for an upgrade.
+        forwarded_for: Option<String>,
+        /// The request's `Origin`, already permitted, to allow in the response.
+        origin: Option<String>,
     },
     /// `GET /health`
     Health,
@@ -144,11 +191,8 @@ impl Refusal {
 ///
 /// # Errors
 /// The [`Refusal`] to answer with.
-pub fn parse_request(
-    buf: &[u8],
-    max_header_size: usize,
-    origins: &OriginPolicy,
-) -> Result<Option<(Route, usize)>, Refusal> {
+pub fn parse_request(buf: &[u8], routing: &Routing) -> Result<Option<(Route, usize)>, Refusal> {
+    let max_header_size = routing.max_header_size;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(buf) {
@@ -166,15 +210,33 @@ pub fn parse_request(
         return Err(Refusal::MethodNotAllowed);
     }
     let target = request.path.unwrap_or("/");
-    let path = target.split_once('?').map_or(target, |(path, _query)| path);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let headers = request.headers;
+    let token = || token(headers, query, routing.token_cookie.as_deref());
     let route = match path {
-        "/ws" => upgrade(request.headers, origins, target)?,
+        "/ws" => upgrade(headers, &routing.origins, token())?,
+        "/sse" => {
+            // A page's `EventSource` sends `Origin` only across origins: the stream is
+            // refused for a foreign page, never for a missing header (`require_origin` is
+            // for WebSockets).
+            let origin = header(headers, "Origin").map(str::trim);
+            if origin.is_some() && !routing.origins.permits(origin, header(headers, "Host")) {
+                return Err(Refusal::Forbidden(origin.map(str::to_string)));
+            }
+            let last_event_id = header(headers, "Last-Event-ID");
+            Route::EventStream {
+                opening: sse::request::parse(query, last_event_id).map_err(Refusal::BadRequest)?,
+                token: token(),
+                forwarded_for: forwarded_for(headers),
+                origin: origin.map(str::to_string),
+            }
+        }
         "/health" => Route::Health,
         "/metrics" => Route::Metrics,
         _ => match Asset::at(path) {
             Some(asset) => Route::Asset {
                 asset,
-                if_none_match: header(request.headers, "If-None-Match").map(str::to_string),
+                if_none_match: header(headers, "If-None-Match").map(str::to_string),
             },
             None => return Err(Refusal::NotFound),
         },
@@ -190,10 +252,51 @@ fn header<'h>(headers: &[httparse::Header<'h>], name: &str) -> Option<&'h str> {
         .and_then(|h| std::str::from_utf8(h.value).ok())
 }
 
+/// The bearer token: the `token` query parameter, else `Authorization: Bearer`, else the
+/// cookie named `cookie`.
+fn token(headers: &[httparse::Header<'_>], query: &str, cookie: Option<&str>) -> Option<String> {
+    let from_query = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token="))
+        .and_then(crate::base::http::percent_decode);
+    let from_header = || {
+        header(headers, "Authorization")
+            .and_then(|v| v.trim().strip_prefix("Bearer "))
+            .map(str::to_string)
+    };
+    let from_cookie = || {
+        let name = cookie?;
+        headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("Cookie"))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == name).then(|| v.trim_matches('"').to_string())
+            })
+    };
+    from_query
+        .or_else(from_header)
+        .or_else(from_cookie)
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// Every `X-Forwarded-For` header, joined by commas.
+fn forwarded_for(headers: &[httparse::Header<'_>]) -> Option<String> {
+    let forwarded: Vec<&str> = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("X-Forwarded-For"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .collect();
+    (!forwarded.is_empty()).then(|| forwarded.join(","))
+}
+
 fn upgrade(
     headers: &[httparse::Header<'_>],
     origins: &OriginPolicy,
-    target: &str,
+    token: Option<String>,
 ) -> Result<Route, Refusal> {
     let header = |name: &str| header(headers, name);
     let has_token = |name: &str, token: &str| {
@@ -217,23 +320,10 @@ fn upgrade(
         ));
     }
     let accept_key = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    let from_query = target.split_once('?').and_then(|(_, query)| {
-        query
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("token="))
-    });
-    let from_header = header("Authorization").and_then(|v| v.trim().strip_prefix("Bearer "));
-    let token = from_query.or(from_header).map(|t| t.trim().to_string());
-    let forwarded: Vec<&str> = headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("X-Forwarded-For"))
-        .filter_map(|h| std::str::from_utf8(h.value).ok())
-        .collect();
-    let forwarded_for = (!forwarded.is_empty()).then(|| forwarded.join(","));
     Ok(Route::Upgrade {
         accept_key,
         token,
-        forwarded_for,
+        forwarded_for: forwarded_for(headers),
     })
 }
 
@@ -282,8 +372,16 @@ mod tests {
         )
     }
 
+    fn routing() -> Routing {
+        Routing {
+            max_header_size: 8192,
+            origins: OriginPolicy::default(),
+            token_cookie: Some("sidecast_token".into()),
+        }
+    }
+
     fn route(request: &str) -> Result<Option<(Route, usize)>, Refusal> {
-        parse_request(request.as_bytes(), 8192, &OriginPolicy::default())
+        parse_request(request.as_bytes(), &routing())
     }
 
     #[test]

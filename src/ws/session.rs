@@ -127,6 +127,29 @@ impl Session {
             ))),
             Inbound::Ping => None,
         };
+        self.charge_and_judge(request, rules, hub, now)
+    }
+
+    /// Judges a request that did not come as a message (an event stream's channels), charged
+    /// to the message budget as if it had.
+    pub fn on_request(
+        &mut self,
+        request: Request,
+        rules: &Rules<'_>,
+        hub: &Hub,
+        now: Tick,
+    ) -> Verdict {
+        self.charge_and_judge(Some(Ok(request)), rules, hub, now)
+    }
+
+    /// Charges `request` (`None`: a protocol Ping) to the rate limit, then judges it.
+    fn charge_and_judge(
+        &mut self,
+        request: Option<Result<Request, Rejection>>,
+        rules: &Rules<'_>,
+        hub: &Hub,
+        now: Tick,
+    ) -> Verdict {
         // A batch costs one message per `BATCH_PER_MESSAGE` channels; a refused one takes
         // nothing, and is refused whole.
         let cost = match &request {

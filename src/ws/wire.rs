@@ -438,6 +438,14 @@ pub enum Reply<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RequestId>,
     },
+    /// The last message of a Server-Sent Events stream the server ends: what a WebSocket's
+    /// Close frame would have said (an event stream has no close handshake).
+    Close {
+        /// The close code, as in the WebSocket's Close frame.
+        code: u16,
+        /// The reason text.
+        reason: &'a str,
+    },
     /// A refused request.
     Error {
         /// Machine-readable code.
@@ -501,6 +509,17 @@ pub fn event_frame(target: EventTarget<'_>, data: &[u8], scratch: &mut Vec<u8>) 
     scratch.extend_from_slice(data);
     scratch.push(b'}');
     text_frame(scratch)
+}
+
+/// The payload of a frame [`text_frame`] made (an unmasked server frame: its header is 2, 4
+/// or 10 bytes as its length needs).
+pub fn text_payload(frame: &[u8]) -> &[u8] {
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.get(header..).unwrap_or_default()
 }
 
 /// Frames `payload` as one unmasked, final text frame.
@@ -689,5 +708,9 @@ mod tests {
         let frame = text_frame(&vec![b'x'; 70_000]);
         assert_eq!(frame[1], 127);
         assert_eq!(frame.len(), 10 + 70_000);
+        for len in [0, 125, 126, 65_535, 65_536, 70_000] {
+            let payload = vec![b'x'; len];
+            assert_eq!(text_payload(&text_frame(&payload)), &payload[..], "{len}");
+        }
     }
 }

@@ -9,6 +9,7 @@
 )]
 
 pub mod redis;
+pub mod sse;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
