@@ -56,7 +56,26 @@ export interface SidecastOptions {
   connectTimeoutMs?: number;
   /** A WebSocket implementation for environments without a global one. */
   WebSocket?: typeof WebSocket;
+  /**
+   * Fall back to Server-Sent Events when WebSocket cannot be opened (default true): after
+   * `fallbackAfter` attempts in a row fail before `connected`, events come over `GET /sse`,
+   * and WebSocket is tried again every `webSocketRetryMs`.
+   */
+  fallback?: boolean;
+  /** WebSocket attempts that fail in a row before the fallback (default 2). */
+  fallbackAfter?: number;
+  /** While on the fallback, how often to try WebSocket again (default 60000). */
+  webSocketRetryMs?: number;
+  /** The stream's URL (default: the WebSocket URL with http(s) and `/sse` for `/ws`). */
+  sseUrl?: string;
+  /** Send cookies with a cross-origin stream (a token in the `sidecast_token` cookie). */
+  withCredentials?: boolean;
+  /** An EventSource implementation for environments without a global one. */
+  EventSource?: typeof EventSource;
 }
+
+/** How events reach the page. */
+export type Transport = "websocket" | "sse";
 
 export interface SubscribeOptions {
   /**
@@ -89,6 +108,8 @@ export declare class Sidecast {
   /** Connects at once and keeps reconnecting until `close()`. */
   constructor(url: string, options?: SidecastOptions);
   readonly status: Status;
+  /** "sse" while WebSocket cannot be opened and events come over Server-Sent Events. */
+  readonly transport: Transport;
   /** The authenticated user (the token's `sub`) once connected; null with authentication off. */
   readonly userId: string | null;
   on<K extends keyof SidecastEvents>(event: K, listener: (value: SidecastEvents[K]) => void): () => void;

@@ -8,7 +8,12 @@
 //   disconnected is lost;
 // - per channel, events reach the page in seq order and at most once: after a reconnect the
 //   client resumes with `since` {seq, epoch} and drops any event it has already delivered;
-// - exactly one WebSocket is current; events from an abandoned one are ignored;
+// - exactly one transport is current: a WebSocket, or, when WebSocket opens keep failing, a
+//   Server-Sent Events stream (`/sse`) naming every channel with where it resumes; events from
+//   an abandoned one are ignored. A change of channels on a stream reopens it; the stream
+//   tries WebSocket again every `webSocketRetryMs` and hands over once one is connected.
+//   Either way the new transport resumes from the last event delivered, so a switch loses
+//   and repeats nothing;
 // - requests leave within the message budget the server announces in `connected`, so the
 //   server's rate limit never drops one (a page may resubscribe to 100 channels at once); one
 //   it drops anyway (its error names the request's id) is sent again;
@@ -49,13 +54,39 @@ const DEFAULTS = {
   maxDelayMs: 30_000,
   stableAfterMs: 10_000,
   connectTimeoutMs: 10_000,
+  fallback: true,
+  fallbackAfter: 2,
+  webSocketRetryMs: 60_000,
+  withCredentials: false,
 };
+
+/** The stream URL beside a WebSocket URL: http(s), and `/sse` in place of a last `/ws`. */
+function streamUrlOf(wsUrl) {
+  const url = new URL(wsUrl);
+  url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+  url.pathname = url.pathname.replace(/\/ws$/, "") + "/sse";
+  url.search = "";
+  return url;
+}
 
 export class Sidecast {
   #url;
+  #streamUrl;
   #options;
   #token;
   #ws = null;
+  /** The event stream while the transport is "sse". */
+  #stream = null;
+  #transport = "websocket";
+  /** WebSocket attempts in a row that never reached `connected`. */
+  #webSocketFailures = 0;
+  /** While on a stream: the next WebSocket attempt, and the one under way. */
+  #probeTimer = null;
+  #probe = null;
+  /** A reopen of the stream with the page's new set of channels is queued. */
+  #reopening = false;
+  /** The channels the current stream was opened with. */
+  #streamChannels = [];
   #status = "disconnected";
   #closed = false;
   /** channel → { seq, epoch, subs: Set<{onEvent, onGap, onError}> } */
@@ -90,6 +121,7 @@ export class Sidecast {
       throw new TypeError(`${JSON.stringify(url)} is not a ws:// or wss:// URL`);
     }
     this.#options = { ...DEFAULTS, ...options };
+    this.#streamUrl = new URL(options.sseUrl ?? streamUrlOf(this.#url));
     this.#token = options.token;
     this.#start();
   }
@@ -97,6 +129,11 @@ export class Sidecast {
   /** "connecting", "connected" or "disconnected". */
   get status() {
     return this.#status;
+  }
+
+  /** "websocket", or "sse" while WebSocket cannot be opened and events come over `/sse`. */
+  get transport() {
+    return this.#transport;
   }
 
   /** The authenticated user (`sub`) from the server's `connected`; null with auth off. */
@@ -153,7 +190,9 @@ export class Sidecast {
         if (this.#channels.get(channel) !== state || !state.subs.delete(sub)) return;
         if (state.subs.size > 0) return;
         this.#channels.delete(channel);
-        if (this.#status === "connected") this.#send({ type: "unsubscribe", channel });
+        if (this.#status !== "connected") return;
+        if (this.#transport === "sse") this.#reopenStream();
+        else this.#send({ type: "unsubscribe", channel });
       },
     };
   }
@@ -164,6 +203,7 @@ export class Sidecast {
     clearTimeout(this.#retryTimer);
     const ws = this.#ws;
     this.#abandon();
+    this.#stopProbing();
     ws?.close(1000);
     this.#setStatus("disconnected");
   }
@@ -177,6 +217,7 @@ export class Sidecast {
 
   #connect() {
     if (this.#closed) return;
+    if (this.#transport === "sse") return this.#openStream();
     const url = new URL(this.#url);
     if (this.#token) url.searchParams.set("token", this.#token);
     const WebSocketImpl = this.#options.WebSocket ?? globalThis.WebSocket;
@@ -201,6 +242,95 @@ export class Sidecast {
     ws.onclose = (close) => this.#onClose(close.code, close.reason);
   }
 
+  /**
+   * Opens the event stream: every channel, each with where it resumes (`lastEventId`, the
+   * stream's own id format: `epoch:seq` per channel, in order) and its `rewind`.
+   */
+  #openStream() {
+    const url = new URL(this.#streamUrl);
+    const channels = [...this.#channels];
+    url.searchParams.set(
+      "channels",
+      channels.map(([channel, state]) => (state.rewind > 0 ? `${channel}~${state.rewind}` : channel)).join(","),
+    );
+    const positions = channels.map(([, state]) => (state.epoch === null ? "" : `${state.epoch}:${state.seq}`));
+    if (positions.some((p) => p !== "")) url.searchParams.set("lastEventId", positions.join(","));
+    if (this.#token) url.searchParams.set("token", this.#token);
+    const EventSourceImpl = this.#options.EventSource ?? globalThis.EventSource;
+    if (this.#status !== "connected") this.#setStatus("connecting");
+    const stream = new EventSourceImpl(url.href, { withCredentials: this.#options.withCredentials });
+    this.#stream = stream;
+    this.#streamChannels = channels.map(([channel]) => channel);
+    // A stream that does not say `connected` in time is retried; once it has, the browser
+    // reports its failures.
+    clearTimeout(this.#watchdogTimer);
+    this.#watchdogTimer = setTimeout(() => this.#onClose(ABNORMAL_CLOSURE), this.#options.connectTimeoutMs);
+    stream.onmessage = (message) => this.#onMessage(message);
+    // The client reconnects by itself, with its backoff and a fresh URL (token, positions):
+    // the browser's own retry would resend the first URL.
+    stream.onerror = () => this.#onClose(ABNORMAL_CLOSURE);
+  }
+
+  /** The page's channels changed while on a stream: reopen it with the new set, at once. */
+  #reopenStream() {
+    if (this.#reopening) return;
+    this.#reopening = true;
+    queueMicrotask(() => {
+      this.#reopening = false;
+      if (this.#closed || this.#transport !== "sse" || !this.#stream) return;
+      this.#abandon();
+      this.#openStream();
+    });
+  }
+
+  /** While on a stream: tries a WebSocket every `webSocketRetryMs`, and hands over to it. */
+  #scheduleProbe() {
+    clearTimeout(this.#probeTimer);
+    this.#probeTimer = setTimeout(() => this.#probeWebSocket(), this.#options.webSocketRetryMs);
+  }
+
+  #probeWebSocket() {
+    if (this.#closed || this.#transport !== "sse") return;
+    const url = new URL(this.#url);
+    if (this.#token) url.searchParams.set("token", this.#token);
+    const WebSocketImpl = this.#options.WebSocket ?? globalThis.WebSocket;
+    let ws;
+    try {
+      ws = new WebSocketImpl(url.href);
+    } catch {
+      return;
+    }
+    this.#probe = ws;
+    const giveUp = setTimeout(() => ws.close(), this.#options.connectTimeoutMs);
+    ws.onclose = () => {
+      clearTimeout(giveUp);
+      this.#probe = null;
+      this.#scheduleProbe();
+    };
+    ws.onmessage = (message) => {
+      clearTimeout(giveUp);
+      this.#probe = null;
+      ws.onclose = (close) => this.#onClose(close.code, close.reason);
+      ws.onmessage = (later) => this.#onMessage(later);
+      // Hand over: the stream goes, and the WebSocket's `connected` resubscribes every
+      // channel from the last event the stream delivered.
+      this.#abandon();
+      this.#transport = "websocket";
+      this.#ws = ws;
+      this.#onMessage(message);
+    };
+  }
+
+  #stopProbing() {
+    clearTimeout(this.#probeTimer);
+    if (this.#probe) {
+      this.#probe.onclose = null;
+      this.#probe.onmessage = null;
+      this.#probe.close();
+      this.#probe = null;
+    }
+  }
+
   #onMessage(message) {
     this.#lastFrameAt = Date.now();
     let msg;
@@ -213,6 +343,21 @@ export class Sidecast {
       case "connected":
         this.#failedAttempts = 0;
         this.#userId = msg.userId ?? null;
+        this.#stableTimer = setTimeout(() => (this.#attempt = 0), this.#options.stableAfterMs);
+        if (this.#transport === "sse") {
+          // The stream subscribed every channel of its URL, and cannot carry requests: no
+          // budget, no refresh (the token is renewed when the stream reopens), no pings.
+          clearTimeout(this.#watchdogTimer);
+          this.#setStatus("connected");
+          // The page's channels changed while the stream was opening.
+          const opened = this.#streamChannels;
+          if (opened.length !== this.#channels.size || opened.some((c) => !this.#channels.has(c))) {
+            this.#reopenStream();
+          }
+          break;
+        }
+        this.#webSocketFailures = 0;
+        this.#stopProbing();
         this.#heartbeatMs = msg.heartbeatMs || this.#heartbeatMs;
         this.#budget = {
           rate: msg.rateLimit || 20,
@@ -221,7 +366,6 @@ export class Sidecast {
           at: Date.now(),
         };
         this.#armWatchdog(this.#heartbeatMs / 2);
-        this.#stableTimer = setTimeout(() => (this.#attempt = 0), this.#options.stableAfterMs);
         this.#scheduleRefresh();
         this.#subscribeAll([...this.#channels.keys()]);
         this.#setStatus("connected");
@@ -250,6 +394,10 @@ export class Sidecast {
         break;
       case "error":
         this.#onError(msg);
+        break;
+      case "close":
+        // A stream the server ended says why, as a WebSocket's Close frame would.
+        this.#onClose(msg.code, msg.reason);
         break;
     }
   }
@@ -350,6 +498,7 @@ export class Sidecast {
 
   /** Subscribes one channel on the server. */
   #subscribeOnServer(channel, state) {
+    if (this.#transport === "sse") return this.#reopenStream();
     state.requestId = this.#send({ type: "subscribe", ...this.#entry(channel, state) });
   }
 
@@ -371,9 +520,19 @@ export class Sidecast {
 
   async #onClose(code, reason) {
     const wasConnected = this.#status === "connected";
+    const onStream = this.#transport === "sse";
     this.#abandon();
     if (this.#closed) return;
     this.#setStatus("disconnected");
+    if (!onStream && !wasConnected && ++this.#webSocketFailures >= this.#options.fallbackAfter) {
+      if (this.#options.fallback && code === ABNORMAL_CLOSURE) {
+        // WebSocket does not get through (a proxy that refuses the upgrade?): events come over
+        // a stream from now on, and WebSocket is tried again later.
+        this.#transport = "sse";
+        this.#webSocketFailures = 0;
+        this.#scheduleProbe();
+      }
+    }
     if (!wasConnected && ++this.#failedAttempts === UNREACHABLE_AFTER) {
       // Browsers hide why a WebSocket failed to open, so say what it usually is.
       this.#emit("error", {
@@ -457,6 +616,12 @@ export class Sidecast {
 
   /** Detaches the current socket: its later events are ignored, its unsent requests dropped. */
   #abandon() {
+    if (this.#stream) {
+      this.#stream.onmessage = null;
+      this.#stream.onerror = null;
+      this.#stream.close();
+      this.#stream = null;
+    }
     clearTimeout(this.#watchdogTimer);
     clearTimeout(this.#stableTimer);
     clearTimeout(this.#outboxTimer);

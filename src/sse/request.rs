@@ -1,8 +1,9 @@
 //! `GET /sse?channels=…`: what a stream subscribes to, and where each channel resumes.
 //!
 //! The query (values percent-decoded, unknown parameters ignored):
-//! - `channels`: comma-separated channel names, 1 to [`MAX_BATCH`]; a name written
-//!   `name~N` wants the channel's latest `N` events first (its own `rewind`);
+//! - `channels`: comma-separated channel names, at most [`MAX_BATCH`]; a name written
+//!   `name~N` wants the channel's latest `N` events first (its own `rewind`). Required, but
+//!   may be empty: such a stream carries broadcasts and the user's own events;
 //! - `rewind=N`: the same for every channel without its own;
 //! - `lastEventId`: an id this server sent on a stream with the same `channels` (see
 //!   [`position`](super::position)): where each channel resumes. The `Last-Event-ID` header,
@@ -44,8 +45,8 @@ pub fn parse(query: &str, last_event_id: Option<&str>) -> Result<Opening, &'stat
             _ => {}
         }
     }
-    let channels = channels.filter(|c| !c.is_empty()).ok_or(NO_CHANNELS)?;
-    let names: Vec<&str> = channels.split(',').collect();
+    let channels = channels.ok_or(NO_CHANNELS)?;
+    let names: Vec<&str> = channels.split(',').filter(|n| !n.is_empty()).collect();
     if names.len() > MAX_BATCH {
         return Err(TOO_MANY);
     }
@@ -80,7 +81,7 @@ pub fn parse(query: &str, last_event_id: Option<&str>) -> Result<Opening, &'stat
 
 const BAD_ENCODING: &str = "malformed percent-encoding in the query";
 const BAD_REWIND: &str = "rewind must be a whole number of events, at least 1";
-const NO_CHANNELS: &str = "name the channels: /sse?channels=a,b";
+const NO_CHANNELS: &str = "name the channels: /sse?channels=a,b (empty for none)";
 const TOO_MANY: &str = "at most 1000 channels per stream";
 
 /// A `rewind` count: a whole number, at least 1.
@@ -141,7 +142,7 @@ mod tests {
         assert_eq!(refused.channel.as_deref(), Some("bad name"));
         for (query, why) in [
             ("", NO_CHANNELS),
-            ("channels=", NO_CHANNELS),
+            ("rewind=1", NO_CHANNELS),
             ("channels=a&rewind=0", BAD_REWIND),
             ("channels=a~x", BAD_REWIND),
             ("channels=a%zz", BAD_ENCODING),
@@ -156,6 +157,11 @@ mod tests {
         assert_eq!(
             parse(&format!("channels={many}"), None).unwrap_err(),
             TOO_MANY
+        );
+        let none = parse("channels=", None).unwrap();
+        assert!(
+            none.entries.is_empty(),
+            "broadcasts and the user's own events only"
         );
     }
 }

@@ -271,6 +271,76 @@ export async function startProxy(target) {
 }
 
 /**
+ * An HTTP proxy in front of `target` (a port) that passes plain requests and streamed
+ * responses but answers every WebSocket upgrade with 403, as some corporate proxies do, until
+ * `allowUpgrades()`.
+ */
+export async function startHttpProxy(target) {
+  let refusing = true;
+  let refused = 0;
+  const sockets = new Set();
+  const server = http.createServer((request, response) => {
+    const upstream = http.request(
+      { host: "127.0.0.1", port: target, method: request.method, path: request.url, headers: request.headers },
+      (answer) => {
+        response.writeHead(answer.statusCode, answer.headers);
+        answer.pipe(response);
+      },
+    );
+    upstream.on("error", () => response.destroy());
+    response.on("close", () => upstream.destroy());
+    request.pipe(upstream);
+  });
+  server.on("connection", (socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+  });
+  server.on("upgrade", (request, socket, head) => {
+    if (refusing) {
+      refused += 1;
+      socket.end("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+      return;
+    }
+    const upstream = net.createConnection(target, "127.0.0.1", () => {
+      const lines = [`${request.method} ${request.url} HTTP/1.1`];
+      for (let i = 0; i < request.rawHeaders.length; i += 2) {
+        lines.push(`${request.rawHeaders[i]}: ${request.rawHeaders[i + 1]}`);
+      }
+      upstream.write(`${lines.join("\r\n")}\r\n\r\n`);
+      upstream.write(head);
+      socket.pipe(upstream);
+      upstream.pipe(socket);
+    });
+    const end = () => {
+      socket.destroy();
+      upstream.destroy();
+    };
+    for (const s of [socket, upstream]) {
+      s.on("error", end);
+      s.on("close", end);
+    }
+  });
+  server.listen(0, "127.0.0.1");
+  server.unref();
+  await once(server, "listening");
+  const port = server.address().port;
+  return {
+    wsUrl: `ws://127.0.0.1:${port}/ws`,
+    /** Upgrades answered with 403 so far. */
+    get refused() {
+      return refused;
+    },
+    allowUpgrades() {
+      refusing = false;
+    },
+    close() {
+      for (const socket of sockets) socket.destroy();
+      return new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
+
+/**
  * For a test file: before its tests, serves `files()` (see `startPageServer`) and launches
  * Chromium; after them, closes both. Returns `{ browser, pages }`, filled in by then.
  */

@@ -1,6 +1,6 @@
 //! A Server-Sent Events reader over a plain TCP socket: the request, the response head, then
 //! messages parsed as a browser's `EventSource` parses them (fields `id`, `data`; comment
-//! lines; a blank line ends a message).
+//! lines; a blank line ends a message). A chunked body (a proxy's re-framing) is de-chunked.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -20,7 +20,7 @@ pub enum Item {
 
 /// An open stream.
 pub struct Sse {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Body>,
     /// The response head.
     pub head: String,
     /// The last id seen, as a browser keeps it for `Last-Event-ID`.
@@ -57,8 +57,15 @@ impl Sse {
             let _ = reader.read_to_string(&mut rest);
             return Err(head + &rest);
         }
-        Ok(Sse {
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        let body = Body {
             reader,
+            chunk_left: chunked.then_some(0),
+        };
+        Ok(Sse {
+            reader: BufReader::new(body),
             head,
             last_id: None,
         })
@@ -144,6 +151,43 @@ impl Sse {
 
     /// The socket, to shut down or to stop reading.
     pub fn socket(&self) -> &TcpStream {
-        self.reader.get_ref()
+        self.reader.get_ref().reader.get_ref()
+    }
+}
+
+/// The response body: as it comes, or de-chunked.
+struct Body {
+    reader: BufReader<TcpStream>,
+    /// `Some(bytes left in the current chunk)` when the body is chunked.
+    chunk_left: Option<usize>,
+}
+
+impl Read for Body {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(left) = self.chunk_left else {
+            return self.reader.read(buf);
+        };
+        if left == 0 {
+            let mut size = String::new();
+            if self.reader.read_line(&mut size)? == 0 {
+                return Ok(0);
+            }
+            if size.trim().is_empty() {
+                size.clear(); // the CRLF after the previous chunk
+                if self.reader.read_line(&mut size)? == 0 {
+                    return Ok(0);
+                }
+            }
+            let size = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
+            if size == 0 {
+                return Ok(0);
+            }
+            self.chunk_left = Some(size);
+        }
+        let left = self.chunk_left.unwrap();
+        let end = left.min(buf.len());
+        let n = self.reader.read(&mut buf[..end])?;
+        self.chunk_left = Some(left - n);
+        Ok(n)
     }
 }
