@@ -83,6 +83,9 @@ struct BenchArgs {
     /// Override the preset's number of connections
     #[arg(long)]
     connections: Option<usize>,
+    /// How the clients receive: WebSocket (`/ws`) or Server-Sent Events (`/sse`)
+    #[arg(long, value_enum, default_value = "websocket")]
+    transport: sidecast::bench::Transport,
     /// Override the preset's number of channels
     #[arg(long)]
     channels: Option<usize>,
@@ -270,6 +273,7 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         }
     };
     let mut plan = Plan::preset(args.preset);
+    plan.transport = args.transport;
     plan.connections = args.connections.unwrap_or(plan.connections);
     plan.channels = args
         .channels

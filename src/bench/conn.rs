@@ -1,9 +1,12 @@
-//! One load-generator WebSocket client: non-blocking, masked frames out, frames parsed in
-//! place from the reactor's shared read buffer. A connection keeps bytes of its own only while
-//! a frame is split across reads, so receiving an event allocates nothing.
+//! One load-generator client, over a WebSocket or a Server-Sent Events stream: non-blocking,
+//! messages parsed in place from the reactor's shared read buffer. A connection keeps bytes
+//! of its own only while a frame (or an SSE message) is split across reads, so receiving an
+//! event allocates nothing.
 //!
-//! It understands exactly what sidecast sends: a 101 response, then unmasked frames whose text
-//! payloads are `connected`, `subscribed` and `event` messages; Pings are answered with Pongs.
+//! It understands exactly what sidecast sends: over a WebSocket, a 101 response, then
+//! unmasked frames whose text payloads are `connected`, `subscribed` and `event` messages
+//! (Pings are answered with Pongs); over `/sse`, a 200 response, then messages whose `data:`
+//! line holds the same JSON (comment heartbeats are skipped).
 
 use std::io::{self, Read, Write};
 
@@ -25,9 +28,20 @@ pub enum Seen {
     },
 }
 
+/// How a client receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// `GET /ws`, a subscribe message.
+    #[value(name = "websocket")]
+    WebSocket,
+    /// `GET /sse?channels=...`.
+    Sse,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Waiting for the 101 response head.
+    /// Waiting for the response head.
     Upgrading,
     /// Reading frames.
     Open,
@@ -49,6 +63,7 @@ pub struct BenchConn {
     /// `{"type":"event","channel":"<channel>","seq":`: events are parsed at fixed offsets
     /// after it rather than searched, which keeps the generator off the critical path.
     event_prefix: Box<[u8]>,
+    transport: Transport,
 }
 
 /// Why a connection is unusable.
@@ -63,15 +78,33 @@ pub enum ConnFailure {
 }
 
 impl BenchConn {
-    /// Starts a connection: the upgrade request and the subscribe message are queued at once.
-    pub fn new(socket: TcpStream, host: &str, channel: usize, channel_name: &str) -> BenchConn {
-        let mut pending = format!(
-            "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: c2lkZWNhc3QtYmVuY2gtMQ==\r\n\r\n"
-        )
-        .into_bytes();
-        let subscribe = format!(r#"{{"type":"subscribe","channel":"{channel_name}"}}"#);
-        masked_frame(0x1, subscribe.as_bytes(), &mut pending);
+    /// Starts a connection: the request (and for a WebSocket the subscribe message) is queued
+    /// at once.
+    pub fn new(
+        socket: TcpStream,
+        host: &str,
+        channel: usize,
+        channel_name: &str,
+        transport: Transport,
+    ) -> BenchConn {
+        let pending = match transport {
+            Transport::WebSocket => {
+                let mut pending = format!(
+                    "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                     Sec-WebSocket-Key: c2lkZWNhc3QtYmVuY2gtMQ==\r\n\r\n"
+                )
+                .into_bytes();
+                let subscribe = format!(r#"{{"type":"subscribe","channel":"{channel_name}"}}"#);
+                masked_frame(0x1, subscribe.as_bytes(), &mut pending);
+                pending
+            }
+            Transport::Sse => format!(
+                "GET /sse?channels={channel_name} HTTP/1.1\r\nHost: {host}\r\n\
+                 Accept: text/event-stream\r\n\r\n"
+            )
+            .into_bytes(),
+        };
         let event_prefix = format!(r#"{{"type":"event","channel":"{channel_name}","seq":"#);
         BenchConn {
             event_prefix: event_prefix.into_bytes().into_boxed_slice(),
@@ -81,6 +114,7 @@ impl BenchConn {
             phase: Phase::Upgrading,
             partial: Vec::new(),
             pending,
+            transport,
         }
     }
 
@@ -146,7 +180,11 @@ impl BenchConn {
             let Some(end) = find(bytes, b"\r\n\r\n") else {
                 return Ok(0);
             };
-            if !bytes.starts_with(b"HTTP/1.1 101") {
+            let expected: &[u8] = match self.transport {
+                Transport::WebSocket => b"HTTP/1.1 101",
+                Transport::Sse => b"HTTP/1.1 200",
+            };
+            if !bytes.starts_with(expected) {
                 let line = String::from_utf8_lossy(&bytes[..end])
                     .lines()
                     .next()
@@ -156,6 +194,20 @@ impl BenchConn {
             }
             self.phase = Phase::Open;
             at = end + 4;
+        }
+        if self.transport == Transport::Sse {
+            // Messages end with a blank line; the JSON is on the `data:` line.
+            while let Some(end) = find(&bytes[at..], b"\n\n") {
+                let message = &bytes[at..at + end];
+                if let Some(data) = message
+                    .split(|&b| b == b'\n')
+                    .find_map(|line| line.strip_prefix(b"data: "))
+                {
+                    self.on_text(data, seen);
+                }
+                at += end + 2;
+            }
+            return Ok(at);
         }
         while let Some(FrameAt {
             opcode,
@@ -327,7 +379,7 @@ mod tests {
     fn gaps_and_repeats_are_counted() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let mut conn = BenchConn::new(socket, "x", 0, "bench:0");
+        let mut conn = BenchConn::new(socket, "x", 0, "bench:0", Transport::WebSocket);
         let mut seen = Vec::new();
         let mut record = |s| seen.push(s);
         conn.on_text(

@@ -30,6 +30,7 @@ use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 
 use conn::{BenchConn, ConnFailure, Seen};
+pub use conn::Transport;
 pub use report::{Percentiles, Report, StepReport};
 
 /// Connection attempts in flight at once, so the server's accept backlog never overflows
@@ -92,6 +93,8 @@ pub struct Plan {
     pub stop_on_failure: bool,
     /// Padding bytes in each event's data, to size the frames.
     pub padding: usize,
+    /// How the clients receive.
+    pub transport: Transport,
 }
 
 impl Plan {
@@ -142,6 +145,7 @@ impl Plan {
             steps,
             stop_on_failure,
             padding: 160,
+            transport: Transport::WebSocket,
         }
     }
 }
@@ -267,6 +271,7 @@ pub fn run(plan: &Plan, target: &Target, progress: bool) -> io::Result<Report> {
     };
     Ok(Report {
         preset: plan.preset,
+        transport: plan.transport,
         connections: opened,
         channels: plan.channels,
         handshakes_per_sec: opened as f64 / connect_secs,
@@ -308,6 +313,7 @@ impl Runner {
                     &host,
                     channel,
                     &format!("bench:{channel}"),
+                    plan.transport,
                 )));
             }
             if Instant::now() > deadline {

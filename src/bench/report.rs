@@ -51,6 +51,8 @@ pub struct Percentiles {
 pub struct Report {
     /// The scenario.
     pub preset: Preset,
+    /// How the clients received.
+    pub transport: super::Transport,
     /// Clients opened.
     pub connections: usize,
     /// Channels used.
@@ -85,8 +87,8 @@ impl Report {
     /// Human-readable summary.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "preset {:?}: {} connections over {} channel(s)\n  connect: {:.0} handshakes/s",
-            self.preset, self.connections, self.channels, self.handshakes_per_sec
+            "preset {:?}: {} {:?} connections over {} channel(s)\n  connect: {:.0} handshakes/s",
+            self.preset, self.connections, self.transport, self.channels, self.handshakes_per_sec
         );
         if let Some(us) = self.server_cpu_us_per_handshake {
             out += &format!(", {us:.1} µs server CPU per handshake");
