@@ -91,6 +91,8 @@ pub enum StartupError {
     Reactor(io::Error),
     /// The JWT verification key cannot be used.
     Auth(String),
+    /// TLS to Redis cannot be set up (a CA, certificate or key file).
+    RedisTls(String),
 }
 
 impl fmt::Display for StartupError {
@@ -111,6 +113,7 @@ impl fmt::Display for StartupError {
             }
             StartupError::Reactor(source) => write!(f, "cannot set up the event loop: {source}"),
             StartupError::Auth(why) => write!(f, "cannot use the JWT key: {why}"),
+            StartupError::RedisTls(why) => write!(f, "cannot set up TLS to Redis: {why}"),
         }
     }
 }
@@ -121,7 +124,9 @@ impl std::error::Error for StartupError {
             StartupError::Listen { source, .. }
             | StartupError::PublishSocket { source, .. }
             | StartupError::Reactor(source) => Some(source),
-            StartupError::SocketInUse { .. } | StartupError::Auth(_) => None,
+            StartupError::SocketInUse { .. }
+            | StartupError::Auth(_)
+            | StartupError::RedisTls(_) => None,
         }
     }
 }

@@ -29,8 +29,8 @@ use mio::net::{TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 
-use conn::{BenchConn, ConnFailure, Seen};
 pub use conn::Transport;
+use conn::{BenchConn, ConnFailure, Seen};
 pub use report::{Percentiles, Report, StepReport};
 
 /// Connection attempts in flight at once, so the server's accept backlog never overflows

@@ -42,6 +42,8 @@ pub const PUBLISH_KEY_ENV: &str = "SIDECAST_PUBLISH_KEY";
 /// Environment variable that can hold the Redis URL (with its password), when no
 /// `redis_url` is given.
 pub const REDIS_URL_ENV: &str = "SIDECAST_REDIS_URL";
+/// Environment variable that can hold the Sentinels' password.
+pub const REDIS_SENTINEL_PASSWORD_ENV: &str = "SIDECAST_REDIS_SENTINEL_PASSWORD";
 
 /// The shortest duration setting: the timer wheel's tick.
 pub const TIMER_TICK: Duration = Duration::from_millis(10);
@@ -88,6 +90,8 @@ settings! {
         idempotency_window: HumanDuration = "10m", "DURATION", "How long a publish's idempotency key is remembered: a retry within it is answered with the first result";
         max_quiet_channels: usize = "100000", "COUNT", "Channels without any event remembered at once after their last subscriber left, so a resume at seq 0 is not told of a gap";
         engine: EngineKind = "memory", "ENGINE", "Where seqs, history and cross-node delivery live: memory (this process, one node) or redis (nodes share them through Redis or Redis Cluster)";
+        redis_tls: bool = "false", "BOOL", "Use TLS for every Redis connection (cluster nodes and Sentinels included), as a rediss:// URL does for its own"
+            [num_args = 0..=1, require_equals = true, default_missing_value = "true"];
         redis_prefix: String = "sidecast:", "PREFIX", "Prefix of every Redis key and shard channel sidecast uses";
         redis_timeout: HumanDuration = "2s", "DURATION", "A Redis reply later than this marks the connection down: publishes answer unavailable until it is back";
         redis_check_interval: HumanDuration = "30s", "DURATION", "With the redis engine, how often each channel with local subscribers compares what this node delivered with Redis's position, and fills any difference from the stream (a safety net: each repair is logged and counted)";
@@ -100,6 +104,12 @@ settings! {
         publish_listen: SocketAddr, "ADDR", "Also take publishes over HTTP on this TCP address (for workers in other containers of the pod); needs publish_key unless it is a loopback address", "off";
         publish_key: String, "KEY", "The key HTTP publishes on publish_listen must present (Authorization: Bearer); prefer SIDECAST_PUBLISH_KEY", "so publish_listen must be a loopback address";
         node_id: String, "ID", "This node's name in Redis (leases, logs); letters, digits, - and _", "random";
+        redis_master_name: String, "NAME", "The name the Sentinels (redis_sentinel) know the primary by", "needed with redis_sentinel";
+        redis_sentinel_password: String, "PASSWORD", "The Sentinels' own password (the data password goes in redis_url); prefer SIDECAST_REDIS_SENTINEL_PASSWORD", "Sentinels without a password";
+        redis_tls_ca: PathBuf, "FILE", "PEM file of the CA certificates Redis's TLS certificates are checked against", "the system's root certificates";
+        redis_tls_cert: PathBuf, "FILE", "PEM client certificate (chain) for a Redis that asks for one (mTLS); needs redis_tls_key", "no client certificate";
+        redis_tls_key: PathBuf, "FILE", "PEM private key of redis_tls_cert", "none";
+        redis_tls_server_name: String, "NAME", "The name every Redis certificate is checked against (and sent as SNI), instead of each node's host: for nodes known by IP address", "each node's host";
         connect_rate_per_ip: f64, "PER_SECOND", "New WebSockets per second per client address, bursts of twice that; recommended when clients connect directly, not through a proxy", "off";
     }
     inputs {
@@ -111,7 +121,8 @@ settings! {
         allowed_origin: String, "ORIGIN", "Origin allowed to open a WebSocket, e.g. `https://app.example.com`, or `*` (repeatable)", "so only same-host pages";
         trusted_proxies: Cidr, "CIDR", "Proxy addresses or CIDRs whose X-Forwarded-For is believed, e.g. 10.0.0.0/8 (repeatable, or comma-separated)", "so the TCP peer is the client"
             [value_delimiter = ','];
-        redis_url: RedisUrl, "URL", "Redis to use with --engine redis, e.g. redis://127.0.0.1:6379 (repeatable: a cluster's seed nodes; or set SIDECAST_REDIS_URL)", "SIDECAST_REDIS_URL, needed with --engine redis";
+        redis_url: RedisUrl, "URL", "Redis to use with --engine redis, e.g. redis://127.0.0.1:6379 or rediss://user:pass@host:6380 (repeatable: a cluster's seed nodes; or set SIDECAST_REDIS_URL). With redis_sentinel, only its scheme and credentials are used", "SIDECAST_REDIS_URL, needed with --engine redis unless redis_sentinel";
+        redis_sentinel: String, "HOST:PORT", "A Sentinel to ask for the primary (repeatable); needs redis_master_name", "no Sentinel";
     }
     files {
         dapr: DaprSettings, "Dapr subscriptions ([[dapr.subscription]]): broker topics whose CloudEvents are published to channels";
@@ -242,6 +253,11 @@ impl Config {
                 .ok()
                 .filter(|s| !s.is_empty());
         }
+        if settings.redis_sentinel_password.is_none() {
+            settings.redis_sentinel_password = std::env::var(REDIS_SENTINEL_PASSWORD_ENV)
+                .ok()
+                .filter(|s| !s.is_empty());
+        }
         if settings.redis_url.is_empty()
             && let Ok(url) = std::env::var(REDIS_URL_ENV)
             && !url.is_empty()
@@ -353,10 +369,42 @@ impl Config {
                 return invalid(key, format!("must be at least {minimum}, got {value}"));
             }
         }
-        if self.engine == EngineKind::Redis && self.redis_url.is_empty() {
+        if self.engine == EngineKind::Redis
+            && self.redis_url.is_empty()
+            && self.redis_sentinel.is_empty()
+        {
             return invalid(
                 "redis_url",
-                format!("--engine redis needs a redis_url (or {REDIS_URL_ENV})"),
+                format!("--engine redis needs a redis_url (or {REDIS_URL_ENV}), or redis_sentinel"),
+            );
+        }
+        if !self.redis_sentinel.is_empty() {
+            if self.redis_master_name.is_none() {
+                return invalid(
+                    "redis_master_name",
+                    "redis_sentinel needs the name the Sentinels know the primary by".into(),
+                );
+            }
+            if self.redis_url.len() > 1 {
+                return invalid(
+                    "redis_url",
+                    "with redis_sentinel, one redis_url at most: its credentials and scheme".into(),
+                );
+            }
+            let bad = self.redis_sentinel.iter().find(|s| {
+                !s.rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            });
+            if let Some(bad) = bad {
+                return invalid("redis_sentinel", format!("{bad:?}: expected host:port"));
+            }
+        }
+        if self.redis_tls_cert.is_some() != self.redis_tls_key.is_some() {
+            return invalid(
+                "redis_tls_cert",
+                "a client certificate needs its key, and a key its certificate: give both \
+                 redis_tls_cert and redis_tls_key"
+                    .into(),
             );
         }
         if self.reuse_port && self.engine == EngineKind::Memory && !self.reuse_port_without_redis {

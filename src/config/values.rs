@@ -255,6 +255,8 @@ impl FromStr for EngineKind {
 pub struct RedisUrl {
     /// `host:port`.
     pub host_port: String,
+    /// `rediss://`: TLS.
+    pub tls: bool,
     /// `AUTH` user, when a password is given (`default` when the URL names none).
     pub user: Option<String>,
     /// `AUTH` password.
@@ -264,9 +266,11 @@ pub struct RedisUrl {
 impl FromStr for RedisUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let rest = s
-            .strip_prefix("redis://")
-            .ok_or_else(|| "a Redis URL starts with redis:// (TLS is not supported)".to_string())?;
+        let (tls, rest) = match (s.strip_prefix("redis://"), s.strip_prefix("rediss://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err("a Redis URL starts with redis:// or rediss:// (TLS)".into()),
+        };
         let rest = rest.trim_end_matches('/');
         let (auth, host_port) = match rest.rsplit_once('@') {
             Some((auth, host_port)) => (Some(auth), host_port),
@@ -287,6 +291,7 @@ impl FromStr for RedisUrl {
         }
         Ok(RedisUrl {
             host_port: host_port.to_string(),
+            tls,
             user,
             password,
         })
@@ -296,7 +301,8 @@ impl FromStr for RedisUrl {
 impl fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let auth = if self.password.is_some() { "***@" } else { "" };
-        write!(f, "redis://{auth}{}", self.host_port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        write!(f, "{scheme}://{auth}{}", self.host_port)
     }
 }
 

@@ -34,9 +34,12 @@ use crate::base::channel::Backfill;
 use crate::base::ids::ConnId;
 use crate::base::time::{Tick, TickSource};
 use crate::config::{Config, EngineKind};
+use crate::error::StartupError;
 use crate::publish::Published;
 use history::HistoryLimits;
 use idempotency::IdempotencyLimits;
+use redis::sentinel::SentinelSettings;
+use redis::tls::{Tls, TlsFiles};
 use redis::{RedisEngine, RedisSettings};
 
 pub use memory::MemoryEngine;
@@ -186,7 +189,7 @@ pub enum Happening {
 }
 
 /// The state of an engine shared by several nodes, for `/health` and `/metrics`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SharedState {
     /// Every shard's connection is up, the slot map is known and every watched channel is
     /// subscribed.
@@ -209,10 +212,14 @@ pub struct SharedState {
     pub gaps: u64,
     /// Events and gaps the periodic position check found undelivered.
     pub repairs: u64,
+    /// Under Sentinel: the primary the Sentinels named last.
+    pub primary: Option<String>,
+    /// Under Sentinel: promotions they announced since the start.
+    pub switches: u64,
 }
 
 /// Totals an engine reports for `/metrics` and the stats feed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineGauges {
     /// Channels remembered, watched or dormant.
     pub known_channels: usize,
@@ -324,7 +331,7 @@ pub fn start(
     token_of: TokenOf,
     ticks: TickSource,
     node_id: String,
-) -> std::io::Result<Box<dyn Engine>> {
+) -> Result<Box<dyn Engine>, StartupError> {
     let history = HistoryLimits {
         size: config.history_size,
         max_bytes: config.history_max_bytes,
@@ -339,8 +346,30 @@ pub fn start(
     if config.engine == EngineKind::Memory {
         return Ok(Box::new(memory));
     }
+    let tls_everywhere = config.redis_tls;
+    let tls = if tls_everywhere || config.redis_url.iter().any(|u| u.tls) {
+        let files = TlsFiles {
+            ca: config.redis_tls_ca.clone(),
+            client: config
+                .redis_tls_cert
+                .clone()
+                .zip(config.redis_tls_key.clone()),
+            server_name: config.redis_tls_server_name.clone(),
+        };
+        Some(Tls::new(&files).map_err(StartupError::RedisTls)?)
+    } else {
+        None
+    };
+    let sentinel = (!config.redis_sentinel.is_empty()).then(|| SentinelSettings {
+        addrs: config.redis_sentinel.clone(),
+        master_name: config.redis_master_name.clone().unwrap_or_default(),
+        password: config.redis_sentinel_password.clone(),
+    });
     let settings = RedisSettings {
         urls: config.redis_url.clone(),
+        sentinel,
+        tls,
+        tls_everywhere,
         prefix: config.redis_prefix.clone(),
         node_id: config.node_id.clone().unwrap_or(node_id),
         history_size: config.history_size,
@@ -352,11 +381,23 @@ pub fn start(
         max_in_flight: config.redis_max_in_flight,
         max_in_flight_bytes: config.redis_max_in_flight_bytes,
     };
-    let urls: Vec<String> = settings.urls.iter().map(ToString::to_string).collect();
+    let urls: Vec<String> = match &settings.sentinel {
+        Some(sentinel) => vec![format!(
+            "primary {:?} from Sentinels {}",
+            sentinel.master_name,
+            sentinel.addrs.join(", ")
+        )],
+        None => settings.urls.iter().map(ToString::to_string).collect(),
+    };
     log::info!(
-        "engine redis: {} as node {}",
+        "engine redis: {} as node {}{}",
         urls.join(", "),
-        settings.node_id
+        settings.node_id,
+        if settings.tls.is_some() {
+            ", over TLS"
+        } else {
+            ""
+        }
     );
     let engine = RedisEngine::new(settings, registry, token_of, memory, ticks, Tick(0))?;
     Ok(Box::new(engine))

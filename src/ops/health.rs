@@ -9,7 +9,7 @@
 use crate::engine::SharedState;
 
 /// The figures the document reports.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Health {
     /// Open WebSockets.
     pub connections: u64,
@@ -24,7 +24,7 @@ pub struct Health {
 impl Health {
     /// Whether the node can serve.
     pub fn is_ok(&self) -> bool {
-        self.shared.is_none_or(|shared| shared.up)
+        self.shared.as_ref().is_none_or(|shared| shared.up)
     }
 
     /// The JSON document.
@@ -33,15 +33,26 @@ impl Health {
             connections,
             channels,
             uptime_secs,
-            shared,
+            ref shared,
         } = *self;
         let status = if self.is_ok() { "ok" } else { "unavailable" };
         let engine = match shared {
             None => "\"engine\":\"memory\"".to_string(),
-            Some(r) => format!(
-                "\"engine\":\"redis\",\"redis\":{{\"up\":{},\"shardsUp\":{},\"shards\":{},\"unsubscribedChannels\":{}}}",
-                r.up, r.shards_up, r.shards, r.unsubscribed
-            ),
+            Some(r) => {
+                // Under Sentinel: which primary, and how many promotions were seen.
+                let sentinel = match &r.primary {
+                    Some(primary) => format!(
+                        ",\"primary\":{},\"switches\":{}",
+                        serde_json::Value::from(primary.as_str()),
+                        r.switches
+                    ),
+                    None => String::new(),
+                };
+                format!(
+                    "\"engine\":\"redis\",\"redis\":{{\"up\":{},\"shardsUp\":{},\"shards\":{},\"unsubscribedChannels\":{}{sentinel}}}",
+                    r.up, r.shards_up, r.shards, r.unsubscribed
+                )
+            }
         };
         format!(
             "{{\"status\":\"{status}\",\"connections\":{connections},\"channels\":{channels},\"uptimeSecs\":{uptime_secs},{engine}}}"
@@ -76,5 +87,14 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&health.json()).unwrap();
         assert_eq!(value["status"], "unavailable");
         assert_eq!(value["redis"]["shardsUp"], 2);
+        assert_eq!(value["redis"].get("primary"), None, "not under Sentinel");
+        health.shared = Some(SharedState {
+            primary: Some("10.0.0.2:6379".into()),
+            switches: 1,
+            ..SharedState::default()
+        });
+        let value: serde_json::Value = serde_json::from_str(&health.json()).unwrap();
+        assert_eq!(value["redis"]["primary"], "10.0.0.2:6379");
+        assert_eq!(value["redis"]["switches"], 1);
     }
 }

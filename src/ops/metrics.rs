@@ -278,6 +278,14 @@ impl Metrics {
                 "Redis connections lost.",
                 redis.disconnects,
             );
+            if redis.primary.is_some() {
+                metric(
+                    "sidecast_redis_primary_switches_total",
+                    "counter",
+                    "Under Sentinel: promotions the Sentinels announced (+switch-master).",
+                    redis.switches,
+                );
+            }
         }
         metric(
             "sidecast_handshake_timeouts_total",
@@ -294,7 +302,7 @@ impl Metrics {
         let name = "sidecast_disconnects_total";
         let _ = write!(
             out,
-            "# HELP {name} WebSocket connections closed, by reason.\n# TYPE {name} counter\n"
+            "# HELP {name} WebSocket connections and event streams closed, by reason.\n# TYPE {name} counter\n"
         );
         for reason in Close::ALL {
             let _ = writeln!(
@@ -302,6 +310,14 @@ impl Metrics {
                 "{name}{{reason=\"{}\"}} {}",
                 reason.label(),
                 self.disconnects(reason)
+            );
+        }
+        if let Some(primary) = gauges.shared.as_ref().and_then(|r| r.primary.as_ref()) {
+            let name = "sidecast_redis_primary";
+            let _ = write!(
+                out,
+                "# HELP {name} Under Sentinel: the primary the Sentinels named last.\n\
+                 # TYPE {name} gauge\n{name}{{addr=\"{primary}\"}} 1\n"
             );
         }
         self.latency

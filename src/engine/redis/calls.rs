@@ -20,6 +20,8 @@ pub(super) enum Request {
     Ignore,
     Load(Script),
     Slots,
+    /// `ROLE`, under Sentinel: is the node the primary?
+    Role,
     /// `SSUBSCRIBE` or `SUNSUBSCRIBE` of a shard channel: confirmed by a push.
     Subscription(&'static str, String),
     Call(Call, Purpose),

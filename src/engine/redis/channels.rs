@@ -77,7 +77,31 @@ impl RedisEngine {
     /// same map, and the shards that came up since take theirs: whether a shard connected the
     /// first time, reconnected, was just promoted or is a new owner.
     pub(super) fn on_slots(&mut self, key: usize, frame: &Frame, now: Tick) {
-        let MapAnswer::Read { changed } = self.shards.on_slots(key, frame, now) else {
+        let answer = self.shards.on_slots(key, frame, now);
+        self.take_map(answer, now);
+    }
+
+    /// A `ROLE` answer from shard `key`, under Sentinel: the primary takes its channels as a
+    /// standalone Redis does; a replica (a primary demoted by a failover the Sentinels have
+    /// not told us of yet) is left, and the Sentinels asked again.
+    pub(super) fn on_role(&mut self, key: usize, frame: &Frame, now: Tick) {
+        let role = resp::items(frame).and_then(|parts| parts.first().and_then(resp::text));
+        if role == Some("master") {
+            let answer = self.shards.standalone(key, now);
+            return self.take_map(answer, now);
+        }
+        let addr = self.shards.get(key).map_or("", |s| s.addr.as_str());
+        log::warn!(
+            "redis {addr}: not the primary (ROLE {}): asking the Sentinels again",
+            role.unwrap_or("?")
+        );
+        self.fail(key, "not the primary", now);
+    }
+
+    /// Every up shard takes the channels it owns under a new map; under the same map, the
+    /// shards that came up since.
+    fn take_map(&mut self, answer: MapAnswer, now: Tick) {
+        let MapAnswer::Read { changed } = answer else {
             return;
         };
         for shard in self.shards.keys(|s| s.up && (changed || !s.subscribed)) {

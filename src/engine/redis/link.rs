@@ -1,5 +1,5 @@
-//! One non-blocking TCP connection to one Redis node, in the reactor's `Poll`: commands are
-//! pipelined into one output buffer, replies are matched to what they answer in the order
+//! One non-blocking connection to one Redis node (TCP, or TLS over it, see [`super::tls`]),
+//! in the reactor's `Poll`: commands are pipelined into one output buffer, replies are matched to what they answer in the order
 //! the commands were sent, and RESP3 pushes (shard-channel messages, subscription changes)
 //! come out beside them.
 //!
@@ -9,7 +9,7 @@
 //! failed).
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use bytes::BytesMut;
@@ -17,6 +17,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::resp::{self, Frame};
+use super::tls::{Tls, Wire};
 use crate::base::time::Tick;
 
 /// What came in on a link.
@@ -41,7 +42,7 @@ const READ_CHUNK: usize = 64 * 1024;
 pub struct Link<T> {
     /// `host:port`, as configured or as the cluster names it.
     pub addr: String,
-    stream: TcpStream,
+    wire: Wire,
     connected: bool,
     output: BytesMut,
     input: BytesMut,
@@ -50,21 +51,38 @@ pub struct Link<T> {
 
 impl<T: Expected> Link<T> {
     /// Starts connecting to `addr` (resolved here: an address, or a name `/etc/hosts` or DNS
-    /// answers at once) and registers the socket under `token`.
+    /// answers at once), over TLS when `tls` is given, and registers the socket under
+    /// `token`.
     ///
     /// # Errors
-    /// The address does not resolve, or the socket cannot be made.
-    pub fn connect(addr: &str, registry: &Registry, token: Token) -> io::Result<Link<T>> {
+    /// The address does not resolve, the socket cannot be made, or the host cannot be
+    /// checked against a certificate.
+    pub fn connect(
+        addr: &str,
+        tls: Option<&Tls>,
+        registry: &Registry,
+        token: Token,
+    ) -> Result<Link<T>, String> {
         let target: SocketAddr = addr
-            .to_socket_addrs()?
+            .to_socket_addrs()
+            .map_err(|e| e.to_string())?
             .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
-        let mut stream = TcpStream::connect(target)?;
-        stream.set_nodelay(true)?;
-        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+            .ok_or("no address")?;
+        let mut stream = TcpStream::connect(target).map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        registry
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .map_err(|e| e.to_string())?;
+        let wire = match tls {
+            Some(tls) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+                Wire::Tls(stream, Box::new(tls.session(host)?))
+            }
+            None => Wire::Plain(stream),
+        };
         Ok(Link {
             addr: addr.to_string(),
-            stream,
+            wire,
             connected: false,
             output: BytesMut::new(),
             input: BytesMut::new(),
@@ -107,10 +125,11 @@ impl<T: Expected> Link<T> {
     /// The connection failed or closed, or spoke something that is not RESP3.
     pub fn on_ready(&mut self, incoming: &mut Vec<Incoming<T>>) -> Result<(), String> {
         if !self.connected {
-            if let Some(e) = self.stream.take_error().map_err(|e| e.to_string())? {
+            let socket = self.wire.socket();
+            if let Some(e) = socket.take_error().map_err(|e| e.to_string())? {
                 return Err(e.to_string());
             }
-            match self.stream.peer_addr() {
+            match socket.peer_addr() {
                 Ok(_) => self.connected = true,
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()),
                 Err(e) => return Err(e.to_string()),
@@ -120,7 +139,7 @@ impl<T: Expected> Link<T> {
         let mut chunk = [0u8; 16 * 1024];
         let mut read = 0;
         loop {
-            match self.stream.read(&mut chunk) {
+            match self.wire.read(&mut chunk) {
                 Ok(0) => return Err("connection closed by Redis".into()),
                 Ok(n) => {
                     self.input.extend_from_slice(&chunk[..n]);
@@ -136,7 +155,9 @@ impl<T: Expected> Link<T> {
                 Err(e) => return Err(e.to_string()),
             }
         }
-        self.decode(incoming)
+        self.decode(incoming)?;
+        // Reading may have moved a TLS handshake on, or freed room for what waits.
+        self.flush()
     }
 
     fn decode(&mut self, incoming: &mut Vec<Incoming<T>>) -> Result<(), String> {
@@ -167,8 +188,9 @@ impl<T: Expected> Link<T> {
         if !self.connected {
             return Ok(());
         }
+        self.wire.push().map_err(|e| e.to_string())?;
         while !self.output.is_empty() {
-            match self.stream.write(&self.output) {
+            match self.wire.write(&self.output) {
                 Ok(0) => return Err("Redis took no bytes".into()),
                 Ok(n) => {
                     let _ = self.output.split_to(n);
@@ -183,7 +205,7 @@ impl<T: Expected> Link<T> {
 
     /// Closes the connection, giving back what still waited for a reply, in send order.
     pub fn close(mut self, registry: &Registry) -> impl Iterator<Item = T> {
-        let _ = registry.deregister(&mut self.stream);
+        let _ = registry.deregister(self.wire.socket());
         self.waiting.into_iter().map(|(tag, _)| tag)
     }
 }

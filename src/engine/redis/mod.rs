@@ -33,8 +33,10 @@ pub mod link;
 mod replies;
 pub mod resp;
 pub mod scripts;
+pub mod sentinel;
 pub mod sequencer;
 mod shards;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -57,8 +59,10 @@ use crate::publish::Published;
 use calls::{Call, Purpose, Request};
 use link::Incoming;
 use scripts::{Keys, Script, tag};
+use sentinel::{SentinelSettings, Sentinels};
 use sequencer::{Sequencer, Step};
-use shards::Shards;
+use shards::{Access, Shards};
+use tls::Tls;
 
 /// The shard channel every node subscribes to for broadcasts.
 const BROADCAST_CHANNEL: &str = "sidecast:all";
@@ -69,12 +73,21 @@ const RENEW: &[u8] = b"1000000000";
 const CHECKS_PER_TICK: usize = 256;
 /// Time between two rounds of upkeep (see [`Engine::tick`]).
 const TICK: Duration = Duration::from_millis(50);
+/// The Sentinel connection's socket key, beside the shards' (which count from 0).
+const SENTINEL_KEY: usize = 1 << 32;
 
 /// What the Redis engine runs by, from the configuration.
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
-    /// Seed addresses: a standalone Redis, or some nodes of a cluster.
+    /// Seed addresses: a standalone Redis, or some nodes of a cluster; under Sentinel, at
+    /// most one, for its credentials and scheme.
     pub urls: Vec<RedisUrl>,
+    /// The Sentinels to ask for the primary, when Redis runs under Sentinel.
+    pub sentinel: Option<SentinelSettings>,
+    /// TLS, when a URL is `rediss://` or `redis_tls` is on.
+    pub tls: Option<Tls>,
+    /// `redis_tls`: every connection, Sentinels included, uses TLS.
+    pub tls_everywhere: bool,
     /// Prefix of every key and shard channel.
     pub prefix: String,
     /// This node's name, in lease members and `CLIENT SETNAME`.
@@ -142,6 +155,8 @@ pub struct RedisEngine {
     settings: RedisSettings,
     periods: Periods,
     shards: Shards,
+    /// The Sentinel connection, under Sentinel.
+    sentinels: Option<Sentinels>,
     channels: HashMap<Arc<str>, Watched>,
     broadcast: Keys,
     /// Leases this node holds: connection → its user.
@@ -186,13 +201,29 @@ impl RedisEngine {
             refresh: ticks.ticks_in(settings.meta_ttl() / 4),
             check: ticks.ticks_in(settings.check_interval),
         };
+        let access = Access {
+            urls: settings.urls.clone(),
+            sentinel: settings.sentinel.is_some(),
+            tls: settings.tls.clone(),
+            tls_everywhere: settings.tls_everywhere,
+        };
         let shards = Shards::new(
-            settings.urls.clone(),
+            access,
             &settings.node_id,
             registry.try_clone()?,
             token_of,
             ticks,
         );
+        let sentinels = match &settings.sentinel {
+            Some(sentinel) => Some(Sentinels::new(
+                sentinel.clone(),
+                settings.tls.clone().filter(|_| settings.tls_everywhere),
+                registry.try_clone()?,
+                token_of(SENTINEL_KEY),
+                ticks,
+            )),
+            None => None,
+        };
         let mut engine = RedisEngine {
             due: Due {
                 renewal: now.after(periods.renew),
@@ -201,6 +232,7 @@ impl RedisEngine {
             },
             periods,
             shards,
+            sentinels,
             channels: HashMap::new(),
             broadcast: Keys::of(&settings.prefix, BROADCAST_CHANNEL),
             leases: HashMap::new(),
@@ -218,7 +250,10 @@ impl RedisEngine {
             repairs: 0,
             settings,
         };
-        engine.shards.start(now);
+        match &mut engine.sentinels {
+            Some(sentinels) => sentinels.connect(now),
+            None => engine.shards.start(now),
+        }
         Ok(engine)
     }
 
@@ -239,7 +274,33 @@ impl RedisEngine {
             disconnects: self.shards.disconnects,
             gaps: self.gaps,
             repairs: self.repairs,
+            primary: self.sentinels.as_ref().and_then(|s| s.primary.clone()),
+            switches: self.sentinels.as_ref().map_or(0, |s| s.switches),
         }
+    }
+
+    /// The Sentinels named a primary: connect to it, or, when it is not the node this one
+    /// uses, leave that node (what waited on it is answered as failed, to retry) and connect
+    /// to the new one.
+    fn follow_primary(&mut self, addr: &str, now: Tick) {
+        let Some(key) = self.shards.sole() else {
+            let key = self.shards.key_of(addr);
+            self.shards.connect(key, now);
+            return;
+        };
+        let current = self
+            .shards
+            .get(key)
+            .map(|s| s.addr.clone())
+            .unwrap_or_default();
+        if current == addr {
+            self.shards.ensure_connecting(key, now);
+            return;
+        }
+        log::warn!("redis: the Sentinels name {addr} the primary (was {current}); moving");
+        self.fail(key, "the Sentinels named another primary", now);
+        self.shards.readdress(key, addr);
+        self.shards.connect(key, now);
     }
 
     fn start_flight(&mut self, bytes: usize) {
@@ -319,6 +380,10 @@ impl RedisEngine {
         let waiting = self.shards.fail(key, why, now);
         self.lost_subscriptions(key);
         self.abandon_all(waiting);
+        if let Some(sentinels) = &mut self.sentinels {
+            // The primary may have moved: ask.
+            sentinels.ask(now);
+        }
     }
 
     fn abandon_all(&mut self, requests: Vec<Request>) {
@@ -498,6 +563,13 @@ impl Engine for RedisEngine {
     }
 
     fn on_ready(&mut self, key: usize, now: Tick) {
+        if key == SENTINEL_KEY {
+            let named = self.sentinels.as_mut().map(|s| s.on_ready(now));
+            for name in named.unwrap_or_default() {
+                self.follow_primary(&name.addr, now);
+            }
+            return;
+        }
         let Some(link) = self.shards.get_mut(key).and_then(|s| s.link.as_mut()) else {
             return;
         };
@@ -520,6 +592,9 @@ impl Engine for RedisEngine {
         for (key, why) in self.shards.flush() {
             self.fail(key, &why, now);
         }
+        if let Some(sentinels) = &mut self.sentinels {
+            sentinels.flush(now);
+        }
     }
 
     /// Connections that stopped answering fail, failed ones reconnect when their backoff is
@@ -536,6 +611,9 @@ impl Engine for RedisEngine {
             self.fail(key, &why, now);
         }
         self.shards.reconnect_due(now);
+        if let Some(sentinels) = &mut self.sentinels {
+            sentinels.tick(now, timeout);
+        }
         for (call, purpose) in std::mem::take(&mut self.retries) {
             match self.shards.up(call.slot()) {
                 Some(shard) => {

@@ -38,6 +38,7 @@ impl RedisEngine {
                 None => log::warn!("redis: SCRIPT LOAD failed: {:?}", resp::error_text(&frame)),
             },
             Request::Slots => self.on_slots(key, &frame, now),
+            Request::Role => self.on_role(key, &frame, now),
             Request::Subscription(kind, shard_channel) => {
                 if let Some(error) = resp::error_text(&frame) {
                     log::info!("redis: {kind} {shard_channel}: {error}");

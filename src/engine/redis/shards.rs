@@ -1,8 +1,11 @@
-//! The Redis engine's connections: one [`Shard`] per master (or the standalone Redis), found
-//! from the seed URLs and the slot map, each connected with backoff, and how calls are written
-//! to them (`EVALSHA`, `EVAL` after `NOSCRIPT`, `ASKING` after `ASK`).
+//! The Redis engine's connections: one [`Shard`] per master (or the standalone Redis, or the
+//! primary the Sentinels name), found from the seed URLs and the slot map (or from the
+//! Sentinels), each connected with backoff (over TLS when its URL is `rediss://` or
+//! `redis_tls` is on), and how calls are written to them (`EVALSHA`, `EVAL` after `NOSCRIPT`,
+//! `ASKING` after `ASK`).
 //!
-//! Invariants: a shard is `up` only while its link answered `HELLO`; `subscribed` is false
+//! Invariants: a shard is `up` only while its link answered `HELLO` (and, under Sentinel,
+//! `ROLE` said it is the primary); `subscribed` is false
 //! from each (re)connect until the engine has subscribed the shard's channels on it under the
 //! current map; a shard whose link is gone has a `retry_at`, or is retired; time is the
 //! reactor's `Tick`, passed in.
@@ -20,6 +23,7 @@ use super::cluster::SlotMap;
 use super::link::Link;
 use super::resp::{self, Frame};
 use super::scripts::Script;
+use super::tls::Tls;
 use crate::base::time::{Tick, TickSource};
 use crate::config::RedisUrl;
 use crate::engine::TokenOf;
@@ -57,9 +61,21 @@ pub(super) enum MapAnswer {
     },
 }
 
+/// How the shards are reached.
+pub(super) struct Access {
+    /// Seeds; under Sentinel at most one, for its credentials and scheme.
+    pub urls: Vec<RedisUrl>,
+    /// The Sentinels name the primary: no seeds to walk, and a `ROLE` check on connect.
+    pub sentinel: bool,
+    /// TLS, for the connections that use it.
+    pub tls: Option<Tls>,
+    /// `redis_tls`: every connection uses it.
+    pub tls_everywhere: bool,
+}
+
 /// The connections to Redis.
 pub(super) struct Shards {
-    urls: Vec<RedisUrl>,
+    access: Access,
     /// `CLIENT SETNAME`.
     name: String,
     registry: Registry,
@@ -84,14 +100,14 @@ pub(super) struct Shards {
 impl Shards {
     /// No connection yet; [`start`](Shards::start) makes the first.
     pub fn new(
-        urls: Vec<RedisUrl>,
+        access: Access,
         node_id: &str,
         registry: Registry,
         token_of: TokenOf,
         ticks: TickSource,
     ) -> Shards {
         Shards {
-            urls,
+            access,
             name: format!("sidecast-{node_id}"),
             registry,
             token_of,
@@ -112,7 +128,7 @@ impl Shards {
 
     /// Starts connecting to the first seed.
     pub fn start(&mut self, now: Tick) {
-        let seed = self.urls[0].host_port.clone();
+        let seed = self.access.urls[0].host_port.clone();
         let key = self.key_of(&seed);
         self.connect(key, now);
     }
@@ -184,23 +200,33 @@ impl Shards {
         self.map.as_ref().is_some_and(SlotMap::is_cluster)
     }
 
-    /// The URL (and so the credentials) to use for `addr`: a seed's own, or the first seed's
-    /// for a node the cluster named.
-    fn url_for(&self, addr: &str) -> &RedisUrl {
-        let urls = &self.urls;
-        urls.iter()
-            .find(|u| u.host_port == addr)
-            .unwrap_or(&urls[0])
+    /// The URL (and so the credentials and scheme) to use for `addr`: a seed's own, or the
+    /// first seed's for a node the cluster (or the Sentinels) named; none under Sentinel
+    /// without a `redis_url`.
+    fn url_for(&self, addr: &str) -> Option<&RedisUrl> {
+        let urls = &self.access.urls;
+        urls.iter().find(|u| u.host_port == addr).or(urls.first())
+    }
+
+    /// The TLS to connect to `addr` with, if any.
+    fn tls_for(&self, addr: &str) -> Option<&Tls> {
+        let wanted = self.access.tls_everywhere || self.url_for(addr).is_some_and(|u| u.tls);
+        self.access.tls.as_ref().filter(|_| wanted)
     }
 
     /// Opens shard `key`'s connection: `HELLO 3` (with `AUTH`), `SETNAME`, the scripts.
     pub fn connect(&mut self, key: usize, now: Tick) {
         let addr = self.list[key].addr.clone();
-        match Link::connect(&addr, &self.registry, (self.token_of)(key)) {
+        let token = (self.token_of)(key);
+        match Link::connect(&addr, self.tls_for(&addr), &self.registry, token) {
             Ok(mut link) => {
-                let url = self.url_for(&addr);
                 let mut hello: Vec<&[u8]> = vec![b"HELLO", b"3"];
-                if let (Some(user), Some(password)) = (&url.user, &url.password) {
+                if let Some(RedisUrl {
+                    user: Some(user),
+                    password: Some(password),
+                    ..
+                }) = self.url_for(&addr)
+                {
                     hello.extend([b"AUTH".as_slice(), user.as_bytes(), password.as_bytes()]);
                 }
                 hello.extend([b"SETNAME".as_slice(), self.name.as_bytes()]);
@@ -212,8 +238,8 @@ impl Shards {
                 self.list[key].link = Some(link);
                 self.list[key].retry_at = None;
             }
-            Err(e) => {
-                log::warn!("redis {addr}: cannot connect: {e}");
+            Err(why) => {
+                log::warn!("redis {addr}: cannot connect: {why}");
                 self.schedule_retry(key, now);
             }
         }
@@ -235,10 +261,11 @@ impl Shards {
         let wait = shard.backoff / 2 + shard.backoff * jitter / 2000;
         shard.retry_at = Some(now.after(wait.max(1)));
         shard.backoff = (shard.backoff * 2).min(self.max_backoff);
-        if self.map.is_none() {
+        if self.map.is_none() && !self.access.sentinel {
             // No map yet: try the next seed.
-            self.next_seed = (self.next_seed + 1) % self.urls.len();
-            let seed = self.urls[self.next_seed].host_port.clone();
+            let urls = &self.access.urls;
+            self.next_seed = (self.next_seed + 1) % urls.len();
+            let seed = urls[self.next_seed].host_port.clone();
             if seed != self.list[key].addr {
                 self.by_addr.remove(&self.list[key].addr);
                 self.by_addr.insert(seed.clone(), key);
@@ -259,6 +286,9 @@ impl Shards {
         if std::mem::replace(&mut shard.up, false) {
             self.disconnects += 1;
             log::warn!("redis {}: connection lost: {why}", link.addr);
+        } else if why.starts_with("TLS") {
+            // A certificate that does not verify never heals by itself: say so every time.
+            log::warn!("redis {}: cannot connect: {why}", link.addr);
         } else {
             // Retries of a connection that never came up: one line per attempt at debug.
             log::debug!("redis {}: cannot connect: {why}", link.addr);
@@ -279,6 +309,13 @@ impl Shards {
         shard.up = true;
         shard.backoff = self.min_backoff;
         log::info!("redis {}: connected", shard.addr);
+        if self.access.sentinel {
+            // The Sentinels may name a node that was just demoted: it takes its channels
+            // once `ROLE` says it is the primary.
+            let args: [&[u8]; 1] = [b"ROLE"];
+            self.link(key).send(&args, Some(Request::Role), now);
+            return false;
+        }
         if self.map.is_none() || self.is_cluster() {
             let args: [&[u8]; 2] = [b"CLUSTER", b"SLOTS"];
             self.link(key).send(&args, Some(Request::Slots), now);
@@ -320,6 +357,17 @@ impl Shards {
                 }
             },
         };
+        self.adopt(map, now)
+    }
+
+    /// Shard `key` is the one Redis (the primary the Sentinels named): the map says so.
+    pub fn standalone(&mut self, key: usize, now: Tick) -> MapAnswer {
+        let map = SlotMap::standalone(&self.list[key].addr);
+        self.adopt(map, now)
+    }
+
+    /// Keeps `map`: connects to new masters, retires shards that are no longer masters.
+    fn adopt(&mut self, map: SlotMap, now: Tick) -> MapAnswer {
         let old = self.map.replace(map.clone());
         for gone in self.keys(|s| !map.masters.contains(&s.addr)) {
             self.by_addr.remove(&self.list[gone].addr);
@@ -339,6 +387,22 @@ impl Shards {
             log::info!("redis: {kind} serving {} master(s)", map.masters.len());
         }
         MapAnswer::Read { changed }
+    }
+
+    /// The one shard there is under Sentinel, if it was made yet.
+    pub fn sole(&self) -> Option<usize> {
+        self.list.iter().next().map(|(key, _)| key)
+    }
+
+    /// Shard `key` (without a link) is at `addr` from now on.
+    pub fn readdress(&mut self, key: usize, addr: &str) {
+        let shard = &mut self.list[key];
+        debug_assert!(shard.link.is_none());
+        self.by_addr.remove(&shard.addr);
+        self.by_addr.insert(addr.to_string(), key);
+        shard.addr = addr.to_string();
+        shard.backoff = self.min_backoff;
+        shard.retry_at = None;
     }
 
     /// A `MOVED`: `slot` lives on `addr` now; connects to it if it is new.
@@ -437,7 +501,13 @@ mod tests {
         let registry = poll.registry().try_clone().unwrap();
         let url = "redis://127.0.0.1:1".parse().unwrap();
         let ticks = TickSource::new(Instant::now(), Duration::from_millis(10));
-        Shards::new(vec![url], "n", registry, mio::Token, ticks)
+        let access = Access {
+            urls: vec![url],
+            sentinel: false,
+            tls: None,
+            tls_everywhere: false,
+        };
+        Shards::new(access, "n", registry, mio::Token, ticks)
     }
 
     #[test]
