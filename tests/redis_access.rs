@@ -178,8 +178,8 @@ fn nodes_reach_a_tls_only_redis_and_refuse_a_certificate_from_another_ca_at_ever
     let ca = good.path("good-ca.crt");
     let flags = ["--redis-tls-ca", ca.as_str()];
     let (a, b) = (
-        Node::start(&[url.clone()], &flags),
-        Node::start(&[url.clone()], &flags),
+        Node::start(std::slice::from_ref(&url), &flags),
+        Node::start(std::slice::from_ref(&url), &flags),
     );
     events_cross(&a, &b, "tls:1");
     let health = a.health().unwrap();
@@ -253,8 +253,8 @@ fn mutual_tls_needs_the_client_certificate() {
         key.as_str(),
     ];
     let (a, b) = (
-        Node::start(&[url.clone()], &flags),
-        Node::start(&[url], &flags),
+        Node::start(std::slice::from_ref(&url), &flags),
+        Node::start(std::slice::from_ref(&url), &flags),
     );
     events_cross(&a, &b, "mtls:1");
 }
@@ -286,8 +286,8 @@ fn an_acl_user_with_only_what_sidecast_needs_runs_the_engine() {
     let url = format!("redis://sidecast:s3cret@127.0.0.1:{}", redis.port);
     let auth = ["--jwt-secret", "an-acl-test-secret-of-32-bytes-at-least!!"];
     let (a, b) = (
-        Node::start(&[url.clone()], &auth),
-        Node::start(&[url], &auth),
+        Node::start(std::slice::from_ref(&url), &auth),
+        Node::start(std::slice::from_ref(&url), &auth),
     );
 
     // Publish across nodes, resume, rewind, a per-user limit across nodes, a broadcast.

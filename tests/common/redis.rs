@@ -302,6 +302,102 @@ impl TwoNodes {
     }
 }
 
+/// A primary, its replica and three Sentinels (quorum 2) watching it as `mymaster`, each
+/// Sentinel a `redis-server --sentinel` with its own config file (Sentinels rewrite it).
+pub struct SentinelSetup {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<Child>,
+    pub sentinel_ports: Vec<u16>,
+}
+
+impl SentinelSetup {
+    /// Starts all five and waits until every Sentinel knows the replica and the other two.
+    pub fn start(dir: &Path) -> SentinelSetup {
+        // Without the delay Redis gives other replicas to join a sync (5 s).
+        let primary =
+            RedisServer::start_with(&dir.join("primary"), &["--repl-diskless-sync-delay", "0"]);
+        let port = primary.port.to_string();
+        let replica =
+            RedisServer::start_with(&dir.join("replica"), &["--replicaof", "127.0.0.1", &port]);
+        wait_for("the replica is in sync", PATIENCE, || {
+            replica
+                .command(&["INFO", "replication"])
+                .is_some_and(|info| info.contains("master_link_status:up"))
+        });
+        let mut sentinels = Vec::new();
+        let mut sentinel_ports = Vec::new();
+        for i in 0..3 {
+            let sentinel_dir = dir.join(format!("sentinel{i}"));
+            std::fs::create_dir_all(&sentinel_dir).unwrap();
+            let sentinel_port = free_port();
+            let conf = sentinel_dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {sentinel_port}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor mymaster 127.0.0.1 {port} 2\n\
+                     sentinel down-after-milliseconds mymaster 1000\n\
+                     sentinel failover-timeout mymaster 10000\n",
+                    sentinel_dir.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .args([
+                    "--logfile",
+                    sentinel_dir.join("sentinel.log").to_str().unwrap(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server runs as a Sentinel");
+            sentinels.push(child);
+            sentinel_ports.push(sentinel_port);
+        }
+        for &sentinel in &sentinel_ports {
+            wait_for(
+                "each Sentinel knows the replica and the others",
+                Duration::from_secs(30),
+                || {
+                    let known = |what: &str| {
+                        command(sentinel, &["SENTINEL", what, "mymaster"])
+                            .is_some_and(|r| r.starts_with('*') && !r.starts_with("*0"))
+                    };
+                    let others = command(sentinel, &["SENTINEL", "sentinels", "mymaster"]);
+                    known("replicas") && others.is_some_and(|r| r.starts_with("*2"))
+                },
+            );
+        }
+        SentinelSetup {
+            primary,
+            replica,
+            sentinels,
+            sentinel_ports,
+        }
+    }
+
+    /// The flags that point a node at these Sentinels.
+    pub fn flags(&self) -> Vec<String> {
+        let mut flags = vec!["--redis-master-name".to_string(), "mymaster".into()];
+        for port in &self.sentinel_ports {
+            flags.extend(["--redis-sentinel".to_string(), format!("127.0.0.1:{port}")]);
+        }
+        flags
+    }
+}
+
+impl Drop for SentinelSetup {
+    fn drop(&mut self) {
+        for child in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A sidecast node in its own process.
 pub struct Node {
     pub port: u16,
