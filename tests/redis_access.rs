@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::PATIENCE;
-use common::redis::{Node, RedisServer, free_port, http_get, wait_for};
+use common::redis::{Node, RedisCluster, RedisServer, free_port, http_get, wait_for};
 use serde_json::json;
 
 /// A CA, and a certificate it signed for `localhost` and 127.0.0.1 (server and client use).
@@ -257,6 +257,54 @@ fn mutual_tls_needs_the_client_certificate() {
         Node::start(std::slice::from_ref(&url), &flags),
     );
     events_cross(&a, &b, "mtls:1");
+}
+
+#[test]
+fn a_cluster_over_tls_is_found_and_served_from_one_rediss_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::make(dir.path(), "good");
+    let tls_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let (cert, key, ca) = (
+        pki.path("good-server.crt"),
+        pki.path("good-server.key"),
+        pki.path("good-ca.crt"),
+    );
+    let cluster = RedisCluster::start_with_args(dir.path(), 0, |i| {
+        let tls = [
+            "--tls-port",
+            &tls_ports[i].to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--tls-cluster",
+            "yes",
+        ];
+        tls.map(String::from).to_vec()
+    });
+    // One seed: the others are found through CLUSTER SLOTS, which names their TLS ports to a
+    // TLS client, and reached over TLS as the seed is.
+    let url = format!("rediss://127.0.0.1:{}", tls_ports[0]);
+    let flags = ["--redis-tls-ca", ca.as_str()];
+    let (a, b) = (
+        Node::start(std::slice::from_ref(&url), &flags),
+        Node::start(std::slice::from_ref(&url), &flags),
+    );
+    let health = a.health().unwrap();
+    assert_eq!(health["redis"]["shards"], 3, "{health}");
+    let channels: Vec<String> = (0..12).map(|i| format!("tls:{i}")).collect();
+    let owners: std::collections::HashSet<usize> = channels
+        .iter()
+        .map(|c| cluster.owner_of(redis_protocol::redis_keyslot(c.as_bytes())))
+        .collect();
+    assert_eq!(owners.len(), 3, "the channels cover every master");
+    for channel in &channels {
+        events_cross(&a, &b, channel);
+    }
 }
 
 /// The ACL of docs/scaling.md, for user `sidecast` with password `s3cret`, and the default

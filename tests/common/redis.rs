@@ -204,12 +204,21 @@ impl RedisCluster {
     }
 
     pub fn start_with_replicas(dir: &Path, replicas: usize) -> RedisCluster {
+        RedisCluster::start_with_args(dir, replicas, |_| Vec::new())
+    }
+
+    /// Like `start_with_replicas`, node `i` started with `args(i)` besides.
+    pub fn start_with_args(
+        dir: &Path,
+        replicas: usize,
+        args: impl Fn(usize) -> Vec<String>,
+    ) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
             .map(|i| {
-                RedisServer::start_with(
-                    &dir.join(format!("node{i}")),
-                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
-                )
+                let mut all = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+                let extra = args(i);
+                all.extend(extra.iter().map(String::as_str));
+                RedisServer::start_with(&dir.join(format!("node{i}")), &all)
             })
             .collect();
         let addrs: Vec<String> = nodes
