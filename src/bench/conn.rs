@@ -1,7 +1,8 @@
 //! One load-generator client, over a WebSocket or a Server-Sent Events stream: non-blocking,
 //! messages parsed in place from the reactor's shared read buffer. A connection keeps bytes
-//! of its own only while a frame (or an SSE message) is split across reads, so receiving an
-//! event allocates nothing.
+//! of its own only while a frame (or an SSE message) is split across reads, and an event in
+//! sidecast's field order is read at fixed offsets, so receiving one allocates nothing; any
+//! other server's messages are parsed as JSON, whatever the order of their fields.
 //!
 //! It understands exactly what sidecast sends: over a WebSocket, a 101 response, then
 //! unmasked frames whose text payloads are `connected`, `subscribed` and `event` messages
@@ -60,9 +61,13 @@ pub struct BenchConn {
     partial: Vec<u8>,
     /// Bytes the socket did not take yet.
     pending: Vec<u8>,
+    /// The subscribe frame, sent once the upgrade is answered (RFC 6455 4.1: a client sends
+    /// nothing more before the server's response; tungstenite servers refuse what does).
+    subscribe: Vec<u8>,
     /// `{"type":"event","channel":"<channel>","seq":`: events are parsed at fixed offsets
     /// after it rather than searched, which keeps the generator off the critical path.
     event_prefix: Box<[u8]>,
+    channel_name: Box<str>,
     transport: Transport,
 }
 
@@ -78,8 +83,8 @@ pub enum ConnFailure {
 }
 
 impl BenchConn {
-    /// Starts a connection: the request (and for a WebSocket the subscribe message) is queued
-    /// at once.
+    /// Starts a connection: the request is queued at once, and for a WebSocket the subscribe
+    /// message once the 101 has come.
     pub fn new(
         socket: TcpStream,
         host: &str,
@@ -87,17 +92,17 @@ impl BenchConn {
         channel_name: &str,
         transport: Transport,
     ) -> BenchConn {
+        let mut subscribe = Vec::new();
         let pending = match transport {
             Transport::WebSocket => {
-                let mut pending = format!(
+                let request = format!(r#"{{"type":"subscribe","channel":"{channel_name}"}}"#);
+                masked_frame(0x1, request.as_bytes(), &mut subscribe);
+                format!(
                     "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
                      Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
                      Sec-WebSocket-Key: c2lkZWNhc3QtYmVuY2gtMQ==\r\n\r\n"
                 )
-                .into_bytes();
-                let subscribe = format!(r#"{{"type":"subscribe","channel":"{channel_name}"}}"#);
-                masked_frame(0x1, subscribe.as_bytes(), &mut pending);
-                pending
+                .into_bytes()
             }
             Transport::Sse => format!(
                 "GET /sse?channels={channel_name} HTTP/1.1\r\nHost: {host}\r\n\
@@ -108,12 +113,14 @@ impl BenchConn {
         let event_prefix = format!(r#"{{"type":"event","channel":"{channel_name}","seq":"#);
         BenchConn {
             event_prefix: event_prefix.into_bytes().into_boxed_slice(),
+            channel_name: channel_name.into(),
             socket,
             channel,
             next_seq: 0,
             phase: Phase::Upgrading,
             partial: Vec::new(),
             pending,
+            subscribe,
             transport,
         }
     }
@@ -150,6 +157,11 @@ impl BenchConn {
     ) -> Result<(), ConnFailure> {
         loop {
             let n = match self.socket.read(buf) {
+                Ok(0) if self.phase == Phase::Upgrading => {
+                    return Err(ConnFailure::Protocol(
+                        "the server closed the connection without answering the request".into(),
+                    ));
+                }
                 Ok(0) => return Err(ConnFailure::Io(io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -194,6 +206,8 @@ impl BenchConn {
             }
             self.phase = Phase::Open;
             at = end + 4;
+            let subscribe = std::mem::take(&mut self.subscribe);
+            self.pending.extend_from_slice(&subscribe);
         }
         if self.transport == Transport::Sse {
             // Messages end with a blank line; the JSON is on the `data:` line.
@@ -234,8 +248,9 @@ impl BenchConn {
     }
 
     fn on_text(&mut self, text: &[u8], seen: &mut impl FnMut(Seen)) {
+        // The fast path, for sidecast's field order:
+        // {"type":"event","channel":"bench:N","seq":<seq>,"data":{"t":<t>,...}}
         if let Some(rest) = text.strip_prefix(&*self.event_prefix) {
-            // {"type":"event","channel":"bench:N","seq":<seq>,"data":{"t":<t>,...}}
             let Some((seq, rest)) = leading_number(rest) else {
                 return;
             };
@@ -245,19 +260,37 @@ impl BenchConn {
             else {
                 return;
             };
-            let repeated = seq < self.next_seq;
-            let skipped = seq.saturating_sub(self.next_seq);
-            self.next_seq = self.next_seq.max(seq + 1);
-            seen(Seen::Event {
-                sent_us,
-                skipped,
-                repeated,
-            });
-        } else if text.starts_with(br#"{"type":"subscribed""#) {
-            let seq = number_after(text, b"\"seq\":").unwrap_or(0);
-            self.next_seq = seq + 1;
-            seen(Seen::Subscribed(seq));
+            return self.on_event(seq, sent_us, seen);
         }
+        // Anything else is parsed as JSON: a server may order an object's fields as it likes.
+        let Ok(message) = serde_json::from_slice::<serde_json::Value>(text) else {
+            return;
+        };
+        let seq = message["seq"].as_u64();
+        match message["type"].as_str() {
+            Some("subscribed") => {
+                let seq = seq.unwrap_or(0);
+                self.next_seq = seq + 1;
+                seen(Seen::Subscribed(seq));
+            }
+            Some("event") if message["channel"].as_str() == Some(&self.channel_name) => {
+                if let (Some(seq), Some(sent_us)) = (seq, message["data"]["t"].as_u64()) {
+                    self.on_event(seq, sent_us, seen);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_event(&mut self, seq: u64, sent_us: u64, seen: &mut impl FnMut(Seen)) {
+        let repeated = seq < self.next_seq;
+        let skipped = seq.saturating_sub(self.next_seq);
+        self.next_seq = self.next_seq.max(seq + 1);
+        seen(Seen::Event {
+            sent_us,
+            skipped,
+            repeated,
+        });
     }
 }
 
@@ -332,19 +365,6 @@ fn leading_number(bytes: &[u8]) -> Option<(u64, &[u8])> {
     (digits > 0).then_some((value, &bytes[digits..]))
 }
 
-/// The unsigned integer right after `key` in `text`.
-fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
-    let start = find(text, key)? + key.len();
-    let digits = text[start..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .count();
-    std::str::from_utf8(&text[start..start + digits])
-        .ok()?
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,10 +430,25 @@ mod tests {
     }
 
     #[test]
-    fn reads_numbers_after_keys() {
-        let text = br#"{"type":"event","channel":"bench:1","seq":42,"data":{"t":123456}}"#;
-        assert_eq!(number_after(text, b"\"seq\":"), Some(42));
-        assert_eq!(number_after(text, b"\"t\":"), Some(123456));
-        assert_eq!(number_after(text, b"\"nope\":"), None);
+    fn another_servers_field_order_is_understood() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut conn = BenchConn::new(socket, "x", 0, "bench:0", Transport::WebSocket);
+        let mut seen = Vec::new();
+        let mut record = |s| seen.push(s);
+        conn.on_text(
+            br#"{"channel":"bench:0","seq":4,"type":"subscribed"}"#,
+            &mut record,
+        );
+        let event = br#"{"channel":"bench:0","data":{"t":7},"seq":5,"type":"event"}"#;
+        conn.on_text(event, &mut record);
+        let other = br#"{"channel":"bench:1","data":{"t":7},"seq":9,"type":"event"}"#;
+        conn.on_text(other, &mut record);
+        let event = Seen::Event {
+            sent_us: 7,
+            skipped: 0,
+            repeated: false,
+        };
+        assert_eq!(seen, vec![Seen::Subscribed(4), event]);
     }
 }
