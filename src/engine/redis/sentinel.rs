@@ -9,7 +9,7 @@
 //! with the shards' backoff.
 //!
 //! Invariants: `primary` is the address the Sentinels named last; each answer and each
-//! `+switch-master` for our name is handed to the engine as a [`Named`], in order, and the
+//! `+switch-master` for our name is handed to the engine as a `Named`, in order, and the
 //! engine alone decides what it changes; time is the reactor's `Tick`.
 
 use std::time::Duration;

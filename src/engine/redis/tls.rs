@@ -8,7 +8,7 @@
 //! node's host, or `redis_tls_server_name`. A verification failure fails the connection with
 //! the reason, at every attempt: there is no fallback to plain TCP.
 //!
-//! Invariant: a link's TLS session buffers at most [`BUFFER_LIMIT`] bytes of plaintext it
+//! Invariant: a link's TLS session buffers at most `BUFFER_LIMIT` bytes of plaintext it
 //! could not encrypt yet; the rest stays in the link's own output, which the engine bounds.
 
 use std::io::{self, Read, Write};
