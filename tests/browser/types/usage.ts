@@ -1,6 +1,6 @@
 // Type-checked with `tsc --noEmit --strict` by types.test.mjs: the declarations describe the API
 // as docs/client.md shows it, and reject misuse.
-import { Sidecast, type Status } from "../../../client/sidecast.js";
+import { Sidecast, type Status, type Transport } from "../../../client/sidecast.js";
 import { useChannel } from "../../../client/react.js";
 
 const client = new Sidecast("ws://localhost:3001/ws", {
@@ -8,6 +8,15 @@ const client = new Sidecast("ws://localhost:3001/ws", {
   initialDelayMs: 250,
 });
 const status: Status = client.status;
+const transport: Transport = client.transport;
+const behindAProxy = new Sidecast("wss://rt.example.com/ws", {
+  fallback: true,
+  fallbackAfter: 2,
+  webSocketRetryMs: 30_000,
+  sseUrl: "https://rt.example.com/sse",
+  withCredentials: true,
+});
+behindAProxy.close();
 const off = client.on("status", (s: Status) => console.log(s));
 off();
 client.on("gap", ({ channel }) => console.log(channel));
@@ -36,4 +45,6 @@ export function RenderProgress({ id }: { id: number }) {
 client.subscribe("x", (data: string, meta: string) => meta);
 // @ts-expect-error: no such event
 client.on("message", () => {});
-export { status, user };
+// @ts-expect-error: the fallback is a boolean
+new Sidecast("ws://x/ws", { fallback: "sse" });
+export { status, transport, user };
