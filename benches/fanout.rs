@@ -77,16 +77,16 @@ fn subscribed(subscribers: usize) -> Fanout {
         fanout.open(key, None).expect("auth is off");
         fanout.on_message(key, Inbound::Text(subscribe.into()));
     }
-    flush(&mut fanout, &mut Vec::new());
+    flush(&mut fanout, &mut Vec::new(), &mut Vec::new());
     fanout
 }
 
 /// The user-space half of the reactor's flush.
-fn flush(fanout: &mut Fanout, dirty: &mut Vec<usize>) {
+fn flush(fanout: &mut Fanout, dirty: &mut Vec<usize>, gather: &mut Vec<u8>) {
     fanout.clients_mut().take_dirty(dirty);
     for &key in dirty.iter() {
         let mut conn = fanout.clients_mut().get_mut(key).expect("a listed client");
-        conn.flush_user_space(&mut io::sink(), Tick(0))
+        conn.flush_user_space(&mut io::sink(), gather, Tick(0))
             .expect("a sink takes everything");
     }
 }
@@ -101,7 +101,7 @@ fn publish_and_flush(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout");
     for subscribers in [1_000usize, 10_000] {
         let mut fanout = subscribed(subscribers);
-        let mut dirty = Vec::new();
+        let (mut dirty, mut gather) = (Vec::new(), Vec::new());
         group.throughput(Throughput::Elements(subscribers as u64));
         group.bench_with_input(
             BenchmarkId::new("publish_flush", subscribers),
@@ -115,7 +115,7 @@ fn publish_and_flush(c: &mut Criterion) {
                         other => panic!("{other:?}"),
                     };
                     assert_eq!(delivered, Reach::Connections(subscribers));
-                    flush(&mut fanout, &mut dirty);
+                    flush(&mut fanout, &mut dirty, &mut gather);
                 })
             },
         );

@@ -39,7 +39,8 @@
 //! comes back on the subscription) → `Fanout::deliver_event` encodes one frame, queues it to
 //! each subscriber's [`OutQueue`](ws::OutQueue) and hands it to the engine's history → the
 //! engine's `Done` answers the worker → the reactor flushes every connection the fan-out
-//! listed as dirty, one `write_vectored` each, and writes the worker's reply line.
+//! listed as dirty, its queued frames gathered into one write, and writes the worker's reply
+//! line.
 //! `docs/architecture.md` walks it, and one subscribe, file by file.
 //!
 //! Everything runs on the thread that calls [`Server::run`]; the only cross-thread object is

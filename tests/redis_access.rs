@@ -97,26 +97,29 @@ impl Pki {
     }
 }
 
-/// A Redis that speaks TLS on `tls_port` (and plain on its own port, for the test alone).
-fn tls_redis(dir: &Path, pki: &Pki, tls_port: u16, clients: &str) -> RedisServer {
-    let port = tls_port.to_string();
-    let (cert, key, ca) = (
-        pki.path("good-server.crt"),
-        pki.path("good-server.key"),
-        pki.path("good-ca.crt"),
-    );
-    let args = [
+/// The `redis-server` arguments that make it speak TLS on `tls_port` with the `good`
+/// server certificate; `clients`: whether it asks for client certificates.
+fn tls_args(pki: &Pki, tls_port: u16, clients: &str) -> Vec<String> {
+    [
         "--tls-port",
-        &port,
+        &tls_port.to_string(),
         "--tls-cert-file",
-        &cert,
+        &pki.path("good-server.crt"),
         "--tls-key-file",
-        &key,
+        &pki.path("good-server.key"),
         "--tls-ca-cert-file",
-        &ca,
+        &pki.path("good-ca.crt"),
         "--tls-auth-clients",
         clients,
-    ];
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A Redis that speaks TLS on `tls_port` (and plain on its own port, for the test alone).
+fn tls_redis(dir: &Path, pki: &Pki, tls_port: u16, clients: &str) -> RedisServer {
+    let args = tls_args(pki, tls_port, clients);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     RedisServer::start_with(&dir.join("redis"), &args)
 }
 
@@ -264,27 +267,11 @@ fn a_cluster_over_tls_is_found_and_served_from_one_rediss_seed() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::make(dir.path(), "good");
     let tls_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let (cert, key, ca) = (
-        pki.path("good-server.crt"),
-        pki.path("good-server.key"),
-        pki.path("good-ca.crt"),
-    );
+    let ca = pki.path("good-ca.crt");
     let cluster = RedisCluster::start_with_args(dir.path(), 0, |i| {
-        let tls = [
-            "--tls-port",
-            &tls_ports[i].to_string(),
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca,
-            "--tls-auth-clients",
-            "no",
-            "--tls-cluster",
-            "yes",
-        ];
-        tls.map(String::from).to_vec()
+        let mut args = tls_args(&pki, tls_ports[i], "no");
+        args.extend(["--tls-cluster".into(), "yes".into()]);
+        args
     });
     // One seed: the others are found through CLUSTER SLOTS, which names their TLS ports to a
     // TLS client, and reached over TLS as the seed is.

@@ -395,11 +395,17 @@ mod tests {
         assert_eq!(unmasked, b"hello");
     }
 
-    #[test]
-    fn gaps_and_repeats_are_counted() {
+    /// A client of bench:0, connected to a listener nobody accepts on.
+    fn client() -> (std::net::TcpListener, BenchConn) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let mut conn = BenchConn::new(socket, "x", 0, "bench:0", Transport::WebSocket);
+        let conn = BenchConn::new(socket, "x", 0, "bench:0", Transport::WebSocket);
+        (listener, conn)
+    }
+
+    #[test]
+    fn gaps_and_repeats_are_counted() {
+        let (_listener, mut conn) = client();
         let mut seen = Vec::new();
         let mut record = |s| seen.push(s);
         conn.on_text(
@@ -431,9 +437,7 @@ mod tests {
 
     #[test]
     fn another_servers_field_order_is_understood() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let mut conn = BenchConn::new(socket, "x", 0, "bench:0", Transport::WebSocket);
+        let (_listener, mut conn) = client();
         let mut seen = Vec::new();
         let mut record = |s| seen.push(s);
         conn.on_text(

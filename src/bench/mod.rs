@@ -110,7 +110,7 @@ impl Plan {
             Preset::Latency => (1000, 1, steady(200), false),
             Preset::Throughput => {
                 let rates = [
-                    250, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000,
+                    250, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000, 10000, 12000,
                 ];
                 let steps = rates.iter().map(|&rate| Step {
                     rate,

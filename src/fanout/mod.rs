@@ -60,7 +60,7 @@ pub use users::Users;
 /// Fan-out work per loop pass: frames queued (a line to a channel without subscribers counts
 /// as one). Past it, publishers pause until the next pass, so one busy channel cannot delay
 /// flushing, handshakes or heartbeats, and queues grow by at most this much per pass. 64k is 64
-/// events per connection at 1000 subscribers: one full `write_vectored` each.
+/// events per connection at 1000 subscribers: about one 64 KiB gathered write each.
 const DELIVERIES_PER_PASS: usize = 64 * 1024;
 
 /// What sessions are told and judged by, from the configuration.

@@ -361,7 +361,7 @@ impl Server {
             let Some(mut client) = self.fanout.clients_mut().get_mut(key) else {
                 continue;
             };
-            let written = match client.flush(now) {
+            let written = match client.flush(&mut self.gather, now) {
                 Ok(written) => written,
                 Err(e) => {
                     log::debug!("conn={}: write failed: {e}", client.id().generation);

@@ -8,7 +8,7 @@
 //!     dispatch events: accept; read requests, frames, publish lines (fan-out only queues)
 //!     fire due timers: connection deadlines, accept backoff, housekeeping, shutdown
 //!     close slow consumers among the dirty connections (over the limit, or stalled)
-//!     flush every dirty connection: one write_vectored per connection and pass
+//!     flush every dirty connection: its queued frames gathered into one write
 //!     exit once shut down and drained
 //! }
 //! ```
@@ -60,6 +60,7 @@ use crate::publish::port::PortRules;
 use crate::publish::{PublisherConn, ReadStatus};
 use crate::ws::conn::{SharedInput, Timing, websocket_config};
 use crate::ws::http::Routing;
+use crate::ws::outqueue::GATHER_BYTES;
 pub use accept::Listeners;
 use accept::Listening;
 pub use clock::Clock;
@@ -128,6 +129,8 @@ pub struct Server {
     publish_input: Box<[u8]>,
     expired: Vec<TimerEvent>,
     flushing: Vec<usize>,
+    /// Reused by every flush that writes several chunks at once.
+    gather: Vec<u8>,
     completions: Vec<crate::fanout::Completion>,
 }
 
@@ -229,6 +232,7 @@ impl Server {
             publish_input: vec![0; PUBLISH_READ_BUFFER].into_boxed_slice(),
             expired: Vec::new(),
             flushing: Vec::new(),
+            gather: Vec::with_capacity(GATHER_BYTES),
             completions: Vec::new(),
         })
     }

@@ -573,14 +573,15 @@ impl ClientConn {
         self.out.keep_partial_only();
     }
 
-    /// Writes queued output. When draining and everything is written, shuts the write side.
-    /// Returns the bytes written.
+    /// Writes queued output (`gather` is the reactor's buffer for writing several chunks at
+    /// once). When draining and everything is written, shuts the write side. Returns the
+    /// bytes written.
     ///
     /// # Errors
     /// A fatal socket error; the connection must be dropped.
-    pub fn flush(&mut self, now: Tick) -> io::Result<usize> {
+    pub fn flush(&mut self, gather: &mut Vec<u8>, now: Tick) -> io::Result<usize> {
         self.listed = false;
-        let written = self.out.flush_into(&mut self.socket, now)?;
+        let written = self.out.flush_into(&mut self.socket, gather, now)?;
         if self.out.is_empty() && self.is_draining() && !self.write_shut {
             self.write_shut = true;
             // The peer may already be gone; dropping the connection then is right anyway.
@@ -595,9 +596,14 @@ impl ClientConn {
     ///
     /// # Errors
     /// What `sink` returns, but `WouldBlock`.
-    pub fn flush_user_space(&mut self, sink: &mut impl Write, now: Tick) -> io::Result<usize> {
+    pub fn flush_user_space(
+        &mut self,
+        sink: &mut impl Write,
+        gather: &mut Vec<u8>,
+        now: Tick,
+    ) -> io::Result<usize> {
         self.listed = false;
-        self.out.flush_into(sink, now)
+        self.out.flush_into(sink, gather, now)
     }
 
     /// While draining: discards input. Returns true once the peer has closed.

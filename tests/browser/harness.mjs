@@ -232,11 +232,7 @@ export async function startProxy(target) {
       socket.on("error", end);
     }
   });
-  server.listen(0, "127.0.0.1");
-  // A failed test must not keep this process alive through its proxy.
-  server.unref();
-  await once(server, "listening");
-  const port = server.address().port;
+  const port = await listenLoopback(server);
   return {
     wsUrl: `ws://127.0.0.1:${port}/ws`,
     get accepted() {
@@ -268,6 +264,15 @@ export async function startProxy(target) {
       return new Promise((resolve) => server.close(resolve));
     },
   };
+}
+
+/** Listens on an ephemeral loopback port; returns it. A failed test must not keep this
+ * process alive through the server, so it does not hold the event loop. */
+async function listenLoopback(server) {
+  server.listen(0, "127.0.0.1");
+  server.unref();
+  await once(server, "listening");
+  return server.address().port;
 }
 
 /**
@@ -315,15 +320,10 @@ export async function startHttpProxy(target) {
       socket.destroy();
       upstream.destroy();
     };
-    for (const s of [socket, upstream]) {
-      s.on("error", end);
-      s.on("close", end);
-    }
+    socket.on("error", end).on("close", end);
+    upstream.on("error", end).on("close", end);
   });
-  server.listen(0, "127.0.0.1");
-  server.unref();
-  await once(server, "listening");
-  const port = server.address().port;
+  const port = await listenLoopback(server);
   return {
     wsUrl: `ws://127.0.0.1:${port}/ws`,
     /** Upgrades answered with 403 so far. */
