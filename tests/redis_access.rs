@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::PATIENCE;
-use common::redis::{Node, RedisCluster, RedisServer, free_port, http_get, wait_for};
+use common::redis::{
+    Node, RedisCluster, RedisServer, free_port, http_get, start_sentinel, wait_for,
+};
 use serde_json::json;
 
 /// A CA, and a certificate it signed for `localhost` and 127.0.0.1 (server and client use).
@@ -292,6 +294,47 @@ fn a_cluster_over_tls_is_found_and_served_from_one_rediss_seed() {
     for channel in &channels {
         events_cross(&a, &b, channel);
     }
+}
+
+#[test]
+fn sentinels_with_a_password_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = RedisServer::start(&dir.path().join("primary"));
+    let (mut sentinel, port) = start_sentinel(
+        &dir.path().join("sentinel"),
+        primary.port,
+        1,
+        "requirepass s3ntinel\n",
+    );
+    let sentinel_flag = format!("127.0.0.1:{port}");
+    let flags = [
+        "--redis-sentinel",
+        &sentinel_flag,
+        "--redis-master-name",
+        "mymaster",
+    ];
+
+    let mut with = flags.to_vec();
+    with.extend(["--redis-sentinel-password", "s3ntinel"]);
+    let node = Node::start(&[], &with);
+    let health = node.health().unwrap();
+    assert_eq!(
+        health["redis"]["primary"],
+        format!("127.0.0.1:{}", primary.port),
+        "{health}"
+    );
+    events_cross(&node, &node, "sentinel:1");
+
+    let node_dir = dir.path().join("without");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let without = Watched::start(&node_dir, &flags);
+    wait_for("the refusal in the log", PATIENCE, || {
+        without.log().contains("check redis_sentinel_password")
+    });
+    let health = http_get(without.port, "/health").unwrap();
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    let _ = sentinel.kill();
+    let _ = sentinel.wait();
 }
 
 /// The ACL of docs/scaling.md, for user `sidecast` with password `s3cret`, and the default

@@ -337,32 +337,10 @@ impl SentinelSetup {
         let mut sentinels = Vec::new();
         let mut sentinel_ports = Vec::new();
         for i in 0..3 {
-            let sentinel_dir = dir.join(format!("sentinel{i}"));
-            std::fs::create_dir_all(&sentinel_dir).unwrap();
-            let sentinel_port = free_port();
-            let conf = sentinel_dir.join("sentinel.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {sentinel_port}\nbind 127.0.0.1\ndir {}\n\
-                     sentinel monitor mymaster 127.0.0.1 {port} 2\n\
-                     sentinel down-after-milliseconds mymaster 1000\n\
-                     sentinel failover-timeout mymaster 10000\n",
-                    sentinel_dir.display()
-                ),
-            )
-            .unwrap();
-            let child = Command::new("redis-server")
-                .arg(&conf)
-                .arg("--sentinel")
-                .args([
-                    "--logfile",
-                    sentinel_dir.join("sentinel.log").to_str().unwrap(),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server runs as a Sentinel");
+            let conf = "sentinel down-after-milliseconds mymaster 1000\n\
+                        sentinel failover-timeout mymaster 10000\n";
+            let (child, sentinel_port) =
+                start_sentinel(&dir.join(format!("sentinel{i}")), primary.port, 2, conf);
             sentinels.push(child);
             sentinel_ports.push(sentinel_port);
         }
@@ -405,6 +383,32 @@ impl Drop for SentinelSetup {
             let _ = child.wait();
         }
     }
+}
+
+/// One `redis-server --sentinel` on a free port, watching the primary on `primary` as
+/// `mymaster` with `quorum`, `extra` appended to its config file (which it rewrites, so it
+/// lives in `dir`). Returns it and its port once it answers.
+pub fn start_sentinel(dir: &Path, primary: u16, quorum: u8, extra: &str) -> (Child, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let conf = dir.join("sentinel.conf");
+    let base = format!(
+        "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {primary} {quorum}\n",
+        dir.display()
+    );
+    std::fs::write(&conf, base + extra).unwrap();
+    let child = Command::new("redis-server")
+        .arg(&conf)
+        .arg("--sentinel")
+        .args(["--logfile", dir.join("sentinel.log").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server runs as a Sentinel");
+    wait_for("the Sentinel answers", PATIENCE, || {
+        command(port, &["PING"]).is_some_and(|r| r.starts_with("+PONG") || r.starts_with("-NOAUTH"))
+    });
+    (child, port)
 }
 
 /// A sidecast node in its own process.
