@@ -131,13 +131,20 @@ fn allocations_for_one_publish(n: usize) -> (u64, usize) {
         publisher.send(&json!({"id": id, "channel": "bench:0", "data": {"warm": id}}).to_string());
         assert_eq!(publisher.reply()["delivered"], n);
     }
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
-    publisher.send(r#"{"id":"measured","channel":"bench:0","data":{"progress":40}}"#);
-    assert_eq!(publisher.reply()["delivered"], n);
-    // A later line is read in a later pass, so the measured event's flush has completed.
-    publisher.send(r#"{"id":"fence","channel":"bench:0","data":null}"#);
-    assert_eq!(publisher.reply()["delivered"], n);
-    (ALLOCATIONS.load(Ordering::SeqCst) - before, n)
+    // The least of three windows: upkeep that happens to fall in one (a housekeeping tick on
+    // a loaded machine) allocates whatever the subscribers, and is not what is measured; an
+    // allocation per subscriber would show in every window.
+    let window = |publisher: &mut RawPublisher| {
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        publisher.send(r#"{"id":"measured","channel":"bench:0","data":{"progress":40}}"#);
+        assert_eq!(publisher.reply()["delivered"], n);
+        // A later line is read in a later pass, so the measured event's flush has completed.
+        publisher.send(r#"{"id":"fence","channel":"bench:0","data":null}"#);
+        assert_eq!(publisher.reply()["delivered"], n);
+        ALLOCATIONS.load(Ordering::SeqCst) - before
+    };
+    let least = (0..3).map(|_| window(&mut publisher)).min().unwrap();
+    (least, n)
 }
 
 #[test]
