@@ -366,6 +366,41 @@ fn a_reader_that_stops_reading_is_closed_and_holds_bounded_memory() {
 }
 
 #[test]
+fn bytes_a_reader_sends_are_discarded_and_every_stream_goes_on() {
+    let server = TestServer::start();
+    let mut flooder = Sse::connect(server.addr, "/sse?channels=a");
+    opened(&mut flooder, &["a"]);
+    let mut socket = flooder.socket().try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let junk = vec![b'x'; 64 * 1024];
+        // Until the server stops taking it (it never does: it reads and drops), 16 MiB.
+        for _ in 0..256 {
+            if std::io::Write::write_all(&mut socket, &junk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut other = Sse::connect(server.addr, "/sse?channels=a");
+    opened(&mut other, &["a"]);
+    let mut publisher = server.publisher();
+    for n in 1..=3 {
+        publish(&mut publisher, "a", n);
+        other.expect_event("a", n);
+        flooder.expect_event("a", n);
+    }
+    writer.join().unwrap();
+    assert_eq!(
+        server.metric("sidecast_event_streams"),
+        2,
+        "the flooder's stream is still open"
+    );
+    drop(flooder);
+    server.wait_until("the flooder's stream is gone", |s| {
+        s.metric("sidecast_event_streams") == 1
+    });
+}
+
+#[test]
 fn a_shutdown_ends_streams_with_the_reason_and_a_reader_leaving_is_noticed() {
     let server = TestServer::start();
     let mut leaving = Sse::connect(server.addr, "/sse?channels=a");

@@ -17,7 +17,7 @@ use crate::error::Close;
 use crate::ops::assets::Asset;
 use crate::ops::health::Health;
 use crate::sse::{Opening, Stream};
-use crate::ws::conn::{ClientConn, Deadline, ReadEnd, Readiness, RequestOutcome};
+use crate::ws::conn::{ClientConn, Deadline, Discarded, ReadEnd, Readiness, RequestOutcome};
 use crate::ws::http::{self, Refusal, Route};
 
 impl Server {
@@ -43,18 +43,21 @@ impl Server {
                     }
                 }
             }
-        } else if client.is_draining() {
-            if client.discard_input() {
-                drop(client);
-                self.drop_client(key);
-            }
-            return;
-        } else if client.is_event_stream() {
-            // A stream's reader sends nothing; its EOF is the page closing it.
-            if client.discard_input() {
-                drop(client);
-                self.fanout.end(key, Close::ClientClosed);
-                self.drop_client(key);
+        } else if client.is_draining() || client.is_event_stream() {
+            // A draining peer's input, or a stream reader's (it has nothing to say; its EOF
+            // is the page closing the stream), is discarded, a budget per pass.
+            let (stream, id) = (client.is_event_stream(), client.id());
+            let discarded = client.discard_input();
+            drop(client);
+            match discarded {
+                Discarded::Drained => {}
+                Discarded::MayHaveMore => self.ready_clients.push(id),
+                Discarded::Closed => {
+                    if stream {
+                        self.fanout.end(key, Close::ClientClosed);
+                    }
+                    self.drop_client(key);
+                }
             }
             return;
         } else {

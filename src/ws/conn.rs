@@ -143,6 +143,21 @@ pub fn websocket_config(config: &Config) -> WebSocketConfig {
         .max_frame_size(Some(config.max_message_size))
 }
 
+/// Input discarded per call of [`ClientConn::discard_input`]: a pass reads no more of one
+/// connection than it would of a WebSocket.
+pub const DISCARD_PER_PASS: usize = 16 * 1024;
+
+/// How discarding input ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discarded {
+    /// The peer closed (or the socket failed).
+    Closed,
+    /// Nothing more to read now.
+    Drained,
+    /// The budget ran out with input left: read on in the next pass.
+    MayHaveMore,
+}
+
 /// What a connection's timer firing means.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Deadline {
@@ -606,18 +621,22 @@ impl ClientConn {
         self.out.flush_into(sink, gather, now)
     }
 
-    /// While draining: discards input. Returns true once the peer has closed.
-    pub fn discard_input(&mut self) -> bool {
-        let mut sink = [0u8; 2048];
-        loop {
+    /// Discards input (a draining connection's, or an event stream's, whose reader has
+    /// nothing to say), at most [`DISCARD_PER_PASS`] bytes per call, so a peer that floods
+    /// cannot hold the loop.
+    pub fn discard_input(&mut self) -> Discarded {
+        let mut sink = [0u8; 4096];
+        let mut read = 0;
+        while read < DISCARD_PER_PASS {
             match self.socket.read(&mut sink) {
-                Ok(0) => return true,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Ok(0) => return Discarded::Closed,
+                Ok(n) => read += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Discarded::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return true,
+                Err(_) => return Discarded::Closed,
             }
         }
+        Discarded::MayHaveMore
     }
 
     /// Decides what the connection's timer firing at `now` means: for an open session, the
