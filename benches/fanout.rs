@@ -114,7 +114,14 @@ fn publish_and_flush(c: &mut Criterion) {
                         Outcome::Done(Published { reach, .. }) => reach,
                         other => panic!("{other:?}"),
                     };
-                    assert_eq!(delivered, Reach::Connections(subscribers));
+                    let skipped = 0;
+                    assert_eq!(
+                        delivered,
+                        Reach::Connections {
+                            delivered: subscribers,
+                            skipped
+                        }
+                    );
                     flush(&mut fanout, &mut dirty, &mut gather);
                 })
             },

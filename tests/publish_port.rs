@@ -218,3 +218,47 @@ fn a_burst_over_the_per_pass_budget_is_carried_over_without_loss() {
         }
     }
 }
+
+#[test]
+fn a_reply_counts_the_connections_a_publish_skipped_as_too_slow() {
+    let server = TestServer::start_with(|c| {
+        c.max_output_buffer = 64 * 1024;
+        c.send_buffer_size = 16 * 1024;
+    });
+    let mut stuck = server.ws();
+    stuck.subscribe("big");
+    let mut healthy = server.ws();
+    healthy.subscribe("big");
+    let mut publisher = server.publisher();
+    let data = "x".repeat(4000);
+    let mut skipped_in = Vec::new();
+    for n in 1..=200u64 {
+        publisher.send(&json!({"id": n, "channel": "big", "data": data}).to_string());
+        let reply = publisher.reply();
+        healthy.expect_event("big", n);
+        if let Some(skipped) = reply.get("skipped") {
+            assert_eq!(
+                (skipped, &reply["delivered"]),
+                (&json!(1), &json!(1)),
+                "{reply}"
+            );
+            skipped_in.push(n);
+        } else if !skipped_in.is_empty() {
+            // Closed as a slow consumer at the end of that pass: no longer a subscriber.
+            assert_eq!(reply["delivered"], 1, "{reply}");
+            break;
+        } else {
+            assert_eq!(reply["delivered"], 2, "{reply}");
+        }
+    }
+    assert_eq!(
+        skipped_in.len(),
+        1,
+        "one publish found it too slow: {skipped_in:?}"
+    );
+    assert_eq!(
+        server.metric("sidecast_disconnects_total{reason=\"slow_consumer\"}"),
+        1
+    );
+    drop(stuck);
+}

@@ -96,7 +96,10 @@ mod tests {
     fn published(seq: u64) -> Published {
         Published {
             seqs: Seqs::One(seq),
-            reach: crate::publish::Reach::Connections(3),
+            reach: crate::publish::Reach::Connections {
+                delivered: 3,
+                skipped: 0,
+            },
             duplicate: false,
         }
     }

@@ -240,12 +240,12 @@ impl Fanout {
                 Happening::Joined(joined) => self.on_joined(joined),
                 Happening::Done { part, result } => self.on_done(part, result),
                 Happening::Broadcast { data, from } => {
-                    let delivered = self.broadcast_local(&data);
-                    self.ops.reached(from, delivered);
+                    let (delivered, skipped) = self.broadcast_local(&data);
+                    self.ops.reached(from, delivered, skipped);
                 }
                 Happening::Disconnect { user, from } => {
                     let closed = self.close_user(&user);
-                    self.ops.reached(from, closed);
+                    self.ops.reached(from, closed, 0);
                 }
                 Happening::LeaseGranted(conn) => {
                     if self.clients.is_current(conn) {
@@ -285,28 +285,32 @@ impl Fanout {
         let started_us = self.pass.started_us;
         let at = Some((&**channel, entry.seq));
         let arena = &mut self.arena;
-        let mut delivered = 0;
+        let (mut delivered, mut skipped) = (0, 0);
+        let mut count = |sent: bool| {
+            delivered += usize::from(sent);
+            skipped += usize::from(!sent);
+        };
         for id in subscribers {
             if joins.is_some_and(|joins| joins.iter().any(|j| j.conn == *id)) {
                 continue;
             }
             let mut conn = self.clients.live_mut(id.key as usize);
             debug_assert_eq!(conn.id(), *id, "the hub holds only live connections");
-            delivered += usize::from(deliver(&mut conn, &frame, at, started_us, arena));
+            count(deliver(&mut conn, &frame, at, started_us, arena));
         }
         if !tabs.is_empty() {
             let channel_id = self.hub.find(channel);
             for id in tabs {
                 let mut conn = self.clients.live_mut(id.key as usize);
                 if !channel_id.is_some_and(|c| conn.is_subscribed(c)) {
-                    delivered += usize::from(deliver(&mut conn, &frame, at, started_us, arena));
+                    count(deliver(&mut conn, &frame, at, started_us, arena));
                 }
             }
         }
         self.engine
             .record(channel, entry.seq, &frame, self.pass.now);
         self.metrics.frames_delivered += delivered as u64;
-        self.ops.reached(from, delivered);
+        self.ops.reached(from, delivered, skipped);
     }
 
     /// Tells the live subscribers of `channel` that events up to `seq` are lost.
@@ -326,18 +330,24 @@ impl Fanout {
         self.metrics.gaps_reported += 1;
     }
 
-    /// A broadcast's frame to every open connection of this node; returns how many.
-    fn broadcast_local(&mut self, data: &[u8]) -> usize {
+    /// A broadcast's frame to every open connection of this node; returns how many got it,
+    /// and how many were passed over (closing, or too slow).
+    fn broadcast_local(&mut self, data: &[u8]) -> (usize, usize) {
         let frame = wire::event_frame(EventTarget::Broadcast, data, &mut self.scratch);
         let started_us = self.pass.started_us;
         let arena = &mut self.arena;
-        let mut delivered = 0;
+        let (mut delivered, mut skipped) = (0, 0);
         self.clients.for_each(|conn| {
-            delivered += usize::from(deliver(conn, &frame, None, started_us, arena));
+            if !conn.is_open() {
+                return; // a handshake under way, or a connection closing
+            }
+            let sent = deliver(conn, &frame, None, started_us, arena);
+            delivered += usize::from(sent);
+            skipped += usize::from(!sent);
         });
         self.metrics.frames_delivered += delivered as u64;
         self.pass.deliveries += delivered.max(1);
-        delivered
+        (delivered, skipped)
     }
 
     /// Closes this node's connections of `user` (4003); returns how many.

@@ -65,6 +65,8 @@ struct Op {
     nodes: Option<usize>,
     /// Connections of this node it was queued to (or closed, for a disconnect).
     delivered: usize,
+    /// Connections of this node subscribed that it was not queued to (closing, or too slow).
+    skipped: usize,
     duplicate: bool,
 }
 
@@ -113,6 +115,7 @@ impl Ops {
             seqs,
             nodes: Some(0),
             delivered: 0,
+            skipped: 0,
             duplicate: true,
         });
         Started {
@@ -121,10 +124,12 @@ impl Ops {
         }
     }
 
-    /// Connections of this node an answer of publish `from` reached.
-    pub fn reached(&mut self, from: Option<OpId>, connections: usize) {
+    /// Connections of this node an answer of publish `from` reached, and those it passed
+    /// over.
+    pub fn reached(&mut self, from: Option<OpId>, connections: usize, skipped: usize) {
         if let Some(op) = from.and_then(|op| self.table.get_mut(op)) {
             op.delivered += connections;
+            op.skipped += skipped;
         }
     }
 }
@@ -299,7 +304,10 @@ impl Fanout {
         let reach = match (op.nodes, op.shape) {
             (Some(nodes), _) => Reach::Nodes(nodes),
             (None, Shape::Disconnect) => Reach::Disconnected(op.delivered),
-            (None, _) => Reach::Connections(op.delivered),
+            (None, _) => Reach::Connections {
+                delivered: op.delivered,
+                skipped: op.skipped,
+            },
         };
         Outcome::Done(Published {
             seqs: std::mem::replace(&mut op.seqs, Seqs::None),

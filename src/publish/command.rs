@@ -73,8 +73,15 @@ pub enum Seqs {
 /// Who a publish reached, as far as the engine knows it when it answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reach {
-    /// The memory engine: connections the event was queued to (`"delivered"`).
-    Connections(usize),
+    /// The memory engine: connections the event was queued to (`"delivered"`), and those
+    /// subscribed that did not get it because they were already being closed, or were just
+    /// found too slow (`"skipped"`, in the reply when not 0).
+    Connections {
+        /// Queued to.
+        delivered: usize,
+        /// Passed over.
+        skipped: usize,
+    },
     /// The Redis engine: nodes subscribed to the channel when Redis published it, summed
     /// over the channels (`"nodes"`). Which connections on them get it is not known here.
     Nodes(usize),
@@ -368,7 +375,12 @@ impl Render {
             line.push_str(",\"duplicate\":true");
         }
         let (key, count) = match published.reach {
-            Reach::Connections(n) => ("delivered", n),
+            Reach::Connections { delivered, skipped } => {
+                if skipped > 0 {
+                    let _ = write!(line, ",\"skipped\":{skipped}");
+                }
+                ("delivered", delivered)
+            }
             Reach::Nodes(n) => ("nodes", n),
             Reach::Disconnected(n) => ("disconnected", n),
         };
@@ -553,7 +565,10 @@ mod tests {
         let id = raw("7");
         let one = Published {
             seqs: Seqs::One(18),
-            reach: Reach::Connections(1000),
+            reach: Reach::Connections {
+                delivered: 1000,
+                skipped: 0,
+            },
             duplicate: false,
         };
         assert_eq!(
@@ -572,12 +587,15 @@ mod tests {
         );
         let all = Published {
             seqs: Seqs::None,
-            reach: Reach::Connections(5),
+            reach: Reach::Connections {
+                delivered: 5,
+                skipped: 2,
+            },
             duplicate: true,
         };
         assert_eq!(
             ok_reply(Some(&id), &Target::Broadcast, &all),
-            "{\"id\":7,\"ok\":true,\"duplicate\":true,\"delivered\":5}\n"
+            "{\"id\":7,\"ok\":true,\"duplicate\":true,\"skipped\":2,\"delivered\":5}\n"
         );
         assert_eq!(
             error_reply(None, "bad \"x\""),

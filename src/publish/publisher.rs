@@ -31,6 +31,9 @@ pub struct Ack {
     pub seq: u64,
     /// Connections the event was queued to (the memory engine).
     pub delivered: Option<usize>,
+    /// Subscribed connections it was not queued to because they were too slow, and are being
+    /// closed (the memory engine; 0 when none).
+    pub skipped: usize,
     /// Nodes subscribed to the channel when Redis published it (the Redis engine).
     pub nodes: Option<usize>,
 }
@@ -75,6 +78,8 @@ struct Reply {
     ok: bool,
     seq: Option<u64>,
     delivered: Option<usize>,
+    #[serde(default)]
+    skipped: usize,
     nodes: Option<usize>,
     error: Option<String>,
 }
@@ -132,11 +137,13 @@ impl Publisher {
                 ok: true,
                 seq: Some(seq),
                 delivered,
+                skipped,
                 nodes,
                 ..
             } if got == id => Ok(Ack {
                 seq,
                 delivered,
+                skipped,
                 nodes,
             }),
             Reply {

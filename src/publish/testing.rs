@@ -52,7 +52,10 @@ impl Sink for Recorder {
         self.budget = self.budget.saturating_sub(1);
         Outcome::Done(Published {
             seqs: Seqs::One(self.published.len() as u64),
-            reach: Reach::Connections(1),
+            reach: Reach::Connections {
+                delivered: 1,
+                skipped: 0,
+            },
             duplicate: false,
         })
     }
