@@ -64,6 +64,11 @@ export interface SidecastOptions {
   fallback?: boolean;
   /** WebSocket attempts that fail in a row before the fallback (default 2). */
   fallbackAfter?: number;
+  /**
+   * Until a WebSocket has connected once, an open that hangs this long counts as failed
+   * (default 3000; `connectTimeoutMs` applies after).
+   */
+  fallbackTimeoutMs?: number;
   /** While on the fallback, how often to try WebSocket again (default 60000). */
   webSocketRetryMs?: number;
   /** The stream's URL (default: the WebSocket URL with http(s) and `/sse` for `/ws`). */

@@ -56,6 +56,7 @@ const DEFAULTS = {
   connectTimeoutMs: 10_000,
   fallback: true,
   fallbackAfter: 2,
+  fallbackTimeoutMs: 3_000,
   webSocketRetryMs: 60_000,
   withCredentials: false,
 };
@@ -80,6 +81,8 @@ export class Sidecast {
   #transport = "websocket";
   /** WebSocket attempts in a row that never reached `connected`. */
   #webSocketFailures = 0;
+  /** A WebSocket reached `connected` once: a slow open is no longer taken for a blocked one. */
+  #webSocketWorked = false;
   /** While on a stream: the next WebSocket attempt, and the one under way. */
   #probeTimer = null;
   #probe = null;
@@ -237,7 +240,11 @@ export class Sidecast {
     }
     this.#ws = ws;
     this.#lastFrameAt = Date.now();
-    this.#armWatchdog(this.#options.connectTimeoutMs);
+    // Until a WebSocket has worked once, an open that hangs (a proxy that swallows the
+    // upgrade) is given up after `fallbackTimeoutMs`, so the fallback comes within seconds.
+    const { connectTimeoutMs, fallback, fallbackTimeoutMs } = this.#options;
+    const patience = fallback && !this.#webSocketWorked ? Math.min(connectTimeoutMs, fallbackTimeoutMs) : connectTimeoutMs;
+    this.#armWatchdog(patience);
     ws.onmessage = (message) => this.#onMessage(message);
     ws.onclose = (close) => this.#onClose(close.code, close.reason);
   }
@@ -357,6 +364,7 @@ export class Sidecast {
           break;
         }
         this.#webSocketFailures = 0;
+        this.#webSocketWorked = true;
         this.#stopProbing();
         this.#heartbeatMs = msg.heartbeatMs || this.#heartbeatMs;
         this.#budget = {

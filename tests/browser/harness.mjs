@@ -277,10 +277,10 @@ async function listenLoopback(server) {
 
 /**
  * An HTTP proxy in front of `target` (a port) that passes plain requests and streamed
- * responses but answers every WebSocket upgrade with 403, as some corporate proxies do, until
- * `allowUpgrades()`.
+ * responses but answers every WebSocket upgrade with 403 (or, with `mode: "hang"`, never
+ * answers it), as some corporate proxies do, until `allowUpgrades()`.
  */
-export async function startHttpProxy(target) {
+export async function startHttpProxy(target, { mode = "refuse" } = {}) {
   let refusing = true;
   let refused = 0;
   const sockets = new Set();
@@ -303,6 +303,7 @@ export async function startHttpProxy(target) {
   server.on("upgrade", (request, socket, head) => {
     if (refusing) {
       refused += 1;
+      if (mode === "hang") return; // keeps the socket open, answers nothing
       socket.end("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
       return;
     }

@@ -87,6 +87,30 @@ test("behind a proxy that refuses the upgrade, a page falls back to SSE and back
   await server.stop();
 });
 
+test("behind a proxy that swallows the upgrade, the fallback comes within seconds", async () => {
+  const server = await serve();
+  const proxy = await startHttpProxy(server.port, { mode: "hang" });
+  const query = new URLSearchParams({ server: server.origin, ws: proxy.wsUrl, channel: "job:3", initialDelayMs: "100" });
+  const started = Date.now();
+  const page = await openPage(fixture.browser, `${fixture.pages.origin}/client.html?${query}`);
+  await waitFor(
+    "the page is on SSE",
+    async () => (await page.evaluate(() => `${window.client?.transport} ${window.client?.status}`)) === "sse connected",
+    15_000,
+  );
+  const fellBackMs = Date.now() - started;
+  assert.ok(fellBackMs < 9_000, `fell back after ${fellBackMs} ms`);
+  const publisher = await Publisher.connect(server.socket);
+  await waitFor("job:3 is subscribed", async () => (await server.health()).channels >= 1);
+  await publisher.publish({ channel: "job:3", data: { n: 1 } });
+  await waitFor("the event", async () => seqsOf(await recorded(page), "job:3").length === 1);
+  console.log(`# an upgrade that hangs: fell back to SSE ${fellBackMs} ms after the page opened`);
+  publisher.close();
+  await page.close();
+  await proxy.close();
+  await server.stop();
+});
+
 test("a plain EventSource page with no SDK resumes through Last-Event-ID after its server restarts", async () => {
   const redis = await startRedis();
   const engine = ["--engine", "redis", "--redis-url", redis.url];
