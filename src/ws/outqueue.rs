@@ -160,8 +160,9 @@ impl OutQueue {
         self.len == 0
     }
 
-    /// Writes as much as the socket takes: a lone chunk as it is, several copied together
-    /// into `gather` (up to [`GATHER_BYTES`]) and written in one call. One contiguous write
+    /// Writes as much as the socket takes: a lone chunk (or one of [`GATHER_BYTES`] or more)
+    /// as it is, several copied together into `gather` (up to [`GATHER_BYTES`], so `gather`
+    /// never grows past it) and written in one call. One contiguous write
     /// costs the kernel far less than a `writev` of many small frames (its per-segment copy
     /// and bookkeeping): at saturation this doubled deliveries per second (performance.md).
     /// A write the socket takes only part of ends the flush: its buffer is full, and
@@ -174,8 +175,8 @@ impl OutQueue {
     pub fn write_to(&mut self, sink: &mut impl Write, gather: &mut Vec<u8>) -> io::Result<usize> {
         let mut written = 0;
         while !self.is_empty() {
-            let (result, offered) = if self.chunks.len() == 1 {
-                let front = &self.chunks[0][self.offset as usize..];
+            let front = &self.chunks[0][self.offset as usize..];
+            let (result, offered) = if self.chunks.len() == 1 || front.len() >= GATHER_BYTES {
                 (sink.write(front), front.len())
             } else {
                 self.gather(gather);
@@ -198,14 +199,14 @@ impl OutQueue {
         Ok(written)
     }
 
-    /// Copies the queued bytes into `gather`, in order, up to [`GATHER_BYTES`] (the first
-    /// chunk whole, whatever its size).
+    /// Copies the queued bytes into `gather`, in order, as many whole chunks as fit in
+    /// [`GATHER_BYTES`] (the first, smaller than that, always does).
     fn gather(&self, gather: &mut Vec<u8>) {
         gather.clear();
         for (i, chunk) in self.chunks.iter().enumerate() {
             let start = if i == 0 { self.offset as usize } else { 0 };
             let rest = &chunk[start..];
-            if !gather.is_empty() && gather.len() + rest.len() > GATHER_BYTES {
+            if gather.len() + rest.len() > GATHER_BYTES {
                 break;
             }
             gather.extend_from_slice(rest);
@@ -316,6 +317,15 @@ mod tests {
             2 * GATHER_BYTES - 1
         );
         assert_eq!(all.calls, 3, "the big chunk, the small one, the big one");
+
+        // A chunk of GATHER_BYTES or more is written as it is: `gather` never grows past it.
+        let mut gather = Vec::new();
+        queue.push(Bytes::from(vec![b'y'; 3 * GATHER_BYTES]));
+        queue.push(Bytes::from_static(b"z"));
+        all.calls = 0;
+        let written = queue.write_to(&mut all, &mut gather).unwrap();
+        assert_eq!((written, all.calls), (3 * GATHER_BYTES + 1, 2));
+        assert!(gather.capacity() < GATHER_BYTES, "{}", gather.capacity());
 
         queue.push(Bytes::from_static(b"0123456789"));
         queue.push(Bytes::from_static(b"xyz"));
