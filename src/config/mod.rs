@@ -391,11 +391,11 @@ impl Config {
                     "with redis_sentinel, one redis_url at most: its credentials and scheme".into(),
                 );
             }
-            let bad = self.redis_sentinel.iter().find(|s| {
-                !s.rsplit_once(':')
-                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-            });
-            if let Some(bad) = bad {
+            if let Some(bad) = self
+                .redis_sentinel
+                .iter()
+                .find(|s| !values::is_host_port(s))
+            {
                 return invalid("redis_sentinel", format!("{bad:?}: expected host:port"));
             }
         }

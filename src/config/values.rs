@@ -283,10 +283,7 @@ impl FromStr for RedisUrl {
             ),
             None => (None, None),
         };
-        let valid = host_port
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !valid || host_port.contains('/') {
+        if !is_host_port(host_port) || host_port.contains('/') {
             return Err("expected redis://host:port, without a database number".into());
         }
         Ok(RedisUrl {
@@ -296,6 +293,12 @@ impl FromStr for RedisUrl {
             password,
         })
     }
+}
+
+/// True for `host:port` with a host and a valid port (a Redis node, a Sentinel).
+pub fn is_host_port(text: &str) -> bool {
+    text.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 impl fmt::Display for RedisUrl {

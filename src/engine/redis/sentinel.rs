@@ -12,20 +12,16 @@
 //! `+switch-master` for our name is handed to the engine as a `Named`, in order, and the
 //! engine alone decides what it changes; time is the reactor's `Tick`.
 
-use std::time::Duration;
-
 use mio::{Registry, Token};
 
 use super::link::{Expected, Incoming, Link};
 use super::resp::{self, Frame};
+use super::shards::{MAX_BACKOFF, MIN_BACKOFF};
 use super::tls::Tls;
 use crate::base::time::{Tick, TickSource};
 
 /// The channel Sentinels announce a promotion on.
 const SWITCH_MASTER: &str = "+switch-master";
-/// First wait after a Sentinel connection fails; doubled up to `MAX_BACKOFF`.
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What the Sentinel connection waits for.
 enum Asked {

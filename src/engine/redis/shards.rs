@@ -28,10 +28,10 @@ use crate::base::time::{Tick, TickSource};
 use crate::config::RedisUrl;
 use crate::engine::TokenOf;
 
-/// First wait after a connection fails.
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// First wait after a connection fails (a shard's, or the Sentinel connection's).
+pub(super) const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Least time between two reads of the slot map while a shard that is up has not taken its
 /// channels (its map answer was not usable).
 const MAP_RETRY: Duration = Duration::from_secs(1);
