@@ -21,6 +21,7 @@ use sidecast::engine::idempotency::IdempotencyLimits;
 use sidecast::fanout::{Fanout, SessionSettings};
 use sidecast::publish::{Outcome, Published, Reach, Sink, Target};
 use sidecast::ws::ClientConn;
+use sidecast::ws::http::Handshake;
 use sidecast::ws::session::Inbound;
 use tungstenite::protocol::WebSocketConfig;
 
@@ -36,6 +37,7 @@ fn subscribed(subscribers: usize) -> Fanout {
         rate_burst: 1_000_000_000,
         rate_limit_strikes: 20,
         max_subscriptions: 100,
+        deflate_min_size: 128,
     };
     let history = HistoryLimits {
         size: 100,
@@ -66,13 +68,11 @@ fn subscribed(subscribers: usize) -> Fanout {
         });
         let mut conn = fanout.clients_mut().get_mut(key).expect("inserted");
         let config = WebSocketConfig::default().write_buffer_size(0);
-        conn.upgrade(
-            "dGhlIHNhbXBsZSBub25jZQ==",
-            Vec::new(),
-            config,
-            rate,
-            Tick(0),
-        );
+        let handshake = Handshake {
+            accept_key: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into(),
+            deflate: false,
+        };
+        conn.upgrade(&handshake, Vec::new(), config, rate, Tick(0));
         drop(conn);
         fanout.open(key, None).expect("auth is off");
         fanout.on_message(key, Inbound::Text(subscribe.into()));

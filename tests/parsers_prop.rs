@@ -9,6 +9,7 @@ use sidecast::ops::assets::Asset;
 use sidecast::publish::dapr::Dapr;
 use sidecast::publish::http::{HttpRules, parse_head};
 use sidecast::publish::{Target, command as publish};
+use sidecast::ws::deflate::{Inflater, Inflating};
 use sidecast::ws::http::{self, OriginPolicy, Refusal, Route, Routing};
 use sidecast::ws::wire::{self, ErrorCode, Request};
 
@@ -54,6 +55,7 @@ fn routing() -> Routing {
         max_header_size: MAX_HEADER,
         origins: OriginPolicy::default(),
         token_cookie: Some("sidecast_token".into()),
+        deflate: true,
     }
 }
 
@@ -103,6 +105,37 @@ proptest! {
     }
 
     #[test]
+    fn any_bytes_through_the_inflating_step_end_or_stay_bounded(
+        frames in prop::collection::vec((any::<u8>(), prop::collection::vec(any::<u8>(), 0..300)), 0..8),
+        noise in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        // Client frames with any first byte (RSV1, opcodes, FIN), masked, then noise.
+        let mut wire = Vec::new();
+        for (first, payload) in &frames {
+            wire.push(*first);
+            wire.push(0x80 | payload.len().min(125) as u8);
+            wire.extend_from_slice(&[9, 8, 7, 6]);
+            wire.extend_from_slice(&payload[..payload.len().min(125)]);
+        }
+        wire.extend_from_slice(&noise);
+        let limit = 512;
+        let mut inflating = Inflating::default();
+        let mut inflater = Inflater::new(limit);
+        let mut source = &wire[..];
+        let mut buf = [0u8; 100];
+        let mut handed_on = 0;
+        loop {
+            match inflating.read(&mut buf, &mut source, &mut inflater) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => handed_on += n,
+            }
+        }
+        // Whatever passed or inflated, no more than the input plus one inflated message per
+        // frame (each capped at the limit, with its header) came out.
+        prop_assert!(handed_on <= wire.len() + frames.len() * (limit + 14));
+    }
+
+    #[test]
     fn http_heads_never_panic_and_respect_the_cap(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
         match http::parse_request(&bytes, &routing()) {
             Ok(None) => prop_assert!(bytes.len() < MAX_HEADER, "waiting for more past the cap"),
@@ -127,9 +160,9 @@ proptest! {
                 prop_assert_eq!(method.as_str(), "GET");
                 let bare = path.split('?').next().unwrap();
                 match route {
-                    Route::Upgrade { accept_key, .. } => {
+                    Route::Upgrade { handshake, .. } => {
                         prop_assert_eq!(bare, "/ws");
-                        prop_assert_eq!(accept_key.len(), 28, "base64 of a SHA-1");
+                        prop_assert_eq!(handshake.accept_key.len(), 28, "base64 of a SHA-1");
                     }
                     Route::EventStream { opening, .. } => {
                         prop_assert_eq!(bare, "/sse");

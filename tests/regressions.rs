@@ -490,3 +490,35 @@ fn issue_12_an_idle_http_publisher_after_a_large_body_holds_little() {
         live() - before
     );
 }
+
+/// Issue 23: a deflate bomb (64 KiB compressed, 64 MiB inflated) is closed with 1009 and the
+/// server's heap does not move: the inflated message is capped at `max_message_size`.
+#[test]
+fn issue_23_a_deflate_bomb_is_closed_with_1009_and_the_heap_stays_flat() {
+    use common::deflate::{DeflateWs, deflate};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = tracked_server(|_| {});
+    let offer = Some("permessage-deflate; client_max_window_bits");
+    let mut bombs: Vec<DeflateWs> = (0..4)
+        .map(|_| DeflateWs::connect(server.addr, offer))
+        .collect();
+    for bomb in &mut bombs {
+        assert_eq!(bomb.recv()["type"], "connected");
+    }
+    let zeros = deflate(&vec![0u8; 64 << 20]);
+    let payload = &zeros[..zeros.len().min(64 * 1024 - 16)];
+    eprintln!(
+        "the bomb: {} B compressed, about 64 MiB inflated",
+        payload.len()
+    );
+    let before = reset_peak();
+    for bomb in &mut bombs {
+        bomb.send_frame(0xC2, payload);
+    }
+    for bomb in &mut bombs {
+        assert_eq!(bomb.close_code(), 1009);
+    }
+    let grew = peak() - before;
+    eprintln!("4 deflate bombs: the server's heap peaked {grew} bytes above its start");
+    assert!(grew < 1 << 20, "the heap grew by {grew} bytes");
+}

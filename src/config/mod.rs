@@ -63,7 +63,10 @@ settings! {
         write_stall_timeout: HumanDuration = "10s", "DURATION", "Close a connection whose queued output has not moved for this long (slow consumer, 1008)";
         send_buffer_size: ByteSize = "64KiB", "SIZE", "Kernel send buffer (SO_SNDBUF) per WebSocket; 0 leaves it to the kernel's autotuning, which grows it to a few megabytes";
         max_connections: usize = "10000", "COUNT", "Open WebSockets at most; further upgrades get HTTP 503";
-        max_message_size: ByteSize = "64KiB", "SIZE", "Largest client frame or message; larger ones close with 1009";
+        max_message_size: ByteSize = "64KiB", "SIZE", "Largest client frame or message (inflated, when compressed); larger ones close with 1009";
+        permessage_deflate: bool = "true", "BOOL", "Accept a browser's offer of permessage-deflate (RFC 7692): each event is compressed once and the compressed frame shared by every subscriber that agreed, with no compressor per connection"
+            [num_args = 0..=1, require_equals = true, default_missing_value = "true"];
+        deflate_min_size: ByteSize = "128B", "SIZE", "Events whose frame payload is smaller than this go uncompressed even to connections that agreed to compression";
         max_subscriptions: usize = "100", "COUNT", "Channels one connection may subscribe to";
         max_output_buffer: ByteSize = "1MiB", "SIZE", "Unsent bytes per connection before it is closed as a slow consumer (1008)";
         max_header_size: ByteSize = "8KiB", "SIZE", "Largest HTTP request head; larger ones get 431";

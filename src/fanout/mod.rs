@@ -35,8 +35,6 @@ pub mod users;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
-
 use crate::auth::admission::Auth;
 use crate::auth::ratelimit::Rate;
 use crate::base::channel::user_of;
@@ -48,6 +46,7 @@ use crate::error::Close;
 use crate::ops::metrics::{Gauges, Metrics};
 use crate::sse::Arena;
 use crate::ws::conn::ClientConn;
+use crate::ws::deflate::{Deflater, EventFrame};
 use crate::ws::wire::{self, EventTarget, Reply};
 
 pub use clients::Clients;
@@ -82,6 +81,8 @@ pub struct SessionSettings {
     pub rate_limit_strikes: u32,
     /// `max_subscriptions`.
     pub max_subscriptions: usize,
+    /// `deflate_min_size`: smaller events go plain to every connection.
+    pub deflate_min_size: usize,
 }
 
 impl SessionSettings {
@@ -97,6 +98,7 @@ impl SessionSettings {
             rate_burst: config.rate_burst,
             rate_limit_strikes: config.rate_limit_strikes,
             max_subscriptions: config.max_subscriptions,
+            deflate_min_size: config.deflate_min_size,
         }
     }
 }
@@ -135,6 +137,8 @@ pub struct Fanout {
     scratch: Vec<u8>,
     /// Where event streams' per-recipient messages are built.
     arena: Arena,
+    /// Compresses each event at most once, for the WebSockets that agreed to it.
+    deflater: Deflater,
     /// Connections closed by a publisher's command; the reactor arms their drain deadline.
     closed_by_command: Vec<ConnId>,
 }
@@ -157,6 +161,7 @@ impl Fanout {
             applying: false,
             scratch: Vec::new(),
             arena: Arena::default(),
+            deflater: Deflater::new(settings.deflate_min_size),
             closed_by_command: Vec::new(),
         }
     }
@@ -277,11 +282,12 @@ impl Fanout {
         if subscribers.is_empty() && tabs.is_empty() && !self.engine.keeps_frames(channel) {
             return;
         }
-        let frame = wire::event_frame(
+        let plain = wire::event_frame(
             EventTarget::Channel(channel, entry.seq),
             &entry.data,
             &mut self.scratch,
         );
+        let frame = &mut EventFrame::new(plain, &mut self.deflater);
         let started_us = self.pass.started_us;
         let at = Some((&**channel, entry.seq));
         let arena = &mut self.arena;
@@ -296,20 +302,20 @@ impl Fanout {
             }
             let mut conn = self.clients.live_mut(id.key as usize);
             debug_assert_eq!(conn.id(), *id, "the hub holds only live connections");
-            count(deliver(&mut conn, &frame, at, started_us, arena));
+            count(deliver(&mut conn, frame, at, started_us, arena));
         }
         if !tabs.is_empty() {
             let channel_id = self.hub.find(channel);
             for id in tabs {
                 let mut conn = self.clients.live_mut(id.key as usize);
                 if !channel_id.is_some_and(|c| conn.is_subscribed(c)) {
-                    count(deliver(&mut conn, &frame, at, started_us, arena));
+                    count(deliver(&mut conn, frame, at, started_us, arena));
                 }
             }
         }
         self.engine
-            .record(channel, entry.seq, &frame, self.pass.now);
-        self.metrics.frames_delivered += delivered as u64;
+            .record(channel, entry.seq, frame.plain(), self.pass.now);
+        self.metrics.count_frames(delivered, frame.queued);
         self.ops.reached(from, delivered, skipped);
     }
 
@@ -333,7 +339,8 @@ impl Fanout {
     /// A broadcast's frame to every open connection of this node; returns how many got it,
     /// and how many were passed over (closing, or too slow).
     fn broadcast_local(&mut self, data: &[u8]) -> (usize, usize) {
-        let frame = wire::event_frame(EventTarget::Broadcast, data, &mut self.scratch);
+        let plain = wire::event_frame(EventTarget::Broadcast, data, &mut self.scratch);
+        let frame = &mut EventFrame::new(plain, &mut self.deflater);
         let started_us = self.pass.started_us;
         let arena = &mut self.arena;
         let (mut delivered, mut skipped) = (0, 0);
@@ -341,11 +348,11 @@ impl Fanout {
             if !conn.is_open() {
                 return; // a handshake under way, or a connection closing
             }
-            let sent = deliver(conn, &frame, None, started_us, arena);
+            let sent = deliver(conn, frame, None, started_us, arena);
             delivered += usize::from(sent);
             skipped += usize::from(!sent);
         });
-        self.metrics.frames_delivered += delivered as u64;
+        self.metrics.count_frames(delivered, frame.queued);
         self.pass.deliveries += delivered.max(1);
         (delivered, skipped)
     }
@@ -424,13 +431,13 @@ impl Fanout {
     }
 }
 
-/// Queues an event to one connection: for a WebSocket the shared frame (a refcount bump, no
-/// copy), for an event stream its message built in `arena`; `at` is the event's channel and
-/// seq. A connection that would go over `max_output_buffer` gets nothing more; its queue is
+/// Queues an event to one connection: for a WebSocket the shared frame, plain or compressed
+/// (a refcount bump, no copy), for an event stream its message built in `arena`; `at` is the
+/// event's channel and seq. A connection that would go over `max_output_buffer` gets nothing more; its queue is
 /// marked overflowed, so the reactor closes it as a slow consumer at the end of the pass.
 fn deliver(
     conn: &mut ClientConn,
-    frame: &Bytes,
+    frame: &mut EventFrame<'_>,
     at: Option<(&str, u64)>,
     started_us: u64,
     arena: &mut Arena,

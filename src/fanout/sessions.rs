@@ -19,6 +19,7 @@ use crate::base::ids::ConnId;
 use crate::base::time::Tick;
 use crate::engine::{Joined, Replay};
 use crate::error::Close;
+use crate::ws::deflate::EventFrame;
 use crate::ws::session::{Inbound, Rules, Verdict};
 use crate::ws::wire::{self, EventTarget, Rejection, Reply, Request, RequestId, Subscribing};
 
@@ -244,7 +245,8 @@ impl Fanout {
         let arena = &mut self.arena;
         match replay {
             Replay::Frames { first, frames } => {
-                for (seq, frame) in (first..).zip(&frames) {
+                for (seq, frame) in (first..).zip(frames) {
+                    let frame = &mut EventFrame::plain_only(frame);
                     deliver(&mut conn, frame, Some((&channel, seq)), started_us, arena);
                 }
             }
@@ -253,7 +255,13 @@ impl Fanout {
                     let target = EventTarget::Channel(&channel, entry.seq);
                     let frame = wire::event_frame(target, &entry.data, &mut self.scratch);
                     let at = Some((&*channel, entry.seq));
-                    deliver(&mut conn, &frame, at, started_us, arena);
+                    deliver(
+                        &mut conn,
+                        &mut EventFrame::plain_only(frame),
+                        at,
+                        started_us,
+                        arena,
+                    );
                 }
             }
         }

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use crate::error::Close;
+use crate::ws::deflate::compress::Queued;
 
 /// Upper bounds of the latency buckets, in microseconds (50 µs to 1 s).
 pub const LATENCY_BOUNDS_US: [u64; 14] = [
@@ -72,6 +73,10 @@ pub struct Metrics {
     pub frames_delivered: u64,
     /// Bytes written to WebSocket-port sockets.
     pub bytes_written: u64,
+    /// Event frame bytes queued to WebSockets, plain.
+    pub event_bytes_plain: u64,
+    /// Event frame bytes queued to WebSockets, compressed (permessage-deflate).
+    pub event_bytes_deflated: u64,
     /// Publish lines refused (bad JSON, bad channel, too long).
     pub publish_errors: u64,
     /// Publishes answered from an `idem` key already used (not published again).
@@ -108,6 +113,13 @@ pub struct Gauges {
 }
 
 impl Metrics {
+    /// Counts event frames queued to `delivered` connections, and their bytes by encoding.
+    pub fn count_frames(&mut self, delivered: usize, queued: Queued) {
+        self.frames_delivered += delivered as u64;
+        self.event_bytes_plain += queued.plain;
+        self.event_bytes_deflated += queued.deflated;
+    }
+
     /// Counts a WebSocket disconnect.
     pub fn disconnected(&mut self, close: Close) {
         self.disconnects[close as usize] += 1;
@@ -298,6 +310,13 @@ impl Metrics {
             "counter",
             "Requests answered with an HTTP error status.",
             self.http_refusals,
+        );
+        let name = "sidecast_event_bytes_total";
+        let _ = write!(
+            out,
+            "# HELP {name} Live event frame bytes queued to WebSockets, by encoding (deflate: permessage-deflate, compressed once per event).\n\
+             # TYPE {name} counter\n{name}{{encoding=\"identity\"}} {}\n{name}{{encoding=\"deflate\"}} {}\n",
+            self.event_bytes_plain, self.event_bytes_deflated
         );
         let name = "sidecast_disconnects_total";
         let _ = write!(

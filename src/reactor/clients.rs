@@ -18,7 +18,7 @@ use crate::ops::assets::Asset;
 use crate::ops::health::Health;
 use crate::sse::{Opening, Stream};
 use crate::ws::conn::{ClientConn, Deadline, Discarded, ReadEnd, Readiness, RequestOutcome};
-use crate::ws::http::{self, Refusal, Route};
+use crate::ws::http::{self, Handshake, Refusal, Route};
 
 impl Server {
     pub(super) fn on_client_readable(&mut self, key: usize, now: Tick) {
@@ -151,12 +151,12 @@ impl Server {
                 return false;
             }
             Route::Upgrade {
-                accept_key,
+                handshake,
                 token,
                 forwarded_for,
             } => {
                 return self.admit_address(key, forwarded_for.as_deref(), now)
-                    && self.open_websocket(key, &accept_key, token.as_deref(), rest, now);
+                    && self.open_websocket(key, &handshake, token.as_deref(), rest, now);
             }
             Route::EventStream {
                 opening,
@@ -251,14 +251,14 @@ impl Server {
     pub(super) fn open_websocket(
         &mut self,
         key: usize,
-        accept_key: &str,
+        handshake: &Handshake,
         token: Option<&str>,
         rest: Vec<u8>,
         now: Tick,
     ) -> bool {
         let rate = self.fanout.message_rate();
         let mut client = self.fanout.clients_mut().live_mut(key);
-        client.upgrade(accept_key, rest, self.ws_config, rate, now);
+        client.upgrade(handshake, rest, self.ws_config, rate, now);
         drop(client);
         if let Err(close) = self.fanout.open(key, token) {
             self.close_client(key, close, now);

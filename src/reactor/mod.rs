@@ -202,6 +202,7 @@ impl Server {
             "listening on ws://{local_addr}/ws, publish socket {}{tcp}{dashboard}",
             config.publish_socket.display()
         );
+        let input = SharedInput::new(SHARED_READ_BUFFER, config.max_message_size);
         Ok(Server {
             poll,
             listening: Some(listening),
@@ -228,7 +229,7 @@ impl Server {
             finished: false,
             paused_publishers: Vec::new(),
             ready_clients: Vec::new(),
-            input: SharedInput::new(SHARED_READ_BUFFER),
+            input,
             publish_input: vec![0; PUBLISH_READ_BUFFER].into_boxed_slice(),
             expired: Vec::new(),
             flushing: Vec::new(),

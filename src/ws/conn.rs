@@ -10,9 +10,10 @@
 //!   `max_header_size`).
 //! - `Open`, a session over one of two transports:
 //!   - a WebSocket (`GET /ws`): tungstenite's `WebSocketContext` parses frames straight from
-//!     the socket and writes its own frames (pongs, close, replies) into the `OutQueue`
+//!     the socket (through the connection's [`Inflating`] step when it agreed to
+//!     permessage-deflate) and writes its own frames (pongs, close) into the `OutQueue`
 //!     through `WsIo`, so the queue is the single owner of outbound byte order. Pre-encoded
-//!     event frames are appended directly;
+//!     event frames (the compressed twin, when agreed) are appended directly;
 //!   - an event stream (`GET /sse`, see [`crate::sse`]): output only. Each message is framed
 //!     for this stream (its `id` is this stream's positions); input is discarded until EOF.
 //! - `Draining`: nothing more is parsed or queued. Once the queue is flushed the write side is
@@ -37,7 +38,8 @@ use crate::config::Config;
 use crate::error::Close;
 use crate::reactor::timer::TimerKey;
 use crate::sse::{self, Arena, Stream};
-use crate::ws::http::{self, Refusal, Route, Routing};
+use crate::ws::deflate::{EventFrame, InflateError, Inflating};
+use crate::ws::http::{self, Handshake, Refusal, Route, Routing};
 use crate::ws::io::WsIo;
 pub use crate::ws::io::{Readiness, SharedInput};
 use crate::ws::outqueue::OutQueue;
@@ -55,8 +57,11 @@ struct Open {
 /// common case, so the large variant stays inline rather than cost a second allocation.
 #[allow(clippy::large_enum_variant)]
 enum Transport {
-    /// `GET /ws`: framing both ways.
-    WebSocket(WebSocketContext),
+    /// `GET /ws`: framing both ways; `inflating` when permessage-deflate was agreed.
+    WebSocket {
+        framing: WebSocketContext,
+        inflating: Option<Box<Inflating>>,
+    },
     /// `GET /sse`: server to client only.
     EventStream(Stream),
 }
@@ -292,7 +297,7 @@ impl ClientConn {
     pub fn is_open(&self) -> bool {
         match &self.phase {
             Phase::Open(open) => match &open.transport {
-                Transport::WebSocket(ws) => ws.can_write(),
+                Transport::WebSocket { framing, .. } => framing.can_write(),
                 Transport::EventStream(_) => true,
             },
             _ => false,
@@ -384,24 +389,32 @@ impl ClientConn {
         self.phase = Phase::Draining;
     }
 
-    /// Queues the 101 response and opens the WebSocket; `rest` holds bytes the client sent
-    /// after its request head.
+    /// Queues the 101 response and opens the WebSocket (compressed when the handshake
+    /// accepted the client's offer); `rest` holds bytes the client sent after its request
+    /// head.
     pub fn upgrade(
         &mut self,
-        accept_key: &str,
+        handshake: &Handshake,
         rest: Vec<u8>,
         config: WebSocketConfig,
         rate: Rate,
         now: Tick,
     ) {
         // The first chunk of an empty queue: it always fits (`max_output_buffer` ≥ 1 KiB).
-        let pushed = self
-            .out
-            .push(Bytes::from(http::switching_protocols(accept_key)));
+        let pushed = self.out.push(Bytes::from(handshake.response()));
         debug_assert!(pushed);
-        let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(config));
+        let (framing, inflating) = if handshake.deflate {
+            // The inflating step reads `rest` first, so tungstenite starts empty.
+            let mut inflating = Box::<Inflating>::default();
+            inflating.prepend(rest);
+            let framing = WebSocketContext::new(Role::Server, Some(config));
+            (framing, Some(inflating))
+        } else {
+            let framing = WebSocketContext::from_partially_read(rest, Role::Server, Some(config));
+            (framing, None)
+        };
         self.phase = Phase::Open(Box::new(Open {
-            transport: Transport::WebSocket(ws),
+            transport: Transport::WebSocket { framing, inflating },
             last_seen: now,
             session: Session::new(rate, now),
         }));
@@ -432,16 +445,17 @@ impl ClientConn {
         let Phase::Open(session) = &mut self.phase else {
             return Ok(None);
         };
-        let Transport::WebSocket(ws) = &mut session.transport else {
+        let Transport::WebSocket { framing, inflating } = &mut session.transport else {
             return Ok(None);
         };
         let mut io = WsIo {
             socket: &mut self.socket,
             input: Some(input),
+            inflating: inflating.as_deref_mut(),
             out: &mut self.out,
         };
         loop {
-            let message = match ws.read(&mut io) {
+            let message = match framing.read(&mut io) {
                 Ok(message) => message,
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -482,21 +496,38 @@ impl ClientConn {
         self.send(Bytes::from_static(beat));
     }
 
-    /// Queues an event: the shared, pre-encoded WebSocket `frame` itself, or for an event
-    /// stream its message, built in `arena`; `at` is the event's channel and seq (`None` for
-    /// a broadcast). Returns false when the session no longer accepts messages, or the
-    /// message would go over `max_output_buffer` (see [`is_slow`](Self::is_slow)).
+    /// Queues an event: the shared, pre-encoded WebSocket frame itself (its compressed twin
+    /// when compression was agreed), or for an event stream its message, built in `arena`;
+    /// `at` is the event's channel and seq (`None` for a broadcast). Returns false when the
+    /// session no longer accepts messages, or the message would go over
+    /// `max_output_buffer` (see [`is_slow`](Self::is_slow)).
     pub fn send_event(
         &mut self,
-        frame: &Bytes,
+        frame: &mut EventFrame<'_>,
         at: Option<(&str, u64)>,
         arena: &mut Arena,
     ) -> bool {
-        let bytes = match self.event_stream() {
-            Some(stream) => stream.event(wire::text_payload(frame), at, arena),
-            None => frame.clone(),
+        let (bytes, deflated) = match self.event_stream() {
+            Some(stream) => (
+                stream.event(wire::text_payload(frame.plain()), at, arena),
+                false,
+            ),
+            None => {
+                let (bytes, deflated) = frame.for_connection(self.is_deflating());
+                (bytes.clone(), deflated)
+            }
         };
-        self.send(bytes)
+        let len = bytes.len();
+        let sent = self.send(bytes);
+        if sent && !self.is_event_stream() {
+            frame.note_queued(len, deflated);
+        }
+        sent
+    }
+
+    /// True when this WebSocket agreed to permessage-deflate.
+    pub fn is_deflating(&self) -> bool {
+        matches!(&self.phase, Phase::Open(open) if matches!(&open.transport, Transport::WebSocket { inflating: Some(_), .. }))
     }
 
     /// The event stream, when the session is one, with its head queued first if it is not
@@ -549,19 +580,20 @@ impl ClientConn {
         reason: &'static str,
     ) {
         if let Phase::Open(open) = &mut self.phase
-            && let Transport::WebSocket(ws) = &mut open.transport
-            && ws.can_write()
+            && let Transport::WebSocket { framing, .. } = &mut open.transport
+            && framing.can_write()
         {
             let mut io = WsIo {
                 socket: &mut self.socket,
                 input: None,
+                inflating: None,
                 out: &mut self.out,
             };
             let frame = CloseFrame {
                 code,
                 reason: reason.into(),
             };
-            let sent = ws.close(&mut io, Some(frame));
+            let sent = framing.close(&mut io, Some(frame));
             debug_assert!(sent.is_ok(), "{sent:?}");
         }
     }
@@ -695,6 +727,12 @@ impl ClientConn {
 fn read_end(error: WsError) -> ReadEnd {
     match error {
         WsError::ConnectionClosed | WsError::AlreadyClosed => ReadEnd::Closed,
+        WsError::Io(e) if InflateError::of(&e) == Some(InflateError::TooBig) => {
+            ReadEnd::Violation(Close::MessageTooBig)
+        }
+        WsError::Io(e) if InflateError::of(&e).is_some() => {
+            ReadEnd::Violation(Close::ProtocolError)
+        }
         WsError::Io(_) | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
             ReadEnd::Reset
         }

@@ -25,6 +25,7 @@ use crate::base::http::response;
 use crate::config::{Cidr, Config};
 use crate::ops::assets::Asset;
 use crate::sse::{self, Opening};
+use crate::ws::deflate::negotiate;
 
 /// Most headers accepted in one request (more → 431).
 const MAX_HEADERS: usize = 48;
@@ -73,6 +74,8 @@ pub struct Routing {
     pub origins: OriginPolicy,
     /// The cookie that may carry the token (`token_cookie`); `None` when off.
     pub token_cookie: Option<String>,
+    /// `permessage_deflate`: whether a client's offer of compression may be accepted.
+    pub deflate: bool,
 }
 
 impl Routing {
@@ -82,6 +85,7 @@ impl Routing {
             max_header_size: config.max_header_size,
             origins: OriginPolicy::new(config),
             token_cookie: Some(config.token_cookie.clone()).filter(|c| !c.is_empty()),
+            deflate: config.permessage_deflate,
         }
     }
 }
@@ -91,8 +95,8 @@ impl Routing {
 pub enum Route {
     /// A valid WebSocket upgrade on `/ws`.
     Upgrade {
-        /// The `Sec-WebSocket-Accept` value for the 101 response.
-        accept_key: String,
+        /// What the 101 response says.
+        handshake: Handshake,
         /// The bearer token: the `token` query parameter or `Authorization: Bearer`.
         token: Option<String>,
         /// Every `X-Forwarded-For` header, joined by commas; believed only from a trusted
@@ -121,6 +125,32 @@ pub enum Route {
         /// The request's `If-None-Match` header.
         if_none_match: Option<String>,
     },
+}
+
+/// What a WebSocket upgrade's 101 response says.
+#[derive(Debug, PartialEq)]
+pub struct Handshake {
+    /// The `Sec-WebSocket-Accept` value.
+    pub accept_key: String,
+    /// The client offered permessage-deflate on acceptable terms, and it is on.
+    pub deflate: bool,
+}
+
+impl Handshake {
+    /// The 101 response completing the upgrade.
+    pub fn response(&self) -> Vec<u8> {
+        let extensions = if self.deflate {
+            format!("Sec-WebSocket-Extensions: {}\r\n", negotiate::AGREED)
+        } else {
+            String::new()
+        };
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n{extensions}\r\n",
+            self.accept_key
+        )
+        .into_bytes()
+    }
 }
 
 /// A request refused before any upgrade, with its HTTP status.
@@ -214,7 +244,7 @@ pub fn parse_request(buf: &[u8], routing: &Routing) -> Result<Option<(Route, usi
     let headers = request.headers;
     let token = || token(headers, query, routing.token_cookie.as_deref());
     let route = match path {
-        "/ws" => upgrade(headers, &routing.origins, token())?,
+        "/ws" => upgrade(headers, routing, token())?,
         "/sse" => {
             // A page's `EventSource` sends `Origin` only across origins: the stream is
             // refused for a foreign page, never for a missing header (`require_origin` is
@@ -295,7 +325,7 @@ fn forwarded_for(headers: &[httparse::Header<'_>]) -> Option<String> {
 
 fn upgrade(
     headers: &[httparse::Header<'_>],
-    origins: &OriginPolicy,
+    routing: &Routing,
     token: Option<String>,
 ) -> Result<Route, Refusal> {
     let header = |name: &str| header(headers, name);
@@ -306,7 +336,7 @@ fn upgrade(
         return Err(Refusal::UpgradeRequired);
     }
     let origin = header("Origin").map(str::trim);
-    if !origins.permits(origin, header("Host")) {
+    if !routing.origins.permits(origin, header("Host")) {
         return Err(Refusal::Forbidden(origin.map(str::to_string)));
     }
     if header("Sec-WebSocket-Version").map(str::trim) != Some("13") {
@@ -320,8 +350,15 @@ fn upgrade(
         ));
     }
     let accept_key = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let offers = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("Sec-WebSocket-Extensions"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok());
     Ok(Route::Upgrade {
-        accept_key,
+        handshake: Handshake {
+            accept_key,
+            deflate: routing.deflate && negotiate::accepts(offers),
+        },
         token,
         forwarded_for: forwarded_for(headers),
     })
@@ -350,15 +387,6 @@ pub fn client_address(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[Cidr
     client
 }
 
-/// The 101 response completing a WebSocket upgrade.
-pub fn switching_protocols(accept_key: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {accept_key}\r\n\r\n"
-    )
-    .into_bytes()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +405,7 @@ mod tests {
             max_header_size: 8192,
             origins: OriginPolicy::default(),
             token_cookie: Some("sidecast_token".into()),
+            deflate: true,
         }
     }
 
@@ -393,7 +422,10 @@ mod tests {
         assert_eq!(
             routed,
             Route::Upgrade {
-                accept_key,
+                handshake: Handshake {
+                    accept_key,
+                    deflate: false,
+                },
                 token: Some("abc".into()),
                 forwarded_for: None,
             }
@@ -404,6 +436,35 @@ mod tests {
             matches!(route(&bearer).unwrap().unwrap().0, Route::Upgrade { token: Some(t), .. } if t == "xyz")
         );
         assert_eq!(len, request.len());
+    }
+
+    #[test]
+    fn compression_is_agreed_when_offered_and_on() {
+        let offering = upgrade_request("/ws").replace(
+            "Host: x",
+            "Host: x\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+        );
+        let agreed = |routing: &Routing| match parse_request(offering.as_bytes(), routing) {
+            Ok(Some((Route::Upgrade { handshake, .. }, _))) => handshake.deflate,
+            other => panic!("{other:?}"),
+        };
+        assert!(agreed(&routing()));
+        assert!(!agreed(&Routing {
+            deflate: false,
+            ..routing()
+        }));
+        let response = String::from_utf8(
+            Handshake {
+                accept_key: "k".into(),
+                deflate: true,
+            }
+            .response(),
+        )
+        .unwrap();
+        assert!(response.contains(
+            "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; \
+             client_no_context_takeover\r\n\r\n"
+        ));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The stream tungstenite reads and writes: reads come from the socket through the
 //! reactor's [`SharedInput`] (one buffer for every connection, and each connection's read
-//! budget per pass), writes go to the connection's `OutQueue`, so they never block and the
+//! budget per pass), and on a connection that agreed to compression through its
+//! [`Inflating`]; writes go to the connection's `OutQueue`, so they never block and the
 //! queue stays the single owner of outbound byte order.
 
 use std::io::{self, Read, Write};
@@ -8,6 +9,7 @@ use std::io::{self, Read, Write};
 use bytes::Bytes;
 use mio::net::TcpStream;
 
+use crate::ws::deflate::{Inflater, Inflating};
 use crate::ws::outqueue::OutQueue;
 
 /// The reactor's read buffer, shared by every connection (one thread, one reader at a time).
@@ -22,7 +24,15 @@ use crate::ws::outqueue::OutQueue;
 /// Invariant: empty between connections. A connection's pass starts with
 /// [`begin`](SharedInput::begin) and reads messages until `next_message` returns `None`,
 /// which drains it completely, or stops early because the connection is closing anyway.
+///
+/// It also holds the one inflater of compressed client messages (see [`Inflating`]).
 pub struct SharedInput {
+    bytes: Buffered,
+    inflater: Inflater,
+}
+
+/// The shared read buffer and the current connection's budget.
+struct Buffered {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -33,28 +43,32 @@ pub struct SharedInput {
 }
 
 impl SharedInput {
-    /// A shared buffer of `size` bytes.
-    pub fn new(size: usize) -> SharedInput {
+    /// A shared buffer of `size` bytes, inflating messages of at most `max_message_size`.
+    pub fn new(size: usize, max_message_size: usize) -> SharedInput {
         SharedInput {
-            buf: vec![0; size].into_boxed_slice(),
-            start: 0,
-            end: 0,
-            has_read: false,
-            budget_spent: false,
+            bytes: Buffered {
+                buf: vec![0; size].into_boxed_slice(),
+                start: 0,
+                end: 0,
+                has_read: false,
+                budget_spent: false,
+            },
+            inflater: Inflater::new(max_message_size),
         }
     }
 
     /// Starts one connection's turn: empty, with a fresh read budget.
     pub fn begin(&mut self) {
-        self.start = 0;
-        self.end = 0;
-        self.has_read = false;
-        self.budget_spent = false;
+        let bytes = &mut self.bytes;
+        bytes.start = 0;
+        bytes.end = 0;
+        bytes.has_read = false;
+        bytes.budget_spent = false;
     }
 
     /// Whether the connection whose turn it is may have more waiting in the kernel.
     pub fn readiness(&self) -> Readiness {
-        if self.budget_spent {
+        if self.bytes.budget_spent {
             Readiness::MayHaveMore
         } else {
             Readiness::Drained
@@ -62,11 +76,13 @@ impl SharedInput {
     }
 }
 
-/// The stream tungstenite sees: reads come from the socket through the shared input, writes
-/// go to the `OutQueue` (and so never block).
+/// The stream tungstenite sees: reads come from the socket through the shared input (and
+/// the connection's inflating step, when it agreed to compression), writes go to the
+/// `OutQueue` (and so never block).
 pub(super) struct WsIo<'a> {
     pub(super) socket: &'a mut TcpStream,
     pub(super) input: Option<&'a mut SharedInput>,
+    pub(super) inflating: Option<&'a mut Inflating>,
     pub(super) out: &'a mut OutQueue,
 }
 
@@ -75,6 +91,26 @@ impl Read for WsIo<'_> {
         let Some(input) = self.input.as_deref_mut() else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
+        let mut raw = Raw {
+            socket: &mut *self.socket,
+            input: &mut input.bytes,
+        };
+        match self.inflating.as_deref_mut() {
+            Some(inflating) => inflating.read(buf, &mut raw, &mut input.inflater),
+            None => raw.read(buf),
+        }
+    }
+}
+
+/// The socket's bytes through the shared buffer, one socket read per connection and pass.
+struct Raw<'a> {
+    socket: &'a mut TcpStream,
+    input: &'a mut Buffered,
+}
+
+impl Read for Raw<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let input = &mut *self.input;
         if input.start == input.end {
             if input.has_read {
                 // One read per connection and pass; the rest waits in the kernel. A read that

@@ -14,6 +14,7 @@
 //! Must not touch other connections or the `Poll`.
 
 pub mod conn;
+pub mod deflate;
 pub mod http;
 pub mod io;
 pub mod outqueue;

@@ -59,6 +59,43 @@ test("a page loads /sidecast.js from the server and shows published events", asy
   await server.stop();
 });
 
+test("Chromium agrees to permessage-deflate: events arrive compressed and intact, its compressed requests are understood", async () => {
+  const server = await serve();
+  // 100 channels: Chromium compresses the page's batch subscribes, which the server inflates.
+  const channels = Array.from({ length: 100 }, (_, i) => `task:${i}`);
+  const page = await clientPage(server, { channels, recordExtensions: "1" });
+  await waitSubscribed(page, server, 100);
+  assert.deepEqual((await recorded(page)).extensions, [
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+  ]);
+  const publisher = await Publisher.connect(server.socket);
+  const task = {
+    id: "7b0e4c1e-3f9a-4d52-9c61-000000000001",
+    title: "Prepare the quarterly render of the product launch video",
+    description: "Export the 4K master, then the 1080p and 720p proxies; attach the captions.",
+    status: "in_progress",
+    subtasks: Array.from({ length: 8 }, (_, i) => ({ id: `s${i}`, title: `Export proxy ${i}`, completed: i < 3 })),
+  };
+  const large = { task, log: "frame rendered\n".repeat(5000) };
+  await publisher.publish({ channel: "task:99", data: { type: "task_update", task } });
+  await publisher.publish({ channel: "task:0", data: large });
+  await publisher.publish({ channel: "task:5", data: { p: 1 } });
+  const record = await waitForEvents(page, 3);
+  assert.deepEqual(record.events.map((e) => [e.channel, e.data]), [
+    ["task:99", { type: "task_update", task }],
+    ["task:0", large],
+    ["task:5", { p: 1 }],
+  ]);
+  const deflated = await server.metric('sidecast_event_bytes_total{encoding="deflate"}');
+  const plain = await server.metric('sidecast_event_bytes_total{encoding="identity"}');
+  assert.ok(deflated > 0 && deflated < 4000, `deflate bytes: ${deflated}`);
+  assert.ok(plain > 0 && plain < 100, `the small event went plain: ${plain} bytes`);
+  assert.deepEqual(page.problems, []);
+  publisher.close();
+  await page.close();
+  await server.stop();
+});
+
 test("a cut connection resumes: every event once, in order, recovered", async () => {
   const server = await serve();
   const proxy = await startProxy(server.port);

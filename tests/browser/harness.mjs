@@ -1,6 +1,7 @@
 // The real parts the browser tests drive: the sidecast binary, Unix-socket publishers, a page
 // server on another origin, a TCP proxy that can cut or freeze connections, and Chromium.
 
+import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
 import fs from "node:fs";
@@ -77,6 +78,13 @@ export async function startServer({ port = 0, dir, args = [] } = {}) {
     async health() {
       const response = await fetch(`http://127.0.0.1:${bound}/health`);
       return response.json();
+    },
+    /** The value of one series (exact name with labels) from /metrics. */
+    async metric(series) {
+      const text = await (await fetch(`http://127.0.0.1:${bound}/metrics`)).text();
+      const line = text.split("\n").find((l) => l.startsWith(`${series} `));
+      assert.ok(line, `no ${series} in /metrics`);
+      return Number(line.slice(series.length + 1));
     },
   };
 }

@@ -8,6 +8,7 @@
     reason = "each test binary uses a different subset of the helpers"
 )]
 
+pub mod deflate;
 pub mod redis;
 pub mod sse;
 
