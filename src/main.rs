@@ -86,6 +86,13 @@ struct BenchArgs {
     /// How the clients receive: WebSocket (`/ws`) or Server-Sent Events (`/sse`)
     #[arg(long, value_enum, default_value = "websocket")]
     transport: sidecast::bench::Transport,
+    /// The WebSocket clients offer permessage-deflate, as browsers do (the server must agree)
+    #[arg(long)]
+    deflate: bool,
+    /// What each event's data looks like: padded (`t` and 160 bytes of one letter), progress
+    /// (a render job's progress, a frame of about 190 B) or task (a task update, about 1.4 KB)
+    #[arg(long, value_enum, default_value = "padded")]
+    event: sidecast::bench::EventShape,
     /// Override the preset's number of channels
     #[arg(long)]
     channels: Option<usize>,
@@ -274,6 +281,8 @@ fn run_bench(args: BenchArgs) -> ExitCode {
     };
     let mut plan = Plan::preset(args.preset);
     plan.transport = args.transport;
+    plan.deflate = args.deflate;
+    plan.event = args.event;
     plan.connections = args.connections.unwrap_or(plan.connections);
     plan.channels = args
         .channels

@@ -6,12 +6,17 @@
 //!
 //! It understands exactly what sidecast sends: over a WebSocket, a 101 response, then
 //! unmasked frames whose text payloads are `connected`, `subscribed` and `event` messages
-//! (Pings are answered with Pongs); over `/sse`, a 200 response, then messages whose `data:`
-//! line holds the same JSON (comment heartbeats are skipped).
+//! (Pings are answered with Pongs), compressed ones (RSV1) inflated into the runner's shared
+//! buffer when it offered permessage-deflate; over `/sse`, a 200 response, then messages whose
+//! `data:` line holds the same JSON (comment heartbeats are skipped).
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Read, Write};
 
 use mio::net::TcpStream;
+
+use crate::ws::deflate::Inflater;
 
 /// What a connection reports to the runner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +74,76 @@ pub struct BenchConn {
     event_prefix: Box<[u8]>,
     channel_name: Box<str>,
     transport: Transport,
+    /// It offered permessage-deflate, and needs the server to agree.
+    deflate: bool,
+}
+
+/// The runner's inflater of compressed frames. Every subscriber of a channel gets the same
+/// compressed bytes for an event, so each distinct frame is inflated once and its text kept
+/// for the others (a few thousand recent frames at most), looked up with a cheap
+/// multiply-rotate hash: the generator then spends per delivery about what it spends on a
+/// plain frame, and stays off the critical path.
+pub struct Inflate {
+    inflater: Inflater,
+    inflated: HashMap<Box<[u8]>, Box<[u8]>, BuildHasherDefault<Quick>>,
+    out: Vec<u8>,
+}
+
+/// Inflated frames kept at most; the cache starts over past it.
+const INFLATED_KEPT: usize = 4096;
+
+impl Default for Inflate {
+    fn default() -> Inflate {
+        Inflate {
+            inflater: Inflater::new(16 << 20),
+            inflated: HashMap::default(),
+            out: Vec::with_capacity(64 * 1024),
+        }
+    }
+}
+
+impl Inflate {
+    /// The text of a compressed frame's `payload`.
+    fn text(&mut self, payload: &[u8]) -> Result<&[u8], ConnFailure> {
+        if !self.inflated.contains_key(payload) {
+            if self.inflated.len() >= INFLATED_KEPT {
+                self.inflated.clear();
+            }
+            self.out.clear();
+            if let Err(e) = self.inflater.inflate(payload, &mut self.out) {
+                return Err(ConnFailure::Protocol(format!("compressed frame: {e}")));
+            }
+            self.inflated
+                .insert(payload.into(), self.out.as_slice().into());
+        }
+        Ok(&self.inflated[payload])
+    }
+}
+
+/// A hash for the generator's own frames that reads only their length and three 8-byte
+/// samples (start, middle, end): no adversary here, and hashing every byte would cost more
+/// than the rest of a delivery. Frames that collide are told apart by the map's full compare.
+#[derive(Default)]
+pub struct Quick(u64);
+
+impl Hasher for Quick {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut mix = |word: u64| self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+        mix(bytes.len() as u64);
+        if bytes.len() < 8 {
+            bytes.iter().for_each(|&b| mix(u64::from(b)));
+            return;
+        }
+        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        mix(word(0));
+        mix(word((bytes.len() - 8) / 2));
+        mix(word(bytes.len() - 8));
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// Why a connection is unusable.
@@ -91,16 +166,22 @@ impl BenchConn {
         channel: usize,
         channel_name: &str,
         transport: Transport,
+        deflate: bool,
     ) -> BenchConn {
         let mut subscribe = Vec::new();
         let pending = match transport {
             Transport::WebSocket => {
                 let request = format!(r#"{{"type":"subscribe","channel":"{channel_name}"}}"#);
                 masked_frame(0x1, request.as_bytes(), &mut subscribe);
+                let offer = if deflate {
+                    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+                } else {
+                    ""
+                };
                 format!(
                     "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
                      Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-                     Sec-WebSocket-Key: c2lkZWNhc3QtYmVuY2gtMQ==\r\n\r\n"
+                     Sec-WebSocket-Key: c2lkZWNhc3QtYmVuY2gtMQ==\r\n{offer}\r\n"
                 )
                 .into_bytes()
             }
@@ -122,6 +203,7 @@ impl BenchConn {
             pending,
             subscribe,
             transport,
+            deflate,
         }
     }
 
@@ -145,16 +227,18 @@ impl BenchConn {
         Ok(())
     }
 
-    /// Reads until the socket would block, reporting each message to `seen`. `buf` is the
-    /// runner's shared read buffer.
+    /// Reads until the socket would block, reporting each message to `seen`; returns the
+    /// bytes read. `buf` is the runner's shared read buffer, `inflate` its inflater.
     ///
     /// # Errors
     /// The connection failed or the server closed it.
     pub fn on_readable(
         &mut self,
         buf: &mut [u8],
+        inflate: &mut Inflate,
         seen: &mut impl FnMut(Seen),
-    ) -> Result<(), ConnFailure> {
+    ) -> Result<usize, ConnFailure> {
+        let mut read = 0;
         loop {
             let n = match self.socket.read(buf) {
                 Ok(0) if self.phase == Phase::Upgrading => {
@@ -168,13 +252,14 @@ impl BenchConn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ConnFailure::Io(e)),
             };
+            read += n;
             if self.partial.is_empty() {
-                let used = self.consume(&buf[..n], seen)?;
+                let used = self.consume(&buf[..n], inflate, seen)?;
                 self.partial.extend_from_slice(&buf[used..n]);
             } else {
                 let mut joined = std::mem::take(&mut self.partial);
                 joined.extend_from_slice(&buf[..n]);
-                let used = self.consume(&joined, seen)?;
+                let used = self.consume(&joined, inflate, seen)?;
                 joined.drain(..used);
                 self.partial = joined;
             }
@@ -182,11 +267,17 @@ impl BenchConn {
         if self.partial.is_empty() {
             self.partial = Vec::new();
         }
-        self.flush()
+        self.flush()?;
+        Ok(read)
     }
 
     /// Parses as much of `bytes` as is complete; returns how many bytes were used.
-    fn consume(&mut self, bytes: &[u8], seen: &mut impl FnMut(Seen)) -> Result<usize, ConnFailure> {
+    fn consume(
+        &mut self,
+        bytes: &[u8],
+        inflate: &mut Inflate,
+        seen: &mut impl FnMut(Seen),
+    ) -> Result<usize, ConnFailure> {
         let mut at = 0;
         if self.phase == Phase::Upgrading {
             let Some(end) = find(bytes, b"\r\n\r\n") else {
@@ -203,6 +294,12 @@ impl BenchConn {
                     .unwrap_or("")
                     .to_string();
                 return Err(ConnFailure::Refused(line));
+            }
+            let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+            if self.deflate && !head.contains("sec-websocket-extensions: permessage-deflate") {
+                return Err(ConnFailure::Protocol(
+                    "the server did not agree to permessage-deflate (--deflate)".into(),
+                ));
             }
             self.phase = Phase::Open;
             at = end + 4;
@@ -224,14 +321,18 @@ impl BenchConn {
             return Ok(at);
         }
         while let Some(FrameAt {
-            opcode,
+            first,
             payload,
             len,
         }) = parse_frame(&bytes[at..])?
         {
             let payload = &bytes[at + payload.start..at + payload.end];
-            match opcode {
+            match first & 0x4f {
                 0x1 => self.on_text(payload, seen),
+                0x41 if self.deflate => {
+                    let text = inflate.text(payload)?;
+                    self.on_text(text, seen);
+                }
                 0x9 => masked_frame(0xA, payload, &mut self.pending),
                 0xA => {}
                 0x8 => {
@@ -240,7 +341,10 @@ impl BenchConn {
                         .map_or(0, |c| u16::from_be_bytes([c[0], c[1]]));
                     return Err(ConnFailure::Protocol(format!("server closed with {code}")));
                 }
-                other => return Err(ConnFailure::Protocol(format!("unexpected opcode {other}"))),
+                other => {
+                    let why = format!("unexpected opcode or RSV bits {other:#x}");
+                    return Err(ConnFailure::Protocol(why));
+                }
             }
             at += len;
         }
@@ -296,7 +400,8 @@ impl BenchConn {
 
 /// A complete frame at the start of a buffer.
 struct FrameAt {
-    opcode: u8,
+    /// FIN, RSV bits and opcode.
+    first: u8,
     payload: std::ops::Range<usize>,
     len: usize,
 }
@@ -325,7 +430,7 @@ fn parse_frame(bytes: &[u8]) -> Result<Option<FrameAt>, ConnFailure> {
         return Ok(None);
     }
     Ok(Some(FrameAt {
-        opcode: bytes[0] & 0x0f,
+        first: bytes[0],
         payload: header..header + len,
         len: header + len,
     }))
@@ -375,7 +480,10 @@ mod tests {
             let payload = vec![b'x'; len];
             let frame = crate::ws::wire::text_frame(&payload);
             let at = parse_frame(&frame).unwrap().unwrap();
-            assert_eq!((at.opcode, at.payload.len(), at.len), (1, len, frame.len()));
+            assert_eq!(
+                (at.first, at.payload.len(), at.len),
+                (0x81, len, frame.len())
+            );
             assert!(parse_frame(&frame[..frame.len() - 1]).unwrap().is_none() || len == 0);
         }
     }
@@ -399,8 +507,35 @@ mod tests {
     fn client() -> (std::net::TcpListener, BenchConn) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let conn = BenchConn::new(socket, "x", 0, "bench:0", Transport::WebSocket);
+        let conn = BenchConn::new(socket, "x", 0, "bench:0", Transport::WebSocket, true);
         (listener, conn)
+    }
+
+    #[test]
+    fn compressed_events_are_inflated_and_counted() {
+        let (_listener, mut conn) = client();
+        conn.phase = Phase::Open;
+        conn.next_seq = 1;
+        let plain = crate::ws::wire::event_frame(
+            crate::ws::wire::EventTarget::Channel("bench:0", 1),
+            format!(r#"{{"t":7,"pad":"{}"}}"#, "x".repeat(300)).as_bytes(),
+            &mut Vec::new(),
+        );
+        let mut deflater = crate::ws::deflate::Deflater::new(16);
+        let compressed = deflater.deflate(&plain).unwrap();
+        let mut wire = compressed.to_vec();
+        wire.extend_from_slice(&plain);
+        let mut seen = Vec::new();
+        let used = conn
+            .consume(&wire, &mut Inflate::default(), &mut |s| seen.push(s))
+            .unwrap();
+        assert_eq!(used, wire.len());
+        let event = |repeated| Seen::Event {
+            sent_us: 7,
+            skipped: 0,
+            repeated,
+        };
+        assert_eq!(seen, vec![event(false), event(true)]);
     }
 
     #[test]

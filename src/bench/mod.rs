@@ -8,7 +8,8 @@
 //! the server's CPU time and RSS from `/proc`.
 //!
 //! Invariants: every run is bounded (connect phase, steps and the final drain all have
-//! deadlines); receiving an event allocates nothing; the generator measures its own CPU and
+//! deadlines); receiving a plain event allocates nothing (a compressed one: once per distinct
+//! event, see [`conn::Inflate`]); the generator measures its own CPU and
 //! flags a step in which it saturated its core, since its figures are then a floor for the
 //! generator, not the server.
 
@@ -30,7 +31,7 @@ use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 
 pub use conn::Transport;
-use conn::{BenchConn, ConnFailure, Seen};
+use conn::{BenchConn, ConnFailure, Inflate, Seen};
 pub use report::{Percentiles, Report, StepReport};
 
 /// Connection attempts in flight at once, so the server's accept backlog never overflows
@@ -91,10 +92,55 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// Stop at the first step whose p99 reaches 100 ms or that loses events.
     pub stop_on_failure: bool,
-    /// Padding bytes in each event's data, to size the frames.
+    /// Padding bytes in each event's data, to size the frames ([`EventShape::Padded`]).
     pub padding: usize,
+    /// What each event's data looks like.
+    pub event: EventShape,
     /// How the clients receive.
     pub transport: Transport,
+    /// The WebSocket clients offer permessage-deflate, as browsers do, and need it agreed.
+    pub deflate: bool,
+}
+
+/// What each published event's data looks like. Every shape starts with the publish
+/// timestamp `t`, and the rest varies from event to event as a worker's would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventShape {
+    /// `{"t":…,"pad":"xxx…"}`: `padding` bytes of one letter (compresses without limit).
+    Padded,
+    /// A render job's progress update: a frame of about 190 bytes.
+    Progress,
+    /// The task app's `task_update` (a task with its subtasks): a frame of about 1.4 KB.
+    Task,
+}
+
+impl EventShape {
+    /// Writes the `n`th event's data, published at `t` (microseconds since the bench began).
+    pub fn write(self, out: &mut Vec<u8>, t: u64, n: u64, padding: &str) {
+        let percent = n % 1000;
+        let result = match self {
+            EventShape::Padded => write!(out, r#"{{"t":{t},"pad":"{padding}"}}"#),
+            EventShape::Progress => write!(
+                out,
+                r#"{{"t":{t},"job":"render-8f3a2c","stage":"encoding","percent":{}.{},"frame":{},"frames":3000,"eta":{},"message":"Encoding frame {} of 3000"}}"#,
+                percent / 10,
+                percent % 10,
+                percent * 3,
+                1000 - percent,
+                percent * 3,
+            ),
+            EventShape::Task => write!(
+                out,
+                r#"{{"t":{t},"type":"task_update","event":"updated","task":{{"id":"7b0e4c1e-3f9a-4d52-9c61-{n:012}","user_id":"d2f1a7c3-58b4-4e0f-a9d6-2c7e81b3f540","title":"Prepare the quarterly render of the product launch video","description":"Export the 4K master, then the 1080p and 720p proxies; attach the captions file and notify the review channel when the proxies are uploaded.","status":"in_progress","priority":"high","tags":["video","launch","render","q4"],"due_date":"2026-12-18T17:00:00Z","created_at":"2026-12-01T09:12:44.120Z","updated_at":"2026-12-07T10:{:02}:{:02}.{:03}Z","completed":false,"recurring":null,"reminder_at":"2026-12-18T09:00:00Z","subtasks":[{{"id":"s1","title":"Export 4K master","completed":true}},{{"id":"s2","title":"Export 1080p proxy","completed":true}},{{"id":"s3","title":"Export 720p proxy","completed":false}},{{"id":"s4","title":"Upload captions","completed":false}}],"assignee":{{"id":"u-1842","name":"Dana Whitfield","email":"dana@example.com"}},"comments_count":{},"attachments":[{{"name":"launch-master-4k.mov","size":18442119882,"type":"video/quicktime"}},{{"name":"captions-en.vtt","size":18211,"type":"text/vtt"}}]}}}}"#,
+                n / 60 % 60,
+                n % 60,
+                t % 1000,
+                n % 40,
+            ),
+        };
+        result.expect("writing to a Vec cannot fail");
+    }
 }
 
 impl Plan {
@@ -111,6 +157,7 @@ impl Plan {
             Preset::Throughput => {
                 let rates = [
                     250, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000, 10000, 12000,
+                    14000, 16000,
                 ];
                 let steps = rates.iter().map(|&rate| Step {
                     rate,
@@ -145,7 +192,9 @@ impl Plan {
             steps,
             stop_on_failure,
             padding: 160,
+            event: EventShape::Padded,
             transport: Transport::WebSocket,
+            deflate: false,
         }
     }
 }
@@ -202,7 +251,11 @@ struct Runner {
     refused: BTreeMap<String, usize>,
     start: Instant,
     buf: Vec<u8>,
+    inflate: Inflate,
+    /// Bytes the clients read.
+    bytes_received: u64,
     padding: String,
+    event: EventShape,
     next_channel: usize,
     progress: bool,
 }
@@ -232,7 +285,10 @@ pub fn run(plan: &Plan, target: &Target, progress: bool) -> io::Result<Report> {
         refused: BTreeMap::new(),
         start: Instant::now(),
         buf: vec![0; 256 * 1024],
+        inflate: Inflate::default(),
+        bytes_received: 0,
         padding: "x".repeat(plan.padding),
+        event: plan.event,
         next_channel: 0,
         progress,
     };
@@ -314,6 +370,7 @@ impl Runner {
                     channel,
                     &format!("bench:{channel}"),
                     plan.transport,
+                    plan.deflate,
                 )));
             }
             if Instant::now() > deadline {
@@ -368,19 +425,24 @@ impl Runner {
         };
         let result = conn
             .flush()
-            .and_then(|()| conn.on_readable(&mut self.buf, &mut seen));
-        if let Err(failure) = result {
-            match failure {
-                ConnFailure::Io(e) => log::warn!("bench client {key}: {e}"),
-                ConnFailure::Refused(status) => {
-                    log::debug!("bench client {key}: upgrade refused: {status}");
-                    *self.refused.entry(status).or_default() += 1;
-                }
-                ConnFailure::Protocol(why) => log::warn!("bench client {key}: {why}"),
-            }
-            self.failed += 1;
-            self.conns[key] = None;
+            .and_then(|()| conn.on_readable(&mut self.buf, &mut self.inflate, &mut seen));
+        match result {
+            Ok(read) => self.bytes_received += read as u64,
+            Err(failure) => self.fail(key, failure),
         }
+    }
+
+    fn fail(&mut self, key: usize, failure: ConnFailure) {
+        match failure {
+            ConnFailure::Io(e) => log::warn!("bench client {key}: {e}"),
+            ConnFailure::Refused(status) => {
+                log::debug!("bench client {key}: upgrade refused: {status}");
+                *self.refused.entry(status).or_default() += 1;
+            }
+            ConnFailure::Protocol(why) => log::warn!("bench client {key}: {why}"),
+        }
+        self.failed += 1;
+        self.conns[key] = None;
     }
 
     fn run_step(
@@ -391,6 +453,7 @@ impl Runner {
     ) -> io::Result<StepReport> {
         self.histogram.reset();
         let received_before = self.received;
+        let bytes_before = self.bytes_received;
         let lost_before = self.lost + self.failed as u64;
         let server_cpu_before = probe::cpu_ns(pid);
         let bench_cpu_before = probe::cpu_ns(None);
@@ -450,6 +513,8 @@ impl Runner {
             published,
             received,
             deliveries_per_sec: received as f64 / secs,
+            bytes_per_delivery: (received > 0)
+                .then(|| (self.bytes_received - bytes_before) as f64 / received as f64),
             server_cpu_s_per_million: server_cpu
                 .filter(|_| received > 0)
                 .map(|cpu| cpu * 1e6 / received as f64),
@@ -467,11 +532,11 @@ impl Runner {
         self.next_channel = (self.next_channel + 1) % channels;
         self.published[channel] += 1;
         let sent_us = self.start.elapsed().as_micros() as u64;
-        let _ = writeln!(
-            self.outgoing,
-            r#"{{"channel":"bench:{channel}","data":{{"t":{sent_us},"pad":"{}"}}}}"#,
-            self.padding
-        );
+        let n = self.published[channel];
+        let _ = write!(self.outgoing, r#"{{"channel":"bench:{channel}","data":"#);
+        self.event
+            .write(&mut self.outgoing, sent_us, n, &self.padding);
+        self.outgoing.extend_from_slice(b"}\n");
     }
 
     fn flush_publisher(&mut self) -> io::Result<()> {

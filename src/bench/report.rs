@@ -17,6 +17,8 @@ pub struct StepReport {
     pub received: u64,
     /// Deliveries per second achieved.
     pub deliveries_per_sec: f64,
+    /// Bytes the clients read per delivery (frames, compressed or not, and their headers).
+    pub bytes_per_delivery: Option<f64>,
     /// Latency percentiles in microseconds: p50, p90, p99, p99.9, max.
     pub latency_us: Percentiles,
     /// Server CPU seconds per million deliveries, when the pid is known.
@@ -134,6 +136,9 @@ impl Report {
                     "  server {per_million:.2} CPU-s/M ({:.0}% core)",
                     fraction * 100.0
                 );
+            }
+            if let Some(bytes) = s.bytes_per_delivery {
+                out += &format!("  {bytes:.0} B/delivery");
             }
             out += &format!("  bench {:.0}% core", s.bench_cpu_fraction * 100.0);
             if s.bench_saturated {

@@ -79,36 +79,45 @@ impl Inflater {
         }
     }
 
-    /// Appends the inflated `input` (a whole message, [`TAIL`] included) to `out`.
-    fn inflate(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), InflateError> {
+    /// Appends the inflated `payload` (a whole compressed message, as its frames carried it)
+    /// to `out`.
+    ///
+    /// # Errors
+    /// [`InflateError::TooBig`] past the limit, [`InflateError::Invalid`] for what is not a
+    /// deflate stream.
+    pub fn inflate(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), InflateError> {
         self.decompress.reset(false);
         let start = out.len();
         let cap = start + self.limit + 1;
-        let mut consumed = 0;
-        loop {
-            if out.len() == out.capacity() {
-                let grow = (out.len() - start).max(input.len() * 2).max(1024);
-                out.reserve_exact(grow.min(cap - out.len()));
-            }
-            let (in_before, out_before) = (self.decompress.total_in(), out.len());
-            let status = self
-                .decompress
-                .decompress_vec(&input[consumed..], out, FlushDecompress::Sync)
-                .map_err(|_| InflateError::Invalid)?;
-            consumed += (self.decompress.total_in() - in_before) as usize;
-            if out.len() - start > self.limit {
-                return Err(InflateError::TooBig);
-            }
-            let stalled = consumed < input.len()
-                && self.decompress.total_in() == in_before
-                && out.len() == out_before;
-            match status {
-                Status::StreamEnd => return Ok(()),
-                _ if consumed == input.len() && out.len() < out.capacity() => return Ok(()),
-                _ if stalled && out.len() < out.capacity() => return Err(InflateError::Invalid),
-                _ => {}
+        for part in [payload, &TAIL] {
+            let mut consumed = 0;
+            loop {
+                if out.len() == out.capacity() {
+                    let grow = (out.len() - start).max(payload.len() * 2).max(1024);
+                    out.reserve_exact(grow.min(cap - out.len()));
+                }
+                let (in_before, out_before) = (self.decompress.total_in(), out.len());
+                let status = self
+                    .decompress
+                    .decompress_vec(&part[consumed..], out, FlushDecompress::Sync)
+                    .map_err(|_| InflateError::Invalid)?;
+                let took = (self.decompress.total_in() - in_before) as usize;
+                consumed += took;
+                if out.len() - start > self.limit {
+                    return Err(InflateError::TooBig);
+                }
+                let room = out.len() < out.capacity();
+                let stalled = took == 0 && out.len() == out_before;
+                match status {
+                    // Bytes after the final block are none of the message's.
+                    Status::StreamEnd => return Ok(()),
+                    _ if consumed == part.len() && room => break,
+                    _ if stalled && room => return Err(InflateError::Invalid),
+                    _ => {}
+                }
             }
         }
+        Ok(())
     }
 }
 
@@ -353,8 +362,7 @@ impl Frames {
         let opcode = *opcode;
         self.body = Body::Header;
         if last {
-            let (_, mut payload) = self.compressed.take().expect("gathering a message");
-            payload.extend_from_slice(&TAIL);
+            let (_, payload) = self.compressed.take().expect("gathering a message");
             self.ready.clear();
             self.ready.resize(MAX_HEADER, 0);
             inflater.inflate(&payload, &mut self.ready)?;
