@@ -1,5 +1,7 @@
 //! Zero allocation per subscriber: one publish to 10 subscribers costs the server thread
-//! exactly as many heap allocations as one publish to 10,000.
+//! exactly as many heap allocations as one publish to 10,000, with plain subscribers and with
+//! subscribers that agreed to permessage-deflate (the event is compressed once, whatever
+//! their number).
 //!
 //! A counting global allocator counts only on the server's thread. The subscribers are real
 //! WebSocket clients held open by the `sidecast bench` binary in a child process (one process
@@ -10,6 +12,7 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -55,7 +58,7 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 struct Subscribers(Child);
 
 impl Subscribers {
-    fn hold(server: &TestServer, n: usize) -> Subscribers {
+    fn hold(server: &TestServer, n: usize, deflate: bool) -> Subscribers {
         let child = Command::new(env!("CARGO_BIN_EXE_sidecast"))
             .args([
                 "bench",
@@ -74,6 +77,7 @@ impl Subscribers {
             ])
             .arg("--socket")
             .arg(&server.socket)
+            .args(deflate.then_some("--deflate"))
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
@@ -92,7 +96,14 @@ const HISTORY: usize = 8;
 
 /// Allocations on the server thread for one publish to about `n` subscribers, and how many
 /// received it.
-fn allocations_for_one_publish(n: usize) -> (u64, usize) {
+/// The measured event's data: a progress update, large enough to be compressed.
+const MEASURED: &str = r#"{"job":"render-8f3a2c","stage":"encoding","percent":42.5,"frame":1275,"frames":3000,"eta":96,"message":"Encoding frame 1275 of 3000"}"#;
+
+/// One server at a time: two with 10,000 connections each would pass the descriptor limit.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn allocations_for_one_publish(n: usize, deflate: bool) -> (u64, usize) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let server = TestServer::start_instrumented(
         |c| {
             c.max_connections = 20_000;
@@ -101,7 +112,7 @@ fn allocations_for_one_publish(n: usize) -> (u64, usize) {
         },
         || COUNTED.with(|c| c.set(true)),
     );
-    let _subscribers = Subscribers::hold(&server, n);
+    let _subscribers = Subscribers::hold(&server, n, deflate);
     // The property does not need every client: tolerate the rare one the generator loses
     // while ramping up 10,000 connections on a debug build, and measure what is there.
     let enough = (n - n / 100) as u64;
@@ -136,7 +147,9 @@ fn allocations_for_one_publish(n: usize) -> (u64, usize) {
     // allocation per subscriber would show in every window.
     let window = |publisher: &mut RawPublisher| {
         let before = ALLOCATIONS.load(Ordering::SeqCst);
-        publisher.send(r#"{"id":"measured","channel":"bench:0","data":{"progress":40}}"#);
+        publisher.send(&format!(
+            r#"{{"id":"measured","channel":"bench:0","data":{MEASURED}}}"#
+        ));
         assert_eq!(publisher.reply()["delivered"], n);
         // A later line is read in a later pass, so the measured event's flush has completed.
         publisher.send(r#"{"id":"fence","channel":"bench:0","data":null}"#);
@@ -149,9 +162,24 @@ fn allocations_for_one_publish(n: usize) -> (u64, usize) {
 
 #[test]
 fn one_publish_allocates_the_same_for_10_and_10000_subscribers() {
-    let (few, small) = allocations_for_one_publish(10);
-    let (many, large) = allocations_for_one_publish(10_000);
+    let (few, small) = allocations_for_one_publish(10, false);
+    let (many, large) = allocations_for_one_publish(10_000, false);
     eprintln!("allocations per publish: {few} ({small} subscribers), {many} ({large} subscribers)");
     assert!(few > 0, "the counter counts on the server thread");
     assert_eq!(few, many, "allocations grew with the number of subscribers");
+}
+
+#[test]
+fn one_publish_to_compressing_subscribers_allocates_the_same_for_10_and_10000() {
+    let (plain, _) = allocations_for_one_publish(10, false);
+    let (few, small) = allocations_for_one_publish(10, true);
+    let (many, large) = allocations_for_one_publish(10_000, true);
+    eprintln!(
+        "allocations per publish, permessage-deflate agreed: {few} ({small} subscribers), \
+         {many} ({large} subscribers); {plain} plain"
+    );
+    assert_eq!(few, many, "allocations grew with the number of subscribers");
+    // Two more: the compressed frame, made once, and the refcount `Bytes` gives it when it is
+    // first shared (the plain frame costs the same two).
+    assert_eq!(few, plain + 2, "the compressed frame is made once");
 }

@@ -57,9 +57,12 @@ struct Open {
 /// common case, so the large variant stays inline rather than cost a second allocation.
 #[allow(clippy::large_enum_variant)]
 enum Transport {
-    /// `GET /ws`: framing both ways; `inflating` when permessage-deflate was agreed.
+    /// `GET /ws`: framing both ways. With permessage-deflate agreed (`deflate`), input goes
+    /// through `inflating`, which exists only while a read is under way (see
+    /// [`Inflating::is_at_rest`]).
     WebSocket {
         framing: WebSocketContext,
+        deflate: bool,
         inflating: Option<Box<Inflating>>,
     },
     /// `GET /sse`: server to client only.
@@ -403,7 +406,8 @@ impl ClientConn {
         // The first chunk of an empty queue: it always fits (`max_output_buffer` ≥ 1 KiB).
         let pushed = self.out.push(Bytes::from(handshake.response()));
         debug_assert!(pushed);
-        let (framing, inflating) = if handshake.deflate {
+        let deflate = handshake.deflate;
+        let (framing, inflating) = if deflate && !rest.is_empty() {
             // The inflating step reads `rest` first, so tungstenite starts empty.
             let mut inflating = Box::<Inflating>::default();
             inflating.prepend(rest);
@@ -414,7 +418,11 @@ impl ClientConn {
             (framing, None)
         };
         self.phase = Phase::Open(Box::new(Open {
-            transport: Transport::WebSocket { framing, inflating },
+            transport: Transport::WebSocket {
+                framing,
+                deflate,
+                inflating,
+            },
             last_seen: now,
             session: Session::new(rate, now),
         }));
@@ -445,33 +453,45 @@ impl ClientConn {
         let Phase::Open(session) = &mut self.phase else {
             return Ok(None);
         };
-        let Transport::WebSocket { framing, inflating } = &mut session.transport else {
+        let Transport::WebSocket {
+            framing,
+            deflate,
+            inflating,
+        } = &mut session.transport
+        else {
             return Ok(None);
         };
+        if *deflate && inflating.is_none() {
+            *inflating = Some(Box::default());
+        }
         let mut io = WsIo {
             socket: &mut self.socket,
             input: Some(input),
             inflating: inflating.as_deref_mut(),
             out: &mut self.out,
         };
-        loop {
+        let read = loop {
             let message = match framing.read(&mut io) {
                 Ok(message) => message,
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break Ok(None),
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(read_end(e)),
+                Err(e) => break Err(read_end(e)),
             };
             // Any frame counts as life (RFC 6455 pings, pongs, data).
             session.last_seen = now;
             match message {
-                Message::Text(text) => return Ok(Some(Inbound::Text(text))),
-                Message::Binary(_) => return Ok(Some(Inbound::Binary)),
+                Message::Text(text) => break Ok(Some(Inbound::Text(text))),
+                Message::Binary(_) => break Ok(Some(Inbound::Binary)),
                 // tungstenite queues the Pong on its next read or write.
-                Message::Ping(_) => return Ok(Some(Inbound::Ping)),
+                Message::Ping(_) => break Ok(Some(Inbound::Ping)),
                 // A close is answered on the next read.
                 Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
             }
+        };
+        if inflating.as_ref().is_some_and(|i| i.is_at_rest()) {
+            *inflating = None;
         }
+        read
     }
 
     /// Queues a reply, if the session still accepts messages. WebSocket replies are framed
@@ -527,7 +547,7 @@ impl ClientConn {
 
     /// True when this WebSocket agreed to permessage-deflate.
     pub fn is_deflating(&self) -> bool {
-        matches!(&self.phase, Phase::Open(open) if matches!(&open.transport, Transport::WebSocket { inflating: Some(_), .. }))
+        matches!(&self.phase, Phase::Open(open) if matches!(&open.transport, Transport::WebSocket { deflate: true, .. }))
     }
 
     /// The event stream, when the session is one, with its head queued first if it is not

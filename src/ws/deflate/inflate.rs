@@ -11,7 +11,9 @@
 //! Invariants: the gathered compressed bytes and the inflated message are each capped at
 //! `max_message_size` (over it: 1009), and both are freed once the message is handed on. The
 //! client agreed to `client_no_context_takeover`, so no inflater state outlives a message and
-//! one inflater serves every connection; a connection holds only its partial frame header.
+//! one inflater serves every connection. An [`Inflating`] exists only while a connection is
+//! being read, and is dropped once [at rest](Inflating::is_at_rest): an idle connection that
+//! agreed to compression holds nothing more than one that did not.
 
 use std::fmt;
 use std::io::{self, Cursor, Read};
@@ -151,6 +153,18 @@ impl Inflating {
     /// Reads `early` (what followed the request head) before the socket.
     pub fn prepend(&mut self, early: Vec<u8>) {
         self.early = early;
+    }
+
+    /// True between messages: nothing read that tungstenite has not been handed, no frame
+    /// or message under way. The connection may then drop this state and start afresh.
+    pub fn is_at_rest(&self) -> bool {
+        let frames = &self.frames;
+        self.early.is_empty()
+            && frames.header_len == 0
+            && matches!(frames.body, Body::Header)
+            && frames.compressed.is_none()
+            && !frames.plain_fragmented
+            && frames.ready_at >= frames.ready.len()
     }
 
     /// Fills `buf` with what tungstenite reads, taking frames from `raw`.
