@@ -38,6 +38,9 @@ fn subscribed(subscribers: usize) -> Fanout {
         rate_limit_strikes: 20,
         max_subscriptions: 100,
         deflate_min_size: 128,
+        max_pending_acks: 10_000,
+        max_unacked_per_connection: 100,
+        max_ack_timeout: std::time::Duration::from_secs(60),
     };
     let history = HistoryLimits {
         size: 100,
@@ -109,7 +112,7 @@ fn publish_and_flush(c: &mut Criterion) {
             |b, _| {
                 b.iter(|| {
                     fanout.begin_pass(Tick(0), 1, 0);
-                    let published = fanout.serving(None).publish(&target, &data, None);
+                    let published = fanout.serving(None).publish(&target, &data, None, None);
                     let delivered = match published {
                         Outcome::Done(Published { reach, .. }) => reach,
                         other => panic!("{other:?}"),

@@ -28,12 +28,18 @@ fn json_like() -> impl Strategy<Value = String> {
         Just("id"),
         Just("data"),
         Just("broadcast"),
+        Just("seq"),
+        Just("seqs"),
+        Just("ack"),
         Just("x")
     ];
     let value = prop_oneof![
         Just("\"subscribe\"".to_string()),
         Just("\"unsubscribe\"".to_string()),
         Just("\"ping\"".to_string()),
+        Just("\"ack\"".to_string()),
+        Just("[1,2,3]".to_string()),
+        Just("{\"timeout\":\"5s\"}".to_string()),
         Just("true".to_string()),
         Just("null".to_string()),
         Just("[\"a\",\"b\"]".to_string()),
@@ -225,6 +231,10 @@ proptest! {
                     }
                 }
                 prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string()));
+            }
+            Ok(Request::Ack { channel, seqs }) => {
+                prop_assert!(check_channel(channel.as_str()).is_ok());
+                prop_assert!((1..=wire::MAX_ACK_BATCH).contains(&seqs.len()));
             }
             Ok(Request::Refresh { id, .. }) => prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string())),
             Ok(Request::Ping { id }) => prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string())),

@@ -212,6 +212,24 @@ fn one_command_or_several_lines_answer_a_reply_each_on_a_kept_alive_connection()
 }
 
 #[test]
+fn an_acknowledged_publish_is_refused_over_http_with_the_reason() {
+    let server = TestServer::start();
+    let mut http = Http::unix(&server);
+    let body = json!({"id": 5, "channel": "c", "data": 5, "ack": {"timeout": "1s"}});
+    let response = http.post("/publish", &body.to_string());
+    assert_eq!(response.status, 400);
+    let reply = response.json();
+    assert_eq!(reply["ok"], false);
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("not available over HTTP"),
+        "{reply}"
+    );
+}
+
+#[test]
 fn pipelined_requests_are_answered_in_order() {
     let server = TestServer::start();
     let mut http = Http::unix(&server);

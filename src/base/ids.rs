@@ -1,5 +1,6 @@
 //! The ids that outlive a slab slot's borrow: a connection's [`ConnId`] (checked against the
-//! slab's current occupant before use) and a hub channel's [`ChannelId`].
+//! slab's current occupant before use), a hub channel's [`ChannelId`], and an acknowledged
+//! event's [`AckKey`].
 
 /// Identifies a connection across slab-key reuse: `generation` is unique per accepted
 /// connection, so a stale id (in a timer or subscriber list) is detectable.
@@ -25,4 +26,14 @@ impl ChannelId {
     pub fn index(self) -> usize {
         self.0 as usize
     }
+}
+
+/// Identifies an acknowledged event awaiting its pages' acks, across slot reuse: a stale key
+/// (its report already sent) is told apart by its serial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckKey {
+    /// The slot in the fan-out's table of pending acks.
+    pub slot: u32,
+    /// Unique per acknowledged event.
+    pub serial: u32,
 }

@@ -68,6 +68,9 @@ settings! {
             [num_args = 0..=1, require_equals = true, default_missing_value = "true"];
         deflate_min_size: ByteSize = "128B", "SIZE", "Events whose frame payload is smaller than this go uncompressed even to connections that agreed to compression";
         max_subscriptions: usize = "100", "COUNT", "Channels one connection may subscribe to";
+        max_pending_acks: usize = "10000", "COUNT", "Events published with ack that may await their pages' acks at once; past it an ack publish is refused with ack_capacity (retry)";
+        max_unacked_per_connection: usize = "100", "COUNT", "Acknowledged events one connection may leave unanswered; for further ones it counts as timed out at once";
+        max_ack_timeout: HumanDuration = "60s", "DURATION", "Longest ack timeout a publish may ask for";
         max_output_buffer: ByteSize = "1MiB", "SIZE", "Unsent bytes per connection before it is closed as a slow consumer (1008)";
         max_header_size: ByteSize = "8KiB", "SIZE", "Largest HTTP request head; larger ones get 431";
         max_publish_line: ByteSize = "1MiB", "SIZE", "Longest publish line; longer ones get an error and the publisher is closed";
@@ -361,6 +364,12 @@ impl Config {
             ),
             ("max_connections", self.max_connections, 1),
             ("max_subscriptions", self.max_subscriptions, 1),
+            ("max_pending_acks", self.max_pending_acks, 1),
+            (
+                "max_unacked_per_connection",
+                self.max_unacked_per_connection,
+                1,
+            ),
             ("max_message_size", self.max_message_size, 128),
             ("max_output_buffer", self.max_output_buffer, 1024),
             ("max_header_size", self.max_header_size, 256),

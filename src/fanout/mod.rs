@@ -26,6 +26,7 @@
 //! is listed in `joins[channel]` only while it is in the hub for that channel, and gets no
 //! live event of it until its join is answered. The fan-out never writes to a socket.
 
+pub mod acks;
 pub mod clients;
 pub mod hub;
 pub mod ops;
@@ -38,7 +39,7 @@ use std::sync::Arc;
 use crate::auth::admission::Auth;
 use crate::auth::ratelimit::Rate;
 use crate::base::channel::user_of;
-use crate::base::ids::ConnId;
+use crate::base::ids::{AckKey, ConnId};
 use crate::base::time::Tick;
 use crate::config::{Config, TIMER_TICK};
 use crate::engine::{Engine, Entry, Happening, OpId};
@@ -49,6 +50,8 @@ use crate::ws::conn::ClientConn;
 use crate::ws::deflate::{Deflater, EventFrame};
 use crate::ws::wire::{self, EventTarget, Reply};
 
+pub use acks::AckReport;
+use acks::Acks;
 pub use clients::Clients;
 pub use hub::Hub;
 use ops::Ops;
@@ -83,6 +86,12 @@ pub struct SessionSettings {
     pub max_subscriptions: usize,
     /// `deflate_min_size`: smaller events go plain to every connection.
     pub deflate_min_size: usize,
+    /// `max_pending_acks`.
+    pub max_pending_acks: usize,
+    /// `max_unacked_per_connection`.
+    pub max_unacked_per_connection: usize,
+    /// `max_ack_timeout`.
+    pub max_ack_timeout: std::time::Duration,
 }
 
 impl SessionSettings {
@@ -99,6 +108,9 @@ impl SessionSettings {
             rate_limit_strikes: config.rate_limit_strikes,
             max_subscriptions: config.max_subscriptions,
             deflate_min_size: config.deflate_min_size,
+            max_pending_acks: config.max_pending_acks,
+            max_unacked_per_connection: config.max_unacked_per_connection,
+            max_ack_timeout: config.max_ack_timeout,
         }
     }
 }
@@ -139,6 +151,10 @@ pub struct Fanout {
     arena: Arena,
     /// Compresses each event at most once, for the WebSockets that agreed to it.
     deflater: Deflater,
+    /// Acknowledged events awaiting their pages.
+    acks: Acks,
+    /// The engine is shared by several nodes (acks are counted on one node only, so far).
+    shared_engine: bool,
     /// Connections closed by a publisher's command; the reactor arms their drain deadline.
     closed_by_command: Vec<ConnId>,
 }
@@ -149,6 +165,7 @@ impl Fanout {
         Fanout {
             clients: Clients::default(),
             hub: Hub::new(),
+            shared_engine: engine.gauges().shared.is_some(),
             engine,
             users: Users::default(),
             auth,
@@ -162,6 +179,10 @@ impl Fanout {
             scratch: Vec::new(),
             arena: Arena::default(),
             deflater: Deflater::new(settings.deflate_min_size),
+            acks: Acks::new(
+                settings.max_pending_acks,
+                settings.max_unacked_per_connection,
+            ),
             closed_by_command: Vec::new(),
         }
     }
@@ -282,19 +303,28 @@ impl Fanout {
         if subscribers.is_empty() && tabs.is_empty() && !self.engine.keeps_frames(channel) {
             return;
         }
-        let plain = wire::event_frame(
-            EventTarget::Channel(channel, entry.seq),
-            &entry.data,
-            &mut self.scratch,
-        );
+        let asked = from.and_then(|op| self.ops.ack_of(op));
+        let ack = asked.map(|(publisher, id, deadline)| {
+            self.acks.open(publisher, id, channel, entry.seq, deadline)
+        });
+        let target = match ack {
+            Some(_) => EventTarget::Acked(channel, entry.seq),
+            None => EventTarget::Channel(channel, entry.seq),
+        };
+        let plain = wire::event_frame(target, &entry.data, &mut self.scratch);
         let frame = &mut EventFrame::new(plain, &mut self.deflater);
         let started_us = self.pass.started_us;
         let at = Some((&**channel, entry.seq));
         let arena = &mut self.arena;
+        let acks = &mut self.acks;
         let (mut delivered, mut skipped) = (0, 0);
-        let mut count = |sent: bool| {
+        let mut send = |conn: &mut ClientConn| {
+            let sent = deliver(conn, frame, at, started_us, arena);
             delivered += usize::from(sent);
             skipped += usize::from(!sent);
+            if let (true, Some(key)) = (sent, ack) {
+                await_ack(conn, key, acks);
+            }
         };
         for id in subscribers {
             if joins.is_some_and(|joins| joins.iter().any(|j| j.conn == *id)) {
@@ -302,16 +332,19 @@ impl Fanout {
             }
             let mut conn = self.clients.live_mut(id.key as usize);
             debug_assert_eq!(conn.id(), *id, "the hub holds only live connections");
-            count(deliver(&mut conn, frame, at, started_us, arena));
+            send(&mut conn);
         }
         if !tabs.is_empty() {
             let channel_id = self.hub.find(channel);
             for id in tabs {
                 let mut conn = self.clients.live_mut(id.key as usize);
                 if !channel_id.is_some_and(|c| conn.is_subscribed(c)) {
-                    count(deliver(&mut conn, frame, at, started_us, arena));
+                    send(&mut conn);
                 }
             }
+        }
+        if let Some(key) = ack {
+            self.acks.all_queued(key);
         }
         self.engine
             .record(channel, entry.seq, frame.plain(), self.pass.now);
@@ -403,7 +436,24 @@ impl Fanout {
         let data = serde_json::value::RawValue::from_string(snapshot)
             .expect("the stats feed renders valid JSON");
         let target = crate::publish::Target::Channel(crate::base::channel::STATS_CHANNEL.into());
-        self.execute(None, &target, &data, None);
+        self.execute(None, &target, &data, None, None);
+    }
+
+    // ---- acknowledged events ----
+
+    /// Reports the acknowledged events whose timeout passed by `now`.
+    pub fn expire_acks(&mut self, now: Tick) {
+        self.acks.expire(now);
+    }
+
+    /// When the next ack timeout is due.
+    pub fn next_ack_deadline(&self) -> Option<Tick> {
+        self.acks.next_deadline()
+    }
+
+    /// Moves the ack reports made since the last call to the end of `into`.
+    pub fn take_ack_reports(&mut self, into: &mut Vec<AckReport>) {
+        self.acks.take_reports(into);
     }
 
     /// The engine's periodic upkeep.
@@ -427,8 +477,23 @@ impl Fanout {
             history_bytes: engine.history_bytes,
             idempotency_keys: engine.idempotency_keys,
             shared: engine.shared,
+            acks: self.acks.counts(),
         }
     }
+}
+
+/// Has `conn` (sent an acknowledged event) awaited for its ack, unless it is an event stream
+/// (which cannot answer, and is not counted) or already awaits as many as it may (counted as
+/// timed out at once).
+fn await_ack(conn: &mut ClientConn, key: AckKey, acks: &mut Acks) {
+    if conn.is_event_stream() {
+        return;
+    }
+    let max = acks.per_connection;
+    let waited = conn
+        .session_mut()
+        .is_some_and(|session| session.await_ack(key, max, |k| acks.is_live(k)));
+    acks.queued(key, waited);
 }
 
 /// Queues an event to one connection: for a WebSocket the shared frame, plain or compressed

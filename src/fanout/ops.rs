@@ -13,8 +13,14 @@ use slab::Slab;
 
 use super::{DELIVERIES_PER_PASS, Fanout};
 use crate::base::channel::user_channel;
+use crate::base::time::Tick;
+use crate::config::TIMER_TICK;
 use crate::engine::{Event, OpId, Part, Stored, Unavailable};
-use crate::publish::{Outcome, Published, Reach, Seqs, Sink, Target};
+use crate::publish::{AckAsk, Outcome, Published, Reach, Seqs, Sink, Target};
+
+/// The `error` of an acknowledged publish refused because `max_pending_acks` events already
+/// await their acks (retryable).
+pub const ACK_CAPACITY: &str = "ack_capacity";
 
 /// The publisher a command's answer goes back to: its slab key, and its serial (a stale key
 /// is told apart by its serial).
@@ -68,6 +74,8 @@ struct Op {
     /// Connections of this node subscribed that it was not queued to (closing, or too slow).
     skipped: usize,
     duplicate: bool,
+    /// An acknowledged publish: the command's id, and when its report is due at the latest.
+    ack: Option<(Box<str>, Tick)>,
 }
 
 /// A publish just started.
@@ -117,11 +125,19 @@ impl Ops {
             delivered: 0,
             skipped: 0,
             duplicate: true,
+            ack: None,
         });
         Started {
             op,
             ticket: self.next_ticket,
         }
+    }
+
+    /// The publisher, id and deadline of publish `op`, when it asks for acknowledgement.
+    pub fn ack_of(&self, op: OpId) -> Option<(Option<PublisherRef>, &str, Tick)> {
+        let op = self.table.get(op)?;
+        let (id, deadline) = op.ack.as_ref()?;
+        Some((op.from, id, *deadline))
     }
 
     /// Connections of this node an answer of publish `from` reached, and those it passed
@@ -161,8 +177,13 @@ impl Fanout {
         target: &Target<'_>,
         data: &RawValue,
         idem: Option<&str>,
+        ack: Option<AckAsk<'_>>,
     ) -> Outcome {
         let now = self.pass.now;
+        let ack = match ack.map(|ack| self.ack_terms(ack)).transpose() {
+            Ok(ack) => ack,
+            Err(refused) => return refused,
+        };
         if let Some(key) = idem
             && let Some(first) = self.engine.recall(key, now)
         {
@@ -182,6 +203,7 @@ impl Fanout {
             }
             Target::Channel(channel) => {
                 let started = self.ops.start(from, Shape::One, 1, idem);
+                self.ops.table[started.op].ack = ack;
                 self.publish_part(started.part(0), channel, false, data, idem);
                 started
             }
@@ -194,12 +216,34 @@ impl Fanout {
             }
             Target::User(user) => {
                 let started = self.ops.start(from, Shape::One, 1, idem);
+                self.ops.table[started.op].ack = ack;
                 let channel = user_channel(user);
                 self.publish_part(started.part(0), &channel, true, data, idem);
                 started
             }
         };
         self.settle(started)
+    }
+
+    /// The id and deadline of an acknowledged publish, or why it is refused: a timeout over
+    /// `max_ack_timeout`, an engine shared by several nodes, or `max_pending_acks` reached.
+    fn ack_terms(&self, ack: AckAsk<'_>) -> Result<(Box<str>, Tick), Outcome> {
+        let refuse = |error: String, retry| Err(Outcome::Refused { error, retry });
+        let max = self.settings.max_ack_timeout;
+        if ack.timeout > max {
+            let max = humantime::format_duration(max);
+            return refuse(format!("ack timeout over max_ack_timeout ({max})"), false);
+        }
+        if self.shared_engine {
+            let why = "ack is not available with --engine redis yet: reports count one node";
+            return refuse(why.into(), false);
+        }
+        if !self.acks.has_room() {
+            return refuse(ACK_CAPACITY.into(), true);
+        }
+        // One tick more: the pass's tick may be up to one old, and a timeout never ends early.
+        let ticks = ack.timeout.as_nanos().div_ceil(TIMER_TICK.as_nanos()) as u64 + 1;
+        Ok((ack.id.get().into(), self.pass.now.after(ticks)))
     }
 
     fn publish_part(
@@ -318,8 +362,14 @@ impl Fanout {
 }
 
 impl Sink for Serving<'_> {
-    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Outcome {
-        self.fanout.execute(self.from, target, data, idem)
+    fn publish(
+        &mut self,
+        target: &Target<'_>,
+        data: &RawValue,
+        idem: Option<&str>,
+        ack: Option<AckAsk<'_>>,
+    ) -> Outcome {
+        self.fanout.execute(self.from, target, data, idem, ack)
     }
 
     fn disconnect_user(&mut self, user: &str) -> Outcome {

@@ -184,6 +184,24 @@ impl Fanout {
                     self.apply();
                 }
             }
+            Verdict::Ack { channel, seqs } => {
+                let subscribed = self
+                    .hub
+                    .find(channel.as_str())
+                    .is_some_and(|c| conn.is_subscribed(c));
+                let session = conn.session_mut()?;
+                for seq in seqs {
+                    let Some(key) = self.acks.find(channel.as_str(), seq) else {
+                        continue; // unknown, late or already reported: ignored
+                    };
+                    if session.take_ack(key) {
+                        self.acks.acked(key);
+                    } else if subscribed {
+                        let user = session.identity().map(|(who, _)| &*who.user);
+                        self.acks.resumed(key, conn_id, user);
+                    }
+                }
+            }
             Verdict::Refresh { identity, id } => {
                 let auth = self.auth.as_ref()?;
                 let expires_at = identity.expires_at;
@@ -308,6 +326,9 @@ impl Fanout {
             if let Some(name) = self.hub.unsubscribe(channel, id) {
                 self.engine.unwatch(&name, now);
             }
+        }
+        for key in ended.awaiting {
+            self.acks.gone(key, ended.user.as_deref());
         }
         if let Some(user) = ended.user {
             let last = self.users.remove(&user, id);

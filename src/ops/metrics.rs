@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use crate::error::Close;
+use crate::fanout::acks::AckCounts;
 use crate::ws::deflate::compress::Queued;
 
 /// Upper bounds of the latency buckets, in microseconds (50 µs to 1 s).
@@ -110,6 +111,8 @@ pub struct Gauges {
     pub idempotency_keys: usize,
     /// The state of an engine shared by several nodes (Redis), when it runs one.
     pub shared: Option<crate::engine::SharedState>,
+    /// Acknowledged events.
+    pub acks: AckCounts,
 }
 
 impl Metrics {
@@ -311,6 +314,30 @@ impl Metrics {
             "Requests answered with an HTTP error status.",
             self.http_refusals,
         );
+        metric(
+            "sidecast_acks_pending",
+            "gauge",
+            "Events published with ack awaiting their pages' acks (at most max_pending_acks).",
+            gauges.acks.pending as u64,
+        );
+        metric(
+            "sidecast_acks_received_total",
+            "counter",
+            "Acks from pages that counted toward a report.",
+            gauges.acks.received,
+        );
+        metric(
+            "sidecast_ack_reports_total",
+            "counter",
+            "ack_report lines made, one per event published with ack.",
+            gauges.acks.reports,
+        );
+        metric(
+            "sidecast_ack_timeouts_total",
+            "counter",
+            "ack_report lines made at the timeout, with pages that did not answer.",
+            gauges.acks.timeouts,
+        );
         let name = "sidecast_event_bytes_total";
         let _ = write!(
             out,
@@ -364,6 +391,7 @@ mod tests {
             history_bytes: 0,
             idempotency_keys: 0,
             shared: None,
+            acks: Default::default(),
         });
         assert!(text.contains("# TYPE sidecast_connections gauge\nsidecast_connections 3\n"));
         assert!(text.contains("sidecast_channels 2\n"));
@@ -389,6 +417,7 @@ mod tests {
             history_bytes: 0,
             idempotency_keys: 0,
             shared: None,
+            acks: Default::default(),
         });
         let name = "sidecast_publish_write_latency_seconds";
         for (le, count) in [

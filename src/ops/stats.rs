@@ -103,6 +103,7 @@ mod tests {
             history_bytes: 300,
             idempotency_keys: 0,
             shared: None,
+            acks: Default::default(),
         }
     }
 

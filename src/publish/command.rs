@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use crate::base::channel::{RESERVED_PREFIX, check_channel, user_channel};
 
@@ -36,6 +37,9 @@ pub enum Action<'a> {
         /// `idempotency_window`) is answered with the first one's result instead of
         /// publishing again.
         idem: Option<Cow<'a, str>>,
+        /// `"ack":{"timeout":"5s"}`: the pages are asked to acknowledge the event, and the
+        /// worker gets one `ack_report` line once all did or the timeout passed.
+        ack: Option<Duration>,
     },
     /// `{"op":"disconnect","user":"u1"}`: close every connection of that user (4003).
     DisconnectUser(Cow<'a, str>),
@@ -111,6 +115,13 @@ pub enum Outcome {
     Waiting(u64),
     /// Not executed: the engine cannot be reached. The worker may retry.
     Unavailable,
+    /// Not executed, for this reason (an acknowledged publish the server cannot take).
+    Refused {
+        /// The `error` of the reply.
+        error: String,
+        /// Trying again later may succeed (`"retry":true`).
+        retry: bool,
+    },
 }
 
 /// The error text of a publish the engine could not take, retryable.
@@ -119,10 +130,27 @@ pub const UNAVAILABLE: &str = "unavailable";
 /// Longest `idem` key, in bytes.
 pub const MAX_IDEM_LEN: usize = 128;
 
+/// An acknowledged publish's terms: how long the pages have, and the command's id, which its
+/// report carries.
+#[derive(Clone, Copy, Debug)]
+pub struct AckAsk<'a> {
+    /// `ack.timeout`.
+    pub timeout: Duration,
+    /// The command's `id`, as written.
+    pub id: &'a RawValue,
+}
+
 /// Executes publish commands: the reactor's fan-out.
 pub trait Sink {
-    /// Publishes `data` to `target`, once per `idem` key when one is given.
-    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Outcome;
+    /// Publishes `data` to `target`, once per `idem` key when one is given, asking the pages
+    /// to acknowledge it when `ack` is given.
+    fn publish(
+        &mut self,
+        target: &Target<'_>,
+        data: &RawValue,
+        idem: Option<&str>,
+        ack: Option<AckAsk<'_>>,
+    ) -> Outcome;
 
     /// Closes every connection of `user`.
     fn disconnect_user(&mut self, user: &str) -> Outcome;
@@ -150,6 +178,16 @@ struct RawCommand<'a> {
     idem: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     data: DataField<'a>,
+    #[serde(borrow)]
+    ack: Option<AckField<'a>>,
+}
+
+/// `"ack": {"timeout": "5s"}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckField<'a> {
+    #[serde(borrow)]
+    timeout: Option<Cow<'a, str>>,
 }
 
 /// `data` as written, telling a missing field from `null` (which `Option` cannot).
@@ -196,13 +234,14 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
     match raw.op.as_deref() {
         None => {}
         Some("disconnect") => {
-            let (Some(user), None, None, None, DataField::Missing, None) = (
+            let (Some(user), None, None, None, DataField::Missing, None, None) = (
                 raw.user,
                 raw.channel,
                 raw.channels,
                 raw.broadcast,
                 raw.data,
                 raw.idem,
+                raw.ack,
             ) else {
                 return fail("disconnect takes exactly a user".into());
             };
@@ -260,14 +299,40 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
     {
         return fail(format!("idem must be 1 to {MAX_IDEM_LEN} bytes"));
     }
+    let ack = match raw.ack {
+        None => None,
+        Some(ack) => match ack_timeout(ack, id.is_some(), &target) {
+            Ok(timeout) => Some(timeout),
+            Err(why) => return fail(why),
+        },
+    };
     Ok(Command {
         id,
         action: Action::Publish {
             target,
             data,
             idem: raw.idem,
+            ack,
         },
     })
+}
+
+/// An `ack` field's timeout, or why the command cannot ask for acknowledgement.
+fn ack_timeout(ack: AckField<'_>, has_id: bool, target: &Target<'_>) -> Result<Duration, String> {
+    if !has_id {
+        return Err("ack needs an id: the ack_report carries it".into());
+    }
+    if !matches!(target, Target::Channel(_) | Target::User(_)) {
+        return Err("ack takes a channel or a user: a report counts the pages of one event".into());
+    }
+    let Some(timeout) = ack.timeout else {
+        return Err("ack needs a timeout, e.g. {\"timeout\":\"5s\"}".into());
+    };
+    match humantime::parse_duration(&timeout) {
+        Ok(timeout) if !timeout.is_zero() => Ok(timeout),
+        Ok(_) => Err("ack timeout must be more than 0".into()),
+        Err(e) => Err(format!("ack timeout {timeout:?}: {e}")),
+    }
 }
 
 /// Checks that a publisher may publish to `name`: a valid channel name, outside the
@@ -351,6 +416,7 @@ impl Render {
         match outcome {
             Outcome::Done(published) => (self.ok_line(published), true),
             Outcome::Unavailable | Outcome::Waiting(_) => (unavailable_line(&self.id), false),
+            Outcome::Refused { error, retry } => (error_line(&self.id, error, *retry), false),
         }
     }
 
@@ -399,12 +465,18 @@ pub fn execute(line: &[u8], sink: &mut impl Sink) -> Option<Executed> {
     let (id, render, outcome) = match parse_command(line) {
         Ok(Command {
             id,
-            action: Action::Publish { target, data, idem },
-        }) => (
-            id,
-            Render::new(id, Some(&target)),
-            sink.publish(&target, data, idem.as_deref()),
-        ),
+            action:
+                Action::Publish {
+                    target,
+                    data,
+                    idem,
+                    ack,
+                },
+        }) => {
+            let ack = ack.zip(id).map(|(timeout, id)| AckAsk { timeout, id });
+            let outcome = sink.publish(&target, data, idem.as_deref(), ack);
+            (id, Render::new(id, Some(&target)), outcome)
+        }
         Ok(Command {
             id,
             action: Action::DisconnectUser(user),
@@ -439,9 +511,14 @@ pub fn ok_reply(id: Option<&RawValue>, target: &Target<'_>, published: &Publishe
 
 /// Renders an error reply; `id` is `null` when the command had none that could be read.
 pub fn error_reply(id: Option<&RawValue>, message: &str) -> String {
-    let id = id.map_or("null", RawValue::get);
+    error_line(id.map_or("null", RawValue::get), message, false)
+}
+
+/// An error reply line for the id as written; `retry` adds `"retry":true`.
+fn error_line(id: &str, message: &str, retry: bool) -> String {
     let message = serde_json::to_string(message).expect("strings always serialize");
-    format!("{{\"id\":{id},\"ok\":false,\"error\":{message}}}\n")
+    let retry = if retry { ",\"retry\":true" } else { "" };
+    format!("{{\"id\":{id},\"ok\":false,\"error\":{message}{retry}}}\n")
 }
 
 /// The reply to a publish the engine could not take: `"retry":true` tells the worker that
@@ -456,6 +533,17 @@ mod tests {
 
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_string()).unwrap()
+    }
+
+    #[test]
+    fn an_acknowledged_publish_needs_an_id_and_one_channel() {
+        let (_, message) = error_of(r#"{"channel":"c","data":1,"ack":{"timeout":"1s"}}"#);
+        assert!(message.contains("ack needs an id"), "{message}");
+        let parsed = parse_command(br#"{"id":1,"user":"u1","data":1,"ack":{"timeout":"1.5s"}}"#);
+        assert!(matches!(
+            parsed,
+            Ok(Command { action: Action::Publish { ack: Some(t), .. }, .. }) if t == Duration::from_millis(1500)
+        ));
     }
 
     fn error_of(line: &str) -> (Option<String>, String) {

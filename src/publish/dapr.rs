@@ -230,9 +230,10 @@ impl Dapr {
     pub fn deliver(&self, n: usize, event: &Value, sink: &mut impl Sink) -> Status {
         let (sub, destination) = &self.subscriptions[n];
         match self.map(destination, event) {
-            Ok((target, data, key)) => match sink.publish(&target, &data, Some(&key)) {
+            Ok((target, data, key)) => match sink.publish(&target, &data, Some(&key), None) {
                 Outcome::Done(_) => Status::Success,
-                Outcome::Unavailable => Status::Retry,
+                Outcome::Unavailable | Outcome::Refused { retry: true, .. } => Status::Retry,
+                Outcome::Refused { retry: false, .. } => Status::Drop,
                 Outcome::Waiting(ticket) => Status::Waiting(ticket),
             },
             Err(why) => {

@@ -21,6 +21,6 @@ mod replies;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use command::{Outcome, Published, Reach, Seqs, Sink, Target};
+pub use command::{AckAsk, Outcome, Published, Reach, Seqs, Sink, Target};
 pub use port::{PublisherConn, ReadStatus};
 pub use publisher::Publisher;

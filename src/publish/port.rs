@@ -385,6 +385,13 @@ impl PublisherConn {
         }
     }
 
+    /// An ack report for one of this connection's publishes: a line of its own, after the
+    /// replies already due.
+    pub fn report(&mut self, line: String) {
+        self.replies.push_line(line);
+        self.emit_ready();
+    }
+
     /// Some command still awaits the engine's answer.
     pub fn is_awaiting(&self) -> bool {
         self.replies.is_waiting()

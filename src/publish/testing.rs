@@ -2,7 +2,7 @@
 
 use serde_json::value::RawValue;
 
-use super::{Outcome, Published, Reach, Seqs, Sink, Target};
+use super::{AckAsk, Outcome, Published, Reach, Seqs, Sink, Target};
 
 /// One recorded publish.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,7 +37,13 @@ impl Recorder {
 }
 
 impl Sink for Recorder {
-    fn publish(&mut self, target: &Target<'_>, data: &RawValue, idem: Option<&str>) -> Outcome {
+    fn publish(
+        &mut self,
+        target: &Target<'_>,
+        data: &RawValue,
+        idem: Option<&str>,
+        _ack: Option<AckAsk<'_>>,
+    ) -> Outcome {
         let target = match target {
             Target::Channel(c) => format!("channel {c}"),
             Target::Channels(cs) => format!("channels {}", cs.join(",")),

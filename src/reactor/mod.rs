@@ -53,7 +53,7 @@ use crate::base::time::{Tick, TickSource};
 use crate::config::{Config, TIMER_TICK};
 use crate::engine;
 use crate::error::StartupError;
-use crate::fanout::{Fanout, PublisherRef, SessionSettings};
+use crate::fanout::{AckReport, Fanout, PublisherRef, SessionSettings};
 use crate::ops::stats::StatsFeed;
 use crate::publish::http::HttpRules;
 use crate::publish::port::PortRules;
@@ -132,6 +132,8 @@ pub struct Server {
     /// Reused by every flush that writes several chunks at once.
     gather: Vec<u8>,
     completions: Vec<crate::fanout::Completion>,
+    /// Reused: the ack reports being handed to their publishers.
+    reports: Vec<AckReport>,
 }
 
 impl Server {
@@ -235,6 +237,7 @@ impl Server {
             flushing: Vec::new(),
             gather: Vec::with_capacity(GATHER_BYTES),
             completions: Vec::new(),
+            reports: Vec::new(),
         })
     }
 
@@ -273,8 +276,11 @@ impl Server {
             // A publisher paused by the fan-out budget, or a client by its read budget,
             // resumes without waiting.
             let timeout = if self.paused_publishers.is_empty() && self.ready_clients.is_empty() {
-                self.timers
-                    .next_deadline()
+                let next = self.timers.next_deadline();
+                let acks = self.fanout.next_ack_deadline();
+                next.into_iter()
+                    .chain(acks)
+                    .min()
                     .map(|t| self.ticks.until(t, self.clock.now()))
             } else {
                 Some(Duration::ZERO)
@@ -361,6 +367,22 @@ impl Server {
             }
         }
         self.completions = completions;
+        // Ack reports after the answers: a report follows its own publish's reply. One whose
+        // publisher is gone is dropped with it (docs/protocol.md, "Acknowledged events").
+        let mut reports = std::mem::take(&mut self.reports);
+        self.fanout.take_ack_reports(&mut reports);
+        for report in reports.drain(..) {
+            let Some(PublisherRef { key, serial }) = report.publisher else {
+                continue;
+            };
+            if let Some(publisher) = self.publishers.get_mut(key)
+                && publisher.serial == serial
+            {
+                publisher.report(report.line);
+                self.on_publisher_ready(key);
+            }
+        }
+        self.reports = reports;
     }
 
     fn on_publisher_ready(&mut self, key: usize) {
@@ -425,6 +447,7 @@ impl Server {
     }
 
     fn fire_timers(&mut self, now: Tick) {
+        self.fanout.expire_acks(now);
         let mut expired = std::mem::take(&mut self.expired);
         self.timers.advance(now, &mut expired);
         for event in expired.drain(..) {

@@ -31,8 +31,8 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
 use crate::auth::ratelimit::Rate;
-use crate::base::ids::ChannelId;
 use crate::base::ids::ConnId;
+use crate::base::ids::{AckKey, ChannelId};
 use crate::base::time::{Tick, TickSource};
 use crate::config::Config;
 use crate::error::Close;
@@ -78,6 +78,8 @@ pub struct Ended {
     pub user: Option<Box<str>>,
     /// It was an event stream.
     pub event_stream: bool,
+    /// Acknowledged events it had not acked.
+    pub awaiting: Vec<AckKey>,
 }
 
 enum Phase {
@@ -626,6 +628,7 @@ impl ClientConn {
                 let mut session = open.session;
                 Some(Ended {
                     subscriptions: session.take_subscriptions(),
+                    awaiting: session.take_awaiting(),
                     user: session.take_identity().map(|identity| identity.user),
                     event_stream: matches!(open.transport, Transport::EventStream(_)),
                 })

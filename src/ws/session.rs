@@ -10,7 +10,7 @@
 use crate::auth::jwt::{Identity, Verifier};
 use crate::auth::ratelimit::{Rate, TokenBucket};
 use crate::base::channel::{Backfill, ChannelName};
-use crate::base::ids::ChannelId;
+use crate::base::ids::{AckKey, ChannelId};
 use crate::base::time::Tick;
 use crate::error::Close;
 use crate::fanout::hub::Hub;
@@ -75,6 +75,13 @@ pub enum Verdict {
         /// Echoed.
         id: Option<RequestId>,
     },
+    /// The page acknowledged these events of `channel`.
+    Ack {
+        /// The channel.
+        channel: ChannelName,
+        /// The seqs.
+        seqs: Vec<u64>,
+    },
     /// The token was refreshed: adopt `identity` and reply `refreshed`.
     Refresh {
         /// The new token's identity (same user).
@@ -96,6 +103,9 @@ pub struct Session {
     strikes: u32,
     /// The authenticated user and when their token expires; `None` with auth off.
     auth: Option<Box<(Identity, Tick)>>,
+    /// Acknowledged events this connection was sent and has not acked (some may be stale:
+    /// reported already).
+    awaiting: Vec<AckKey>,
 }
 
 impl Session {
@@ -106,6 +116,7 @@ impl Session {
             messages: TokenBucket::full(rate, now),
             strikes: 0,
             auth: None,
+            awaiting: Vec::new(),
         }
     }
 
@@ -223,6 +234,7 @@ impl Session {
                 Verdict::Many(entries.into_iter().map(judge).collect())
             }
             Request::Ping { id } => Verdict::Pong { id },
+            Request::Ack { channel, seqs } => Verdict::Ack { channel, seqs },
             Request::Refresh { token, id } => {
                 let (Some(verifier), Some((current, _))) = (rules.verifier, self.identity()) else {
                     let message = "authentication is off: there is nothing to refresh".into();
@@ -322,6 +334,30 @@ impl Session {
     /// Takes every subscription, as the session ends.
     pub fn take_subscriptions(&mut self) -> Vec<ChannelId> {
         std::mem::take(&mut self.subscriptions)
+    }
+
+    /// Waits for this connection's ack of `key`, unless it already awaits `max` live ones
+    /// (`is_live` tells those whose report is not made yet); false then.
+    pub fn await_ack(&mut self, key: AckKey, max: usize, is_live: impl Fn(AckKey) -> bool) -> bool {
+        if self.awaiting.len() >= max {
+            self.awaiting.retain(|k| is_live(*k));
+            if self.awaiting.len() >= max {
+                return false;
+            }
+        }
+        self.awaiting.push(key);
+        true
+    }
+
+    /// Stops waiting for `key`; false when it was not awaited here.
+    pub fn take_ack(&mut self, key: AckKey) -> bool {
+        let found = self.awaiting.iter().position(|k| *k == key);
+        found.map(|at| self.awaiting.swap_remove(at)).is_some()
+    }
+
+    /// Takes every ack still awaited, as the session ends.
+    pub fn take_awaiting(&mut self) -> Vec<AckKey> {
+        std::mem::take(&mut self.awaiting)
     }
 
     /// The authenticated user and their token's expiry tick.

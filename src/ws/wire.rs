@@ -81,6 +81,14 @@ pub enum Request {
         /// Echoed in the reply.
         id: Option<RequestId>,
     },
+    /// `{"type":"ack","channel":...,"seq":18}` (or `"seqs":[18,19]`): the page handled these
+    /// events, which asked for acknowledgement. Never answered.
+    Ack {
+        /// Their channel.
+        channel: ChannelName,
+        /// Their seqs, at most [`MAX_ACK_BATCH`].
+        seqs: Vec<u64>,
+    },
     /// `{"type":"refresh","token":...}`: extend an authenticated connection.
     Refresh {
         /// The new token.
@@ -105,6 +113,8 @@ pub struct Subscribing {
 pub const MAX_BATCH: usize = 1000;
 /// Channels of a batch that cost one message of the rate limit.
 pub const BATCH_PER_MESSAGE: usize = 10;
+/// Seqs one `ack` message may acknowledge (one message of the rate limit).
+pub const MAX_ACK_BATCH: usize = 100;
 
 impl Request {
     /// The request's channel and id, for an error reply about it.
@@ -113,6 +123,7 @@ impl Request {
             Request::Subscribe { channel, id, .. } | Request::Unsubscribe { channel, id } => {
                 (Some(channel.as_str()), id.as_ref())
             }
+            Request::Ack { channel, .. } => (Some(channel.as_str()), None),
             Request::SubscribeMany { id, .. }
             | Request::UnsubscribeMany { id, .. }
             | Request::Ping { id }
@@ -349,6 +360,24 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
             })
         }
         "ping" => Ok(Request::Ping { id }),
+        "ack" => {
+            let seqs = match (fields.remove("seq"), fields.remove("seqs")) {
+                (Some(seq), None) => seq.as_u64().map(|seq| vec![seq]),
+                (None, Some(Value::Array(seqs))) if (1..=MAX_ACK_BATCH).contains(&seqs.len()) => {
+                    seqs.iter().map(Value::as_u64).collect()
+                }
+                _ => None,
+            };
+            let (Some(name), Some(seqs)) = (channel, seqs) else {
+                let message =
+                    format!("ack needs a channel and a seq, or seqs (1 to {MAX_ACK_BATCH})");
+                return reject(ErrorCode::InvalidMessage, message, None, id);
+            };
+            match ChannelName::parse(&name) {
+                Ok(channel) => Ok(Request::Ack { channel, seqs }),
+                Err(why) => reject(ErrorCode::InvalidChannel, why.into(), Some(name), id),
+            }
+        }
         "refresh" => match fields.remove("token") {
             Some(Value::String(token)) => Ok(Request::Refresh { token, id }),
             _ => reject(
@@ -484,6 +513,8 @@ impl<'a> From<&'a Rejection> for Reply<'a> {
 pub enum EventTarget<'a> {
     /// One channel, with the event's sequence number there.
     Channel(&'a str, u64),
+    /// The same, asking the page to acknowledge it (`"ack":true`).
+    Acked(&'a str, u64),
     /// Every open connection.
     Broadcast,
 }
@@ -495,11 +526,14 @@ pub enum EventTarget<'a> {
 pub fn event_frame(target: EventTarget<'_>, data: &[u8], scratch: &mut Vec<u8>) -> Bytes {
     scratch.clear();
     match target {
-        EventTarget::Channel(channel, seq) => {
+        EventTarget::Channel(channel, seq) | EventTarget::Acked(channel, seq) => {
             scratch.extend_from_slice(b"{\"type\":\"event\",\"channel\":\"");
             // Channel names are validated ASCII without quotes or backslashes: no escaping.
             scratch.extend_from_slice(channel.as_bytes());
             write!(scratch, "\",\"seq\":{seq}").expect("writing to a Vec cannot fail");
+            if matches!(target, EventTarget::Acked(..)) {
+                scratch.extend_from_slice(b",\"ack\":true");
+            }
         }
         EventTarget::Broadcast => {
             scratch.extend_from_slice(b"{\"type\":\"event\",\"broadcast\":true");

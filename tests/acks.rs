@@ -1,0 +1,351 @@
+//! Acknowledged events against a real server: a worker publishes with `ack`, pages answer
+//! `{"type":"ack",...}`, and the worker reads its reply and then exactly one `ack_report`
+//! whose counts add up, whatever the pages do.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{RawPublisher, TestServer, Ws};
+use serde_json::{Value, json};
+use sidecast::auth::JwtKey;
+
+/// Publishes `command` on `publisher` and returns its immediate reply.
+#[track_caller]
+fn publish(publisher: &mut RawPublisher, command: Value) -> Value {
+    publisher.send(&command.to_string());
+    publisher.reply()
+}
+
+/// Reads the next event of `ws` and checks it asks for an ack.
+#[track_caller]
+fn acked_event(ws: &mut Ws, channel: &str, seq: u64) -> Value {
+    let event = ws.recv();
+    assert_eq!(
+        (
+            &event["type"],
+            &event["channel"],
+            &event["seq"],
+            &event["ack"]
+        ),
+        (&json!("event"), &json!(channel), &json!(seq), &json!(true)),
+        "{event}"
+    );
+    event["data"].clone()
+}
+
+fn ack(ws: &mut Ws, channel: &str, seq: u64) {
+    ws.send(json!({"type": "ack", "channel": channel, "seq": seq}));
+}
+
+/// The counts of a report, in order: delivered, acked, timedOut, disconnected.
+#[track_caller]
+fn counts(report: &Value) -> [u64; 4] {
+    assert_eq!(report["type"], "ack_report", "{report}");
+    let n = |k: &str| {
+        report[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {report}"))
+    };
+    let counts = [n("delivered"), n("acked"), n("timedOut"), n("disconnected")];
+    assert_eq!(
+        counts[0],
+        counts[1] + counts[2] + counts[3],
+        "adds up: {report}"
+    );
+    counts
+}
+
+fn subscribers(server: &TestServer, channel: &str, n: usize) -> Vec<Ws> {
+    (0..n)
+        .map(|_| {
+            let mut ws = server.ws();
+            ws.subscribe(channel);
+            ws
+        })
+        .collect()
+}
+
+#[test]
+fn every_page_acks_and_the_report_comes_with_the_last() {
+    let server = TestServer::start();
+    let mut pages = subscribers(&server, "order:7", 3);
+    let mut worker = server.publisher();
+    let command = json!({"id": 7, "channel": "order:7", "data": {"status": "done"}, "ack": {"timeout": "5s"}});
+    let reply = publish(&mut worker, command);
+    assert_eq!(
+        (reply["ok"].as_bool(), reply["seq"].as_u64()),
+        (Some(true), Some(1)),
+        "{reply}"
+    );
+    assert_eq!(reply["delivered"], 3);
+    for page in &mut pages[..2] {
+        assert_eq!(acked_event(page, "order:7", 1), json!({"status": "done"}));
+        ack(page, "order:7", 1);
+    }
+    // Two of three answered: no report yet. The third answers; the report follows it.
+    assert_eq!(acked_event(&mut pages[2], "order:7", 1)["status"], "done");
+    server.wait_until("two acks are counted", |s| {
+        s.metric("sidecast_acks_received_total") == 2
+    });
+    let started = Instant::now();
+    ack(&mut pages[2], "order:7", 1);
+    let report = worker.reply();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(report["id"], 7);
+    assert_eq!(
+        (report["channel"].as_str(), report["seq"].as_u64()),
+        (Some("order:7"), Some(1))
+    );
+    assert_eq!(counts(&report), [3, 3, 0, 0]);
+    assert_eq!(server.metric("sidecast_ack_reports_total"), 1);
+    assert_eq!(server.metric("sidecast_acks_pending"), 0);
+
+    // A plain publish on the same channel asks nothing.
+    publish(
+        &mut worker,
+        json!({"id": 8, "channel": "order:7", "data": 2}),
+    );
+    let plain = pages[0].recv();
+    assert_eq!(plain.get("ack"), None, "{plain}");
+}
+
+#[test]
+fn pages_that_do_not_answer_time_out_and_those_that_leave_are_disconnected() {
+    let server = TestServer::start();
+    let mut pages = subscribers(&server, "job:1", 3);
+    let mut worker = server.publisher();
+    let command = json!({"id": "j1", "channel": "job:1", "data": {"done": true}, "ack": {"timeout": "400ms"}});
+    let started = Instant::now();
+    assert_eq!(publish(&mut worker, command)["delivered"], 3);
+    for page in &mut pages {
+        acked_event(page, "job:1", 1);
+    }
+    ack(&mut pages[0], "job:1", 1);
+    let gone = pages.pop().unwrap();
+    drop(gone); // closed before acking
+    let report = worker.reply();
+    let waited = started.elapsed();
+    assert_eq!(counts(&report), [3, 1, 1, 1], "{report}");
+    assert!(
+        waited >= Duration::from_millis(400),
+        "not before the timeout: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(3), "soon after it: {waited:?}");
+    assert_eq!(server.metric("sidecast_ack_timeouts_total"), 1);
+    // A late ack changes nothing, and is not answered.
+    ack(&mut pages[1], "job:1", 1);
+    pages[1].send(json!({"type": "ping", "id": 1}));
+    assert_eq!(pages[1].recv()["type"], "pong");
+    assert_eq!(server.metric("sidecast_ack_reports_total"), 1);
+}
+
+#[test]
+fn a_page_that_resumes_and_acks_within_the_timeout_counts_as_acked() {
+    let server = TestServer::start();
+    let mut page = server.ws();
+    let subscribed = page.subscribe("order:9");
+    let epoch = subscribed["epoch"].clone();
+    let mut worker = server.publisher();
+    let command = json!({"id": 1, "channel": "order:9", "data": "paid", "ack": {"timeout": "5s"}});
+    assert_eq!(publish(&mut worker, command)["delivered"], 1);
+    acked_event(&mut page, "order:9", 1);
+    drop(page); // the network blinks before the page acks
+    server.wait_until("the page is gone", |s| s.health()["connections"] == 0);
+
+    let mut resumed = server.ws();
+    resumed.send(
+        json!({"type": "subscribe", "channel": "order:9", "since": {"seq": 0, "epoch": epoch}}),
+    );
+    assert_eq!(resumed.recv()["recovered"], true);
+    assert_eq!(
+        acked_event(&mut resumed, "order:9", 1),
+        "paid",
+        "replayed with its ack flag"
+    );
+    // Another page subscribed after the publish acks too: it was never sent the event and
+    // no page of its own left, but without authentication it cannot be told from the one
+    // that resumed; so it acks first, and takes the departed page's place, once.
+    let mut other = server.ws();
+    other.subscribe("order:9");
+    ack(&mut other, "order:9", 1);
+    ack(&mut other, "order:9", 1);
+    ack(&mut resumed, "order:9", 1);
+    let report = worker.reply();
+    assert_eq!(counts(&report), [1, 1, 0, 0], "{report}");
+    assert_eq!(server.metric("sidecast_acks_received_total"), 1);
+}
+
+#[test]
+fn with_authentication_only_the_same_users_page_takes_a_departed_one_back() {
+    let secret = "a secret of 32 bytes, long enough";
+    let server = TestServer::start_with(|c| c.jwt = Some(JwtKey::Secret(secret.into())));
+    let connect = |user: &str| {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"sub": user, "exp": exp, "channels": ["order:*"]}),
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        let mut ws = server.ws_raw(&format!("/ws?token={token}")).unwrap();
+        assert_eq!(ws.recv()["type"], "connected");
+        ws
+    };
+    let mut page = connect("u1");
+    let epoch = page.subscribe("order:9")["epoch"].clone();
+    let mut worker = server.publisher();
+    let command = json!({"id": 1, "channel": "order:9", "data": "paid", "ack": {"timeout": "5s"}});
+    assert_eq!(publish(&mut worker, command)["delivered"], 1);
+    acked_event(&mut page, "order:9", 1);
+    drop(page);
+    server.wait_until("the page is gone", |s| s.health()["connections"] == 0);
+    let mut stranger = connect("u2");
+    stranger.subscribe("order:9");
+    ack(&mut stranger, "order:9", 1);
+    let mut resumed = connect("u1");
+    resumed.send(
+        json!({"type": "subscribe", "channel": "order:9", "since": {"seq": 0, "epoch": epoch}}),
+    );
+    assert_eq!(resumed.recv()["recovered"], true);
+    acked_event(&mut resumed, "order:9", 1);
+    ack(&mut resumed, "order:9", 1);
+    assert_eq!(counts(&worker.reply()), [1, 1, 0, 0]);
+}
+
+#[test]
+fn no_page_gets_a_report_at_once_and_acks_no_one_asked_for_are_ignored() {
+    let server = TestServer::start();
+    let mut worker = server.publisher();
+    let command = json!({"id": 3, "user": "u1", "data": 1, "ack": {"timeout": "30s"}});
+    let reply = publish(&mut worker, command);
+    assert_eq!(reply["delivered"], 0);
+    assert_eq!(counts(&worker.reply()), [0, 0, 0, 0]);
+
+    let mut page = server.ws();
+    page.subscribe("a");
+    for stray in [
+        json!({"type": "ack", "channel": "a", "seq": 99}),
+        json!({"type": "ack", "channel": "nobody", "seqs": [1, 2, 3]}),
+    ] {
+        page.send(stray);
+    }
+    page.send(json!({"type": "ping", "id": 1}));
+    assert_eq!(page.recv()["type"], "pong", "no error for a stray ack");
+    for (bad, why) in [
+        (json!({"type": "ack", "channel": "a"}), "a seq"),
+        (json!({"type": "ack", "channel": "a", "seqs": []}), "seqs"),
+        (json!({"type": "ack", "seq": 1}), "a channel"),
+        (json!({"type": "ack", "channel": "a", "seq": "1"}), "a seq"),
+    ] {
+        page.send(bad.clone());
+        let error = page.recv();
+        assert_eq!(error["code"], "invalid_message", "{bad}: {error}");
+        assert!(error["message"].as_str().unwrap().contains(why), "{error}");
+    }
+}
+
+#[test]
+fn ack_publishes_are_checked_and_bounded() {
+    let server = TestServer::start_with(|c| {
+        c.max_pending_acks = 2;
+        c.max_unacked_per_connection = 1;
+    });
+    let mut page = server.ws();
+    page.subscribe("c");
+    let mut worker = server.publisher();
+    for (command, error) in [
+        (
+            json!({"id": 1, "channels": ["c", "d"], "data": 1, "ack": {"timeout": "1s"}}),
+            "channel or a user",
+        ),
+        (
+            json!({"id": 1, "broadcast": true, "data": 1, "ack": {"timeout": "1s"}}),
+            "channel or a user",
+        ),
+        (
+            json!({"id": 1, "channel": "c", "data": 1, "ack": {}}),
+            "needs a timeout",
+        ),
+        (
+            json!({"id": 1, "channel": "c", "data": 1, "ack": {"timeout": "soon"}}),
+            "ack timeout",
+        ),
+        (
+            json!({"id": 1, "channel": "c", "data": 1, "ack": {"timeout": "0s"}}),
+            "more than 0",
+        ),
+        (
+            json!({"id": 1, "channel": "c", "data": 1, "ack": {"timeout": "2m"}}),
+            "max_ack_timeout (1m)",
+        ),
+        (
+            json!({"id": 1, "channel": "c", "data": 1, "ack": {"timeout": "1s", "extra": 1}}),
+            "unknown field",
+        ),
+    ] {
+        let reply = publish(&mut worker, command.clone());
+        assert_eq!(reply["ok"], false, "{command}");
+        let message = reply["error"].as_str().unwrap();
+        assert!(message.contains(error), "{command}: {message}");
+    }
+    // A and B may each leave one event unanswered: on the second they count as timed out at
+    // once, so its report comes with its reply. Two events pending fill the table.
+    let mut b = server.ws();
+    b.subscribe("c");
+    let mut c = server.ws();
+    c.subscribe("d");
+    let ask =
+        |id, channel| json!({"id": id, "channel": channel, "data": id, "ack": {"timeout": "30s"}});
+    assert_eq!(publish(&mut worker, ask(1, "c"))["delivered"], 2);
+    assert_eq!(publish(&mut worker, ask(2, "c"))["delivered"], 2);
+    let second = worker.reply();
+    assert_eq!(
+        (second["id"].as_u64(), counts(&second)),
+        (Some(2), [2, 0, 2, 0])
+    );
+    assert_eq!(publish(&mut worker, ask(3, "d"))["ok"], true);
+    let full = publish(&mut worker, ask(4, "c"));
+    let refusal = (full["error"].as_str(), full["retry"].as_bool());
+    assert_eq!(refusal, (Some("ack_capacity"), Some(true)), "{full}");
+    assert_eq!(server.metric("sidecast_acks_pending"), 2);
+    for page in [&mut page, &mut b] {
+        acked_event(page, "c", 1);
+        acked_event(page, "c", 2);
+        page.send(json!({"type": "ack", "channel": "c", "seqs": [1, 2]}));
+    }
+    let first = worker.reply();
+    assert_eq!(
+        (first["id"].as_u64(), counts(&first)),
+        (Some(1), [2, 2, 0, 0])
+    );
+    acked_event(&mut c, "d", 1);
+    ack(&mut c, "d", 1);
+    let third = worker.reply();
+    assert_eq!(
+        (third["id"].as_u64(), counts(&third)),
+        (Some(3), [1, 1, 0, 0])
+    );
+    let ask = |id| ask(id, "c");
+    assert_eq!(publish(&mut worker, ask(4))["ok"], true, "room again");
+}
+
+#[test]
+fn a_flood_of_acks_is_rate_limited_like_any_message() {
+    let server = TestServer::start_with(|c| {
+        c.rate_limit = 5.0;
+        c.rate_burst = 5;
+    });
+    let mut page = server.ws();
+    page.subscribe("c");
+    for seq in 0..20 {
+        ack(&mut page, "c", seq);
+    }
+    let error = page.recv();
+    assert_eq!(error["code"], "rate_limited", "{error}");
+    assert_eq!(error["channel"], "c");
+}
