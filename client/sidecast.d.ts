@@ -11,6 +11,12 @@ export interface EventMeta {
   channel: string;
   /** The channel's sequence number: grows by 1 per event within one server run. */
   seq: number;
+  /**
+   * With `manualAck`, for an event the worker published with `ack`: confirms the page handled
+   * it. Without `manualAck` the client acks by itself once the callback returns (or the
+   * Promise it returns resolves).
+   */
+  ack?: () => void;
 }
 
 /** An `error` reply from the server, or a client-side failure. */
@@ -93,6 +99,11 @@ export interface SubscribeOptions {
   onGap?: (info: { channel: string }) => void;
   /** The server refused the subscription (invalid_channel, forbidden, too_many_subscriptions). */
   onError?: (error: SidecastError) => void;
+  /**
+   * Events published with `ack` are confirmed only when the page calls `meta.ack()`, not
+   * when the callback returns: for a page that finishes its work later.
+   */
+  manualAck?: boolean;
 }
 
 export interface Subscription {
@@ -120,7 +131,7 @@ export declare class Sidecast {
   on<K extends keyof SidecastEvents>(event: K, listener: (value: SidecastEvents[K]) => void): () => void;
   subscribe<T = Json>(
     channel: string,
-    onEvent: (data: T, meta: EventMeta) => void,
+    onEvent: (data: T, meta: EventMeta) => void | Promise<unknown>,
     options?: SubscribeOptions,
   ): Subscription;
   close(): void;

@@ -35,6 +35,10 @@ const ABNORMAL_CLOSURE = 1006;
 const UNREACHABLE_AFTER = 3;
 /** Channels per batch `subscribe`: 10 messages of the server's budget (burst 50 by default). */
 const BATCH = 100;
+/** Seqs one ack message may carry (the server's limit). */
+const MAX_ACK_BATCH = 100;
+/** Acked seqs per channel sent again after a reconnect, in case the old connection lost them. */
+const RESENT_ACKS = 20;
 /** setTimeout's longest delay; a longer one would fire at once. */
 const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 
@@ -106,6 +110,8 @@ export class Sidecast {
   #outbox = new Map();
   /** { rate, burst, tokens, at } on this connection. */
   #budget = null;
+  /** Acks to send, by channel. */
+  #acks = new Map();
   #outboxTimer = null;
   /** Requests sent and not answered yet, by id. */
   #inFlight = new Map();
@@ -161,7 +167,9 @@ export class Sidecast {
    * latest events, so a page renders the current state at once (and gets them again after a
    * reconnect whose resume could not be recovered). `options.onGap({channel})` is called
    * when events were lost (the server could not replay them); `options.onError(error)` when
-   * the server refuses the subscription. Returns `{channel, unsubscribe()}`.
+   * the server refuses the subscription. An event published with `ack` is acknowledged once
+   * `onEvent` returns without throwing (or the Promise it returns resolves); with
+   * `options.manualAck`, once the page calls `meta.ack()`. Returns `{channel, unsubscribe()}`.
    */
   subscribe(channel, onEvent, options = {}) {
     if (typeof channel !== "string" || !CHANNEL_NAME.test(channel)) {
@@ -170,10 +178,10 @@ export class Sidecast {
     if (typeof onEvent !== "function") throw new TypeError("onEvent must be a function");
     const rewind = options.rewind ?? 0;
     if (!Number.isInteger(rewind) || rewind < 0) throw new TypeError("rewind must be a whole number");
-    const sub = { onEvent, onGap: options.onGap, onError: options.onError };
+    const sub = { onEvent, onGap: options.onGap, onError: options.onError, manualAck: Boolean(options.manualAck) };
     let state = this.#channels.get(channel);
     if (!state) {
-      state = { seq: null, epoch: null, subs: new Set(), requestId: null, rewind, recent: [] };
+      state = { seq: null, epoch: null, subs: new Set(), requestId: null, rewind, recent: [], acked: [] };
       this.#channels.set(channel, state);
       if (this.#status === "connected") this.#subscribeOnServer(channel, state);
     } else if (rewind > 0) {
@@ -431,14 +439,18 @@ export class Sidecast {
     // Recovered: the missed events follow and advance `seq` themselves.
     if (recovered !== true) state.seq = seq;
     state.epoch = epoch;
+    // Acks sent just before a reconnect may have been lost with the old connection: the
+    // server counts them again for a page that resumed, and ignores the rest.
+    for (const acked of state.acked) this.#ack(channel, acked);
   }
 
-  #onEvent({ channel, seq, data }) {
+  #onEvent({ channel, seq, data, ack }) {
+    const state = this.#channels.get(channel);
     if (this.#userId !== null && channel === `user:${this.#userId}`) {
       // Directed to this page's user: it arrives whether or not the page subscribed, once.
       this.#emit("user", { data, channel, seq });
+      if (ack && !state) this.#ack(channel, seq);
     }
-    const state = this.#channels.get(channel);
     if (!state || (state.seq !== null && seq <= state.seq)) return;
     state.seq = seq;
     const meta = { channel, seq };
@@ -446,7 +458,47 @@ export class Sidecast {
       state.recent.push({ data, meta });
       if (state.recent.length > state.rewind) state.recent.shift();
     }
-    for (const sub of [...state.subs]) this.#call(sub.onEvent, data, meta);
+    if (!ack) {
+      for (const sub of [...state.subs]) this.#call(sub.onEvent, data, meta);
+      return;
+    }
+    // Acknowledged once every subscriber handled it; one that throws (or whose Promise
+    // rejects) withholds the ack, and the worker's report says the page did not confirm.
+    const handled = [...state.subs].map((sub) => this.#handle(sub, data, meta));
+    Promise.all(handled).then((results) => {
+      if (!results.every(Boolean)) return;
+      state.acked.push(seq);
+      if (state.acked.length > RESENT_ACKS) state.acked.shift();
+      if (this.#channels.get(channel) === state) this.#ack(channel, seq);
+    });
+  }
+
+  /** Runs a subscriber's callback for an event that asks for an ack: resolves true once it
+   * is handled (returned, its Promise resolved, or `meta.ack()` called with `manualAck`). */
+  #handle(sub, data, meta) {
+    if (sub.manualAck) {
+      return new Promise((resolve) => this.#call(sub.onEvent, data, { ...meta, ack: () => resolve(true) }));
+    }
+    const fail = (error) => {
+      this.#report(error);
+      return false;
+    };
+    try {
+      const result = sub.onEvent(data, meta);
+      return typeof result?.then === "function" ? Promise.resolve(result).then(() => true, fail) : true;
+    } catch (error) {
+      return fail(error);
+    }
+  }
+
+  /** Queues an ack of `channel`'s event `seq`; the acks of one turn go out together, one
+   * message per channel (up to 100 seqs each). */
+  #ack(channel, seq) {
+    if (this.#status !== "connected" || this.#transport !== "websocket") return;
+    const seqs = this.#acks.get(channel) ?? [];
+    if (!seqs.includes(seq)) seqs.push(seq);
+    this.#acks.set(channel, seqs);
+    this.#outboxTimer ??= setTimeout(() => this.#flush(), 0);
   }
 
   #onError(error) {
@@ -636,6 +688,7 @@ export class Sidecast {
     this.#outboxTimer = null;
     clearTimeout(this.#refreshTimer);
     this.#outbox.clear();
+    this.#acks.clear();
     this.#inFlight.clear();
     if (this.#ws) {
       this.#ws.onmessage = null;
@@ -661,6 +714,12 @@ export class Sidecast {
   /** Sends queued requests while the budget has tokens, then waits for the next one. */
   #flush() {
     this.#outboxTimer = null;
+    for (const [channel, seqs] of this.#acks) {
+      for (let at = 0; at < seqs.length; at += MAX_ACK_BATCH) {
+        this.#outbox.set(`ack:${this.#nextId++}`, { type: "ack", channel, seqs: seqs.slice(at, at + MAX_ACK_BATCH) });
+      }
+    }
+    this.#acks.clear();
     const budget = this.#budget;
     const now = Date.now();
     budget.tokens = Math.min(budget.burst, budget.tokens + ((now - budget.at) / 1000) * budget.rate);
@@ -671,7 +730,8 @@ export class Sidecast {
       if (budget.tokens < cost) break;
       budget.tokens -= cost;
       this.#outbox.delete(key);
-      this.#inFlight.set(request.id, request);
+      // An ack is never answered: nothing waits for it.
+      if (request.type !== "ack") this.#inFlight.set(request.id, request);
       this.#ws.send(JSON.stringify(request));
     }
     if (this.#outbox.size > 0) {
@@ -698,8 +758,13 @@ export class Sidecast {
     try {
       callback(...args);
     } catch (error) {
-      if (typeof reportError === "function") reportError(error);
-      else setTimeout(() => { throw error; });
+      this.#report(error);
     }
+  }
+
+  /** Reports an app callback's exception as an uncaught one, without breaking the client. */
+  #report(error) {
+    if (typeof reportError === "function") reportError(error);
+    else setTimeout(() => { throw error; });
   }
 }

@@ -49,6 +49,10 @@ enum Command {
         channel: Option<String>,
         /// The event's data, any JSON value
         json: Option<String>,
+        /// Ask the pages to acknowledge the event within this time (e.g. 5s), and print the
+        /// ack report that follows the reply
+        #[arg(long, value_name = "DURATION", requires = "json")]
+        ack: Option<config::HumanDuration>,
     },
 }
 
@@ -123,7 +127,8 @@ fn main() -> ExitCode {
             socket,
             channel: Some(channel),
             json: Some(json),
-        } => publish_one(&socket, &channel, &json),
+            ack,
+        } => publish_one(&socket, &channel, &json, ack.map(|a| a.0)),
         Command::Publish { socket, .. } => publish_stdin(&socket),
     }
 }
@@ -179,7 +184,12 @@ fn check_config(file: PathBuf) -> ExitCode {
     }
 }
 
-fn publish_one(socket: &PathBuf, channel: &str, json: &str) -> ExitCode {
+fn publish_one(
+    socket: &PathBuf,
+    channel: &str,
+    json: &str,
+    ack: Option<std::time::Duration>,
+) -> ExitCode {
     let data: &RawValue = match serde_json::from_str(json) {
         Ok(data) => data,
         Err(e) => {
@@ -190,17 +200,27 @@ fn publish_one(socket: &PathBuf, channel: &str, json: &str) -> ExitCode {
     let result = Publisher::connect(socket)
         .map_err(|e| unreachable_socket(socket, &e))
         .and_then(|mut p| {
-            p.publish_confirmed(channel, data)
-                .map_err(|e| e.to_string())
+            let line = match ack {
+                Some(timeout) => p.publish_acked(channel, data, timeout).map(|r| {
+                    format!(
+                        "{{\"type\":\"ack_report\",\"seq\":{},\"delivered\":{},\"acked\":{},\"timedOut\":{},\"disconnected\":{}}}",
+                        r.seq, r.delivered, r.acked, r.timed_out, r.disconnected
+                    )
+                }),
+                None => p.publish_confirmed(channel, data).map(|ack| {
+                    let reach = match (ack.delivered, ack.nodes) {
+                        (Some(n), _) => format!("\"delivered\":{n}"),
+                        (None, Some(n)) => format!("\"nodes\":{n}"),
+                        (None, None) => String::new(),
+                    };
+                    format!("{{\"ok\":true,\"seq\":{},{reach}}}", ack.seq)
+                }),
+            };
+            line.map_err(|e| e.to_string())
         });
     match result {
-        Ok(ack) => {
-            let reach = match (ack.delivered, ack.nodes) {
-                (Some(n), _) => format!("\"delivered\":{n}"),
-                (None, Some(n)) => format!("\"nodes\":{n}"),
-                (None, None) => String::new(),
-            };
-            println!("{{\"ok\":true,\"seq\":{},{reach}}}", ack.seq);
+        Ok(line) => {
+            println!("{line}");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -335,6 +335,32 @@ fn ack_publishes_are_checked_and_bounded() {
 }
 
 #[test]
+fn the_rust_publisher_waits_for_the_report() {
+    let server = TestServer::start();
+    let mut page = server.ws();
+    page.subscribe("job:7");
+    let pages = std::thread::spawn(move || {
+        let seq = page.recv()["seq"].as_u64().unwrap();
+        ack(&mut page, "job:7", seq);
+        page
+    });
+    let mut publisher = sidecast::Publisher::connect(&server.socket).unwrap();
+    let done = json!({"type": "job_complete"});
+    let report = publisher
+        .publish_acked("job:7", &done, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        (report.seq, report.delivered, report.acked, report.timed_out),
+        (1, 1, 1, 0)
+    );
+    drop(pages.join().unwrap());
+    let refused = publisher.publish_acked("job:7", &done, Duration::from_secs(600));
+    assert!(
+        matches!(refused, Err(sidecast::publish::publisher::PublishError::Refused(why)) if why.contains("max_ack_timeout"))
+    );
+}
+
+#[test]
 fn a_flood_of_acks_is_rate_limited_like_any_message() {
     let server = TestServer::start_with(|c| {
         c.rate_limit = 5.0;

@@ -315,6 +315,21 @@ fn publish_cli(socket: &Path, args: &[&str], stdin: &str) -> (i32, String) {
 }
 
 #[test]
+fn publish_with_ack_prints_the_report() {
+    let server = Process::serve(&[]);
+    let mut ws = server.ws();
+    ws.subscribe("job:7");
+    let (code, out) = publish_cli(&server.socket, &["--ack", "200ms", "job:7", "1"], "");
+    assert_eq!(
+        (code, out.trim()),
+        (
+            0,
+            r#"{"type":"ack_report","seq":1,"delivered":1,"acked":0,"timedOut":1,"disconnected":0}"#
+        )
+    );
+}
+
+#[test]
 fn publish_command_with_arguments_and_from_stdin() {
     let server = Process::serve(&[]);
     let mut ws = server.ws();

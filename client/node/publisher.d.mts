@@ -50,6 +50,24 @@ export interface PublishOptions {
   fireAndForget?: boolean;
   /** Overrides the publisher's timeout for this publish. */
   timeoutMs?: number;
+  /**
+   * Socket only: the pages acknowledge the event within this many ms, and the publish
+   * resolves with the `AckReport` that follows the reply (at the latest after this time).
+   */
+  ackTimeoutMs?: number;
+}
+
+/** What became of an acknowledged event (docs/protocol.md, "Acknowledged events"). */
+export interface AckReport {
+  id: number;
+  type: "ack_report";
+  channel: string;
+  seq: number;
+  /** WebSockets it was queued to: acked + timedOut + disconnected. */
+  delivered: number;
+  acked: number;
+  timedOut: number;
+  disconnected: number;
 }
 
 /** The server's reply (docs/protocol.md, "Publish port"). */
@@ -73,7 +91,17 @@ export interface Reply {
 export class Publisher {
   constructor(options: PublisherOptions);
   publish(channel: string, data: unknown, options?: PublishOptions): Promise<Reply>;
+  publish(
+    channel: string,
+    data: unknown,
+    options: PublishOptions & { ackTimeoutMs: number },
+  ): Promise<AckReport>;
   publishToUser(user: string, data: unknown, options?: PublishOptions): Promise<Reply>;
+  publishToUser(
+    user: string,
+    data: unknown,
+    options: PublishOptions & { ackTimeoutMs: number },
+  ): Promise<AckReport>;
   broadcast(data: unknown, options?: PublishOptions): Promise<Reply>;
   disconnectUser(user: string, options?: PublishOptions): Promise<Reply>;
   /** Any publish command (docs/protocol.md); the id is added for you. */

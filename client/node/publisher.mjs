@@ -9,7 +9,9 @@
 // publishes can be in flight. Over HTTP (`url`, the server's `publish_listen`) each publish is
 // one POST /publish. Errors are PublishError with a `code` and whether a retry may succeed
 // (`retryable`); pass `idem` to make a retry safe (the server answers it with the first
-// result instead of publishing twice).
+// result instead of publishing twice). Pass `ackTimeoutMs` to have the pages acknowledge the
+// event: the publish then resolves with the server's ack_report (how many pages got it,
+// acked, timed out, disconnected) instead of the plain reply.
 
 import net from "node:net";
 
@@ -86,14 +88,20 @@ export class Publisher {
    * Sends one command. With `fireAndForget` (socket only) it resolves once the line is
    * written, without a reply.
    * @param {object} command
-   * @param {{idem?: string, fireAndForget?: boolean, timeoutMs?: number}} options
+   * @param {{idem?: string, fireAndForget?: boolean, timeoutMs?: number, ackTimeoutMs?: number}} options
    */
-  async send(command, { idem, fireAndForget = false, timeoutMs } = {}) {
+  async send(command, { idem, fireAndForget = false, timeoutMs, ackTimeoutMs } = {}) {
     if (this.#closed) {
       throw new PublishError("the publisher is closed", { code: "closed", retryable: false });
     }
-    const body = idem === undefined ? command : { ...command, idem };
+    let body = idem === undefined ? command : { ...command, idem };
     const timeout = timeoutMs ?? this.#options.timeoutMs;
+    if (ackTimeoutMs !== undefined) {
+      if (this.#options.url || fireAndForget) {
+        throw new TypeError("ackTimeoutMs needs the socket and a reply (not url, not fireAndForget)");
+      }
+      body = { ...body, ack: { timeout: `${ackTimeoutMs}ms` } };
+    }
     if (this.#options.url) {
       return this.#post(body, timeout);
     }
@@ -112,7 +120,7 @@ export class Publisher {
         });
         this.#settle(id, null, error);
       }, timeout);
-      Object.assign(entry, { resolve, reject, timer });
+      Object.assign(entry, { resolve, reject, timer, timeout, ackTimeoutMs });
     });
     entry.reply = reply.catch(() => {});
     this.#inFlight.set(id, entry);
@@ -184,11 +192,19 @@ export class Publisher {
     if (!entry) {
       return;
     }
-    this.#inFlight.delete(id);
     clearTimeout(entry.timer);
+    if (!error && reply.ok && entry.ackTimeoutMs !== undefined && reply.type !== "ack_report") {
+      // Published: the report follows, by the ack timeout at the latest.
+      entry.timer = setTimeout(() => {
+        const late = new PublishError("no ack_report in time", { code: "timeout", retryable: false });
+        this.#settle(id, null, late);
+      }, entry.ackTimeoutMs + entry.timeout);
+      return;
+    }
+    this.#inFlight.delete(id);
     if (error) {
       entry.reject(error);
-    } else if (reply.ok) {
+    } else if (reply.ok || reply.type === "ack_report") {
       entry.resolve(reply);
     } else {
       // `retry: true`: the engine could not store it (Redis unreachable); try again.

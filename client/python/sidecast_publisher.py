@@ -11,7 +11,10 @@ server's ``publish_listen``) each publish is one POST /publish. ``AsyncPublisher
 for asyncio, with many publishes in flight on one connection.
 
 Errors are ``PublishError`` with a ``code`` and ``retryable``; pass ``idem`` to make a retry
-safe (the server answers it with the first result instead of publishing twice).
+safe (the server answers it with the first result instead of publishing twice). Pass
+``ack_timeout`` (seconds, socket only) to have the pages acknowledge the event: the publish
+then returns the server's ``ack_report`` (``delivered``, ``acked``, ``timedOut``,
+``disconnected``) instead of the plain reply.
 """
 
 from __future__ import annotations
@@ -138,12 +141,23 @@ class _Base:
         self._closed = False
 
     def _prepare(
-        self, target: Dict[str, Any], data: Any, idem: Optional[str], timeout: Optional[float]
+        self,
+        target: Dict[str, Any],
+        data: Any,
+        idem: Optional[str],
+        timeout: Optional[float],
+        ack_timeout: Optional[float] = None,
+        fire_and_forget: bool = False,
     ) -> tuple:
         """The command and its timeout; refuses once closed."""
         if self._closed:
             raise PublishError("the publisher is closed", "closed", False)
-        return _command(target, data, idem), self._timeout if timeout is None else timeout
+        command = _command(target, data, idem)
+        if ack_timeout is not None:
+            if self._url is not None or fire_and_forget:
+                raise TypeError("ack_timeout needs the socket and a reply (not url, not fire_and_forget)")
+            command["ack"] = {"timeout": f"{round(ack_timeout * 1000)}ms"}
+        return command, self._timeout if timeout is None else timeout
 
     def publish(self, channel: str, data: Any, **options: Any):
         """Publishes ``data`` to ``channel``; returns the reply (``seq``, ``delivered`` or ``nodes``, ...)."""
@@ -196,9 +210,11 @@ class Publisher(_Base):
         idem: Optional[str] = None,
         fire_and_forget: bool = False,
         timeout: Optional[float] = None,
+        ack_timeout: Optional[float] = None,
     ) -> Reply:
-        """Sends one command; with ``fire_and_forget`` (socket only) returns once written."""
-        command, timeout = self._prepare(target, data, idem, timeout)
+        """Sends one command; with ``fire_and_forget`` (socket only) returns once written;
+        with ``ack_timeout``, returns the ack report that follows the reply."""
+        command, timeout = self._prepare(target, data, idem, timeout, ack_timeout, fire_and_forget)
         if self._url is not None:
             return _post(self._url, self._key, command, timeout)
         deadline = time.monotonic() + timeout
@@ -207,7 +223,10 @@ class Publisher(_Base):
             return {"ok": True}
         command = {"id": next(self._ids), **command}
         self._write(command, deadline)
-        return _check(self._reply(command["id"], deadline))
+        reply = _check(self._reply(command["id"], deadline))
+        if ack_timeout is None:
+            return reply
+        return self._reply(command["id"], time.monotonic() + ack_timeout + timeout)
 
     def close(self) -> None:
         """Closes the connection; later publishes raise ``closed``."""
@@ -301,6 +320,7 @@ class AsyncPublisher(_Base):
         self._writer: Optional[asyncio.StreamWriter] = None
         self._reader_task: Optional[asyncio.Task] = None
         self._waiting: Dict[int, asyncio.Future] = {}
+        self._reports: Dict[int, asyncio.Future] = {}
 
     async def __aenter__(self) -> "AsyncPublisher":
         return self
@@ -316,9 +336,11 @@ class AsyncPublisher(_Base):
         idem: Optional[str] = None,
         fire_and_forget: bool = False,
         timeout: Optional[float] = None,
+        ack_timeout: Optional[float] = None,
     ) -> Reply:
-        """Sends one command; with ``fire_and_forget`` (socket only) returns once written."""
-        command, timeout = self._prepare(target, data, idem, timeout)
+        """Sends one command; with ``fire_and_forget`` (socket only) returns once written;
+        with ``ack_timeout``, returns the ack report that follows the reply."""
+        command, timeout = self._prepare(target, data, idem, timeout, ack_timeout, fire_and_forget)
         if self._url is not None:
             return await asyncio.to_thread(_post, self._url, self._key, command, timeout)
         deadline = time.monotonic() + timeout
@@ -327,17 +349,24 @@ class AsyncPublisher(_Base):
             return {"ok": True}
         async with self._slots:
             id_ = next(self._ids)
-            future = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
             self._waiting[id_] = future
+            if ack_timeout is not None:
+                self._reports[id_] = loop.create_future()
             try:
                 await self._write({"id": id_, **command}, deadline)
                 left = max(0.001, deadline - time.monotonic())
-                reply = await asyncio.wait_for(asyncio.shield(future), left)
+                reply = _check(await asyncio.wait_for(asyncio.shield(future), left))
+                if ack_timeout is not None:
+                    report = self._reports[id_]
+                    reply = await asyncio.wait_for(asyncio.shield(report), ack_timeout + timeout)
             except asyncio.TimeoutError:
                 raise PublishError("no reply in time", "timeout", True) from None
             finally:
                 self._waiting.pop(id_, None)
-        return _check(reply)
+                self._reports.pop(id_, None)
+        return reply
 
     async def close(self) -> None:
         """Waits for the replies in flight, then closes; later publishes raise ``closed``."""
@@ -383,7 +412,8 @@ class AsyncPublisher(_Base):
                 if not line:
                     break
                 reply = json.loads(line)
-                future = self._waiting.get(reply.get("id"))
+                waiting = self._reports if reply.get("type") == "ack_report" else self._waiting
+                future = waiting.get(reply.get("id"))
                 if future is not None and not future.done():
                     future.set_result(reply)
         except (OSError, ValueError) as error:
@@ -394,7 +424,7 @@ class AsyncPublisher(_Base):
 
     def _lost(self, why: Any) -> None:
         self._writer = None
-        for future in self._waiting.values():
+        for future in [*self._waiting.values(), *self._reports.values()]:
             if not future.done():
                 future.set_exception(
                     PublishError(f"the connection closed before the reply: {why}", "disconnected", True)

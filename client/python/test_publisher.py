@@ -90,6 +90,12 @@ class Subscriber:
                     continue
             self.buffer += self.sock.recv(65536)
 
+    def send(self, value: dict) -> None:
+        payload = json.dumps(value).encode()
+        mask = b"\x01\x02\x03\x04"
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -111,6 +117,31 @@ def test_publishes_over_the_socket_and_the_event_reaches_a_subscriber(server):
         "data": {"type": "progress", "progress": 40},
     }
     watcher.close()
+
+
+def test_an_acknowledged_publish_returns_the_ack_report(server):
+    silent = Subscriber(server.ws_addr, "order:py")
+    with Publisher(socket_path=server.socket) as sidecast:
+        started = time.monotonic()
+        report = sidecast.publish("order:py", {"status": "paid"}, ack_timeout=0.3)
+        assert time.monotonic() - started >= 0.3
+    assert (report["type"], report["delivered"], report["acked"], report["timedOut"]) == (
+        "ack_report", 1, 0, 1,
+    )
+    assert silent.next()["ack"] is True
+
+    async def acked() -> dict:
+        async with AsyncPublisher(socket_path=server.socket) as sidecast:
+            reporting = asyncio.ensure_future(
+                sidecast.publish("order:py", {"status": "shipped"}, ack_timeout=5)
+            )
+            event = await asyncio.to_thread(silent.next)
+            silent.send({"type": "ack", "channel": "order:py", "seq": event["seq"]})
+            return await reporting
+
+    report = asyncio.run(acked())
+    assert (report["seq"], report["delivered"], report["acked"]) == (2, 1, 1)
+    silent.close()
 
 
 def test_targets_fire_and_forget_and_idem(server):

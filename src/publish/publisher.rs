@@ -6,6 +6,10 @@
 //! publisher.publish("project:42", &serde_json::json!({"progress": 40}))?;
 //! let ack = publisher.publish_confirmed("project:42", &serde_json::json!({"progress": 50}))?;
 //! println!("seq {} reached {:?} connections", ack.seq, ack.delivered);
+//! // The pages confirm the job's end within 5 s; the report says how many did.
+//! let done = serde_json::json!({"type": "job_complete"});
+//! let report = publisher.publish_acked("job:7", &done, std::time::Duration::from_secs(5))?;
+//! println!("{} of {} pages confirmed", report.acked, report.delivered);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -14,6 +18,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +41,23 @@ pub struct Ack {
     pub skipped: usize,
     /// Nodes subscribed to the channel when Redis published it (the Redis engine).
     pub nodes: Option<usize>,
+}
+
+/// What became of an acknowledged event: the server's `ack_report` (docs/protocol.md,
+/// "Acknowledged events"). `delivered = acked + timed_out + disconnected`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct AckReport {
+    /// The event's sequence number in its channel.
+    pub seq: u64,
+    /// WebSockets it was queued to.
+    pub delivered: usize,
+    /// Of them, pages that acknowledged it.
+    pub acked: usize,
+    /// Pages still connected that did not answer in time.
+    #[serde(rename = "timedOut")]
+    pub timed_out: usize,
+    /// Pages that closed without acking, and did not resume in time.
+    pub disconnected: usize,
 }
 
 /// Why a confirmed publish failed.
@@ -70,6 +92,13 @@ struct Command<'a, T: ?Sized> {
     id: Option<u64>,
     channel: &'a str,
     data: &'a T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack: Option<AckTerms>,
+}
+
+#[derive(Serialize)]
+struct AckTerms {
+    timeout: String,
 }
 
 #[derive(Deserialize)]
@@ -108,6 +137,7 @@ impl Publisher {
             id: None,
             channel,
             data,
+            ack: None,
         })
     }
 
@@ -120,16 +150,45 @@ impl Publisher {
         channel: &str,
         data: &T,
     ) -> Result<Ack, PublishError> {
+        self.confirmed(channel, data, None)
+    }
+
+    /// Publishes `data` to `channel` asking the pages to acknowledge it within `timeout`,
+    /// and waits for the reply, then for the report that follows it (at the latest after
+    /// `timeout`).
+    ///
+    /// # Errors
+    /// The socket failed, or the server refused the command.
+    pub fn publish_acked<T: Serialize + ?Sized>(
+        &mut self,
+        channel: &str,
+        data: &T,
+        timeout: Duration,
+    ) -> Result<AckReport, PublishError> {
+        let terms = AckTerms {
+            timeout: format!("{}ms", timeout.as_millis().max(1)),
+        };
+        self.confirmed(channel, data, Some(terms))?;
+        let line = self.next_line()?;
+        serde_json::from_str(&line)
+            .map_err(|_| io::Error::other(format!("unexpected report: {line}")).into())
+    }
+
+    fn confirmed<T: Serialize + ?Sized>(
+        &mut self,
+        channel: &str,
+        data: &T,
+        ack: Option<AckTerms>,
+    ) -> Result<Ack, PublishError> {
         self.next_id += 1;
         let id = self.next_id;
         self.send(&Command {
             id: Some(id),
             channel,
             data,
+            ack,
         })?;
-        let line = self
-            .read_reply()?
-            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let line = self.next_line()?;
         let reply: Reply = serde_json::from_str(&line).map_err(io::Error::other)?;
         match reply {
             Reply {
@@ -162,6 +221,11 @@ impl Publisher {
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
         self.writer.write_all(&bytes)
+    }
+
+    fn next_line(&mut self) -> io::Result<String> {
+        self.read_reply()?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))
     }
 
     /// Reads the next reply line, without its newline; `None` once the server closed.

@@ -96,6 +96,43 @@ test("Chromium agrees to permessage-deflate: events arrive compressed and intact
   await server.stop();
 });
 
+test("pages ack events by themselves; a callback that throws withholds the ack, and the report says so", async () => {
+  const server = await serve();
+  const fine = await clientPage(server, { channels: ["order:7"], asyncOn: "order:7" });
+  const failing = await clientPage(server, { channels: ["order:7"], throwOn: "order:7" });
+  await waitFor("both pages subscribed", async () => (await server.health()).connections === 2);
+  await waitSubscribed(fine, server);
+  await waitSubscribed(failing, server);
+  const publisher = await Publisher.connect(server.socket);
+  const { reply, report } = await publisher.publishAcked({ channel: "order:7", data: { status: "paid" } }, "1s");
+  assert.equal(reply.delivered, 2);
+  const started = Date.now();
+  const counts = await report;
+  assert.deepEqual(
+    [counts.delivered, counts.acked, counts.timedOut, counts.disconnected],
+    [2, 1, 1, 0],
+    JSON.stringify(counts),
+  );
+  assert.ok(Date.now() - started >= 500, "the report waited for the page that did not confirm");
+  for (const page of [fine, failing]) {
+    assert.deepEqual((await recorded(page)).events.map((e) => e.data), [{ status: "paid" }]);
+  }
+  assert.equal(fine.problems.length, 0, fine.problems.join("\n"));
+  assert.ok(failing.problems.some((p) => p.includes("the page fails on order:7")), failing.problems.join("\n"));
+
+  // With every page confirming, the report comes as soon as the last one has.
+  await failing.close();
+  await waitFor("one page left", async () => (await server.health()).connections === 1);
+  const second = await publisher.publishAcked({ channel: "order:7", data: { status: "shipped" } }, "30s");
+  const quick = Date.now();
+  const acked = await second.report;
+  assert.deepEqual([acked.delivered, acked.acked], [1, 1]);
+  assert.ok(Date.now() - quick < 5000);
+  publisher.close();
+  await fine.close();
+  await server.stop();
+});
+
 test("a cut connection resumes: every event once, in order, recovered", async () => {
   const server = await serve();
   const proxy = await startProxy(server.port);

@@ -93,6 +93,7 @@ export async function startServer({ port = 0, dir, args = [] } = {}) {
 export class Publisher {
   #socket;
   #pending = new Map();
+  #reports = new Map();
   #nextId = 1;
 
   static async connect(socketPath) {
@@ -105,9 +106,19 @@ export class Publisher {
     this.#socket = socket;
     createInterface({ input: socket }).on("line", (line) => {
       const reply = JSON.parse(line);
-      this.#pending.get(reply.id)?.(reply);
-      this.#pending.delete(reply.id);
+      const waiting = reply.type === "ack_report" ? this.#reports : this.#pending;
+      waiting.get(reply.id)?.(reply);
+      waiting.delete(reply.id);
     });
+  }
+
+  /** Publishes with `ack` (timeout e.g. "5s"); resolves with the reply, and `report`, a
+   * Promise of the ack_report that follows it. */
+  async publishAcked(command, timeout) {
+    const id = this.#nextId;
+    const report = new Promise((resolve) => this.#reports.set(id, resolve));
+    const reply = await this.publish({ ...command, ack: { timeout } });
+    return { reply, report };
   }
 
   /** Sends one command; resolves with the server's reply, throws if it is not ok. */

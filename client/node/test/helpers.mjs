@@ -119,7 +119,7 @@ export async function subscriber(wsAddr, channel) {
   send({ type: "subscribe", channel });
   const subscribed = await next();
   if (subscribed.type !== "subscribed") throw new Error(JSON.stringify(subscribed));
-  return { next, close: () => socket.destroy() };
+  return { next, send, close: () => socket.destroy() };
 }
 
 /** A real `redis-server` without persistence on a free port; `kill()` is SIGKILL. */

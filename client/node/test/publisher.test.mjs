@@ -28,6 +28,28 @@ test("publishes over the socket and the event reaches a subscriber", async () =>
   watcher.close();
 });
 
+test("an acknowledged publish resolves with the ack_report once the page acks", async () => {
+  const page = await subscriber(server.wsAddr, "order:ack");
+  const silent = await subscriber(server.wsAddr, "order:ack");
+  const sidecast = new Publisher({ socket: server.socket });
+  const reported = sidecast.publish("order:ack", { status: "paid" }, { ackTimeoutMs: 1500 });
+  const event = await page.next();
+  assert.equal(event.ack, true);
+  page.send({ type: "ack", channel: "order:ack", seq: event.seq });
+  const report = await reported;
+  assert.deepEqual(
+    { ...report, id: undefined },
+    { id: undefined, type: "ack_report", channel: "order:ack", seq: 1, delivered: 2, acked: 1, timedOut: 1, disconnected: 0 },
+  );
+  await assert.rejects(
+    sidecast.publish("order:ack", 1, { ackTimeoutMs: 120_000 }),
+    (error) => error instanceof PublishError && error.code === "rejected" && /max_ack_timeout/.test(error.message),
+  );
+  await sidecast.close();
+  page.close();
+  silent.close();
+});
+
 test("many publishes in flight keep their order and their own replies", async () => {
   const sidecast = new Publisher({ socket: server.socket, maxInFlight: 50 });
   const replies = await Promise.all(

@@ -33,6 +33,12 @@ const sub = client.subscribe<Progress>(
   { onGap: ({ channel }) => console.log(channel), onError: (e) => console.log(e.code) },
 );
 sub.unsubscribe();
+// An async handler: the event is acknowledged once it resolves.
+client.subscribe<Progress>("job:1", async (data) => {
+  await Promise.resolve(data.progress);
+});
+// manualAck: the page confirms later.
+client.subscribe("order:7", (_data, meta) => setTimeout(() => meta.ack?.(), 10), { manualAck: true });
 client.close();
 
 export function RenderProgress({ id }: { id: number }) {
@@ -43,6 +49,8 @@ export function RenderProgress({ id }: { id: number }) {
 
 // @ts-expect-error: the callback gets data and meta, not a message
 client.subscribe("x", (data: string, meta: string) => meta);
+// @ts-expect-error: manualAck is a boolean
+client.subscribe("x", () => {}, { manualAck: "yes" });
 // @ts-expect-error: no such event
 client.on("message", () => {});
 // @ts-expect-error: the fallback is a boolean
