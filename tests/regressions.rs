@@ -8,8 +8,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{PATIENCE, TestServer, Ws};
@@ -521,4 +521,111 @@ fn issue_23_a_deflate_bomb_is_closed_with_1009_and_the_heap_stays_flat() {
     let grew = peak() - before;
     eprintln!("4 deflate bombs: the server's heap peaked {grew} bytes above its start");
     assert!(grew < 1 << 20, "the heap grew by {grew} bytes");
+}
+
+/// Issue 19: 1,000,000 acknowledged publishes to pages that read every event and never ack.
+/// Each page holds at most `max_unacked_per_connection` of them; past that it counts as timed
+/// out at once, so every publish gets its report and the server's heap stays flat.
+#[test]
+fn issue_19_a_million_unanswered_acks_leave_the_heap_flat() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = tracked_server(|c| c.heartbeat_timeout = Duration::from_secs(600));
+    // Pages that read every event and never ack, each counting the events it read.
+    let counts: Vec<_> = (0..3).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let readers: Vec<_> = counts
+        .iter()
+        .map(|count| {
+            let mut ws = server.ws();
+            ws.subscribe("job:1");
+            ws.0.get_mut().set_read_timeout(None).unwrap();
+            let count = Arc::clone(count);
+            std::thread::spawn(move || {
+                while let Ok(message) = ws.0.read() {
+                    if message.is_text() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let slowest = || {
+        counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .min()
+            .unwrap()
+    };
+    // A million in release builds (CI's `cargo test --release`), a tenth in debug ones.
+    let total: u64 = if cfg!(debug_assertions) {
+        100_000
+    } else {
+        1_000_000
+    };
+    let warm_up = total / 20;
+    let socket = UnixStream::connect(&server.socket).unwrap();
+    let mut writer = socket.try_clone().unwrap();
+    let mut lines = BufReader::new(socket).lines();
+    let (mut replies, mut reports, mut unanswered, mut before) = (0, 0, 0, None);
+    let mut half_way = 0;
+    let mut read_line = |replies: &mut u64, reports: &mut u64| {
+        let line = lines.next().expect("a line").unwrap();
+        if !line.contains("ack_report") {
+            assert!(line.contains("\"ok\":true"), "{line}");
+            *replies += 1;
+            return;
+        }
+        *reports += 1;
+        let report: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let n = |k: &str| report[k].as_u64().unwrap();
+        assert_eq!(n("delivered"), 3, "{line}");
+        assert_eq!(n("acked") + n("timedOut") + n("disconnected"), 3, "{line}");
+        unanswered += n("timedOut");
+    };
+    // In windows of 1000; the reports come as they come.
+    let mut batch = String::new();
+    for window in 0..total / 1000 {
+        batch.clear();
+        for id in window * 1000 + 1..=window * 1000 + 1000 {
+            batch.push_str(&format!(
+                "{{\"id\":{id},\"channel\":\"job:1\",\"data\":{id},\"ack\":{{\"timeout\":\"100ms\"}}}}\n"
+            ));
+        }
+        writer.write_all(batch.as_bytes()).unwrap();
+        while replies < (window + 1) * 1000 {
+            read_line(&mut replies, &mut reports);
+        }
+        // The next window once every page has read this one's events: their queues stay
+        // small, so none is closed as a slow consumer.
+        while slowest() < (window + 1) * 1000 {
+            std::thread::yield_now();
+        }
+        if before.is_none() && reports >= warm_up {
+            before = Some(reset_peak());
+        }
+        if window + 1 == total / 2000 {
+            half_way = peak();
+        }
+    }
+    while reports < total {
+        read_line(&mut replies, &mut reports);
+    }
+    let before = before.unwrap();
+    let (grew, second_half) = (peak() - before, peak() - half_way);
+    eprintln!(
+        "{total} acknowledged publishes, never acked: {unanswered} page-events timed out; \
+         the server's heap peaked {grew} bytes above where it was after {warm_up} \
+         (the pending acks and their timers at their most), {second_half} more in the second half"
+    );
+    assert_eq!(unanswered, 3 * total);
+    assert!(grew < 1 << 20, "the heap grew by {grew} bytes");
+    assert!(
+        second_half < 64 * 1024,
+        "the heap kept growing: {second_half} bytes"
+    );
+    drop(server);
+    for reader in readers {
+        reader.join().unwrap();
+    }
 }

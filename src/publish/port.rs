@@ -35,6 +35,9 @@ pub enum ReadStatus {
     Pending,
     /// The pass's fan-out budget is spent and the socket may hold more: call again next pass.
     Paused,
+    /// Its unread replies reached `reply_backlog`: reading stops until the publisher reads
+    /// them (its socket turns writable) and the socket may hold more.
+    Backlogged,
     /// An HTTP request waits for the engine's answers: [`PublisherConn::complete`] resumes it.
     Waiting,
     /// The publisher closed its side; every line was executed.
@@ -79,6 +82,10 @@ impl Write for Stream {
 pub struct PortRules<'a> {
     /// `max_publish_line`.
     pub max_line: usize,
+    /// Unread reply bytes past which a line-mode publisher is not read until it reads them
+    /// (half of `max_output_buffer`, past which it is closed), so a worker that pipelines
+    /// faster than it reads is slowed down, not cut off.
+    pub reply_backlog: usize,
     /// The HTTP side; its `key` applies to the TCP listener only.
     pub http: HttpRules<'a>,
 }
@@ -205,7 +212,7 @@ impl PublisherConn {
         }
         let status = match self.framing {
             Framing::Http => self.serve_http(rules, chunk, sink),
-            _ => self.read_lines(rules.max_line, chunk, sink),
+            _ => self.read_lines(rules, chunk, sink),
         };
         if self.pending.capacity() > STEADY_CAPACITY.max(2 * self.pending.len()) {
             self.pending
@@ -216,10 +223,11 @@ impl PublisherConn {
 
     fn read_lines(
         &mut self,
-        max_line: usize,
+        rules: &PortRules<'_>,
         chunk: &mut [u8],
         sink: &mut impl Sink,
     ) -> ReadStatus {
+        let max_line = rules.max_line;
         // Lines a spent budget left over from the previous pass go first.
         if !self.pending.is_empty() {
             let executed = self.execute_pending(max_line, sink);
@@ -230,6 +238,9 @@ impl PublisherConn {
         loop {
             if !sink.has_capacity() {
                 return ReadStatus::Paused;
+            }
+            if self.queued() >= rules.reply_backlog {
+                return ReadStatus::Backlogged;
             }
             match self.socket.read(chunk) {
                 Ok(0) => {
@@ -617,6 +628,7 @@ mod tests {
     fn rules(max_line: usize) -> PortRules<'static> {
         PortRules {
             max_line,
+            reply_backlog: usize::MAX,
             http: HttpRules {
                 max_head: 1024,
                 max_body: max_line,

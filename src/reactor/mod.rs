@@ -396,6 +396,7 @@ impl Server {
         } else {
             let rules = PortRules {
                 max_line: self.config.max_publish_line,
+                reply_backlog: self.config.max_output_buffer / 2,
                 http: HttpRules {
                     max_head: self.config.max_header_size,
                     max_body: self.config.max_publish_line,
@@ -424,6 +425,15 @@ impl Server {
             ReadStatus::Pending | ReadStatus::Waiting => false,
             ReadStatus::Paused => {
                 if !self.paused_publishers.contains(&key) {
+                    self.paused_publishers.push(key);
+                }
+                false
+            }
+            // The replies it has not read wait in the kernel (its writability brings the
+            // publisher back), or went out just now: then read on next pass.
+            ReadStatus::Backlogged => {
+                let sent = publisher.queued() < self.config.max_output_buffer / 2;
+                if sent && !self.paused_publishers.contains(&key) {
                     self.paused_publishers.push(key);
                 }
                 false
