@@ -334,17 +334,28 @@ fn run_bench(args: BenchArgs) -> ExitCode {
     } else {
         (None, args.socket.clone())
     };
-    let engine: Vec<String> = match &redis {
+    let mut server_args: Vec<String> = match &redis {
         Some(redis) => ["--engine", "redis", "--redis-url", &redis.url]
             .map(String::from)
             .to_vec(),
         None => Vec::new(),
     };
+    if plan.ack.is_some() {
+        // Every client acks every event as it comes, one message each (the worst case for
+        // the server; sidecast.js batches them): 200 a second, over the default budget.
+        server_args.extend(["--rate-limit", "1000", "--rate-burst", "1000"].map(String::from));
+    }
     let publishing_node = match &redis {
         Some(_) => {
             let any_port = "127.0.0.1:0".parse().expect("an address");
-            let node =
-                SpawnedServer::start(&exe, any_port, &args.socket, args.redis_cpu, 100, &engine);
+            let node = SpawnedServer::start(
+                &exe,
+                any_port,
+                &args.socket,
+                args.redis_cpu,
+                100,
+                &server_args,
+            );
             match node {
                 Ok(node) => {
                     eprintln!("publishing node pid {}", node.pid());
@@ -365,7 +376,7 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             &subscribers_socket,
             args.server_cpu,
             plan.connections + 100,
-            &engine,
+            &server_args,
         )
     };
     let mut spawned = if args.spawn {

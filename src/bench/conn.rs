@@ -358,12 +358,19 @@ impl BenchConn {
             let Some((seq, rest)) = leading_number(rest) else {
                 return;
             };
+            let (ack, rest) = match rest.strip_prefix(br#","ack":true"#) {
+                Some(rest) => (true, rest),
+                None => (false, rest),
+            };
             let Some((sent_us, _)) = rest
                 .strip_prefix(br#","data":{"t":"#)
                 .and_then(leading_number)
             else {
                 return;
             };
+            if ack {
+                self.ack(seq);
+            }
             return self.on_event(seq, sent_us, seen);
         }
         // Anything else is parsed as JSON: a server may order an object's fields as it likes.
@@ -379,11 +386,28 @@ impl BenchConn {
             }
             Some("event") if message["channel"].as_str() == Some(&self.channel_name) => {
                 if let (Some(seq), Some(sent_us)) = (seq, message["data"]["t"].as_u64()) {
+                    if message["ack"] == true {
+                        self.ack(seq);
+                    }
                     self.on_event(seq, sent_us, seen);
                 }
             }
             _ => {}
         }
+    }
+
+    /// Acknowledges event `seq` of its channel, as a page that handled it would.
+    fn ack(&mut self, seq: u64) {
+        // Channel names are at most 128 bytes: the message fits, and costs no allocation.
+        let mut message = [0u8; 200];
+        let mut rest = &mut message[..];
+        let _ = write!(
+            rest,
+            r#"{{"type":"ack","channel":"{}","seq":{seq}}}"#,
+            self.channel_name
+        );
+        let len = 200 - rest.len();
+        masked_frame(0x1, &message[..len], &mut self.pending);
     }
 
     fn on_event(&mut self, seq: u64, sent_us: u64, seen: &mut impl FnMut(Seen)) {

@@ -20,7 +20,7 @@ pub mod soak;
 pub mod spawn;
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ use serde::Serialize;
 
 pub use conn::Transport;
 use conn::{BenchConn, ConnFailure, Inflate, Seen};
-pub use report::{Percentiles, Report, StepReport};
+pub use report::{AckFigures, Percentiles, Report, StepReport};
 
 /// Connection attempts in flight at once, so the server's accept backlog never overflows
 /// (an overflow costs a 1 s SYN retry and would distort handshakes/s).
@@ -59,6 +59,9 @@ pub enum Preset {
     /// 9000 subscribed connections (over 900 channels) held 5 s without events: memory,
     /// handshakes and idle CPU.
     Idle,
+    /// `latency`, each event published with `ack` (5 s) and acked by every subscriber: the
+    /// time from publish to the worker's report, and what acks cost the server.
+    Ack,
     /// 10 minutes (`--duration`) of 200 steady subscribers over 50 channels at 200
     /// publishes/s, while others churn, stall and flood, and the server restarts half way
     /// (with `--spawn`): memory over time, loss among the steady ones (see [`soak`]).
@@ -100,7 +103,12 @@ pub struct Plan {
     pub transport: Transport,
     /// The WebSocket clients offer permessage-deflate, as browsers do, and need it agreed.
     pub deflate: bool,
+    /// Publish with `ack` and this timeout; the clients ack every event.
+    pub ack: Option<Duration>,
 }
+
+/// The ack timeout of the `ack` preset.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What each published event's data looks like. Every shape starts with the publish
 /// timestamp `t`, and the rest varies from event to event as a worker's would.
@@ -153,7 +161,7 @@ impl Plan {
             }]
         };
         let (connections, channels, steps, stop_on_failure) = match preset {
-            Preset::Latency => (1000, 1, steady(200), false),
+            Preset::Latency | Preset::Ack => (1000, 1, steady(200), false),
             Preset::Throughput => {
                 let rates = [
                     250, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000, 10000, 12000,
@@ -195,6 +203,7 @@ impl Plan {
             event: EventShape::Padded,
             transport: Transport::WebSocket,
             deflate: false,
+            ack: (preset == Preset::Ack).then_some(ACK_TIMEOUT),
         }
     }
 }
@@ -258,6 +267,22 @@ struct Runner {
     event: EventShape,
     next_channel: usize,
     progress: bool,
+    /// Publishing with `ack`: its timeout, and what the reports said.
+    ack: Option<Duration>,
+    acks: AckTally,
+}
+
+/// What the `ack_report` lines said, for acknowledged publishes.
+struct AckTally {
+    /// Publish → report, in microseconds (a report's id is its publish's timestamp).
+    latency: Histogram<u64>,
+    /// Reports read.
+    reports: u64,
+    /// Deliveries acked, and not (timed out or disconnected).
+    acked: u64,
+    unacked: u64,
+    /// Bytes of an incomplete reply line.
+    partial: Vec<u8>,
 }
 
 /// Runs `plan` against `target` and returns the report.
@@ -267,8 +292,11 @@ struct Runner {
 pub fn run(plan: &Plan, target: &Target, progress: bool) -> io::Result<Report> {
     let poll = Poll::new()?;
     let mut publisher = UnixStream::connect(&target.socket)?;
-    poll.registry()
-        .register(&mut publisher, PUBLISHER, Interest::WRITABLE)?;
+    poll.registry().register(
+        &mut publisher,
+        PUBLISHER,
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
     let mut runner = Runner {
         poll,
         conns: Vec::with_capacity(plan.connections),
@@ -289,6 +317,14 @@ pub fn run(plan: &Plan, target: &Target, progress: bool) -> io::Result<Report> {
         bytes_received: 0,
         padding: "x".repeat(plan.padding),
         event: plan.event,
+        ack: plan.ack,
+        acks: AckTally {
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+            reports: 0,
+            acked: 0,
+            unacked: 0,
+            partial: Vec::new(),
+        },
         next_channel: 0,
         progress,
     };
@@ -452,6 +488,8 @@ impl Runner {
         channels: usize,
     ) -> io::Result<StepReport> {
         self.histogram.reset();
+        self.acks.latency.reset();
+        let acks_before = (self.acks.acked, self.acks.unacked);
         let received_before = self.received;
         let bytes_before = self.bytes_received;
         let lost_before = self.lost + self.failed as u64;
@@ -506,6 +544,20 @@ impl Runner {
             p999: h.value_at_quantile(0.999),
             max: h.max(),
         };
+        let acks = self.ack.map(|_| {
+            let h = &self.acks.latency;
+            AckFigures {
+                report_us: Percentiles {
+                    p50: h.value_at_quantile(0.5),
+                    p90: h.value_at_quantile(0.9),
+                    p99: h.value_at_quantile(0.99),
+                    p999: h.value_at_quantile(0.999),
+                    max: h.max(),
+                },
+                acked: self.acks.acked - acks_before.0,
+                unacked: self.acks.unacked - acks_before.1,
+            }
+        });
         let lossless = self.lost + self.failed as u64 == lost_before;
         let passed = lossless && latency_us.p99 < P99_LIMIT_US && (received > 0 || step.rate == 0);
         Ok(StepReport {
@@ -522,6 +574,7 @@ impl Runner {
             bench_cpu_fraction: bench_cpu / secs,
             bench_saturated: bench_cpu / secs > SATURATED,
             latency_us,
+            acks,
             passed,
         })
     }
@@ -533,7 +586,16 @@ impl Runner {
         self.published[channel] += 1;
         let sent_us = self.start.elapsed().as_micros() as u64;
         let n = self.published[channel];
-        let _ = write!(self.outgoing, r#"{{"channel":"bench:{channel}","data":"#);
+        if let Some(timeout) = self.ack {
+            // The id is the publish's timestamp: its report carries it back.
+            let ms = timeout.as_millis();
+            let _ = write!(
+                self.outgoing,
+                r#"{{"id":{sent_us},"ack":{{"timeout":"{ms}ms"}},"channel":"bench:{channel}","data":"#
+            );
+        } else {
+            let _ = write!(self.outgoing, r#"{{"channel":"bench:{channel}","data":"#);
+        }
         self.event
             .write(&mut self.outgoing, sent_us, n, &self.padding);
         self.outgoing.extend_from_slice(b"}\n");
@@ -557,7 +619,7 @@ impl Runner {
     fn drain(&mut self) -> io::Result<()> {
         let deadline = Instant::now() + DRAIN_DEADLINE;
         let mut events = Events::with_capacity(1024);
-        while self.missing() > 0 && Instant::now() < deadline {
+        while (self.missing() > 0 || self.reports_due() > 0) && Instant::now() < deadline {
             self.flush_publisher()?;
             self.pump(&mut events, Duration::from_millis(50))?;
         }
@@ -570,12 +632,57 @@ impl Runner {
         self.poll.poll(events, Some(timeout))?;
         for event in events.iter() {
             if event.token() == PUBLISHER {
+                self.read_replies()?;
                 self.flush_publisher()?;
             } else {
                 self.on_conn_event(event.token().0);
             }
         }
         Ok(())
+    }
+
+    /// Reads the publisher's reply lines: the `ack_report`s of acknowledged publishes.
+    fn read_replies(&mut self) -> io::Result<()> {
+        loop {
+            let n = match self.publisher.read(&mut self.buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let now_us = self.start.elapsed().as_micros() as u64;
+            let tally = &mut self.acks;
+            tally.partial.extend_from_slice(&self.buf[..n]);
+            let complete = tally
+                .partial
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            for line in tally.partial[..complete].split(|&b| b == b'\n') {
+                let Ok(report) = serde_json::from_slice::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if report["type"] != "ack_report" {
+                    continue;
+                }
+                let count = |key: &str| report[key].as_u64().unwrap_or(0);
+                tally.reports += 1;
+                tally.acked += count("acked");
+                tally.unacked += count("timedOut") + count("disconnected");
+                let sent_us = count("id");
+                let _ = tally.latency.record(now_us.saturating_sub(sent_us).max(1));
+            }
+            tally.partial.drain(..complete);
+        }
+    }
+
+    /// Acknowledged publishes whose report has not come yet.
+    fn reports_due(&self) -> u64 {
+        match self.ack {
+            Some(_) => self.published.iter().sum::<u64>() - self.acks.reports,
+            None => 0,
+        }
     }
 
     /// Events published to live clients' channels that they have not received yet.

@@ -29,8 +29,21 @@ pub struct StepReport {
     pub bench_cpu_fraction: f64,
     /// True when the generator itself was the bottleneck.
     pub bench_saturated: bool,
+    /// For acknowledged publishes: how soon their reports came, and what they counted.
+    pub acks: Option<AckFigures>,
     /// True when p99 stayed under 100 ms, nothing was lost and no client failed.
     pub passed: bool,
+}
+
+/// What the `ack_report`s of a step's acknowledged publishes said.
+#[derive(Debug, Serialize)]
+pub struct AckFigures {
+    /// Publish → report percentiles, in microseconds.
+    pub report_us: Percentiles,
+    /// Deliveries the pages acked.
+    pub acked: u64,
+    /// Deliveries not acked (timed out or disconnected).
+    pub unacked: u64,
 }
 
 /// Latency percentiles in microseconds.
@@ -141,6 +154,18 @@ impl Report {
                 out += &format!("  {bytes:.0} B/delivery");
             }
             out += &format!("  bench {:.0}% core", s.bench_cpu_fraction * 100.0);
+            if let Some(acks) = &s.acks {
+                let r = &acks.report_us;
+                out += &format!(
+                    "\n         ack reports: p50 {:.2} ms  p90 {:.2}  p99 {:.2}  max {:.2}; {} deliveries acked, {} not",
+                    ms(r.p50),
+                    ms(r.p90),
+                    ms(r.p99),
+                    ms(r.max),
+                    acks.acked,
+                    acks.unacked
+                );
+            }
             if s.bench_saturated {
                 out += "  [BENCH SATURATED: figures are a floor]";
             }
