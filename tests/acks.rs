@@ -337,6 +337,42 @@ fn ack_publishes_are_checked_and_bounded() {
 }
 
 #[test]
+fn a_retry_under_idem_gets_the_first_publishs_report_or_is_told_it_is_a_duplicate() {
+    let server = TestServer::start();
+    let mut page = server.ws();
+    page.subscribe("job:9");
+    let command = |id| json!({"id": id, "channel": "job:9", "idem": "job-9-done", "data": "done", "ack": {"timeout": "5s"}});
+    let mut first = server.publisher();
+    assert_eq!(publish(&mut first, command(1))["seq"], 1);
+    // The worker's connection broke before the report; its retry waits for the same one.
+    let mut retry = server.publisher();
+    let again = publish(&mut retry, command(2));
+    assert_eq!(
+        (again["seq"].as_u64(), again["duplicate"].as_bool()),
+        (Some(1), Some(true))
+    );
+    acked_event(&mut page, "job:9", 1);
+    ack(&mut page, "job:9", 1);
+    for (worker, id) in [(&mut first, 1), (&mut retry, 2)] {
+        let report = worker.reply();
+        assert_eq!(
+            (report["id"].as_u64(), counts(&report)),
+            (Some(id), [1, 1, 0, 0])
+        );
+    }
+    // Once reported, a retry learns it is a duplicate of seq 1, and nothing is published.
+    let mut late = server.publisher();
+    assert_eq!(publish(&mut late, command(3))["duplicate"], true);
+    let report = late.reply();
+    assert_eq!(
+        (report["duplicate"].as_bool(), report["seq"].as_u64()),
+        (Some(true), Some(1)),
+        "{report}"
+    );
+    assert_eq!(server.metric("sidecast_ack_reports_total"), 1);
+}
+
+#[test]
 fn the_rust_publisher_waits_for_the_report() {
     let server = TestServer::start();
     let mut page = server.ws();

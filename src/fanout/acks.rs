@@ -25,13 +25,28 @@ use crate::base::ids::{AckKey, ConnId};
 use crate::base::time::Tick;
 use crate::reactor::timer::{TimerKey, TimerWheel};
 
+/// Who gets a report: the publisher (`None`: nobody, a benchmark's sink) and the command's
+/// id, as written.
+type Recipient = (Option<PublisherRef>, Box<str>);
+
+/// Who asked for an acknowledged publish.
+#[derive(Clone, Copy, Debug)]
+pub struct Asker<'a> {
+    /// The publisher (`None`: nobody to report to).
+    pub publisher: Option<PublisherRef>,
+    /// The command's id, as written.
+    pub id: &'a str,
+    /// Its `idem` key, if it had one.
+    pub idem: Option<&'a str>,
+}
+
 /// An acknowledged event awaiting its pages.
 struct Pending {
     serial: u32,
-    /// Whom the report goes to (`None`: nobody, a benchmark's sink).
-    publisher: Option<PublisherRef>,
-    /// The command's id, as written.
-    id: Box<str>,
+    /// Whom the report goes to: the publisher, then any retry of it under its `idem` key.
+    recipients: Vec<Recipient>,
+    /// Its `idem` key, if it had one.
+    idem: Option<Box<str>>,
     channel: Arc<str>,
     seq: u64,
     delivered: usize,
@@ -76,6 +91,8 @@ pub(super) struct Acks {
     pending: Slab<Pending>,
     /// Slots by channel and seq (looked up by a client's `&str` without allocating).
     by_event: HashMap<Arc<str>, HashMap<u64, usize>>,
+    /// Slots by `idem` key, for a retry to join.
+    by_idem: HashMap<Box<str>, usize>,
     deadlines: TimerWheel<AckKey>,
     next_serial: u32,
     /// `max_pending_acks`.
@@ -96,6 +113,7 @@ impl Acks {
         Acks {
             pending: Slab::new(),
             by_event: HashMap::new(),
+            by_idem: HashMap::new(),
             deadlines: TimerWheel::new(Tick(0)),
             next_serial: 0,
             max_pending,
@@ -126,8 +144,11 @@ impl Acks {
     /// Starts waiting for the acks of `channel`'s event `seq`, until `deadline`.
     pub fn open(
         &mut self,
-        publisher: Option<PublisherRef>,
-        id: &str,
+        Asker {
+            publisher,
+            id,
+            idem,
+        }: Asker<'_>,
         channel: &Arc<str>,
         seq: u64,
         deadline: Tick,
@@ -138,10 +159,13 @@ impl Acks {
             slot: entry.key() as u32,
             serial: self.next_serial,
         };
+        if let Some(idem) = idem {
+            self.by_idem.insert(idem.into(), key.slot as usize);
+        }
         entry.insert(Pending {
             serial: key.serial,
-            publisher,
-            id: id.into(),
+            recipients: vec![(publisher, id.into())],
+            idem: idem.map(Into::into),
             channel: Arc::clone(channel),
             seq,
             delivered: 0,
@@ -187,6 +211,32 @@ impl Acks {
             slot: slot as u32,
             serial,
         })
+    }
+
+    /// A retry of the acknowledged publish made under `idem`: when that one still awaits its
+    /// pages, the retry gets the same report (true); otherwise false, and the retry gets a
+    /// report of its own at once, saying it is a duplicate ([`AckTally::duplicate`]).
+    pub fn join(&mut self, idem: &str, publisher: Option<PublisherRef>, id: &str) -> bool {
+        let Some(&slot) = self.by_idem.get(idem) else {
+            return false;
+        };
+        self.pending[slot].recipients.push((publisher, id.into()));
+        true
+    }
+
+    /// The report of a retry whose first publish's report was already made: its counts are
+    /// not kept, so it says only that it is a duplicate, and of which event.
+    pub fn duplicate(
+        &mut self,
+        publisher: Option<PublisherRef>,
+        id: &str,
+        channel: &str,
+        seq: u64,
+    ) {
+        let line = format!(
+            "{{\"id\":{id},\"type\":\"ack_report\",\"channel\":\"{channel}\",\"seq\":{seq},\"duplicate\":true}}\n"
+        );
+        self.reports.push(AckReport { publisher, line });
     }
 
     /// True while `key`'s report is not made.
@@ -281,18 +331,20 @@ impl Acks {
                 self.by_event.remove(&p.channel);
             }
         }
+        if let Some(idem) = &p.idem {
+            self.by_idem.remove(idem);
+        }
         self.reports_sent += 1;
-        let mut line = String::with_capacity(160);
-        let _ = writeln!(
-            line,
-            "{{\"id\":{},\"type\":\"ack_report\",\"channel\":\"{}\",\"seq\":{},\"delivered\":{},\
-             \"acked\":{},\"timedOut\":{},\"disconnected\":{}}}",
-            p.id, p.channel, p.seq, p.delivered, p.acked, p.timed_out, p.disconnected
-        );
-        self.reports.push(AckReport {
-            publisher: p.publisher,
-            line,
-        });
+        for (publisher, id) in p.recipients {
+            let mut line = String::with_capacity(160);
+            let _ = writeln!(
+                line,
+                "{{\"id\":{id},\"type\":\"ack_report\",\"channel\":\"{}\",\"seq\":{},\"delivered\":{},\
+                 \"acked\":{},\"timedOut\":{},\"disconnected\":{}}}",
+                p.channel, p.seq, p.delivered, p.acked, p.timed_out, p.disconnected
+            );
+            self.reports.push(AckReport { publisher, line });
+        }
     }
 
     fn get(&self, key: AckKey) -> Option<&Pending> {
@@ -314,7 +366,12 @@ mod tests {
 
     fn table() -> (Acks, AckKey) {
         let mut acks = Acks::new(2, 100);
-        let key = acks.open(None, "7", &Arc::from("order:7"), 18, Tick(500));
+        let asker = Asker {
+            publisher: None,
+            id: "7",
+            idem: None,
+        };
+        let key = acks.open(asker, &Arc::from("order:7"), 18, Tick(500));
         (acks, key)
     }
 
@@ -402,9 +459,24 @@ mod tests {
         acks.all_queued(key);
         assert_eq!(reports(&mut acks).len(), 1);
         assert!(acks.has_room());
-        acks.open(None, "1", &Arc::from("a"), 1, Tick(9));
-        acks.open(None, "2", &Arc::from("a"), 2, Tick(9));
+        let asker = |id, idem| Asker {
+            publisher: None,
+            id,
+            idem,
+        };
+        acks.open(asker("1", Some("k")), &Arc::from("a"), 1, Tick(9));
+        acks.open(asker("2", None), &Arc::from("a"), 2, Tick(9));
         assert!(!acks.has_room());
         assert_eq!(acks.counts().pending, 2);
+        assert!(acks.join("k", None, "3"), "a retry joins the first");
+        assert!(!acks.join("other", None, "4"));
+        acks.expire(Tick(9));
+        let lines = reports(&mut acks);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(
+            lines.iter().any(|l| l.starts_with("{\"id\":3,")),
+            "{lines:?}"
+        );
+        assert!(!acks.join("k", None, "5"), "reported: nothing to join");
     }
 }

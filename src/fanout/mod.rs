@@ -304,9 +304,8 @@ impl Fanout {
             return;
         }
         let asked = from.and_then(|op| self.ops.ack_of(op));
-        let ack = asked.map(|(publisher, id, deadline)| {
-            self.acks.open(publisher, id, channel, entry.seq, deadline)
-        });
+        let ack =
+            asked.map(|(asker, deadline)| self.acks.open(asker, channel, entry.seq, deadline));
         let target = match ack {
             Some(_) => EventTarget::Acked(channel, entry.seq),
             None => EventTarget::Channel(channel, entry.seq),

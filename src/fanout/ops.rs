@@ -11,6 +11,7 @@
 use serde_json::value::RawValue;
 use slab::Slab;
 
+use super::acks::Asker;
 use super::{DELIVERIES_PER_PASS, Fanout};
 use crate::base::channel::user_channel;
 use crate::base::time::Tick;
@@ -133,11 +134,17 @@ impl Ops {
         }
     }
 
-    /// The publisher, id and deadline of publish `op`, when it asks for acknowledgement.
-    pub fn ack_of(&self, op: OpId) -> Option<(Option<PublisherRef>, &str, Tick)> {
+    /// The publisher, id, `idem` key and deadline of publish `op`, when it asks for
+    /// acknowledgement.
+    pub fn ack_of(&self, op: OpId) -> Option<(Asker<'_>, Tick)> {
         let op = self.table.get(op)?;
         let (id, deadline) = op.ack.as_ref()?;
-        Some((op.from, id, *deadline))
+        let asker = Asker {
+            publisher: op.from,
+            id,
+            idem: op.idem.as_deref(),
+        };
+        Some((asker, *deadline))
     }
 
     /// Connections of this node an answer of publish `from` reached, and those it passed
@@ -188,10 +195,26 @@ impl Fanout {
             && let Some(first) = self.engine.recall(key, now)
         {
             self.metrics.publish_duplicates += 1;
+            if let (Some((id, _)), Seqs::One(seq)) = (&ack, &first.seqs)
+                && !self.acks.join(key, from, id)
+            {
+                let channel = match target {
+                    Target::User(user) => user_channel(user),
+                    Target::Channel(channel) => channel.to_string(),
+                    _ => unreachable!("an ack publish has one channel"),
+                };
+                self.acks.duplicate(from, id, &channel, *seq);
+            }
             return Outcome::Done(Published {
                 duplicate: true,
                 ..first
             });
+        }
+        if ack.is_some() && !self.acks.has_room() {
+            return Outcome::Refused {
+                error: ACK_CAPACITY.into(),
+                retry: true,
+            };
         }
         let data = data.get().as_bytes();
         let started = match target {
@@ -226,7 +249,7 @@ impl Fanout {
     }
 
     /// The id and deadline of an acknowledged publish, or why it is refused: a timeout over
-    /// `max_ack_timeout`, an engine shared by several nodes, or `max_pending_acks` reached.
+    /// `max_ack_timeout`, or an engine shared by several nodes.
     fn ack_terms(&self, ack: AckAsk<'_>) -> Result<(Box<str>, Tick), Outcome> {
         let refuse = |error: String, retry| Err(Outcome::Refused { error, retry });
         let max = self.settings.max_ack_timeout;
@@ -237,9 +260,6 @@ impl Fanout {
         if self.shared_engine {
             let why = "ack is not available with --engine redis yet: reports count one node";
             return refuse(why.into(), false);
-        }
-        if !self.acks.has_room() {
-            return refuse(ACK_CAPACITY.into(), true);
         }
         // One tick more: the pass's tick may be up to one old, and a timeout never ends early.
         let ticks = ack.timeout.as_nanos().div_ceil(TIMER_TICK.as_nanos()) as u64 + 1;

@@ -44,8 +44,11 @@ pub struct Ack {
 }
 
 /// What became of an acknowledged event: the server's `ack_report` (docs/protocol.md,
-/// "Acknowledged events"). `delivered = acked + timed_out + disconnected`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// "Acknowledged events"). `delivered = acked + timed_out + disconnected`; for a retry under
+/// an `idem` key whose first publish was already reported, `duplicate` is set and the counts
+/// (not kept) are 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
 pub struct AckReport {
     /// The event's sequence number in its channel.
     pub seq: u64,
@@ -58,6 +61,8 @@ pub struct AckReport {
     pub timed_out: usize,
     /// Pages that closed without acking, and did not resume in time.
     pub disconnected: usize,
+    /// A retry of a publish already reported: nothing was published now.
+    pub duplicate: bool,
 }
 
 /// Why a confirmed publish failed.
