@@ -212,21 +212,45 @@ fn one_command_or_several_lines_answer_a_reply_each_on_a_kept_alive_connection()
 }
 
 #[test]
-fn an_acknowledged_publish_is_refused_over_http_with_the_reason() {
+fn an_acknowledged_publish_over_http_is_answered_with_its_report() {
     let server = TestServer::start();
+    let mut page = server.ws();
+    page.subscribe("c");
+    let mut silent = server.ws();
+    silent.subscribe("c");
+    let acking = std::thread::spawn(move || {
+        let event = page.recv();
+        assert_eq!(event["ack"], true, "{event}");
+        page.send(json!({"type": "ack", "channel": "c", "seq": event["seq"]}));
+        page
+    });
     let mut http = Http::unix(&server);
-    let body = json!({"id": 5, "channel": "c", "data": 5, "ack": {"timeout": "1s"}});
+    let body = json!({"id": 5, "channel": "c", "data": 5, "ack": {"timeout": "300ms"}});
+    let started = std::time::Instant::now();
     let response = http.post("/publish", &body.to_string());
-    assert_eq!(response.status, 400);
-    let reply = response.json();
-    assert_eq!(reply["ok"], false);
-    assert!(
-        reply["error"]
-            .as_str()
-            .unwrap()
-            .contains("not available over HTTP"),
-        "{reply}"
+    let waited = started.elapsed();
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/x-ndjson")
     );
+    let lines = response.lines();
+    assert_eq!(
+        (lines[0]["ok"].as_bool(), lines[0]["seq"].as_u64()),
+        (Some(true), Some(1))
+    );
+    let report = &lines[1];
+    assert_eq!(report["type"], "ack_report", "{report}");
+    assert_eq!(
+        (report["acked"].as_u64(), report["timedOut"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(
+        waited >= std::time::Duration::from_millis(300),
+        "held until the timeout: {waited:?}"
+    );
+    drop(acking.join().unwrap());
+    drop(silent);
 }
 
 #[test]

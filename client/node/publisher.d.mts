@@ -51,8 +51,9 @@ export interface PublishOptions {
   /** Overrides the publisher's timeout for this publish. */
   timeoutMs?: number;
   /**
-   * Socket only: the pages acknowledge the event within this many ms, and the publish
-   * resolves with the `AckReport` that follows the reply (at the latest after this time).
+   * The pages acknowledge the event within this many ms, and the publish resolves with the
+   * `AckReport` that follows the reply (at the latest after this time; over HTTP the
+   * response waits for it).
    */
   ackTimeoutMs?: number;
 }

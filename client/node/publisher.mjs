@@ -97,13 +97,13 @@ export class Publisher {
     let body = idem === undefined ? command : { ...command, idem };
     const timeout = timeoutMs ?? this.#options.timeoutMs;
     if (ackTimeoutMs !== undefined) {
-      if (this.#options.url || fireAndForget) {
-        throw new TypeError("ackTimeoutMs needs the socket and a reply (not url, not fireAndForget)");
-      }
+      if (fireAndForget) throw new TypeError("ackTimeoutMs needs a reply (not fireAndForget)");
       body = { ...body, ack: { timeout: `${ackTimeoutMs}ms` } };
     }
     if (this.#options.url) {
-      return this.#post(body, timeout);
+      // An acknowledged publish's response waits for its report, which needs an id.
+      const posted = body.ack ? { id: this.#nextId++, ...body } : body;
+      return this.#post(posted, timeout + (ackTimeoutMs ?? 0));
     }
     if (fireAndForget) {
       await this.#write(JSON.stringify(body) + "\n", timeout);
@@ -161,13 +161,15 @@ export class Publisher {
     }
     const text = await response.text();
     let reply;
+    let report;
     try {
-      reply = JSON.parse(text);
+      // An acknowledged publish is answered with its reply, then its ack_report.
+      [reply, report] = text.split("\n").filter((line) => line.trim()).map((line) => JSON.parse(line));
     } catch {
       reply = undefined;
     }
     if (response.ok && reply?.ok) {
-      return reply;
+      return body.ack ? report : reply;
     }
     const status = response.status;
     const message = reply?.error ?? `HTTP ${status}`;

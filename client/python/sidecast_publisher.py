@@ -12,7 +12,7 @@ for asyncio, with many publishes in flight on one connection.
 
 Errors are ``PublishError`` with a ``code`` and ``retryable``; pass ``idem`` to make a retry
 safe (the server answers it with the first result instead of publishing twice). Pass
-``ack_timeout`` (seconds, socket only) to have the pages acknowledge the event: the publish
+``ack_timeout`` (seconds) to have the pages acknowledge the event: the publish
 then returns the server's ``ack_report`` (``delivered``, ``acked``, ``timedOut``,
 ``disconnected``) instead of the plain reply.
 """
@@ -98,7 +98,10 @@ def _post(url: str, key: Optional[str], command: Dict[str, Any], timeout: float)
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return _check(json.loads(response.read()))
+            # An acknowledged publish is answered with its reply, then its ack_report.
+            lines = [json.loads(line) for line in response.read().splitlines() if line.strip()]
+            reply = _check(lines[0])
+            return lines[-1] if "ack" in command else reply
     except urllib.error.HTTPError as error:
         body = error.read()
         try:
@@ -153,11 +156,15 @@ class _Base:
         if self._closed:
             raise PublishError("the publisher is closed", "closed", False)
         command = _command(target, data, idem)
+        timeout = self._timeout if timeout is None else timeout
         if ack_timeout is not None:
-            if self._url is not None or fire_and_forget:
-                raise TypeError("ack_timeout needs the socket and a reply (not url, not fire_and_forget)")
+            if fire_and_forget:
+                raise TypeError("ack_timeout needs a reply (not fire_and_forget)")
             command["ack"] = {"timeout": f"{round(ack_timeout * 1000)}ms"}
-        return command, self._timeout if timeout is None else timeout
+            if self._url is not None:
+                command = {"id": next(self._ids), **command}  # the report carries it
+                timeout += ack_timeout  # the response waits for the report
+        return command, timeout
 
     def publish(self, channel: str, data: Any, **options: Any):
         """Publishes ``data`` to ``channel``; returns the reply (``seq``, ``delivered`` or ``nodes``, ...)."""

@@ -120,10 +120,10 @@ def test_publishes_over_the_socket_and_the_event_reaches_a_subscriber(server):
 
 
 def test_an_acknowledged_publish_returns_the_ack_report(server):
-    silent = Subscriber(server.ws_addr, "order:py")
+    silent = Subscriber(server.ws_addr, "order:acked")
     with Publisher(socket_path=server.socket) as sidecast:
         started = time.monotonic()
-        report = sidecast.publish("order:py", {"status": "paid"}, ack_timeout=0.3)
+        report = sidecast.publish("order:acked", {"status": "paid"}, ack_timeout=0.3)
         assert time.monotonic() - started >= 0.3
     assert (report["type"], report["delivered"], report["acked"], report["timedOut"]) == (
         "ack_report", 1, 0, 1,
@@ -133,14 +133,16 @@ def test_an_acknowledged_publish_returns_the_ack_report(server):
     async def acked() -> dict:
         async with AsyncPublisher(socket_path=server.socket) as sidecast:
             reporting = asyncio.ensure_future(
-                sidecast.publish("order:py", {"status": "shipped"}, ack_timeout=5)
+                sidecast.publish("order:acked", {"status": "shipped"}, ack_timeout=5)
             )
             event = await asyncio.to_thread(silent.next)
-            silent.send({"type": "ack", "channel": "order:py", "seq": event["seq"]})
+            silent.send({"type": "ack", "channel": "order:acked", "seq": event["seq"]})
             return await reporting
 
     report = asyncio.run(acked())
     assert (report["seq"], report["delivered"], report["acked"]) == (2, 1, 1)
+    over_http = Publisher(url=server.url, key=KEY).publish("order:acked", 3, ack_timeout=0.2)
+    assert (over_http["type"], over_http["seq"], over_http["timedOut"]) == ("ack_report", 3, 1)
     silent.close()
 
 

@@ -69,6 +69,8 @@ struct Pending {
 pub struct AckReport {
     /// Whom it goes to.
     pub publisher: Option<PublisherRef>,
+    /// The id of the command it answers, as written.
+    pub id: Box<str>,
     /// The line, newline-terminated.
     pub line: String,
 }
@@ -236,7 +238,12 @@ impl Acks {
         let line = format!(
             "{{\"id\":{id},\"type\":\"ack_report\",\"channel\":\"{channel}\",\"seq\":{seq},\"duplicate\":true}}\n"
         );
-        self.reports.push(AckReport { publisher, line });
+        let id = id.into();
+        self.reports.push(AckReport {
+            publisher,
+            id,
+            line,
+        });
     }
 
     /// True while `key`'s report is not made.
@@ -343,7 +350,11 @@ impl Acks {
                  \"acked\":{},\"timedOut\":{},\"disconnected\":{}}}",
                 p.channel, p.seq, p.delivered, p.acked, p.timed_out, p.disconnected
             );
-            self.reports.push(AckReport { publisher, line });
+            self.reports.push(AckReport {
+                publisher,
+                id,
+                line,
+            });
         }
     }
 

@@ -369,6 +369,8 @@ pub struct Executed {
     pub answer: Answer,
     /// The command carried an id: a line-mode publisher reads this reply.
     pub wanted: bool,
+    /// An acknowledged publish that was taken: its `ack_report` follows, carrying this id.
+    pub report: Option<Box<str>>,
 }
 
 /// A command's reply line, or what is needed to render it once the engine answers.
@@ -462,6 +464,7 @@ pub fn execute(line: &[u8], sink: &mut impl Sink) -> Option<Executed> {
     if line.iter().all(u8::is_ascii_whitespace) {
         return None;
     }
+    let mut report = None;
     let (id, render, outcome) = match parse_command(line) {
         Ok(Command {
             id,
@@ -475,6 +478,8 @@ pub fn execute(line: &[u8], sink: &mut impl Sink) -> Option<Executed> {
         }) => {
             let ack = ack.zip(id).map(|(timeout, id)| AckAsk { timeout, id });
             let outcome = sink.publish(&target, data, idem.as_deref(), ack);
+            let reported = matches!(outcome, Outcome::Done(_) | Outcome::Waiting(_));
+            report = ack.filter(|_| reported).map(|ack| ack.id.get().into());
             (id, Render::new(id, Some(&target)), outcome)
         }
         Ok(Command {
@@ -488,6 +493,7 @@ pub fn execute(line: &[u8], sink: &mut impl Sink) -> Option<Executed> {
                     ok: false,
                 },
                 wanted: error.id.is_some(),
+                report: None,
             });
         }
     };
@@ -501,6 +507,7 @@ pub fn execute(line: &[u8], sink: &mut impl Sink) -> Option<Executed> {
     Some(Executed {
         answer,
         wanted: id.is_some(),
+        report,
     })
 }
 

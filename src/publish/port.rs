@@ -396,9 +396,17 @@ impl PublisherConn {
         }
     }
 
-    /// An ack report for one of this connection's publishes: a line of its own, after the
-    /// replies already due.
-    pub fn report(&mut self, line: String) {
+    /// The ack report for this connection's publish with id `id`: in an HTTP response, the
+    /// place kept for it; on the socket, a line of its own after the replies already due.
+    pub fn report(&mut self, id: &str, line: String) {
+        if let Some(Job {
+            work: Work::Lines(lines),
+            ..
+        }) = &mut self.job
+            && lines.replies.fill_report(id, &line)
+        {
+            return;
+        }
         self.replies.push_line(line);
         self.emit_ready();
     }

@@ -4,9 +4,7 @@
 
 use std::collections::VecDeque;
 
-use serde_json::value::RawValue;
-
-use super::command::{self, AckAsk, Answer, Outcome, Render, Sink, Target, error_reply};
+use super::command::{self, Answer, Outcome, Render, Sink, error_reply};
 
 /// A reply line ready to go out.
 pub(super) struct Reply {
@@ -17,7 +15,8 @@ pub(super) struct Reply {
     pub wanted: bool,
 }
 
-/// A command's reply in its place among the others: ready, or awaiting the engine.
+/// A command's reply in its place among the others: ready, awaiting the engine, or (in an
+/// HTTP response) the `ack_report` of the acknowledged publish before it, by its id.
 enum Slot {
     Ready(Reply),
     Waiting {
@@ -25,6 +24,7 @@ enum Slot {
         render: Render,
         wanted: bool,
     },
+    Report(Box<str>),
 }
 
 /// Replies in command order. Invariant: the front is `Waiting` (ready replies before it have
@@ -86,7 +86,27 @@ impl Replies {
     }
 
     pub fn is_waiting(&self) -> bool {
-        self.slots.iter().any(|s| matches!(s, Slot::Waiting { .. }))
+        self.slots
+            .iter()
+            .any(|s| matches!(s, Slot::Waiting { .. } | Slot::Report(_)))
+    }
+
+    /// Puts the report for `id` in the place kept for it; false when none is kept.
+    pub fn fill_report(&mut self, id: &str, line: &str) -> bool {
+        let kept = self
+            .slots
+            .iter_mut()
+            .find(|s| matches!(s, Slot::Report(kept) if **kept == *id));
+        let Some(slot) = kept else {
+            return false;
+        };
+        self.bytes += line.len();
+        *slot = Slot::Ready(Reply {
+            line: line.into(),
+            ok: true,
+            wanted: true,
+        });
+        true
     }
 
     /// The ready replies at the front, in order.
@@ -111,6 +131,8 @@ pub(super) struct Lines {
     cursor: usize,
     pub replies: Replies,
     commands: usize,
+    /// Ack reports the response carries after their publishes' replies.
+    reports: usize,
 }
 
 impl Lines {
@@ -137,7 +159,7 @@ impl Lines {
         } else {
             "200 OK"
         };
-        let content_type = if self.commands > 1 {
+        let content_type = if self.commands + self.reports > 1 {
             "application/x-ndjson"
         } else {
             "application/json"
@@ -156,45 +178,16 @@ pub(super) fn run_lines(job: &mut Lines, body: &[u8], sink: &mut impl Sink) -> b
         let rest = &body[job.cursor..];
         let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
         job.cursor += (end + 1).min(rest.len());
-        if let Some(executed) = command::execute(&rest[..end], &mut WithoutAcks(&mut *sink)) {
+        if let Some(mut executed) = command::execute(&rest[..end], sink) {
             job.commands += 1;
+            // The response waits for the report, which the ack timeout bounds.
+            let report = executed.report.take();
             job.replies.push(executed);
+            if let Some(id) = report {
+                job.reports += 1;
+                job.replies.slots.push_back(Slot::Report(id));
+            }
         }
     }
     true
-}
-
-/// The sink of `POST /publish` lines: a publish that asks for acknowledgement is refused (its
-/// report would have to hold the response open for the timeout; not built yet), the rest go
-/// through.
-struct WithoutAcks<'a, S>(&'a mut S);
-
-/// The `error` of an acknowledged publish over HTTP.
-pub const NO_ACKS_OVER_HTTP: &str =
-    "ack is not available over HTTP yet: publish it on the publish socket";
-
-impl<S: Sink> Sink for WithoutAcks<'_, S> {
-    fn publish(
-        &mut self,
-        target: &Target<'_>,
-        data: &RawValue,
-        idem: Option<&str>,
-        ack: Option<AckAsk<'_>>,
-    ) -> Outcome {
-        match ack {
-            Some(_) => Outcome::Refused {
-                error: NO_ACKS_OVER_HTTP.into(),
-                retry: false,
-            },
-            None => self.0.publish(target, data, idem, None),
-        }
-    }
-
-    fn disconnect_user(&mut self, user: &str) -> Outcome {
-        self.0.disconnect_user(user)
-    }
-
-    fn has_capacity(&self) -> bool {
-        self.0.has_capacity()
-    }
 }

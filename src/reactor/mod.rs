@@ -378,7 +378,7 @@ impl Server {
             if let Some(publisher) = self.publishers.get_mut(key)
                 && publisher.serial == serial
             {
-                publisher.report(report.line);
+                publisher.report(&report.id, report.line);
                 self.on_publisher_ready(key);
             }
         }

@@ -46,6 +46,14 @@ test("an acknowledged publish resolves with the ack_report once the page acks", 
     (error) => error instanceof PublishError && error.code === "rejected" && /max_ack_timeout/.test(error.message),
   );
   await sidecast.close();
+  // Over HTTP the response waits for the report.
+  const overHttp = new Publisher({ url: server.url, key: KEY });
+  const reporting = overHttp.publish("order:ack", { status: "shipped" }, { ackTimeoutMs: 1500 });
+  const shipped = await page.next();
+  assert.equal(shipped.data.status, "shipped");
+  page.send({ type: "ack", channel: "order:ack", seq: shipped.seq });
+  const httpReport = await reporting;
+  assert.deepEqual([httpReport.type, httpReport.seq, httpReport.acked, httpReport.timedOut], ["ack_report", 2, 1, 1]);
   page.close();
   silent.close();
 });
