@@ -356,12 +356,7 @@ impl Server {
         let mut completions = std::mem::take(&mut self.completions);
         self.fanout.take_completions(&mut completions);
         for completion in completions.drain(..) {
-            let Some(PublisherRef { key, serial }) = completion.publisher else {
-                continue;
-            };
-            if let Some(publisher) = self.publishers.get_mut(key)
-                && publisher.serial == serial
-            {
+            if let Some((key, publisher)) = self.current_publisher(completion.publisher) {
                 publisher.complete(completion.ticket, &completion.outcome);
                 self.on_publisher_ready(key);
             }
@@ -372,17 +367,22 @@ impl Server {
         let mut reports = std::mem::take(&mut self.reports);
         self.fanout.take_ack_reports(&mut reports);
         for report in reports.drain(..) {
-            let Some(PublisherRef { key, serial }) = report.publisher else {
-                continue;
-            };
-            if let Some(publisher) = self.publishers.get_mut(key)
-                && publisher.serial == serial
-            {
+            if let Some((key, publisher)) = self.current_publisher(report.publisher) {
                 publisher.report(&report.id, report.line);
                 self.on_publisher_ready(key);
             }
         }
         self.reports = reports;
+    }
+
+    /// The publisher `publisher` names, if it is still connected, with its slab key.
+    fn current_publisher(
+        &mut self,
+        publisher: Option<PublisherRef>,
+    ) -> Option<(usize, &mut PublisherConn)> {
+        let PublisherRef { key, serial } = publisher?;
+        let conn = self.publishers.get_mut(key)?;
+        (conn.serial == serial).then_some((key, conn))
     }
 
     fn on_publisher_ready(&mut self, key: usize) {
