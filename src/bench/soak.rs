@@ -6,6 +6,9 @@
 //! - a **publisher**, once every steady subscriber is subscribed, publishes `rate` events per
 //!   second round robin over `channels` channels, each confirmed, and remembers the last seq
 //!   of every channel;
+//! - an **ack publisher** publishes two events a second with `ack` (1 s) beside it and checks
+//!   that each gets one report whose counts add up; the steady subscribers ack every such
+//!   event, the others never do;
 //! - **steady** subscribers each hold one channel and check every event's seq: a skipped seq
 //!   is lost, a repeated one duplicated. After a disconnect they resubscribe with `since`; a
 //!   resume the server answers with `recovered:false` is a *reported* gap (a restart makes
@@ -110,6 +113,16 @@ pub struct SoakReport {
     pub misbehaving_connections: u64,
     /// Server restarts in the middle of the run.
     pub restarts: u64,
+    /// Acknowledged publishes that got their report.
+    pub ack_reports: u64,
+    /// Deliveries those reports counted as acked, timed out, disconnected.
+    pub acked: u64,
+    /// See `acked`.
+    pub ack_timed_out: u64,
+    /// See `acked`.
+    pub ack_disconnected: u64,
+    /// Reports whose counts did not add up to `delivered` (must be 0).
+    pub ack_reports_wrong: u64,
     /// WebSocket closes by reason, as the server counted them (summed over restarts).
     pub disconnects: BTreeMap<String, u64>,
 }
@@ -126,6 +139,16 @@ struct Counters {
     not_recovered: AtomicU64,
     churn_cycles: AtomicU64,
     misbehaving: AtomicU64,
+}
+
+/// What the ack publisher's reports said.
+#[derive(Default)]
+struct AckCounts {
+    reports: u64,
+    acked: u64,
+    timed_out: u64,
+    disconnected: u64,
+    wrong: u64,
 }
 
 struct Shared {
@@ -186,6 +209,11 @@ pub fn run(
     }
     let flood = Arc::clone(&shared);
     threads.push(std::thread::spawn(move || flooder(&flood)));
+    let ack_publisher = {
+        let shared = Arc::clone(&shared);
+        let socket = socket.clone();
+        std::thread::spawn(move || publish_acked(&shared, &socket))
+    };
     let publisher = {
         let shared = Arc::clone(&shared);
         std::thread::spawn(move || publish(&shared, &socket))
@@ -223,6 +251,13 @@ pub fn run(
     }
     shared.publishing_done.store(true, Ordering::Relaxed);
     report.published = publisher.join().unwrap_or(0);
+    let acks = ack_publisher.join().unwrap_or_default();
+    report.published += acks.reports;
+    report.ack_reports = acks.reports;
+    report.acked = acks.acked;
+    report.ack_timed_out = acks.timed_out;
+    report.ack_disconnected = acks.disconnected;
+    report.ack_reports_wrong = acks.wrong;
     // The steady subscribers catch up with the last seqs (or give up at TAIL_DEADLINE).
     std::thread::sleep(READ_TIMEOUT);
     let tail = Instant::now();
@@ -264,6 +299,8 @@ impl SoakReport {
              lost {}  duplicated {}  (must both be 0)\n  \
              resumes: {} recovered, {} reported as a gap\n  \
              churn cycles {}, stalled/flooding connections {}, restarts {}\n  \
+             acknowledged publishes: {} reports, {} deliveries acked, {} timed out, {} \
+             disconnected; {} reports not adding up (must be 0)\n  \
              server RSS KiB: {}\n  server fds: {}\n  closes by reason:",
             self.published,
             self.steady_received,
@@ -274,6 +311,11 @@ impl SoakReport {
             self.churn_cycles,
             self.misbehaving_connections,
             self.restarts,
+            self.ack_reports,
+            self.acked,
+            self.ack_timed_out,
+            self.ack_disconnected,
+            self.ack_reports_wrong,
             range(&rss),
             range(&fds),
         );
@@ -284,6 +326,40 @@ impl SoakReport {
         out.push('\n');
         out
     }
+}
+
+/// Publishes two acknowledged events a second, round robin, until the run ends (a restart
+/// breaks the connection: the report of the publish under way is lost with it, and the next
+/// one goes to the restarted server); returns what their reports said.
+fn publish_acked(shared: &Shared, socket: &PathBuf) -> AckCounts {
+    let plan = &shared.plan;
+    let mut counts = AckCounts::default();
+    let mut publisher = None;
+    let mut n = 0u64;
+    while !shared.publishing_done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(500));
+        let Some(p) = publisher.as_mut() else {
+            publisher = Publisher::connect(socket).ok();
+            continue;
+        };
+        let channel = (n % plan.channels as u64) as usize;
+        let data = json!({ "acked": n });
+        match p.publish_acked(&channel_name(channel), &data, Duration::from_secs(1)) {
+            Ok(report) => {
+                n += 1;
+                let mut last = shared.last_seq.lock().expect("not poisoned");
+                last[channel] = last[channel].max(report.seq);
+                counts.reports += 1;
+                counts.acked += report.acked as u64;
+                counts.timed_out += report.timed_out as u64;
+                counts.disconnected += report.disconnected as u64;
+                let sum = report.acked + report.timed_out + report.disconnected;
+                counts.wrong += u64::from(sum != report.delivered);
+            }
+            Err(_) => publisher = None,
+        }
+    }
+    counts
 }
 
 /// Publishes round robin until the run ends; returns how many the server confirmed.
@@ -445,6 +521,10 @@ fn steady(shared: &Shared, channel: usize) {
                 Ok(Some(event)) if event["type"] == "event" => {
                     counters.steady_received.fetch_add(1, Ordering::Relaxed);
                     on_event(&event, &mut at, counters);
+                    if event["ack"] == true {
+                        let ack = json!({"type": "ack", "channel": event["channel"], "seq": event["seq"]});
+                        let _ = ws.send(Message::text(ack.to_string()));
+                    }
                 }
                 Ok(_) => {}
                 Err(_) => break, // the server went away: resume on the next connection
