@@ -129,9 +129,14 @@ export declare class Sidecast {
   /** The authenticated user (the token's `sub`) once connected; null with authentication off. */
   readonly userId: string | null;
   on<K extends keyof SidecastEvents>(event: K, listener: (value: SidecastEvents[K]) => void): () => void;
+  /**
+   * Calls `onEvent` for each event on `channel`, in order, once each. An event published with
+   * `ack` is acknowledged once `onEvent` returns without throwing, or once the Promise it
+   * returns resolves (with `manualAck`: once `meta.ack()` is called).
+   */
   subscribe<T = Json>(
     channel: string,
-    onEvent: (data: T, meta: EventMeta) => void | Promise<unknown>,
+    onEvent: (data: T, meta: EventMeta) => unknown,
     options?: SubscribeOptions,
   ): Subscription;
   close(): void;
