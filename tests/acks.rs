@@ -227,6 +227,12 @@ fn no_page_gets_a_report_at_once_and_acks_no_one_asked_for_are_ignored() {
     let reply = publish(&mut worker, command);
     assert_eq!(reply["delivered"], 0);
     assert_eq!(counts(&worker.reply()), [0, 0, 0, 0]);
+    // Without history either (nothing keeps the frame): still reported at once.
+    let bare = TestServer::start_with(|c| c.history_size = 0);
+    let mut worker = bare.publisher();
+    let command = json!({"id": 4, "channel": "nobody:here", "data": 1, "ack": {"timeout": "30s"}});
+    assert_eq!(publish(&mut worker, command)["delivered"], 0);
+    assert_eq!(counts(&worker.reply()), [0, 0, 0, 0]);
 
     let mut page = server.ws();
     page.subscribe("a");

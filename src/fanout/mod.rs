@@ -300,12 +300,15 @@ impl Fanout {
             _ => &[],
         };
         self.pass.deliveries += (subscribers.len() + tabs.len()).max(1);
-        if subscribers.is_empty() && tabs.is_empty() && !self.engine.keeps_frames(channel) {
-            return;
-        }
         let asked = from.and_then(|op| self.ops.ack_of(op));
         let ack =
             asked.map(|(asker, deadline)| self.acks.open(asker, channel, entry.seq, deadline));
+        if subscribers.is_empty() && tabs.is_empty() && !self.engine.keeps_frames(channel) {
+            if let Some(key) = ack {
+                self.acks.all_queued(key); // nobody to wait for: reported at once
+            }
+            return;
+        }
         let target = match ack {
             Some(_) => EventTarget::Acked(channel, entry.seq),
             None => EventTarget::Channel(channel, entry.seq),
