@@ -164,7 +164,15 @@ fn compressed_client_messages_are_inflated_fragmented_or_not() {
     // Plain messages still work on a compressing connection.
     ws.send(&json!({"type": "ping", "id": 3}), false);
     assert_eq!(ws.recv()["type"], "pong");
-    assert_eq!(server.health()["channels"], 5);
+
+    // A compressed message sent with the request, before the 101, is read first.
+    let early = json!({"type": "subscribe", "channel": "f", "id": 4}).to_string();
+    let frame = common::deflate::masked(0xC1, &common::deflate::deflate(early.as_bytes()));
+    let mut eager = DeflateWs::connect_sending(server.addr, Some(CHROMIUM), &frame);
+    assert_eq!(eager.agreed.as_deref(), Some(AGREED));
+    assert_eq!(eager.recv()["type"], "connected");
+    assert_eq!(eager.recv()["channel"], "f");
+    assert_eq!(server.health()["channels"], 6);
 }
 
 #[test]

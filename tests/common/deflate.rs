@@ -81,17 +81,24 @@ pub struct DeflateWs {
 impl DeflateWs {
     /// Upgrades on `/ws`, offering `offer` (a `Sec-WebSocket-Extensions` value) if any.
     pub fn connect(addr: SocketAddr, offer: Option<&str>) -> DeflateWs {
+        DeflateWs::connect_sending(addr, offer, &[])
+    }
+
+    /// Like `connect`, sending `early` (client frames) in the same write as the request, as a
+    /// client that does not wait for the 101 would.
+    pub fn connect_sending(addr: SocketAddr, offer: Option<&str>, early: &[u8]) -> DeflateWs {
         let mut stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
         let offer = offer
             .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
             .unwrap_or_default();
-        write!(
-            stream,
+        let mut request = format!(
             "GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{offer}\r\n"
         )
-        .unwrap();
+        .into_bytes();
+        request.extend_from_slice(early);
+        stream.write_all(&request).unwrap();
         let mut head = Vec::new();
         let mut byte = [0u8];
         while !head.ends_with(b"\r\n\r\n") {
@@ -114,24 +121,32 @@ impl DeflateWs {
 
     /// Sends one masked frame with this first byte.
     pub fn send_frame(&mut self, first: u8, payload: &[u8]) {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut frame = vec![first];
-        match payload.len() {
-            len @ 0..=125 => frame.push(0x80 | len as u8),
-            len @ 126..=65535 => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(len as u16).to_be_bytes());
-            }
-            len => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(len as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let frame = masked(first, payload);
         self.stream.write_all(&frame).unwrap();
     }
+}
 
+/// One masked client frame with this first byte.
+pub fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![first];
+    match payload.len() {
+        len @ 0..=125 => frame.push(0x80 | len as u8),
+        len @ 126..=65535 => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+impl DeflateWs {
     /// Sends a JSON message in one text frame, compressed or not.
     pub fn send(&mut self, value: &Value, compressed: bool) {
         let text = value.to_string();
