@@ -23,6 +23,8 @@ use crate::ws::deflate::Inflater;
 pub enum Seen {
     /// `subscribed`, with the channel's sequence number at that moment.
     Subscribed(u64),
+    /// An ack of this seq of its channel was queued, to be written at the end of this read.
+    Acked(u64),
     /// An event with the publish timestamp `t` from its data.
     Event {
         /// Microseconds since the bench started, written by the publisher.
@@ -370,6 +372,7 @@ impl BenchConn {
             };
             if ack {
                 self.ack(seq);
+                seen(Seen::Acked(seq));
             }
             return self.on_event(seq, sent_us, seen);
         }
@@ -388,6 +391,7 @@ impl BenchConn {
                 if let (Some(seq), Some(sent_us)) = (seq, message["data"]["t"].as_u64()) {
                     if message["ack"] == true {
                         self.ack(seq);
+                        seen(Seen::Acked(seq));
                     }
                     self.on_event(seq, sent_us, seen);
                 }

@@ -19,7 +19,7 @@ pub mod report;
 pub mod soak;
 pub mod spawn;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -276,6 +276,12 @@ struct Runner {
 struct AckTally {
     /// Publish → report, in microseconds (a report's id is its publish's timestamp).
     latency: Histogram<u64>,
+    /// The last client's ack (written) → the report, in microseconds.
+    after_last_ack: Histogram<u64>,
+    /// When the last ack of each (channel, seq) awaiting its report was written.
+    last_ack_us: HashMap<(usize, u64), u64>,
+    /// Acks queued during the current client's read, written at its end.
+    acked_now: Vec<u64>,
     /// Reports read.
     reports: u64,
     /// Deliveries acked, and not (timed out or disconnected).
@@ -320,6 +326,9 @@ pub fn run(plan: &Plan, target: &Target, progress: bool) -> io::Result<Report> {
         ack: plan.ack,
         acks: AckTally {
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+            after_last_ack: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+            last_ack_us: HashMap::new(),
+            acked_now: Vec::new(),
             reports: 0,
             acked: 0,
             unacked: 0,
@@ -437,6 +446,7 @@ impl Runner {
         let channel = conn.channel;
         let base_seq = &mut self.base_seq;
         let histogram = &mut self.histogram;
+        let acked_now = &mut self.acks.acked_now;
         let (subscribed, received, lost, duplicated) = (
             &mut self.subscribed,
             &mut self.received,
@@ -448,6 +458,7 @@ impl Runner {
                 *subscribed += 1;
                 base_seq[channel].get_or_insert(seq);
             }
+            Seen::Acked(seq) => acked_now.push(seq),
             Seen::Event {
                 sent_us,
                 skipped,
@@ -465,6 +476,11 @@ impl Runner {
         match result {
             Ok(read) => self.bytes_received += read as u64,
             Err(failure) => self.fail(key, failure),
+        }
+        // The read ended with a write of the acks it queued.
+        let written_us = self.start.elapsed().as_micros() as u64;
+        for seq in self.acks.acked_now.drain(..) {
+            self.acks.last_ack_us.insert((channel, seq), written_us);
         }
     }
 
@@ -489,6 +505,7 @@ impl Runner {
     ) -> io::Result<StepReport> {
         self.histogram.reset();
         self.acks.latency.reset();
+        self.acks.after_last_ack.reset();
         let acks_before = (self.acks.acked, self.acks.unacked);
         let received_before = self.received;
         let bytes_before = self.bytes_received;
@@ -545,15 +562,16 @@ impl Runner {
             max: h.max(),
         };
         let acks = self.ack.map(|_| {
-            let h = &self.acks.latency;
+            let percentiles = |h: &Histogram<u64>| Percentiles {
+                p50: h.value_at_quantile(0.5),
+                p90: h.value_at_quantile(0.9),
+                p99: h.value_at_quantile(0.99),
+                p999: h.value_at_quantile(0.999),
+                max: h.max(),
+            };
             AckFigures {
-                report_us: Percentiles {
-                    p50: h.value_at_quantile(0.5),
-                    p90: h.value_at_quantile(0.9),
-                    p99: h.value_at_quantile(0.99),
-                    p999: h.value_at_quantile(0.999),
-                    max: h.max(),
-                },
+                report_us: percentiles(&self.acks.latency),
+                after_last_ack_us: percentiles(&self.acks.after_last_ack),
                 acked: self.acks.acked - acks_before.0,
                 unacked: self.acks.unacked - acks_before.1,
             }
@@ -672,6 +690,17 @@ impl Runner {
                 tally.unacked += count("timedOut") + count("disconnected");
                 let sent_us = count("id");
                 let _ = tally.latency.record(now_us.saturating_sub(sent_us).max(1));
+                let channel = report["channel"]
+                    .as_str()
+                    .and_then(|c| c.strip_prefix("bench:"));
+                let key = channel
+                    .and_then(|c| c.parse().ok())
+                    .map(|c| (c, count("seq")));
+                if let Some(last) = key.and_then(|key| tally.last_ack_us.remove(&key)) {
+                    let _ = tally
+                        .after_last_ack
+                        .record(now_us.saturating_sub(last).max(1));
+                }
             }
             tally.partial.drain(..complete);
         }

@@ -40,6 +40,8 @@ pub struct StepReport {
 pub struct AckFigures {
     /// Publish → report percentiles, in microseconds.
     pub report_us: Percentiles,
+    /// From the write of the last page's ack to the report, in microseconds.
+    pub after_last_ack_us: Percentiles,
     /// Deliveries the pages acked.
     pub acked: u64,
     /// Deliveries not acked (timed out or disconnected).
@@ -156,12 +158,16 @@ impl Report {
             out += &format!("  bench {:.0}% core", s.bench_cpu_fraction * 100.0);
             if let Some(acks) = &s.acks {
                 let r = &acks.report_us;
+                let a = &acks.after_last_ack_us;
                 out += &format!(
-                    "\n         ack reports: p50 {:.2} ms  p90 {:.2}  p99 {:.2}  max {:.2}; {} deliveries acked, {} not",
+                    "\n         ack reports: p50 {:.2} ms  p90 {:.2}  p99 {:.2}  max {:.2} after the publish, \
+                     p50 {:.2} ms  p99 {:.2} after the last ack; {} deliveries acked, {} not",
                     ms(r.p50),
                     ms(r.p90),
                     ms(r.p99),
                     ms(r.max),
+                    ms(a.p50),
+                    ms(a.p99),
                     acks.acked,
                     acks.unacked
                 );
