@@ -297,7 +297,7 @@ impl Metrics {
                 metric(
                     "sidecast_redis_primary_switches_total",
                     "counter",
-                    "Under Sentinel: promotions the Sentinels announced (+switch-master).",
+                    "Under Sentinel: times the primary this node uses changed (announced by +switch-master, or found by asking after the old one failed).",
                     redis.switches,
                 );
             }

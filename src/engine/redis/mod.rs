@@ -565,8 +565,8 @@ impl Engine for RedisEngine {
     fn on_ready(&mut self, key: usize, now: Tick) {
         if key == SENTINEL_KEY {
             let named = self.sentinels.as_mut().map(|s| s.on_ready(now));
-            for name in named.unwrap_or_default() {
-                self.follow_primary(&name.addr, now);
+            for addr in named.unwrap_or_default() {
+                self.follow_primary(&addr, now);
             }
             return;
         }

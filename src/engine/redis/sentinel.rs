@@ -8,9 +8,10 @@
 //! fails, does not answer or does not know the name is left for the next one in the list,
 //! with the shards' backoff.
 //!
-//! Invariants: `primary` is the address the Sentinels named last; each answer and each
-//! `+switch-master` for our name is handed to the engine as a `Named`, in order, and the
-//! engine alone decides what it changes; time is the reactor's `Tick`.
+//! Invariants: `primary` is the address the Sentinels named last, and `switches` counts its
+//! changes; each answer and each `+switch-master` for our name is handed to the engine as an
+//! address, in order, and the engine alone decides what it changes; time is the reactor's
+//! `Tick`.
 
 use mio::{Registry, Token};
 
@@ -38,15 +39,6 @@ impl Expected for Asked {
             && parts.first().and_then(resp::text) == Some("subscribe")
             && parts.get(1).and_then(resp::text) == Some(SWITCH_MASTER)
     }
-}
-
-/// A primary the Sentinels named.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) struct Named {
-    /// Its `host:port`.
-    pub addr: String,
-    /// Announced as a switch (`+switch-master`), rather than asked for.
-    pub switched: bool,
 }
 
 /// Who to ask, and how.
@@ -137,8 +129,8 @@ impl Sentinels {
         }
     }
 
-    /// Readiness on the Sentinel's socket: the primaries it named, in order.
-    pub fn on_ready(&mut self, now: Tick) -> Vec<Named> {
+    /// Readiness on the Sentinel's socket: the primaries it named (`host:port`), in order.
+    pub fn on_ready(&mut self, now: Tick) -> Vec<String> {
         let Some(link) = &mut self.link else {
             return Vec::new();
         };
@@ -154,10 +146,7 @@ impl Sentinels {
                 }
                 Incoming::Reply(Asked::Switches, _) => {}
                 Incoming::Reply(Asked::Primary, frame) => match primary_of(&frame) {
-                    Some(addr) => named.push(Named {
-                        addr,
-                        switched: false,
-                    }),
+                    Some(addr) => named.push(addr),
                     None => {
                         refused = refused.or(Some(format!(
                             "knows no primary named {:?}",
@@ -167,19 +156,19 @@ impl Sentinels {
                 },
                 Incoming::Push(frame) => {
                     if let Some(addr) = switch_of(&frame, &self.settings.master_name) {
-                        named.push(Named {
-                            addr,
-                            switched: true,
-                        });
+                        named.push(addr);
                     }
                 }
             }
         }
-        for name in &named {
-            if name.switched {
+        for addr in &named {
+            // A switch is a new primary, however the node learned of it: the +switch-master
+            // push, or the answer to its question after the old primary failed (the push
+            // may come later, or be lost with a Sentinel connection).
+            if self.primary.as_ref().is_some_and(|known| known != addr) {
                 self.switches += 1;
             }
-            self.primary = Some(name.addr.clone());
+            self.primary = Some(addr.clone());
             self.backoff = self.min_backoff;
         }
         if let Some(why) = refused.or(result.err()) {
