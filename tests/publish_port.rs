@@ -220,6 +220,46 @@ fn a_burst_over_the_per_pass_budget_is_carried_over_without_loss() {
 }
 
 #[test]
+fn a_worker_that_pipelines_faster_than_it_reads_is_slowed_down_not_cut_off() {
+    // 200,000 confirmed publishes written at once: about 10 MB of replies, ten times
+    // max_output_buffer. The worker reads them only after a while, then all of them.
+    let server = TestServer::start();
+    let socket = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    let mut writer = socket.try_clone().unwrap();
+    let writing = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut lines = String::new();
+        for n in 1..=200_000 {
+            lines.push_str(&format!(
+                "{{\"id\":{n},\"channel\":\"fast\",\"data\":{n}}}\n"
+            ));
+        }
+        writer.write_all(lines.as_bytes()).unwrap();
+    });
+    // Until the worker reads, the server stops reading it, rather than closing it.
+    server.wait_until("the replies pile up", |s| {
+        s.metric("sidecast_events_published_total") >= 10_000
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200)); // the worker is busy
+    let published = server.metric("sidecast_events_published_total");
+    assert!(
+        published < 200_000,
+        "read on without the worker reading: {published}"
+    );
+    let mut replies = std::io::BufReader::new(socket);
+    for n in 1..=200_000u64 {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut replies, &mut line).unwrap();
+        let reply: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{n}: {line:?}"));
+        assert_eq!(
+            (reply["id"].as_u64(), reply["seq"].as_u64()),
+            (Some(n), Some(n))
+        );
+    }
+    writing.join().unwrap();
+}
+
+#[test]
 fn a_reply_counts_the_connections_a_publish_skipped_as_too_slow() {
     let server = TestServer::start_with(|c| {
         c.max_output_buffer = 64 * 1024;
