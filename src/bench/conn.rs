@@ -174,7 +174,7 @@ impl BenchConn {
         let pending = match transport {
             Transport::WebSocket => {
                 let request = format!(r#"{{"type":"subscribe","channel":"{channel_name}"}}"#);
-                masked_frame(0x1, request.as_bytes(), &mut subscribe);
+                masked_frame(0x81, request.as_bytes(), &mut subscribe);
                 let offer = if deflate {
                     "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
                 } else {
@@ -335,7 +335,7 @@ impl BenchConn {
                     let text = inflate.text(payload)?;
                     self.on_text(text, seen);
                 }
-                0x9 => masked_frame(0xA, payload, &mut self.pending),
+                0x9 => masked_frame(0x8A, payload, &mut self.pending),
                 0xA => {}
                 0x8 => {
                     let code = payload
@@ -411,7 +411,7 @@ impl BenchConn {
             self.channel_name
         );
         let len = 200 - rest.len();
-        masked_frame(0x1, &message[..len], &mut self.pending);
+        masked_frame(0x81, &message[..len], &mut self.pending);
     }
 
     fn on_event(&mut self, seq: u64, sent_us: u64, seen: &mut impl FnMut(Seen)) {
@@ -464,11 +464,12 @@ fn parse_frame(bytes: &[u8]) -> Result<Option<FrameAt>, ConnFailure> {
     }))
 }
 
-/// Appends a masked client frame (RFC 6455 5.3). The fixed mask is fine for a load generator:
-/// masking protects intermediaries, not the benchmark.
-pub fn masked_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
+/// Appends a masked client frame (RFC 6455 5.3) whose first byte (FIN, RSV bits, opcode) is
+/// `first`. The fixed mask is fine for a load generator: masking protects intermediaries, not
+/// the benchmark.
+pub fn masked_frame(first: u8, payload: &[u8], out: &mut Vec<u8>) {
     const MASK: [u8; 4] = [0x5a, 0x17, 0xc3, 0x2e];
-    out.push(0x80 | opcode);
+    out.push(first);
     match payload.len() {
         n if n < 126 => out.push(0x80 | n as u8),
         n if n <= 0xffff => {
@@ -519,7 +520,7 @@ mod tests {
     #[test]
     fn masked_frames_unmask_to_the_payload() {
         let mut out = Vec::new();
-        masked_frame(0x1, b"hello", &mut out);
+        masked_frame(0x81, b"hello", &mut out);
         assert_eq!(out[0], 0x81);
         assert_eq!(out[1], 0x80 | 5);
         let mask = [out[2], out[3], out[4], out[5]];

@@ -217,7 +217,7 @@ impl Acks {
 
     /// A retry of the acknowledged publish made under `idem`: when that one still awaits its
     /// pages, the retry gets the same report (true); otherwise false, and the retry gets a
-    /// report of its own at once, saying it is a duplicate ([`AckTally::duplicate`]).
+    /// report of its own at once, saying it is a duplicate ([`duplicate`](Self::duplicate)).
     pub fn join(&mut self, idem: &str, publisher: Option<PublisherRef>, id: &str) -> bool {
         let Some(&slot) = self.by_idem.get(idem) else {
             return false;
@@ -235,13 +235,10 @@ impl Acks {
         channel: &str,
         seq: u64,
     ) {
-        let line = format!(
-            "{{\"id\":{id},\"type\":\"ack_report\",\"channel\":\"{channel}\",\"seq\":{seq},\"duplicate\":true}}\n"
-        );
-        let id = id.into();
+        let line = report_line(id, channel, seq, None);
         self.reports.push(AckReport {
             publisher,
-            id,
+            id: id.into(),
             line,
         });
     }
@@ -342,14 +339,9 @@ impl Acks {
             self.by_idem.remove(idem);
         }
         self.reports_sent += 1;
+        let counts = [p.delivered, p.acked, p.timed_out, p.disconnected];
         for (publisher, id) in p.recipients {
-            let mut line = String::with_capacity(160);
-            let _ = writeln!(
-                line,
-                "{{\"id\":{id},\"type\":\"ack_report\",\"channel\":\"{}\",\"seq\":{},\"delivered\":{},\
-                 \"acked\":{},\"timedOut\":{},\"disconnected\":{}}}",
-                p.channel, p.seq, p.delivered, p.acked, p.timed_out, p.disconnected
-            );
+            let line = report_line(&id, &p.channel, p.seq, Some(counts));
             self.reports.push(AckReport {
                 publisher,
                 id,
@@ -369,6 +361,21 @@ impl Acks {
             .get_mut(key.slot as usize)
             .filter(|p| p.serial == key.serial)
     }
+}
+
+/// An `ack_report` line: with its counts (delivered, acked, timed out, disconnected), or for
+/// a retry of a publish already reported, `"duplicate":true` instead.
+fn report_line(id: &str, channel: &str, seq: u64, counts: Option<[usize; 4]>) -> String {
+    let mut line =
+        format!("{{\"id\":{id},\"type\":\"ack_report\",\"channel\":\"{channel}\",\"seq\":{seq}");
+    let _ = match counts {
+        Some([delivered, acked, timed_out, disconnected]) => writeln!(
+            line,
+            ",\"delivered\":{delivered},\"acked\":{acked},\"timedOut\":{timed_out},\"disconnected\":{disconnected}}}"
+        ),
+        None => writeln!(line, ",\"duplicate\":true}}"),
+    };
+    line
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@
 //! - [`clients`]: the connection slab and its dirty list.
 //! - [`sessions`]: opening and ending sessions, their verdicts, joins.
 //! - [`ops`]: publishes in flight and their answers; the [`Serving`] sink.
+//! - [`acks`]: acknowledged events awaiting their pages, and their reports.
 //!
 //! Invariants: a connection is in the hub, the user index and the `connections` gauge exactly
 //! while its session is open; [`Fanout::end`] takes it out of all three, once. A connection

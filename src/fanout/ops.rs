@@ -195,14 +195,10 @@ impl Fanout {
             && let Some(first) = self.engine.recall(key, now)
         {
             self.metrics.publish_duplicates += 1;
-            if let (Some((id, _)), Seqs::One(seq)) = (&ack, &first.seqs)
+            if let (Some((id, _)), Seqs::One(seq), Some(channel)) =
+                (&ack, &first.seqs, target.channel_name())
                 && !self.acks.join(key, from, id)
             {
-                let channel = match target {
-                    Target::User(user) => user_channel(user),
-                    Target::Channel(channel) => channel.to_string(),
-                    _ => unreachable!("an ack publish has one channel"),
-                };
                 self.acks.duplicate(from, id, &channel, *seq);
             }
             return Outcome::Done(Published {

@@ -24,6 +24,17 @@ pub enum Target<'a> {
     User(Cow<'a, str>),
 }
 
+impl Target<'_> {
+    /// The one channel the event goes to (`user:<id>` for a user), when it has one.
+    pub fn channel_name(&self) -> Option<Cow<'_, str>> {
+        match self {
+            Target::Channel(channel) => Some(Cow::Borrowed(channel)),
+            Target::User(user) => Some(Cow::Owned(user_channel(user))),
+            Target::Channels(_) | Target::Broadcast => None,
+        }
+    }
+}
+
 /// What a command does.
 #[derive(Debug)]
 pub enum Action<'a> {

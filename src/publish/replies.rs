@@ -54,12 +54,18 @@ impl Replies {
 
     /// A line that answers no command of its own (an ack report), wanted, after the others.
     pub fn push_line(&mut self, line: String) {
+        let slot = self.ready_line(line);
+        self.slots.push_back(slot);
+    }
+
+    /// A wanted, successful line ready to go out, counted in `bytes`.
+    fn ready_line(&mut self, line: String) -> Slot {
         self.bytes += line.len();
-        self.slots.push_back(Slot::Ready(Reply {
+        Slot::Ready(Reply {
             line,
             ok: true,
             wanted: true,
-        }));
+        })
     }
 
     /// Fills in the answer to `ticket`; false when it is not one of these.
@@ -95,17 +101,12 @@ impl Replies {
     pub fn fill_report(&mut self, id: &str, line: &str) -> bool {
         let kept = self
             .slots
-            .iter_mut()
-            .find(|s| matches!(s, Slot::Report(kept) if **kept == *id));
-        let Some(slot) = kept else {
+            .iter()
+            .position(|s| matches!(s, Slot::Report(kept) if **kept == *id));
+        let Some(at) = kept else {
             return false;
         };
-        self.bytes += line.len();
-        *slot = Slot::Ready(Reply {
-            line: line.into(),
-            ok: true,
-            wanted: true,
-        });
+        self.slots[at] = self.ready_line(line.into());
         true
     }
 

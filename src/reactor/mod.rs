@@ -375,6 +375,12 @@ impl Server {
         self.reports = reports;
     }
 
+    /// Unread reply bytes past which a publisher is not read (half of `max_output_buffer`,
+    /// past which it is closed).
+    fn reply_backlog(&self) -> usize {
+        self.config.max_output_buffer / 2
+    }
+
     /// The publisher `publisher` names, if it is still connected, with its slab key.
     fn current_publisher(
         &mut self,
@@ -386,6 +392,7 @@ impl Server {
     }
 
     fn on_publisher_ready(&mut self, key: usize) {
+        let reply_backlog = self.reply_backlog();
         let Some(publisher) = self.publishers.get_mut(key) else {
             return;
         };
@@ -396,7 +403,7 @@ impl Server {
         } else {
             let rules = PortRules {
                 max_line: self.config.max_publish_line,
-                reply_backlog: self.config.max_output_buffer / 2,
+                reply_backlog,
                 http: HttpRules {
                     max_head: self.config.max_header_size,
                     max_body: self.config.max_publish_line,
@@ -432,7 +439,7 @@ impl Server {
             // The replies it has not read wait in the kernel (its writability brings the
             // publisher back), or went out just now: then read on next pass.
             ReadStatus::Backlogged => {
-                let sent = publisher.queued() < self.config.max_output_buffer / 2;
+                let sent = publisher.queued() < reply_backlog;
                 if sent && !self.paused_publishers.contains(&key) {
                     self.paused_publishers.push(key);
                 }

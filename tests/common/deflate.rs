@@ -126,23 +126,10 @@ impl DeflateWs {
     }
 }
 
-/// One masked client frame with this first byte.
+/// One masked client frame with this first byte (FIN, RSV bits, opcode).
 pub fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut frame = vec![first];
-    match payload.len() {
-        len @ 0..=125 => frame.push(0x80 | len as u8),
-        len @ 126..=65535 => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        len => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&mask);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut frame = Vec::with_capacity(payload.len() + 14);
+    sidecast::bench::conn::masked_frame(first, payload, &mut frame);
     frame
 }
 
