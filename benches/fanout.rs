@@ -41,6 +41,7 @@ fn subscribed(subscribers: usize) -> Fanout {
         max_pending_acks: 10_000,
         max_unacked_per_connection: 100,
         max_ack_timeout: std::time::Duration::from_secs(60),
+        ack_grace: std::time::Duration::ZERO,
     };
     let history = HistoryLimits {
         size: 100,
@@ -53,7 +54,7 @@ fn subscribed(subscribers: usize) -> Fanout {
         window: 0,
     };
     let engine = MemoryEngine::new(history, idempotency);
-    let mut fanout = Fanout::new(Box::new(engine), None, settings);
+    let mut fanout = Fanout::new(Box::new(engine), None, settings, "bench");
     let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     let addr = listener.local_addr().expect("bound");
     let subscribe = r#"{"type":"subscribe","channel":"project:42"}"#;

@@ -203,8 +203,8 @@ fn publish_one(
             let line = match ack {
                 Some(timeout) => p.publish_acked(channel, data, timeout).map(|r| {
                     format!(
-                        "{{\"type\":\"ack_report\",\"seq\":{},\"delivered\":{},\"acked\":{},\"timedOut\":{},\"disconnected\":{}}}",
-                        r.seq, r.delivered, r.acked, r.timed_out, r.disconnected
+                        "{{\"type\":\"ack_report\",\"seq\":{},\"delivered\":{},\"acked\":{},\"timedOut\":{},\"disconnected\":{},\"lost\":{},\"nodes\":{},\"nodesLost\":{}}}",
+                        r.seq, r.delivered, r.acked, r.timed_out, r.disconnected, r.lost, r.nodes, r.nodes_lost
                     )
                 }),
                 None => p.publish_confirmed(channel, data).map(|ack| {

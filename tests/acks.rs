@@ -6,7 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RawPublisher, TestServer, Ws};
+use common::redis::{Node, RedisServer, wait_for};
+use common::{PATIENCE, RawPublisher, TestServer, Ws};
 use serde_json::{Value, json};
 use sidecast::auth::JwtKey;
 
@@ -38,22 +39,48 @@ fn ack(ws: &mut Ws, channel: &str, seq: u64) {
     ws.send(json!({"type": "ack", "channel": channel, "seq": seq}));
 }
 
-/// The counts of a report, in order: delivered, acked, timedOut, disconnected.
+/// The counts of a report on one node, in order: delivered, acked, timedOut, disconnected.
 #[track_caller]
 fn counts(report: &Value) -> [u64; 4] {
+    let [
+        delivered,
+        acked,
+        timed_out,
+        disconnected,
+        lost,
+        nodes,
+        nodes_lost,
+    ] = outcome(report);
+    assert_eq!((lost, nodes, nodes_lost), (0, 1, 0), "one node: {report}");
+    [delivered, acked, timed_out, disconnected]
+}
+
+/// Every number of a report, in order: delivered, acked, timedOut, disconnected, lost, nodes,
+/// nodesLost; checked to add up.
+#[track_caller]
+fn outcome(report: &Value) -> [u64; 7] {
     assert_eq!(report["type"], "ack_report", "{report}");
     let n = |k: &str| {
         report[k]
             .as_u64()
             .unwrap_or_else(|| panic!("{k} in {report}"))
     };
-    let counts = [n("delivered"), n("acked"), n("timedOut"), n("disconnected")];
+    let all = [
+        "delivered",
+        "acked",
+        "timedOut",
+        "disconnected",
+        "lost",
+        "nodes",
+        "nodesLost",
+    ]
+    .map(n);
     assert_eq!(
-        counts[0],
-        counts[1] + counts[2] + counts[3],
+        all[0],
+        all[1] + all[2] + all[3] + all[4],
         "adds up: {report}"
     );
-    counts
+    all
 }
 
 fn subscribers(server: &TestServer, channel: &str, n: usize) -> Vec<Ws> {
@@ -397,6 +424,7 @@ fn the_rust_publisher_waits_for_the_report() {
         (report.seq, report.delivered, report.acked, report.timed_out),
         (1, 1, 1, 0)
     );
+    assert_eq!((report.lost, report.nodes, report.nodes_lost), (0, 1, 0));
     drop(pages.join().unwrap());
     let refused = publisher.publish_acked("job:7", &done, Duration::from_secs(600));
     assert!(
@@ -418,4 +446,142 @@ fn a_flood_of_acks_is_rate_limited_like_any_message() {
     let error = page.recv();
     assert_eq!(error["code"], "rate_limited", "{error}");
     assert_eq!(error["channel"], "c");
+}
+
+// ---- across nodes, with a real Redis ----
+
+/// A page on `node` subscribed to `channel`.
+fn page_on(node: &Node, channel: &str) -> Ws {
+    let mut ws = node.ws();
+    ws.subscribe(channel);
+    ws
+}
+
+#[test]
+fn one_report_counts_the_pages_of_every_node_and_a_page_that_resumed_on_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let urls = [redis.url()];
+    let (a, b) = (Node::start(&urls, &[]), Node::start(&urls, &[]));
+    let mut on_a = a.ws();
+    let epoch = on_a.subscribe("job:1")["epoch"].clone();
+    let mut on_b: Vec<Ws> = (0..2).map(|_| page_on(&b, "job:1")).collect();
+    let mut worker = a.publisher();
+
+    // Every page on both nodes acks: the report comes with the last ack, long before the
+    // timeout, and says both nodes took part.
+    let command = json!({"id": 1, "channel": "job:1", "data": "done", "ack": {"timeout": "60s"}});
+    let reply = publish(&mut worker, command);
+    assert_eq!(
+        (reply["ok"].as_bool(), reply["nodes"].as_u64()),
+        (Some(true), Some(2)),
+        "{reply}"
+    );
+    let started = Instant::now();
+    for page in std::iter::once(&mut on_a).chain(&mut on_b) {
+        acked_event(page, "job:1", 1);
+        ack(page, "job:1", 1);
+    }
+    let report = worker.reply();
+    assert!(
+        started.elapsed() < PATIENCE,
+        "with the last ack, not at the timeout"
+    );
+    assert_eq!(outcome(&report), [3, 3, 0, 0, 0, 2, 0], "{report}");
+    assert_eq!(report["id"], 1);
+
+    // A page on B closes before acking and resumes on A, where it acks the replayed event:
+    // it counts as acked, once B's wait ends. Another page on B never answers.
+    let command =
+        json!({"id": 2, "channel": "job:1", "data": "again", "ack": {"timeout": "1500ms"}});
+    let started = Instant::now();
+    publish(&mut worker, command);
+    acked_event(&mut on_a, "job:1", 2);
+    ack(&mut on_a, "job:1", 2);
+    acked_event(&mut on_b[1], "job:1", 2);
+    let mut leaving = on_b.remove(0);
+    acked_event(&mut leaving, "job:1", 2);
+    drop(leaving);
+    wait_for("B sees the page leave", PATIENCE, || {
+        b.metric("sidecast_connections") == 1
+    });
+    let mut resumed = a.ws();
+    let since =
+        json!({"type": "subscribe", "channel": "job:1", "since": {"seq": 1, "epoch": epoch}});
+    resumed.send(since);
+    let subscribed = resumed.recv();
+    assert_eq!(subscribed["recovered"], true, "{subscribed}");
+    acked_event(&mut resumed, "job:1", 2);
+    ack(&mut resumed, "job:1", 2);
+    let report = worker.reply();
+    let waited = started.elapsed();
+    assert_eq!(outcome(&report), [3, 2, 1, 0, 0, 2, 0], "{report}");
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "B's silent page holds it: {waited:?}"
+    );
+
+    // A retry under the same idem key on the other node publishes nothing and is told so.
+    let first =
+        json!({"id": 3, "channel": "job:9", "idem": "k", "data": 1, "ack": {"timeout": "1s"}});
+    publish(&mut worker, first);
+    let mut retrier = b.publisher();
+    let retry =
+        json!({"id": 4, "channel": "job:9", "idem": "k", "data": 1, "ack": {"timeout": "1s"}});
+    let reply = publish(&mut retrier, retry);
+    assert_eq!(reply["duplicate"], true, "{reply}");
+    let report = retrier.reply();
+    assert_eq!(
+        (report["id"].as_u64(), report["duplicate"].as_bool()),
+        (Some(4), Some(true)),
+        "{report}"
+    );
+    assert_eq!(outcome(&worker.reply()), [0, 0, 0, 0, 0, 0, 0]);
+}
+
+/// The shard channel of node `id`'s mailbox, under the default prefix.
+fn mailbox(id: &str) -> String {
+    format!("sidecast:{{sidecast:node:{id}}}")
+}
+
+#[test]
+fn a_node_killed_mid_timeout_still_counts_its_pages_as_lost_and_holds_nothing_past_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let urls = [redis.url()];
+    let timing = ["--redis-timeout", "1s"];
+    let a = Node::start(&urls, &[&["--node-id", "origin"][..], &timing].concat());
+    let mut b = Node::start(&urls, &timing);
+    let mut on_a = page_on(&a, "job:1");
+    let mut on_b: Vec<Ws> = (0..2).map(|_| page_on(&b, "job:1")).collect();
+    // The order is forced: B is killed only once its word that it delivered has reached
+    // Redis, on the origin's mailbox, which this test listens to as well.
+    let mut mailbox_listener = redis.subscriber(&mailbox("origin"));
+    let mut worker = a.publisher();
+    let command = json!({"id": 1, "channel": "job:1", "data": "done", "ack": {"timeout": "2s"}});
+    let started = Instant::now();
+    assert_eq!(publish(&mut worker, command)["nodes"], 2);
+    acked_event(&mut on_a, "job:1", 1);
+    ack(&mut on_a, "job:1", 1);
+    for page in &mut on_b {
+        acked_event(page, "job:1", 1);
+    }
+    let word = mailbox_listener.next_message(|m| m.contains("\"t\":\"delivered\""));
+    assert!(word.contains("\"delivered\":2"), "{word}");
+    b.kill();
+    drop(on_b);
+    let report = worker.reply();
+    let waited = started.elapsed();
+    assert_eq!(outcome(&report), [3, 1, 0, 0, 2, 2, 1], "{report}");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "not before the timeout: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(2) + PATIENCE / 2,
+        "timeout + grace: {waited:?}"
+    );
+    wait_for("the report is freed", PATIENCE, || {
+        a.metric("sidecast_acks_pending") == 0 && a.metric("sidecast_ack_nodes_lost_total") == 1
+    });
 }

@@ -324,7 +324,7 @@ fn publish_with_ack_prints_the_report() {
         (code, out.trim()),
         (
             0,
-            r#"{"type":"ack_report","seq":1,"delivered":1,"acked":0,"timedOut":1,"disconnected":0}"#
+            r#"{"type":"ack_report","seq":1,"delivered":1,"acked":0,"timedOut":1,"disconnected":0,"lost":0,"nodes":1,"nodesLost":0}"#
         )
     );
 }

@@ -64,11 +64,17 @@ export interface AckReport {
   type: "ack_report";
   channel: string;
   seq: number;
-  /** WebSockets it was queued to: acked + timedOut + disconnected. */
+  /** WebSockets it was queued to, on every node: acked + timedOut + disconnected + lost. */
   delivered: number;
   acked: number;
   timedOut: number;
   disconnected: number;
+  /** Pages on nodes that delivered and then sent no final count (the node died). */
+  lost: number;
+  /** Nodes the event went to (1 with the memory engine). */
+  nodes: number;
+  /** Of them, nodes that sent no final count before the deadline. */
+  nodesLost: number;
 }
 
 /** The server's reply (docs/protocol.md, "Publish port"). */

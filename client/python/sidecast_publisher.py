@@ -14,7 +14,7 @@ Errors are ``PublishError`` with a ``code`` and ``retryable``; pass ``idem`` to 
 safe (the server answers it with the first result instead of publishing twice). Pass
 ``ack_timeout`` (seconds) to have the pages acknowledge the event: the publish
 then returns the server's ``ack_report`` (``delivered``, ``acked``, ``timedOut``,
-``disconnected``) instead of the plain reply.
+``disconnected``, ``lost``, ``nodes``, ``nodesLost``) instead of the plain reply.
 """
 
 from __future__ import annotations

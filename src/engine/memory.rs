@@ -299,6 +299,7 @@ impl Engine for MemoryEngine {
             seq,
             to_user: event.to_user,
             data: Bytes::copy_from_slice(event.data),
+            ack: event.ack.cloned(),
         };
         self.out.push(Happening::Deliver {
             channel: name,
@@ -386,6 +387,11 @@ impl Engine for MemoryEngine {
     }
 
     fn release(&mut self, _user: &str, _conn: ConnId, _last: bool, _now: Tick) {}
+
+    /// This node is every node.
+    fn mail(&mut self, _to: &str, message: Bytes, _now: Tick) {
+        self.out.push(Happening::Mail(message));
+    }
 
     fn has_capacity(&self) -> bool {
         true

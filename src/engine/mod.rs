@@ -71,6 +71,41 @@ pub struct Event<'a> {
     pub to_user: bool,
     /// The publish's idempotency key, for an engine that keeps them per channel.
     pub idem: Option<&'a str>,
+    /// An acknowledged publish: what every node that delivers it needs to count its pages.
+    pub ack: Option<&'a AckTag>,
+}
+
+/// What travels with an acknowledged event to every node that delivers or replays it: where
+/// its report is assembled, and when the wait ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckTag {
+    /// The node whose worker waits for the report (its `node_id`: letters, digits, `-`, `_`).
+    pub origin: Arc<str>,
+    /// The report's key on that node.
+    pub report: u64,
+    /// When the wait ends, in Unix milliseconds (nodes' clocks are assumed to agree to within
+    /// a few milliseconds, as NTP keeps them).
+    pub deadline_ms: u64,
+}
+
+impl AckTag {
+    /// `<deadline_ms>/<report>/<origin>`, as the Redis engine stores it beside the event.
+    pub fn encode(&self) -> String {
+        format!("{}/{}/{}", self.deadline_ms, self.report, self.origin)
+    }
+
+    /// The tag [`encode`](Self::encode) wrote, if `text` is one.
+    pub fn decode(text: &str) -> Option<AckTag> {
+        let mut parts = text.splitn(3, '/');
+        let deadline_ms = parts.next()?.parse().ok()?;
+        let report = parts.next()?.parse().ok()?;
+        let origin = parts.next().filter(|o| !o.is_empty())?;
+        Some(AckTag {
+            origin: origin.into(),
+            report,
+            deadline_ms,
+        })
+    }
 }
 
 /// One event of a channel, as delivered.
@@ -82,6 +117,8 @@ pub struct Entry {
     pub to_user: bool,
     /// The event's `data`, valid JSON.
     pub data: Bytes,
+    /// It was published with `ack`.
+    pub ack: Option<AckTag>,
 }
 
 /// What an engine stored for one part of a publish.
@@ -186,6 +223,8 @@ pub enum Happening {
     LeaseGranted(ConnId),
     /// The user of `conn` has `max_connections_per_user` open on other nodes.
     LeaseRefused(ConnId),
+    /// A message another node (or this one) sent this node with [`Engine::mail`].
+    Mail(Bytes),
 }
 
 /// The state of an engine shared by several nodes, for `/health` and `/metrics`.
@@ -294,6 +333,11 @@ pub trait Engine: Send {
     /// `conn` of `user` closed (`last`: the user's last connection on this node).
     fn release(&mut self, user: &str, conn: ConnId, last: bool, now: Tick);
 
+    /// Sends `message` to node `to` (this node included), which gets it as a
+    /// [`Happening::Mail`], unless the way there is down: mail is not stored, and whoever
+    /// waits for it has a deadline. An engine that is this node alone is every node.
+    fn mail(&mut self, to: &str, message: Bytes, now: Tick);
+
     /// Whether another publish may be started now.
     fn has_capacity(&self) -> bool;
 
@@ -321,7 +365,7 @@ pub trait Engine: Send {
 
 /// The engine `config` asks for, starting at tick 0: in memory, or over Redis (its sockets in
 /// `registry`, under `token_of`). `ticks` converts the settings' durations; `node_id` names
-/// this node in Redis.
+/// this node in Redis (`node_id`, or a random name).
 ///
 /// # Errors
 /// The registry cannot be shared.
@@ -371,7 +415,7 @@ pub fn start(
         tls,
         tls_everywhere,
         prefix: config.redis_prefix.clone(),
-        node_id: config.node_id.clone().unwrap_or(node_id),
+        node_id,
         history_size: config.history_size,
         history_ttl: config.history_ttl,
         idempotency_window: config.idempotency_window,

@@ -20,7 +20,8 @@
 //! - [`clients`]: the connection slab and its dirty list.
 //! - [`sessions`]: opening and ending sessions, their verdicts, joins.
 //! - [`ops`]: publishes in flight and their answers; the [`Serving`] sink.
-//! - [`acks`]: acknowledged events awaiting their pages, and their reports.
+//! - [`acks`]: acknowledged events: this node's tallies of its pages' acks, and the reports
+//!   its workers wait for.
 //!
 //! Invariants: a connection is in the hub, the user index and the `connections` gauge exactly
 //! while its session is open; [`Fanout::end`] takes it out of all three, once. A connection
@@ -43,7 +44,7 @@ use crate::base::channel::user_of;
 use crate::base::ids::{AckKey, ConnId};
 use crate::base::time::Tick;
 use crate::config::{Config, TIMER_TICK};
-use crate::engine::{Engine, Entry, Happening, OpId};
+use crate::engine::{AckTag, Engine, Entry, Happening, OpId};
 use crate::error::Close;
 use crate::ops::metrics::{Gauges, Metrics};
 use crate::sse::Arena;
@@ -52,7 +53,7 @@ use crate::ws::deflate::{Deflater, EventFrame};
 use crate::ws::wire::{self, EventTarget, Reply};
 
 pub use acks::AckReport;
-use acks::Acks;
+use acks::{AckCounts, Mail, Reports, Tallies};
 pub use clients::Clients;
 pub use hub::Hub;
 use ops::Ops;
@@ -93,6 +94,9 @@ pub struct SessionSettings {
     pub max_unacked_per_connection: usize,
     /// `max_ack_timeout`.
     pub max_ack_timeout: std::time::Duration,
+    /// How long past its timeout a report waits for other nodes' counts in transit
+    /// (`redis_timeout` under the Redis engine; none on one node, where they come at once).
+    pub ack_grace: std::time::Duration,
 }
 
 impl SessionSettings {
@@ -112,6 +116,10 @@ impl SessionSettings {
             max_pending_acks: config.max_pending_acks,
             max_unacked_per_connection: config.max_unacked_per_connection,
             max_ack_timeout: config.max_ack_timeout,
+            ack_grace: match config.engine {
+                crate::config::EngineKind::Memory => std::time::Duration::ZERO,
+                crate::config::EngineKind::Redis => config.redis_timeout,
+            },
         }
     }
 }
@@ -122,10 +130,27 @@ struct Pass {
     now: Tick,
     /// When this pass read its input, in microseconds since the server started.
     started_us: u64,
-    /// The Unix time, in seconds.
-    unix_secs: u64,
+    /// The Unix time, in milliseconds.
+    unix_ms: u64,
     /// Frames queued so far (see `DELIVERIES_PER_PASS`).
     deliveries: usize,
+}
+
+impl Pass {
+    /// The Unix time, in seconds.
+    fn unix_secs(&self) -> u64 {
+        self.unix_ms / 1000
+    }
+
+    /// The tick at which Unix time `unix_ms` comes, at most `max` from now, and never
+    /// early: one tick late at most.
+    fn tick_of(&self, unix_ms: u64, max: std::time::Duration) -> Tick {
+        let ms = unix_ms
+            .saturating_sub(self.unix_ms)
+            .min(max.as_millis() as u64);
+        let ticks = ms.div_ceil(TIMER_TICK.as_millis() as u64) + 1;
+        self.now.after(ticks)
+    }
 }
 
 /// Connections, channels and counters: everything a publish touches.
@@ -152,21 +177,29 @@ pub struct Fanout {
     arena: Arena,
     /// Compresses each event at most once, for the WebSockets that agreed to it.
     deflater: Deflater,
-    /// Acknowledged events awaiting their pages.
-    acks: Acks,
-    /// The engine is shared by several nodes (acks are counted on one node only, so far).
-    shared_engine: bool,
+    /// This node's name, where other nodes send the counts of its reports.
+    node: Arc<str>,
+    /// This node's counts of the acknowledged events it delivered.
+    tallies: Tallies,
+    /// The reports this node's workers wait for.
+    reports: Reports,
+    /// Reused: the tallies' mail being sent.
+    outbox: Vec<(Arc<str>, Mail)>,
     /// Connections closed by a publisher's command; the reactor arms their drain deadline.
     closed_by_command: Vec<ConnId>,
 }
 
 impl Fanout {
-    /// An empty fan-out over `engine`; `auth` when tokens are required.
-    pub fn new(engine: Box<dyn Engine>, auth: Option<Auth>, settings: SessionSettings) -> Fanout {
+    /// An empty fan-out over `engine`, on node `node`; `auth` when tokens are required.
+    pub fn new(
+        engine: Box<dyn Engine>,
+        auth: Option<Auth>,
+        settings: SessionSettings,
+        node: &str,
+    ) -> Fanout {
         Fanout {
             clients: Clients::default(),
             hub: Hub::new(),
-            shared_engine: engine.gauges().shared.is_some(),
             engine,
             users: Users::default(),
             auth,
@@ -180,21 +213,21 @@ impl Fanout {
             scratch: Vec::new(),
             arena: Arena::default(),
             deflater: Deflater::new(settings.deflate_min_size),
-            acks: Acks::new(
-                settings.max_pending_acks,
-                settings.max_unacked_per_connection,
-            ),
+            node: node.into(),
+            tallies: Tallies::new(node, settings.max_unacked_per_connection),
+            reports: Reports::new(settings.max_pending_acks),
+            outbox: Vec::new(),
             closed_by_command: Vec::new(),
         }
     }
 
     /// Starts a loop pass at tick `now`, `started_us` after the server started, at Unix time
-    /// `unix_secs`: the fan-out budget is fresh.
-    pub fn begin_pass(&mut self, now: Tick, started_us: u64, unix_secs: u64) {
+    /// `unix_ms` (milliseconds): the fan-out budget is fresh.
+    pub fn begin_pass(&mut self, now: Tick, started_us: u64, unix_ms: u64) {
         self.pass = Pass {
             now,
             started_us,
-            unix_secs,
+            unix_ms,
             deliveries: 0,
         };
     }
@@ -279,6 +312,10 @@ impl Fanout {
                         self.send_connected(conn.key as usize);
                     }
                 }
+                Happening::Mail(message) => match Mail::decode(&message) {
+                    Some(mail) => self.reports.on_mail(mail),
+                    None => log::warn!("a malformed message in this node's mailbox"),
+                },
                 Happening::LeaseRefused(conn) => {
                     if self.clients.is_current(conn) {
                         log::debug!("conn={}: user at max_connections_per_user", conn.generation);
@@ -301,12 +338,16 @@ impl Fanout {
             _ => &[],
         };
         self.pass.deliveries += (subscribers.len() + tabs.len()).max(1);
-        let asked = from.and_then(|op| self.ops.ack_of(op));
-        let ack =
-            asked.map(|(asker, deadline)| self.acks.open(asker, channel, entry.seq, deadline));
+        let ack = entry.ack.as_ref().map(|tag| {
+            let deadline = self
+                .pass
+                .tick_of(tag.deadline_ms, self.settings.max_ack_timeout);
+            self.tallies.open(channel, entry.seq, tag, deadline, true)
+        });
         if subscribers.is_empty() && tabs.is_empty() && !self.engine.keeps_frames(channel) {
             if let Some(key) = ack {
-                self.acks.all_queued(key); // nobody to wait for: reported at once
+                self.tallies.all_queued(key); // nobody to wait for: final at once
+                self.post_mail();
             }
             return;
         }
@@ -319,14 +360,14 @@ impl Fanout {
         let started_us = self.pass.started_us;
         let at = Some((&**channel, entry.seq));
         let arena = &mut self.arena;
-        let acks = &mut self.acks;
+        let tallies = &mut self.tallies;
         let (mut delivered, mut skipped) = (0, 0);
         let mut send = |conn: &mut ClientConn| {
             let sent = deliver(conn, frame, at, started_us, arena);
             delivered += usize::from(sent);
             skipped += usize::from(!sent);
             if let (true, Some(key)) = (sent, ack) {
-                await_ack(conn, key, acks);
+                await_ack(conn, key, tallies);
             }
         };
         for id in subscribers {
@@ -346,13 +387,14 @@ impl Fanout {
                 }
             }
         }
-        if let Some(key) = ack {
-            self.acks.all_queued(key);
-        }
         self.engine
             .record(channel, entry.seq, frame.plain(), self.pass.now);
         self.metrics.count_frames(delivered, frame.queued);
         self.ops.reached(from, delivered, skipped);
+        if let Some(key) = ack {
+            self.tallies.all_queued(key);
+            self.post_mail();
+        }
     }
 
     /// Tells the live subscribers of `channel` that events up to `seq` are lost.
@@ -444,19 +486,47 @@ impl Fanout {
 
     // ---- acknowledged events ----
 
-    /// Reports the acknowledged events whose timeout passed by `now`.
+    /// Ends the tallies whose deadline passed by `now` (their counts go out first: on one
+    /// node they come back at once), then makes the reports whose deadline passed.
     pub fn expire_acks(&mut self, now: Tick) {
-        self.acks.expire(now);
+        self.tallies.expire(now);
+        self.post_mail();
+        self.reports.expire(now);
     }
 
-    /// When the next ack timeout is due.
+    /// When the next tally or report deadline is due.
     pub fn next_ack_deadline(&self) -> Option<Tick> {
-        self.acks.next_deadline()
+        let deadlines = [self.tallies.next_deadline(), self.reports.next_deadline()];
+        deadlines.into_iter().flatten().min()
     }
 
     /// Moves the ack reports made since the last call to the end of `into`.
     pub fn take_ack_reports(&mut self, into: &mut Vec<AckReport>) {
-        self.acks.take_reports(into);
+        self.reports.take(into);
+    }
+
+    /// Sends the tallies' mail to the nodes assembling the reports (this one's comes back
+    /// through the engine at once, carried out here).
+    fn post_mail(&mut self) {
+        let mut outbox = std::mem::take(&mut self.outbox);
+        self.tallies.take_mail(&mut outbox);
+        for (to, mail) in outbox.drain(..) {
+            self.engine.mail(&to, mail.encode(), self.pass.now);
+        }
+        self.outbox = outbox;
+        self.apply();
+    }
+
+    /// Starts counting an event this node replays to a page that resumes here, unless it
+    /// counts it already or its wait is over: the page's ack goes to the report.
+    fn follow_replayed(&mut self, channel: &Arc<str>, seq: u64, tag: &AckTag) {
+        if tag.deadline_ms <= self.pass.unix_ms || self.tallies.find(channel, seq).is_some() {
+            return;
+        }
+        let deadline = self
+            .pass
+            .tick_of(tag.deadline_ms, self.settings.max_ack_timeout);
+        self.tallies.open(channel, seq, tag, deadline, false);
     }
 
     /// The engine's periodic upkeep.
@@ -480,7 +550,7 @@ impl Fanout {
             history_bytes: engine.history_bytes,
             idempotency_keys: engine.idempotency_keys,
             shared: engine.shared,
-            acks: self.acks.counts(),
+            acks: AckCounts::of(&self.tallies, &self.reports),
         }
     }
 }
@@ -488,15 +558,15 @@ impl Fanout {
 /// Has `conn` (sent an acknowledged event) awaited for its ack, unless it is an event stream
 /// (which cannot answer, and is not counted) or already awaits as many as it may (counted as
 /// timed out at once).
-fn await_ack(conn: &mut ClientConn, key: AckKey, acks: &mut Acks) {
+fn await_ack(conn: &mut ClientConn, key: AckKey, tallies: &mut Tallies) {
     if conn.is_event_stream() {
         return;
     }
-    let max = acks.per_connection;
+    let max = tallies.per_connection;
     let waited = conn
         .session_mut()
-        .is_some_and(|session| session.await_ack(key, max, |k| acks.is_live(k)));
-    acks.queued(key, waited);
+        .is_some_and(|session| session.await_ack(key, max, |k| tallies.is_live(k)));
+    tallies.queued(key, waited);
 }
 
 /// Queues an event to one connection: for a WebSocket the shared frame, plain or compressed

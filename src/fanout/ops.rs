@@ -8,6 +8,8 @@
 //! is answered `ok` only when every part was stored; its reach is the nodes Redis counted, or
 //! the connections this node queued it to (the engine that is this node alone).
 
+use std::sync::Arc;
+
 use serde_json::value::RawValue;
 use slab::Slab;
 
@@ -16,7 +18,7 @@ use super::{DELIVERIES_PER_PASS, Fanout};
 use crate::base::channel::user_channel;
 use crate::base::time::Tick;
 use crate::config::TIMER_TICK;
-use crate::engine::{Event, OpId, Part, Stored, Unavailable};
+use crate::engine::{AckTag, Event, OpId, Part, Stored, Unavailable};
 use crate::publish::{AckAsk, Outcome, Published, Reach, Seqs, Sink, Target};
 
 /// The `error` of an acknowledged publish refused because `max_pending_acks` events already
@@ -75,8 +77,18 @@ struct Op {
     /// Connections of this node subscribed that it was not queued to (closing, or too slow).
     skipped: usize,
     duplicate: bool,
-    /// An acknowledged publish: the command's id, and when its report is due at the latest.
-    ack: Option<(Box<str>, Tick)>,
+    /// An acknowledged publish: its report's id.
+    ack: Option<u64>,
+}
+
+/// What an acknowledged publish is held to.
+struct AckTerms {
+    /// The command's id, as written.
+    id: Box<str>,
+    /// When its pages' wait ends, as a tick of this node.
+    deadline: Tick,
+    /// The same, in Unix milliseconds, for every node.
+    deadline_ms: u64,
 }
 
 /// A publish just started.
@@ -134,19 +146,6 @@ impl Ops {
         }
     }
 
-    /// The publisher, id, `idem` key and deadline of publish `op`, when it asks for
-    /// acknowledgement.
-    pub fn ack_of(&self, op: OpId) -> Option<(Asker<'_>, Tick)> {
-        let op = self.table.get(op)?;
-        let (id, deadline) = op.ack.as_ref()?;
-        let asker = Asker {
-            publisher: op.from,
-            id,
-            idem: op.idem.as_deref(),
-        };
-        Some((asker, *deadline))
-    }
-
     /// Connections of this node an answer of publish `from` reached, and those it passed
     /// over.
     pub fn reached(&mut self, from: Option<OpId>, connections: usize, skipped: usize) {
@@ -195,18 +194,18 @@ impl Fanout {
             && let Some(first) = self.engine.recall(key, now)
         {
             self.metrics.publish_duplicates += 1;
-            if let (Some((id, _)), Seqs::One(seq), Some(channel)) =
+            if let (Some(terms), Seqs::One(seq), Some(channel)) =
                 (&ack, &first.seqs, target.channel_name())
-                && !self.acks.join(key, from, id)
+                && !self.reports.join(key, from, &terms.id)
             {
-                self.acks.duplicate(from, id, &channel, *seq);
+                self.reports.duplicate(from, &terms.id, &channel, *seq);
             }
             return Outcome::Done(Published {
                 duplicate: true,
                 ..first
             });
         }
-        if ack.is_some() && !self.acks.has_room() {
+        if ack.is_some() && !self.reports.has_room() {
             return Outcome::Refused {
                 error: ACK_CAPACITY.into(),
                 retry: true,
@@ -222,61 +221,96 @@ impl Fanout {
             }
             Target::Channel(channel) => {
                 let started = self.ops.start(from, Shape::One, 1, idem);
-                self.ops.table[started.op].ack = ack;
-                self.publish_part(started.part(0), channel, false, data, idem);
+                let tag = ack.map(|terms| self.open_report(started.op, terms, channel));
+                let event = Event {
+                    channel,
+                    data,
+                    to_user: false,
+                    idem,
+                    ack: tag.as_ref(),
+                };
+                self.publish_part(started.part(0), &event);
                 started
             }
             Target::Channels(channels) => {
                 let started = self.ops.start(from, Shape::Many, channels.len(), idem);
                 for (index, channel) in channels.iter().enumerate() {
-                    self.publish_part(started.part(index), channel, false, data, idem);
+                    let event = Event {
+                        channel,
+                        data,
+                        to_user: false,
+                        idem,
+                        ack: None,
+                    };
+                    self.publish_part(started.part(index), &event);
                 }
                 started
             }
             Target::User(user) => {
                 let started = self.ops.start(from, Shape::One, 1, idem);
-                self.ops.table[started.op].ack = ack;
                 let channel = user_channel(user);
-                self.publish_part(started.part(0), &channel, true, data, idem);
+                let tag = ack.map(|terms| self.open_report(started.op, terms, &channel));
+                let event = Event {
+                    channel: &channel,
+                    data,
+                    to_user: true,
+                    idem,
+                    ack: tag.as_ref(),
+                };
+                self.publish_part(started.part(0), &event);
                 started
             }
         };
         self.settle(started)
     }
 
-    /// The id and deadline of an acknowledged publish, or why it is refused: a timeout over
-    /// `max_ack_timeout`, or an engine shared by several nodes.
-    fn ack_terms(&self, ack: AckAsk<'_>) -> Result<(Box<str>, Tick), Outcome> {
-        let refuse = |error: String, retry| Err(Outcome::Refused { error, retry });
+    /// What an acknowledged publish is held to, or why it is refused: a timeout over
+    /// `max_ack_timeout`.
+    fn ack_terms(&self, ack: AckAsk<'_>) -> Result<AckTerms, Outcome> {
         let max = self.settings.max_ack_timeout;
         if ack.timeout > max {
             let max = humantime::format_duration(max);
-            return refuse(format!("ack timeout over max_ack_timeout ({max})"), false);
+            let error = format!("ack timeout over max_ack_timeout ({max})");
+            return Err(Outcome::Refused {
+                error,
+                retry: false,
+            });
         }
-        if self.shared_engine {
-            let why = "ack is not available with --engine redis yet: reports count one node";
-            return refuse(why.into(), false);
-        }
-        // One tick more: the pass's tick may be up to one old, and a timeout never ends early.
-        let ticks = ack.timeout.as_nanos().div_ceil(TIMER_TICK.as_nanos()) as u64 + 1;
-        Ok((ack.id.get().into(), self.pass.now.after(ticks)))
+        let deadline_ms = self.pass.unix_ms + ack.timeout.as_millis() as u64;
+        Ok(AckTerms {
+            id: ack.id.get().into(),
+            deadline: self.pass.tick_of(deadline_ms, max),
+            deadline_ms,
+        })
     }
 
-    fn publish_part(
-        &mut self,
-        part: Part,
-        channel: &str,
-        to_user: bool,
-        data: &[u8],
-        idem: Option<&str>,
-    ) {
-        let event = Event {
-            channel,
-            data,
-            to_user,
-            idem,
+    /// Awaits the report of acknowledged publish `op` on `channel`: the tag its event carries
+    /// to every node.
+    fn open_report(&mut self, op: OpId, terms: AckTerms, channel: &str) -> AckTag {
+        let grace = self
+            .settings
+            .ack_grace
+            .as_nanos()
+            .div_ceil(TIMER_TICK.as_nanos());
+        let op_entry = &mut self.ops.table[op];
+        let asker = Asker {
+            publisher: op_entry.from,
+            id: &terms.id,
+            idem: op_entry.idem.as_deref(),
         };
-        let asked = self.engine.publish(part, &event, self.pass.now);
+        let report = self
+            .reports
+            .open(asker, channel, terms.deadline.after(grace as u64));
+        op_entry.ack = Some(report);
+        AckTag {
+            origin: Arc::clone(&self.node),
+            report,
+            deadline_ms: terms.deadline_ms,
+        }
+    }
+
+    fn publish_part(&mut self, part: Part, event: &Event<'_>) {
+        let asked = self.engine.publish(part, event, self.pass.now);
         self.asked(part, asked);
     }
 
@@ -332,6 +366,15 @@ impl Fanout {
             return;
         }
         let mut op = self.ops.table.remove(part.op);
+        if let Some(report) = op.ack {
+            match (op.unavailable, &op.seqs) {
+                (false, Seqs::One(seq)) => {
+                    let nodes = op.nodes.unwrap_or(1);
+                    self.reports.stored(report, *seq, nodes, op.duplicate);
+                }
+                _ => self.reports.abandon(report),
+            }
+        }
         let outcome = self.outcome(&mut op);
         if let (Some(key), Outcome::Done(published)) = (&op.idem, &outcome)
             && !published.duplicate

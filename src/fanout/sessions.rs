@@ -60,7 +60,7 @@ impl Fanout {
                     refused.close
                 })?;
             let first = self.users.add(&identity.user, id);
-            let tick = auth.expiry_tick(&identity, self.pass.now, self.pass.unix_secs);
+            let tick = auth.expiry_tick(&identity, self.pass.now, self.pass.unix_secs());
             expires = Some(tick);
             let (max, now) = (auth.max_per_user(), self.pass.now);
             let waits = self.engine.admit(&identity.user, id, max, first, now);
@@ -191,21 +191,23 @@ impl Fanout {
                     .is_some_and(|c| conn.is_subscribed(c));
                 let session = conn.session_mut()?;
                 for seq in seqs {
-                    let Some(key) = self.acks.find(channel.as_str(), seq) else {
-                        continue; // unknown, late or already reported: ignored
+                    let Some(key) = self.tallies.find(channel.as_str(), seq) else {
+                        continue; // unknown, late or already counted: ignored
                     };
                     if session.take_ack(key) {
-                        self.acks.acked(key);
+                        self.tallies.acked(key);
                     } else if subscribed {
                         let user = session.identity().map(|(who, _)| &*who.user);
-                        self.acks.resumed(key, conn_id, user);
+                        self.tallies.resumed(key, conn_id, user);
                     }
                 }
+                drop(conn);
+                self.post_mail();
             }
             Verdict::Refresh { identity, id } => {
                 let auth = self.auth.as_ref()?;
                 let expires_at = identity.expires_at;
-                let tick = auth.expiry_tick(&identity, now, self.pass.unix_secs);
+                let tick = auth.expiry_tick(&identity, now, self.pass.unix_secs());
                 conn.session_mut()?.set_identity(identity, tick);
                 conn.send_reply(&Reply::Refreshed {
                     expires_at,
@@ -261,16 +263,20 @@ impl Fanout {
         });
         let started_us = self.pass.started_us;
         let arena = &mut self.arena;
-        match replay {
+        let replayed = match replay {
             Replay::Frames { first, frames } => {
                 for (seq, frame) in (first..).zip(frames) {
                     let frame = &mut EventFrame::plain_only(frame);
                     deliver(&mut conn, frame, Some((&channel, seq)), started_us, arena);
                 }
+                Vec::new()
             }
             Replay::Entries(entries) => {
                 for entry in &entries {
-                    let target = EventTarget::Channel(&channel, entry.seq);
+                    let target = match &entry.ack {
+                        Some(_) => EventTarget::Acked(&channel, entry.seq),
+                        None => EventTarget::Channel(&channel, entry.seq),
+                    };
                     let frame = wire::event_frame(target, &entry.data, &mut self.scratch);
                     let at = Some((&*channel, entry.seq));
                     deliver(
@@ -281,9 +287,15 @@ impl Fanout {
                         arena,
                     );
                 }
+                entries
+            }
+        };
+        drop(conn);
+        for entry in &replayed {
+            if let Some(tag) = &entry.ack {
+                self.follow_replayed(&channel, entry.seq, tag);
             }
         }
-        drop(conn);
         let joins = self.joins.get_mut(&channel).expect("listed");
         match floor {
             Some(floor) => joins[index].floor = Some(floor),
@@ -328,7 +340,7 @@ impl Fanout {
             }
         }
         for key in ended.awaiting {
-            self.acks.gone(key, ended.user.as_deref());
+            self.tallies.gone(key, ended.user.as_deref());
         }
         if let Some(user) = ended.user {
             let last = self.users.remove(&user, id);

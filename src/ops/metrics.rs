@@ -317,7 +317,7 @@ impl Metrics {
         metric(
             "sidecast_acks_pending",
             "gauge",
-            "Events published with ack awaiting their pages' acks (at most max_pending_acks).",
+            "Reports awaited by this node's workers, for events published with ack (at most max_pending_acks).",
             gauges.acks.pending as u64,
         );
         metric(
@@ -335,8 +335,20 @@ impl Metrics {
         metric(
             "sidecast_ack_timeouts_total",
             "counter",
-            "ack_report lines made at the timeout, with pages that did not answer.",
+            "Acknowledged events whose wait on this node ended at the timeout, with pages that did not answer.",
             gauges.acks.timeouts,
+        );
+        metric(
+            "sidecast_ack_tallies",
+            "gauge",
+            "Acknowledged events this node delivered or replayed whose pages' acks it is counting.",
+            gauges.acks.tallies as u64,
+        );
+        metric(
+            "sidecast_ack_nodes_lost_total",
+            "counter",
+            "Nodes that sent no final count for a report of this node before its deadline.",
+            gauges.acks.nodes_lost,
         );
         let name = "sidecast_event_bytes_total";
         let _ = write!(

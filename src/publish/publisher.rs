@@ -44,15 +44,15 @@ pub struct Ack {
 }
 
 /// What became of an acknowledged event: the server's `ack_report` (docs/protocol.md,
-/// "Acknowledged events"). `delivered = acked + timed_out + disconnected`; for a retry under
-/// an `idem` key whose first publish was already reported, `duplicate` is set and the counts
-/// (not kept) are 0.
+/// "Acknowledged events"). `delivered = acked + timed_out + disconnected + lost`; for a retry
+/// under an `idem` key whose first publish was already reported, `duplicate` is set and the
+/// counts (not kept) are 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct AckReport {
     /// The event's sequence number in its channel.
     pub seq: u64,
-    /// WebSockets it was queued to.
+    /// WebSockets it was queued to, on every node.
     pub delivered: usize,
     /// Of them, pages that acknowledged it.
     pub acked: usize,
@@ -61,6 +61,13 @@ pub struct AckReport {
     pub timed_out: usize,
     /// Pages that closed without acking, and did not resume in time.
     pub disconnected: usize,
+    /// Pages on nodes that said they delivered it and sent no final count (they died).
+    pub lost: usize,
+    /// Nodes it went to (1 with the memory engine).
+    pub nodes: usize,
+    /// Of them, nodes that sent no final count before the deadline.
+    #[serde(rename = "nodesLost")]
+    pub nodes_lost: usize,
     /// A retry of a publish already reported: nothing was published now.
     pub duplicate: bool,
 }

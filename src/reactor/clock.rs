@@ -57,12 +57,18 @@ impl Clock {
         }
     }
 
+    /// Milliseconds since the Unix epoch.
+    pub fn unix_millis(&self) -> u64 {
+        let since_epoch = match &self.0 {
+            None => unix_now(),
+            Some(manual) => manual.unix_start + manual.elapsed(),
+        };
+        since_epoch.as_millis() as u64
+    }
+
     /// Seconds since the Unix epoch.
     pub fn unix_secs(&self) -> u64 {
-        match &self.0 {
-            None => unix_now().as_secs(),
-            Some(manual) => (manual.unix_start + manual.elapsed()).as_secs(),
-        }
+        self.unix_millis() / 1000
     }
 }
 

@@ -184,10 +184,10 @@ impl Server {
         // The engine's sockets come back to it as `Source::Engine` events; its upkeep is an
         // ordinary timer, first due at the first tick.
         let token_of = |key| token::encode(Source::Engine(key));
-        let node_id = format!("{:08x}", random_u32());
-        let engine = engine::start(&config, registry, token_of, ticks, node_id)?;
+        let node_id = (config.node_id.clone()).unwrap_or_else(|| format!("{:08x}", random_u32()));
+        let engine = engine::start(&config, registry, token_of, ticks, node_id.clone())?;
         timers.insert(Tick(1), TimerEvent::EngineTick);
-        let fanout = Fanout::new(engine, auth, settings);
+        let fanout = Fanout::new(engine, auth, settings, &node_id);
         let stats = config
             .dashboard_enabled()
             .then(|| StatsFeed::new(fanout.metrics(), started));
@@ -304,7 +304,7 @@ impl Server {
         let now = self.ticks.tick_at(pass_started);
         let started_us = micros_since(self.started, pass_started);
         self.fanout
-            .begin_pass(now, started_us, self.clock.unix_secs());
+            .begin_pass(now, started_us, self.clock.unix_millis());
         for key in std::mem::take(&mut self.paused_publishers) {
             self.on_publisher_ready(key);
         }

@@ -146,6 +146,54 @@ impl RedisServer {
     pub fn command(&self, args: &[&str]) -> Option<String> {
         command(self.port, args)
     }
+
+    /// A connection subscribed (`SSUBSCRIBE`) to `shard_channel`, once Redis confirmed it.
+    pub fn subscriber(&self, shard_channel: &str) -> Subscriber {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let request = format!(
+            "*2\r\n$10\r\nSSUBSCRIBE\r\n${}\r\n{shard_channel}\r\n",
+            shard_channel.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut subscriber = Subscriber {
+            stream,
+            seen: String::new(),
+        };
+        subscriber.next_message(|line| line == shard_channel);
+        subscriber
+    }
+}
+
+/// A raw RESP2 subscription: the lines Redis sends on it.
+pub struct Subscriber {
+    stream: TcpStream,
+    seen: String,
+}
+
+impl Subscriber {
+    /// Reads until a line that `matches` arrives, and returns it (and forgets what came
+    /// before it).
+    #[track_caller]
+    pub fn next_message(&mut self, matches: impl Fn(&str) -> bool) -> String {
+        loop {
+            if let Some(at) = self.seen.find("\r\n") {
+                let line: String = self.seen.drain(..at + 2).collect();
+                let line = line.trim_end();
+                if matches(line) {
+                    return line.to_string();
+                }
+                continue;
+            }
+            let mut buffer = [0; 4096];
+            let n = self
+                .stream
+                .read(&mut buffer)
+                .expect("a message within PATIENCE");
+            assert!(n > 0, "Redis closed the subscription");
+            self.seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+    }
 }
 
 impl Drop for RedisServer {

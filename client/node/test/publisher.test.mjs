@@ -39,7 +39,7 @@ test("an acknowledged publish resolves with the ack_report once the page acks", 
   const report = await reported;
   assert.deepEqual(
     { ...report, id: undefined },
-    { id: undefined, type: "ack_report", channel: "order:ack", seq: 1, delivered: 2, acked: 1, timedOut: 1, disconnected: 0 },
+    { id: undefined, type: "ack_report", channel: "order:ack", seq: 1, delivered: 2, acked: 1, timedOut: 1, disconnected: 0, lost: 0, nodes: 1, nodesLost: 0 },
   );
   await assert.rejects(
     sidecast.publish("order:ack", 1, { ackTimeoutMs: 120_000 }),

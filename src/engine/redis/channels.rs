@@ -12,11 +12,11 @@ use super::resp::{self, Frame};
 use super::scripts::{Keys, Script};
 use super::sequencer::{Sequencer, Step};
 use super::shards::MapAnswer;
-use super::{BROADCAST_CHANNEL, CHECKS_PER_TICK, RENEW, RedisEngine, Watched, millis, number};
+use super::{CHECKS_PER_TICK, RENEW, RedisEngine, Watched, millis, number};
 use crate::base::channel::{Backfill, Since, user_channel};
 use crate::base::ids::ConnId;
 use crate::base::time::Tick;
-use crate::engine::{Entry, Happening, Joined, Replay};
+use crate::engine::{AckTag, Entry, Happening, Joined, Replay};
 
 impl RedisEngine {
     /// A new reason to watch `channel` (a first local subscriber, or a user's first connection
@@ -109,8 +109,9 @@ impl RedisEngine {
         }
     }
 
-    /// Subscribes shard `key` to every watched channel it owns (and to broadcasts if it owns
-    /// that channel), reads what each missed, sends queued joins and takes leases again.
+    /// Subscribes shard `key` to every watched channel it owns (and to the broadcasts and this
+    /// node's mailbox if it owns their channels), reads what each missed, sends queued joins
+    /// and takes leases again.
     pub(super) fn resubscribe(&mut self, key: usize, now: Tick) {
         if let Some(shard) = self.shards.get_mut(key) {
             shard.subscribed = true;
@@ -125,9 +126,11 @@ impl RedisEngine {
         for name in names {
             self.subscribe(&name, now);
         }
-        if owned(self, self.broadcast.slot()) {
-            let link = self.shards.link(key);
-            send_subscription(link, "ssubscribe", &self.broadcast.shard_channel, now);
+        for node_channel in self.node_channels().map(Keys::clone) {
+            if owned(self, node_channel.slot()) {
+                let link = self.shards.link(key);
+                send_subscription(link, "ssubscribe", &node_channel.shard_channel, now);
+            }
         }
         for (conn, user) in self.held_leases() {
             let slot = Keys::of(&self.settings.prefix, &user_channel(&user)).slot();
@@ -135,6 +138,12 @@ impl RedisEngine {
                 self.send_lease(&user, conn, Bytes::from_static(RENEW), false, now);
             }
         }
+    }
+
+    /// The shard channels every node subscribes to besides its watched channels: the
+    /// broadcasts, and its mailbox.
+    fn node_channels(&self) -> [&Keys; 2] {
+        [&self.broadcast, &self.mailbox]
     }
 
     /// Shard `key`'s connection is gone: the channels subscribed on it are subscribed
@@ -151,9 +160,15 @@ impl RedisEngine {
     /// slot move (a wrong guess is answered `MOVED`, which corrects the map and comes back
     /// here).
     pub(super) fn follow_subscription(&mut self, channel: &str, now: Tick) {
-        if channel == BROADCAST_CHANNEL {
-            if let Some((_, link)) = self.shards.up_link(self.broadcast.slot()) {
-                send_subscription(link, "ssubscribe", &self.broadcast.shard_channel, now);
+        let prefix = &self.settings.prefix;
+        let node_channel = self
+            .node_channels()
+            .into_iter()
+            .find(|keys| super::scripts::channel_of(prefix, &keys.shard_channel) == Some(channel));
+        if let Some(keys) = node_channel {
+            let keys = keys.clone();
+            if let Some((_, link)) = self.shards.up_link(keys.slot()) {
+                send_subscription(link, "ssubscribe", &keys.shard_channel, now);
             }
             return;
         }
@@ -501,13 +516,14 @@ fn parse_read(frame: &Frame) -> Option<ReadAnswer<'_>> {
         let id = resp::text(fields.first()?)?;
         let seq = id.split_once('-')?.0.parse().ok()?;
         let values = resp::items(fields.get(1)?)?;
-        let (mut to_user, mut data) = (false, None);
+        let (mut to_user, mut data, mut ack) = (false, None, None);
         for pair in values.chunks(2) {
             match (resp::text(&pair[0])?, pair.get(1)) {
                 (field::KIND, Some(kind)) => {
                     to_user = resp::text(kind)?.as_bytes() == [tag::USER_EVENT];
                 }
                 (field::DATA, Some(value)) => data = Some(resp::bytes(value)?.clone()),
+                (field::ACK, Some(value)) => ack = AckTag::decode(resp::text(value)?),
                 _ => {}
             }
         }
@@ -515,6 +531,7 @@ fn parse_read(frame: &Frame) -> Option<ReadAnswer<'_>> {
             seq,
             to_user,
             data: data?,
+            ack,
         });
     }
     let rewound = parts.get(3).and_then(resp::int) == Some(1);

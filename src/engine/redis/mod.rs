@@ -49,7 +49,7 @@ use mio::Registry;
 
 use super::memory::MemoryEngine;
 use super::{
-    Engine, EngineGauges, Event, Happening, OpId, Part, SharedState, TokenOf, Unavailable,
+    AckTag, Engine, EngineGauges, Event, Happening, OpId, Part, SharedState, TokenOf, Unavailable,
 };
 use crate::base::channel::{Backfill, RESERVED_PREFIX, user_channel};
 use crate::base::ids::ConnId;
@@ -66,6 +66,8 @@ use tls::Tls;
 
 /// The shard channel every node subscribes to for broadcasts.
 const BROADCAST_CHANNEL: &str = "sidecast:all";
+/// Node `<id>`'s mail comes on the shard channel `sidecast:node:<id>`.
+const MAILBOX_PREFIX: &str = "sidecast:node:";
 /// A lease renewal's `max`: a connection already open is never refused by its renewal.
 const RENEW: &[u8] = b"1000000000";
 /// Channels whose position is checked per tick, at most, so a check round of many channels
@@ -159,6 +161,8 @@ pub struct RedisEngine {
     sentinels: Option<Sentinels>,
     channels: HashMap<Arc<str>, Watched>,
     broadcast: Keys,
+    /// This node's mailbox.
+    mailbox: Keys,
     /// Leases this node holds: connection → its user.
     leases: HashMap<ConnId, Arc<str>>,
     /// The node's own `sidecast:` channels.
@@ -235,6 +239,7 @@ impl RedisEngine {
             sentinels,
             channels: HashMap::new(),
             broadcast: Keys::of(&settings.prefix, BROADCAST_CHANNEL),
+            mailbox: mailbox(&settings.prefix, &settings.node_id),
             leases: HashMap::new(),
             local,
             out: Vec::new(),
@@ -448,6 +453,7 @@ impl Engine for RedisEngine {
             script_keys.push(keys.idempotency(idem).into());
         }
         let epoch = self.new_epoch();
+        let ack = event.ack.map(AckTag::encode).unwrap_or_default();
         let kind = if event.to_user {
             &tag::USER_EVENT
         } else {
@@ -462,6 +468,7 @@ impl Engine for RedisEngine {
             millis(self.settings.history_ttl),
             millis(self.settings.meta_ttl()),
             millis(self.settings.idempotency_window),
+            Bytes::from(ack),
         ];
         let call = Call::script(Script::Publish, script_keys, args);
         let bytes = event.data.len();
@@ -550,6 +557,23 @@ impl Engine for RedisEngine {
         }
         if last {
             self.unwatch_shared(&user_channel(user), now);
+        }
+    }
+
+    /// Mail to this node is answered at once; to another, an `SPUBLISH` on its mailbox that
+    /// nothing waits for (a node that is gone has no subscriber to it).
+    fn mail(&mut self, to: &str, message: Bytes, now: Tick) {
+        if to == self.settings.node_id {
+            self.out.push(Happening::Mail(message));
+            return;
+        }
+        let keys = mailbox(&self.settings.prefix, to);
+        match self.shards.up_link(keys.slot()) {
+            Some((_, link)) => {
+                let args: [&[u8]; 3] = [b"SPUBLISH", keys.shard_channel.as_bytes(), &message];
+                link.send(&args, Some(Request::Ignore), now);
+            }
+            None => log::debug!("redis: mail to node {to} dropped: its shard is down"),
         }
     }
 
@@ -651,6 +675,11 @@ impl Engine for RedisEngine {
             ..self.local.gauges()
         }
     }
+}
+
+/// The keys of node `id`'s mailbox.
+fn mailbox(prefix: &str, id: &str) -> Keys {
+    Keys::of(prefix, &format!("{MAILBOX_PREFIX}{id}"))
 }
 
 fn number(n: u64) -> Bytes {

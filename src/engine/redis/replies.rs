@@ -9,10 +9,10 @@ use bytes::Bytes;
 use super::calls::{Call, Purpose, Request};
 use super::resp::{self, Frame, Redirect};
 use super::scripts::{self, tag};
-use super::{BROADCAST_CHANNEL, RedisEngine};
+use super::{BROADCAST_CHANNEL, MAILBOX_PREFIX, RedisEngine};
 use crate::base::channel::user_of;
 use crate::base::time::Tick;
-use crate::engine::{Entry, Happening, Part, Stored, Unavailable};
+use crate::engine::{AckTag, Entry, Happening, Part, Stored, Unavailable};
 
 impl RedisEngine {
     pub(super) fn on_reply(&mut self, key: usize, request: Request, frame: Frame, now: Tick) {
@@ -170,6 +170,20 @@ impl RedisEngine {
     }
 
     fn on_message(&mut self, channel: &Arc<str>, payload: &Bytes, now: Tick) {
+        if channel.strip_prefix(MAILBOX_PREFIX) == Some(&self.settings.node_id) {
+            self.out.push(Happening::Mail(payload.clone()));
+            return;
+        }
+        let (ack, payload) = match payload.first().copied() {
+            Some(tag::ACKED) => {
+                let Some((ack, rest)) = parse_ack(payload) else {
+                    log::warn!("redis: a malformed acknowledged event on {channel}");
+                    return;
+                };
+                (Some(ack), rest)
+            }
+            _ => (None, payload.clone()),
+        };
         match payload.first().copied() {
             Some(tag::BROADCAST) if &**channel == BROADCAST_CHANNEL => {
                 let data = payload.slice(1..);
@@ -193,7 +207,12 @@ impl RedisEngine {
                     return;
                 };
                 let to_user = kind == tag::USER_EVENT;
-                let entry = Entry { seq, to_user, data };
+                let entry = Entry {
+                    seq,
+                    to_user,
+                    data,
+                    ack,
+                };
                 let mut steps = std::mem::take(&mut self.steps);
                 let sync = watched.order.on_event(epoch, entry, &mut steps);
                 self.emit(channel, &mut steps);
@@ -207,6 +226,13 @@ impl RedisEngine {
             _ => log::warn!("redis: an unknown message on {channel}"),
         }
     }
+}
+
+/// `a<ack tag>:<message>` → the tag, and the message.
+fn parse_ack(payload: &Bytes) -> Option<(AckTag, Bytes)> {
+    let colon = payload.iter().position(|&b| b == b':')?;
+    let tag = AckTag::decode(std::str::from_utf8(&payload[1..colon]).ok()?)?;
+    Some((tag, payload.slice(colon + 1..)))
 }
 
 /// `<seq>:<epoch>:<data>` → seq, epoch, and the length of data (the rest).
@@ -249,5 +275,23 @@ mod tests {
         assert_eq!(parse_event(b"12:ab01:"), Some((12, "ab01", 0)));
         assert_eq!(parse_event(b"x:ab:1"), None);
         assert_eq!(parse_event(b"12"), None);
+    }
+
+    #[test]
+    fn reads_acknowledged_events() {
+        let payload = Bytes::from_static(b"a1700000000000/42/node-1:e12:ab01:{}");
+        let (tag, rest) = parse_ack(&payload).expect("a tag");
+        assert_eq!(
+            tag,
+            AckTag {
+                origin: "node-1".into(),
+                report: 42,
+                deadline_ms: 1_700_000_000_000,
+            }
+        );
+        assert_eq!(&rest[..], b"e12:ab01:{}");
+        assert_eq!(tag.encode(), "1700000000000/42/node-1");
+        assert_eq!(parse_ack(&Bytes::from_static(b"a12/x/n:e1:a:{}")), None);
+        assert_eq!(AckTag::decode("1/2/"), None);
     }
 }

@@ -4,11 +4,12 @@
 //!
 //! ```text
 //! <prefix>{<channel>}:m        hash: e = epoch, s = last seq
-//! <prefix>{<channel>}:h        stream: one entry per event, id <seq>-0, fields k (kind), d (data)
+//! <prefix>{<channel>}:h        stream: one entry per event, id <seq>-0, fields k (kind), d (data), a (ack tag, if any)
 //! <prefix>{<channel>}:i:<key>  string "<seq>:<nodes>": a publish made under idempotency key <key>
-//! <prefix>{<channel>}          shard channel: "<kind><seq>:<epoch>:<data>", "d" (disconnect)
+//! <prefix>{<channel>}          shard channel: "<kind><seq>:<epoch>:<data>", "a<ack tag>:<kind><seq>:<epoch>:<data>", "d" (disconnect)
 //! <prefix>{user:<id>}:l        sorted set: the user's connections, member <node>:<conn>, score = lease expiry (ms)
 //! <prefix>{sidecast:all}       shard channel of broadcasts: "b<data>"
+//! <prefix>{sidecast:node:<id>} shard channel of one node's mail: the message as sent
 //! ```
 //! The message kinds are named in [`tag`], the stream fields in [`field`].
 //!
@@ -26,6 +27,8 @@ pub mod tag {
     pub const BROADCAST: u8 = b'b';
     /// A `disconnect` of the user whose channel it is: `d`.
     pub const DISCONNECT: u8 = b'd';
+    /// An acknowledged event: `a<ack tag>:` before the event's own message.
+    pub const ACKED: u8 = b'a';
 }
 
 /// The fields of a stream entry (the scripts write them as `'k'` and `'d'`).
@@ -34,6 +37,8 @@ pub mod field {
     pub const KIND: &str = "k";
     /// The event's data.
     pub const DATA: &str = "d";
+    /// An acknowledged event's [`AckTag`](crate::engine::AckTag), encoded.
+    pub const ACK: &str = "a";
 }
 
 /// Assigns the next seq, appends the event to the stream and publishes it, atomically; with
@@ -41,7 +46,8 @@ pub mod field {
 ///
 /// KEYS: meta, stream, [idempotency key]. ARGV: shard channel, kind (`e` event, `u` user
 /// event), data, epoch to create, history size, history TTL (ms), meta TTL (ms), idempotency
-/// window (ms). Returns `{0, seq, nodes}`, or `{1, "<seq>:<nodes>"}` for a duplicate.
+/// window (ms), ack tag (empty: none). Returns `{0, seq, nodes}`, or `{1, "<seq>:<nodes>"}`
+/// for a duplicate.
 pub const PUBLISH: &str = r"
 local idem = KEYS[3]
 if idem then
@@ -56,11 +62,18 @@ if not epoch then
 end
 local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
+local acked = ARGV[9] ~= ''
 if tonumber(ARGV[5]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], seq .. '-0', 'k', ARGV[2], 'd', ARGV[3])
+  if acked then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], seq .. '-0', 'k', ARGV[2], 'd', ARGV[3], 'a', ARGV[9])
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], seq .. '-0', 'k', ARGV[2], 'd', ARGV[3])
+  end
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
-local nodes = redis.call('SPUBLISH', ARGV[1], ARGV[2] .. seq .. ':' .. epoch .. ':' .. ARGV[3])
+local message = ARGV[2] .. seq .. ':' .. epoch .. ':' .. ARGV[3]
+if acked then message = 'a' .. ARGV[9] .. ':' .. message end
+local nodes = redis.call('SPUBLISH', ARGV[1], message)
 if idem then redis.call('SET', idem, seq .. ':' .. nodes, 'PX', ARGV[8]) end
 return {0, seq, nodes}
 ";

@@ -208,6 +208,7 @@ mod tests {
             seq,
             to_user: false,
             data: Bytes::from(seq.to_string()),
+            ack: None,
         }
     }
 
