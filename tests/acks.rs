@@ -549,9 +549,8 @@ fn a_node_killed_mid_timeout_still_counts_its_pages_as_lost_and_holds_nothing_pa
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(dir.path());
     let urls = [redis.url()];
-    let timing = ["--redis-timeout", "1s"];
-    let a = Node::start(&urls, &[&["--node-id", "origin"][..], &timing].concat());
-    let mut b = Node::start(&urls, &timing);
+    let a = Node::start(&urls, &["--node-id", "origin"]);
+    let mut b = Node::start(&urls, &[]);
     let mut on_a = page_on(&a, "job:1");
     let mut on_b: Vec<Ws> = (0..2).map(|_| page_on(&b, "job:1")).collect();
     // The order is forced: B is killed only once its word that it delivered has reached
@@ -577,8 +576,9 @@ fn a_node_killed_mid_timeout_still_counts_its_pages_as_lost_and_holds_nothing_pa
         waited >= Duration::from_secs(2),
         "not before the timeout: {waited:?}"
     );
+    // The timeout, ack_grace (250 ms) for counts in transit, and a loaded machine's scheduling.
     assert!(
-        waited < Duration::from_secs(2) + PATIENCE / 2,
+        waited < Duration::from_secs(4),
         "timeout + grace: {waited:?}"
     );
     wait_for("the report is freed", PATIENCE, || {

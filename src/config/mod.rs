@@ -71,6 +71,7 @@ settings! {
         max_pending_acks: usize = "10000", "COUNT", "Events published with ack that may await their pages' acks at once; past it an ack publish is refused with ack_capacity (retry)";
         max_unacked_per_connection: usize = "100", "COUNT", "Acknowledged events one connection may leave unanswered; for further ones it counts as timed out at once";
         max_ack_timeout: HumanDuration = "60s", "DURATION", "Longest ack timeout a publish may ask for";
+        ack_grace: HumanDuration = "250ms", "DURATION", "Under the Redis engine, how long past its timeout an ack report waits for other nodes' counts in transit before counting a silent node's pages as lost";
         max_output_buffer: ByteSize = "1MiB", "SIZE", "Unsent bytes per connection before it is closed as a slow consumer (1008)";
         max_header_size: ByteSize = "8KiB", "SIZE", "Largest HTTP request head; larger ones get 431";
         max_publish_line: ByteSize = "1MiB", "SIZE", "Longest publish line; longer ones get an error and the publisher is closed";
@@ -292,6 +293,7 @@ impl Config {
             ("redis_timeout", self.redis_timeout),
             ("redis_check_interval", self.redis_check_interval),
             ("user_lease_ttl", self.user_lease_ttl),
+            ("ack_grace", self.ack_grace),
         ];
         for (key, value) in durations {
             if value < TIMER_TICK {

@@ -95,7 +95,7 @@ pub struct SessionSettings {
     /// `max_ack_timeout`.
     pub max_ack_timeout: std::time::Duration,
     /// How long past its timeout a report waits for other nodes' counts in transit
-    /// (`redis_timeout` under the Redis engine; none on one node, where they come at once).
+    /// (`ack_grace` under the Redis engine; none on one node, where they come at once).
     pub ack_grace: std::time::Duration,
 }
 
@@ -118,7 +118,7 @@ impl SessionSettings {
             max_ack_timeout: config.max_ack_timeout,
             ack_grace: match config.engine {
                 crate::config::EngineKind::Memory => std::time::Duration::ZERO,
-                crate::config::EngineKind::Redis => config.redis_timeout,
+                crate::config::EngineKind::Redis => config.ack_grace,
             },
         }
     }
