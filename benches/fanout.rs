@@ -54,7 +54,13 @@ fn subscribed(subscribers: usize) -> Fanout {
         window: 0,
     };
     let engine = MemoryEngine::new(history, idempotency);
-    let mut fanout = Fanout::new(Box::new(engine), None, settings, "bench");
+    let mut fanout = Fanout::new(
+        Box::new(engine),
+        None,
+        settings,
+        "bench",
+        Default::default(),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     let addr = listener.local_addr().expect("bound");
     let subscribe = r#"{"type":"subscribe","channel":"project:42"}"#;

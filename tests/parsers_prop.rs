@@ -208,7 +208,7 @@ proptest! {
     #[test]
     fn client_messages_parse_or_get_a_documented_error(text in prop_oneof![json_like(), any::<String>()]) {
         match wire::parse_request(&text) {
-            Ok(Request::Subscribe { channel, id, .. } | Request::Unsubscribe { channel, id }) => {
+            Ok(Request::Subscribe { channel, id, .. } | Request::Unsubscribe { channel, id } | Request::PresenceStats { channel, id }) => {
                 prop_assert!(check_channel(channel.as_str()).is_ok());
                 prop_assert!(id.is_none_or(|id| id.is_number() || id.is_string()));
             }
@@ -258,6 +258,9 @@ proptest! {
         match publish::parse_command(&line) {
             Ok(publish::Command { action: publish::Action::DisconnectUser(user), .. }) => {
                 prop_assert!(is_valid_user(&user));
+            }
+            Ok(publish::Command { action: publish::Action::Presence(channel), .. }) => {
+                prop_assert!(check_channel(&channel).is_ok());
             }
             Ok(publish::Command { action: publish::Action::Publish { target, data, .. }, .. }) => {
                 prop_assert!(serde_json::from_str::<Value>(data.get()).is_ok());

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 /// How tokens are signed.
 #[derive(Clone, PartialEq, Eq)]
@@ -44,7 +45,13 @@ pub struct Identity {
     pub expires_at: u64,
     /// Channel patterns from the `channels` claim.
     channels: Box<[Box<str>]>,
+    /// The `presence` claim, as JSON text: what other members of presence channels see of
+    /// this user.
+    pub presence: Option<Box<str>>,
 }
+
+/// The longest `presence` claim, serialized: members' info goes to every page of a channel.
+pub const MAX_PRESENCE_INFO: usize = 1024;
 
 impl Identity {
     /// May this user subscribe to `channel`?
@@ -67,6 +74,8 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     channels: Vec<String>,
+    #[serde(default)]
+    presence: Option<Box<RawValue>>,
 }
 
 /// Verifies tokens against the configured key and algorithm.
@@ -113,6 +122,11 @@ impl Verifier {
         if claims.sub.is_empty() {
             return Err("empty sub".into());
         }
+        if let Some(info) = &claims.presence
+            && info.get().len() > MAX_PRESENCE_INFO
+        {
+            return Err(format!("presence claim over {MAX_PRESENCE_INFO} bytes"));
+        }
         Ok(Identity {
             user: claims.sub.into(),
             expires_at: claims.exp,
@@ -121,6 +135,7 @@ impl Verifier {
                 .into_iter()
                 .map(String::into_boxed_str)
                 .collect(),
+            presence: claims.presence.map(|info| info.get().into()),
         })
     }
 }
@@ -135,6 +150,7 @@ mod tests {
             user: "u1".into(),
             expires_at: 0,
             channels: vec!["project:*".into(), "order:7".into()].into_boxed_slice(),
+            presence: None,
         };
         for (channel, allowed) in [
             ("user:u1", true),

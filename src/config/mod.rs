@@ -72,6 +72,9 @@ settings! {
         max_unacked_per_connection: usize = "100", "COUNT", "Acknowledged events one connection may leave unanswered; for further ones it counts as timed out at once";
         max_ack_timeout: HumanDuration = "60s", "DURATION", "Longest ack timeout a publish may ask for";
         ack_grace: HumanDuration = "250ms", "DURATION", "Under the Redis engine, how long past its timeout an ack report waits for other nodes' counts in transit before counting a silent node's pages as lost";
+        presence_linger: HumanDuration = "5s", "DURATION", "How long a presence member stays after its last connection closed: one back within it (a reload, a reconnect, a deploy) makes no leave and no join";
+        presence_window: HumanDuration = "100ms", "DURATION", "Presence joins and leaves of a channel are gathered this long into one presence_diff message per page";
+        max_presence_members: usize = "1000", "COUNT", "Members a presence snapshot or change lists at most; beyond it pages get the counts only";
         max_output_buffer: ByteSize = "1MiB", "SIZE", "Unsent bytes per connection before it is closed as a slow consumer (1008)";
         max_header_size: ByteSize = "8KiB", "SIZE", "Largest HTTP request head; larger ones get 431";
         max_publish_line: ByteSize = "1MiB", "SIZE", "Longest publish line; longer ones get an error and the publisher is closed";
@@ -130,6 +133,8 @@ settings! {
             [value_delimiter = ','];
         redis_url: RedisUrl, "URL", "Redis to use with --engine redis, e.g. redis://127.0.0.1:6379 or rediss://user:pass@host:6380 (repeatable: a cluster's seed nodes; or set SIDECAST_REDIS_URL). With redis_sentinel, only its scheme and credentials are used", "SIDECAST_REDIS_URL, needed with --engine redis unless redis_sentinel";
         redis_sentinel: String, "HOST:PORT", "A Sentinel to ask for the primary (repeatable); needs redis_master_name", "no Sentinel";
+        presence_channels: String, "PATTERN", "Channels with presence: their subscribers are members, and get the member list and its changes; `doc:*` for a prefix (repeatable, or comma-separated)", "no presence"
+            [value_delimiter = ','];
     }
     files {
         dapr: DaprSettings, "Dapr subscriptions ([[dapr.subscription]]): broker topics whose CloudEvents are published to channels";
@@ -294,6 +299,7 @@ impl Config {
             ("redis_check_interval", self.redis_check_interval),
             ("user_lease_ttl", self.user_lease_ttl),
             ("ack_grace", self.ack_grace),
+            ("presence_window", self.presence_window),
         ];
         for (key, value) in durations {
             if value < TIMER_TICK {

@@ -25,6 +25,7 @@ use slab::Slab;
 
 use super::history::{Delta, History, HistoryLimits};
 use super::idempotency::{Idempotency, IdempotencyLimits};
+use super::presence::{Present, Roster};
 use super::{
     Engine, EngineGauges, Entry, Event, Happening, Joined, OpId, Part, Replay, Stored, Unavailable,
 };
@@ -82,6 +83,8 @@ pub struct MemoryEngine {
     idempotency: Idempotency,
     /// Answers not yet taken by the fan-out.
     out: Vec<Happening>,
+    /// Presence channels' members.
+    roster: Roster,
 }
 
 /// No idempotency keys: `idem` is ignored.
@@ -112,6 +115,15 @@ impl MemoryEngine {
             sweep_cursor: 0,
             idempotency: Idempotency::new(idempotency),
             out: Vec::new(),
+            roster: Roster::new(0),
+        }
+    }
+
+    /// The same engine, whose presence members linger `ticks` after their last connection.
+    pub fn lingering(self, ticks: u64) -> MemoryEngine {
+        MemoryEngine {
+            roster: Roster::new(ticks),
+            ..self
         }
     }
 
@@ -387,6 +399,28 @@ impl Engine for MemoryEngine {
     }
 
     fn release(&mut self, _user: &str, _conn: ConnId, _last: bool, _now: Tick) {}
+
+    fn present(&mut self, channel: &str, present: &Present<'_>, _now: Tick) {
+        self.roster.present(channel, present, &mut self.out);
+    }
+
+    fn absent(&mut self, channel: &str, member: &str, client: &str, now: Tick) {
+        self.roster
+            .absent(channel, member, client, now, &mut self.out);
+    }
+
+    fn members(&mut self, channel: &str, ask: usize, _now: Tick) {
+        let members = self.roster.members(channel);
+        self.out.push(Happening::Members { ask, members });
+    }
+
+    fn presence_due(&self) -> Option<Tick> {
+        self.roster.next_due()
+    }
+
+    fn expire_presence(&mut self, now: Tick) {
+        self.roster.expire(now, &mut self.out);
+    }
 
     /// This node is every node.
     fn mail(&mut self, _to: &str, message: Bytes, _now: Tick) {

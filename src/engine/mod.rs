@@ -13,6 +13,7 @@
 //! - [`memory`]: everything in this process (the default): seqs, epochs, histories.
 //! - [`history`]: one channel's recent frames, bounded by count, bytes and age.
 //! - [`idempotency`]: publishes remembered by their `idem` key.
+//! - [`presence`]: who is on a presence channel, and the in-memory roster.
 //! - [`redis`]: the Redis engine, shared by every node (see its module doc).
 //!
 //! Invariants: every publish part an engine takes (`Ok` from [`Engine::publish`]) is answered
@@ -23,6 +24,7 @@
 pub mod history;
 pub mod idempotency;
 pub mod memory;
+pub mod presence;
 pub mod redis;
 
 use std::sync::Arc;
@@ -38,6 +40,7 @@ use crate::error::StartupError;
 use crate::publish::Published;
 use history::HistoryLimits;
 use idempotency::IdempotencyLimits;
+use presence::{Member, Members, Present};
 use redis::sentinel::SentinelSettings;
 use redis::tls::{Tls, TlsFiles};
 use redis::{RedisEngine, RedisSettings};
@@ -225,6 +228,24 @@ pub enum Happening {
     LeaseRefused(ConnId),
     /// A message another node (or this one) sent this node with [`Engine::mail`].
     Mail(Bytes),
+    /// Members joined or left presence channel `channel`, as its change `version`.
+    PresenceChanged {
+        /// The channel.
+        channel: Arc<str>,
+        /// The change's version (the last one's, for several).
+        version: u64,
+        /// Members that joined.
+        joined: Vec<Member>,
+        /// Ids of members that left.
+        left: Vec<Box<str>>,
+    },
+    /// The answer to [`Engine::members`] asked as `ask`.
+    Members {
+        /// The fan-out's key for the question.
+        ask: usize,
+        /// The channel's presence.
+        members: Members,
+    },
 }
 
 /// The state of an engine shared by several nodes, for `/health` and `/metrics`.
@@ -333,6 +354,23 @@ pub trait Engine: Send {
     /// `conn` of `user` closed (`last`: the user's last connection on this node).
     fn release(&mut self, user: &str, conn: ConnId, last: bool, now: Tick);
 
+    /// A connection arrives on presence channel `channel` (a join when its member was not
+    /// there, announced by [`Happening::PresenceChanged`]).
+    fn present(&mut self, channel: &str, present: &Present<'_>, now: Tick);
+
+    /// Connection `client` of `member` left presence channel `channel` (the member leaves
+    /// `presence_linger` after its last connection, unless one came back).
+    fn absent(&mut self, channel: &str, member: &str, client: &str, now: Tick);
+
+    /// The members of `channel`: answered by [`Happening::Members`] for `ask`.
+    fn members(&mut self, channel: &str, ask: usize, now: Tick);
+
+    /// When a member's linger next ends, for an engine that times them itself.
+    fn presence_due(&self) -> Option<Tick>;
+
+    /// Members whose linger ended by `now` leave.
+    fn expire_presence(&mut self, now: Tick);
+
     /// Sends `message` to node `to` (this node included), which gets it as a
     /// [`Happening::Mail`], unless the way there is down: mail is not stored, and whoever
     /// waits for it has a deadline. An engine that is this node alone is every node.
@@ -386,7 +424,8 @@ pub fn start(
         limit: config.max_idempotency_keys,
         window: ticks.ticks_in(config.idempotency_window),
     };
-    let memory = MemoryEngine::new(history, idempotency);
+    let memory =
+        MemoryEngine::new(history, idempotency).lingering(ticks.ticks_in(config.presence_linger));
     if config.engine == EngineKind::Memory {
         return Ok(Box::new(memory));
     }

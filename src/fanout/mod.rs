@@ -20,6 +20,8 @@
 //! - [`clients`]: the connection slab and its dirty list.
 //! - [`sessions`]: opening and ending sessions, their verdicts, joins.
 //! - [`ops`]: publishes in flight and their answers; the [`Serving`] sink.
+//! - [`presence`]: which channels have presence, the questions asked of the engine about
+//!   their members, and the windows their changes are gathered in.
 //! - [`acks`]: acknowledged events: this node's tallies of its pages' acks, and the reports
 //!   its workers wait for.
 //!
@@ -32,6 +34,7 @@ pub mod acks;
 pub mod clients;
 pub mod hub;
 pub mod ops;
+pub mod presence;
 pub mod sessions;
 pub mod users;
 
@@ -58,6 +61,8 @@ pub use clients::Clients;
 pub use hub::Hub;
 use ops::Ops;
 pub use ops::{Completion, PublisherRef, Serving};
+use presence::Presence;
+pub use presence::PresenceSettings;
 use sessions::Join;
 pub use users::Users;
 
@@ -185,6 +190,8 @@ pub struct Fanout {
     reports: Reports,
     /// Reused: the tallies' mail being sent.
     outbox: Vec<(Arc<str>, Mail)>,
+    /// Presence channels, as this node's pages see them.
+    presence: Presence,
     /// Connections closed by a publisher's command; the reactor arms their drain deadline.
     closed_by_command: Vec<ConnId>,
 }
@@ -196,6 +203,7 @@ impl Fanout {
         auth: Option<Auth>,
         settings: SessionSettings,
         node: &str,
+        presence: PresenceSettings,
     ) -> Fanout {
         Fanout {
             clients: Clients::default(),
@@ -217,6 +225,7 @@ impl Fanout {
             tallies: Tallies::new(node, settings.max_unacked_per_connection),
             reports: Reports::new(settings.max_pending_acks),
             outbox: Vec::new(),
+            presence: Presence::new(presence),
             closed_by_command: Vec::new(),
         }
     }
@@ -316,6 +325,13 @@ impl Fanout {
                     Some(mail) => self.reports.on_mail(mail),
                     None => log::warn!("a malformed message in this node's mailbox"),
                 },
+                Happening::PresenceChanged {
+                    channel,
+                    version,
+                    joined,
+                    left,
+                } => (self.presence).changed(channel, version, joined, left, self.pass.now),
+                Happening::Members { ask, members } => self.on_members(ask, &members),
                 Happening::LeaseRefused(conn) => {
                     if self.clients.is_current(conn) {
                         log::debug!("conn={}: user at max_connections_per_user", conn.generation);
@@ -484,21 +500,34 @@ impl Fanout {
         self.execute(None, &target, &data, None, None);
     }
 
-    // ---- acknowledged events ----
+    // ---- the fan-out's own deadlines ----
 
-    /// Ends the tallies whose deadline passed by `now` (their counts go out first: on one
-    /// node they come back at once), then makes the reports whose deadline passed.
-    pub fn expire_acks(&mut self, now: Tick) {
+    /// Carries out what is due by `now`: tallies end (their counts go out first: on one node
+    /// they come back at once), then reports are made; lingering presence members leave, and
+    /// presence windows close, each sent to its channel's pages.
+    pub fn fire_deadlines(&mut self, now: Tick) {
         self.tallies.expire(now);
         self.post_mail();
         self.reports.expire(now);
+        self.engine.expire_presence(now);
+        self.apply();
+        for (channel, diff) in self.presence.closed(now) {
+            self.send_to_members(&channel, &diff);
+        }
     }
 
-    /// When the next tally or report deadline is due.
-    pub fn next_ack_deadline(&self) -> Option<Tick> {
-        let deadlines = [self.tallies.next_deadline(), self.reports.next_deadline()];
+    /// When the next tally, report, linger or presence window is due.
+    pub fn next_deadline(&self) -> Option<Tick> {
+        let deadlines = [
+            self.tallies.next_deadline(),
+            self.reports.next_deadline(),
+            self.engine.presence_due(),
+            self.presence.next_due(),
+        ];
         deadlines.into_iter().flatten().min()
     }
+
+    // ---- acknowledged events ----
 
     /// Moves the ack reports made since the last call to the end of `into`.
     pub fn take_ack_reports(&mut self, into: &mut Vec<AckReport>) {

@@ -113,6 +113,12 @@ pub(super) struct Ops {
 }
 
 impl Ops {
+    /// A ticket for a command's answer.
+    pub fn next_ticket(&mut self) -> u64 {
+        self.next_ticket += 1;
+        self.next_ticket
+    }
+
     fn start(
         &mut self,
         from: Option<PublisherRef>,
@@ -120,7 +126,7 @@ impl Ops {
         parts: usize,
         idem: Option<&str>,
     ) -> Started {
-        self.next_ticket += 1;
+        let ticket = self.next_ticket();
         let seqs = match shape {
             Shape::One => Seqs::One(0),
             Shape::Many => Seqs::Many(vec![0; parts]),
@@ -128,7 +134,7 @@ impl Ops {
         };
         let op = self.table.insert(Op {
             from,
-            ticket: self.next_ticket,
+            ticket,
             shape,
             idem: idem.map(Into::into),
             waiting: parts,
@@ -140,10 +146,7 @@ impl Ops {
             duplicate: true,
             ack: None,
         });
-        Started {
-            op,
-            ticket: self.next_ticket,
-        }
+        Started { op, ticket }
     }
 
     /// Connections of this node an answer of publish `from` reached, and those it passed
@@ -337,11 +340,25 @@ impl Fanout {
         if self.ops.table.contains(op) {
             return Outcome::Waiting(ticket);
         }
+        self.take_completion(ticket)
+            .expect("an op done within the call")
+    }
+
+    /// The answer for `ticket`, if it was given within the call (taken back from the
+    /// completions).
+    pub(super) fn take_completion(&mut self, ticket: u64) -> Option<Outcome> {
         let completions = &mut self.ops.completions;
-        let done = completions.iter().rposition(|c| c.ticket == ticket);
-        completions
-            .remove(done.expect("an op done within the call"))
-            .outcome
+        let done = completions.iter().rposition(|c| c.ticket == ticket)?;
+        Some(completions.remove(done).outcome)
+    }
+
+    /// Answers `ticket` of publisher `from` (a question that is no publish).
+    pub(super) fn complete(&mut self, from: Option<PublisherRef>, ticket: u64, outcome: Outcome) {
+        self.ops.completions.push(Completion {
+            publisher: from,
+            ticket,
+            outcome,
+        });
     }
 
     /// Part `part` answered: once all are, the publish is done.
@@ -433,6 +450,10 @@ impl Sink for Serving<'_> {
 
     fn disconnect_user(&mut self, user: &str) -> Outcome {
         self.fanout.disconnect(self.from, user)
+    }
+
+    fn presence(&mut self, channel: &str) -> Outcome {
+        self.fanout.presence_query(self.from, channel)
     }
 
     fn has_capacity(&self) -> bool {

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::presence::Ask;
 use super::{Auth, Fanout, SessionSettings, deliver, hub};
 use crate::base::channel::Backfill;
 use crate::base::ids::ConnId;
@@ -21,7 +22,9 @@ use crate::engine::{Joined, Replay};
 use crate::error::Close;
 use crate::ws::deflate::EventFrame;
 use crate::ws::session::{Inbound, Rules, Verdict};
-use crate::ws::wire::{self, EventTarget, Rejection, Reply, Request, RequestId, Subscribing};
+use crate::ws::wire::{
+    self, ErrorCode, EventTarget, Rejection, Reply, Request, RequestId, Subscribing,
+};
 
 /// A connection waiting to be live on a channel.
 #[derive(Debug)]
@@ -83,7 +86,7 @@ impl Fanout {
         let mut conn = self.clients.live_mut(key);
         let id = conn.id();
         let settings = &self.settings;
-        let client_id = format!("{:08x}{:08x}", settings.instance, id.generation);
+        let client_id = client_id(settings.instance, id);
         let session = conn.session().expect("an open session");
         let user_id = session
             .identity()
@@ -164,21 +167,31 @@ impl Fanout {
                 if joined == hub::Joined::First {
                     self.engine.watch(channel.as_str(), now);
                 }
+                if self.presence.covers(channel.as_str()) {
+                    self.enter_presence(key, channel.as_str());
+                }
                 self.join(self.hub.name(channel_id), conn_id, backfill, id);
             }
             Verdict::Unsubscribe { channel, id } => {
-                let mut last = None;
+                let (mut last, mut left) = (None, false);
                 if let Some(channel_id) = self.hub.find(channel.as_str())
                     && conn.session_mut()?.remove_subscription(channel_id)
                 {
                     last = self.hub.unsubscribe(channel_id, conn_id);
+                    left = true;
                 }
                 conn.send_reply(&Reply::Unsubscribed {
                     channel: channel.as_str(),
                     id: id.as_ref(),
                 });
+                let user = conn.session().and_then(|s| s.identity());
+                let user: Option<Box<str>> = user.map(|(who, _)| who.user.clone());
+                let left = left && !conn.is_event_stream();
                 drop(conn);
                 self.forget_join(channel.as_str(), conn_id);
+                if left && self.presence.covers(channel.as_str()) {
+                    self.leave_presence(conn_id, user.as_deref(), channel.as_str());
+                }
                 if let Some(name) = last {
                     self.engine.unwatch(&name, now);
                     self.apply();
@@ -203,6 +216,22 @@ impl Fanout {
                 }
                 drop(conn);
                 self.post_mail();
+            }
+            Verdict::PresenceStats { channel, id } => {
+                if !self.presence.covers(channel.as_str()) {
+                    conn.send_reply(&Reply::from(&Rejection {
+                        channel: Some(channel.as_str().to_string()),
+                        id,
+                        ..Rejection::new(
+                            ErrorCode::NoPresence,
+                            "this channel has no presence (see presence_channels)",
+                        )
+                    }));
+                } else {
+                    drop(conn);
+                    let ask = Ask::Stats { conn: conn_id, id };
+                    self.ask_members(channel.as_str(), ask);
+                }
             }
             Verdict::Refresh { identity, id } => {
                 let auth = self.auth.as_ref()?;
@@ -290,11 +319,15 @@ impl Fanout {
                 entries
             }
         };
+        let stream = conn.is_event_stream();
         drop(conn);
         for entry in &replayed {
             if let Some(tag) = &entry.ack {
                 self.follow_replayed(&channel, entry.seq, tag);
             }
+        }
+        if !stream && self.presence.covers(&channel) {
+            self.ask_members(&channel, Ask::Snapshot(conn_id));
         }
         let joins = self.joins.get_mut(&channel).expect("listed");
         match floor {
@@ -335,6 +368,9 @@ impl Fanout {
         for channel in ended.subscriptions {
             let name = self.hub.name(channel);
             self.forget_join(&name, id);
+            if !ended.event_stream && self.presence.covers(&name) {
+                self.leave_presence(id, ended.user.as_deref(), &name);
+            }
             if let Some(name) = self.hub.unsubscribe(channel, id) {
                 self.engine.unwatch(&name, now);
             }
@@ -352,6 +388,12 @@ impl Fanout {
         self.metrics.disconnected(reason);
         log::debug!("conn={} closed: {}", id.generation, reason.label());
     }
+}
+
+/// The client id connection `id` of process `instance` is told in `connected`, and known by
+/// in presence.
+pub(super) fn client_id(instance: u32, id: ConnId) -> String {
+    format!("{instance:08x}{:08x}", id.generation)
 }
 
 /// What a session's requests are judged by.

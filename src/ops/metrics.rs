@@ -86,6 +86,8 @@ pub struct Metrics {
     pub publish_unavailable: u64,
     /// Gaps reported to subscribers (events a shared engine could not deliver).
     pub gaps_reported: u64,
+    /// Presence snapshots and `presence_diff` messages queued to pages.
+    pub presence_messages: u64,
     /// TCP connections dropped before completing a request head in time.
     pub handshake_timeouts: u64,
     /// Requests refused with an HTTP error status.
@@ -243,6 +245,12 @@ impl Metrics {
             "counter",
             "Gaps reported to subscribers: events that could not be delivered or recovered.",
             self.gaps_reported,
+        );
+        metric(
+            "sidecast_presence_messages_total",
+            "counter",
+            "Presence snapshots and presence_diff messages queued to pages.",
+            self.presence_messages,
         );
         if let Some(redis) = &gauges.shared {
             metric(

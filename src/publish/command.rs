@@ -54,6 +54,8 @@ pub enum Action<'a> {
     },
     /// `{"op":"disconnect","user":"u1"}`: close every connection of that user (4003).
     DisconnectUser(Cow<'a, str>),
+    /// `{"op":"presence","channel":"doc:1"}`: the members of a presence channel.
+    Presence(Cow<'a, str>),
 }
 
 /// A parsed publish command.
@@ -126,6 +128,9 @@ pub enum Outcome {
     Waiting(u64),
     /// Not executed: the engine cannot be reached. The worker may retry.
     Unavailable,
+    /// The members of a presence channel: the fields of the reply after `"ok":true`, as one
+    /// JSON object.
+    Members(String),
     /// Not executed, for this reason (an acknowledged publish the server cannot take).
     Refused {
         /// The `error` of the reply.
@@ -165,6 +170,9 @@ pub trait Sink {
 
     /// Closes every connection of `user`.
     fn disconnect_user(&mut self, user: &str) -> Outcome;
+
+    /// The members of presence channel `channel`.
+    fn presence(&mut self, channel: &str) -> Outcome;
 
     /// False once this loop pass has done its share of fan-out: the publisher stops reading
     /// and resumes in the next pass, after the queued frames were flushed.
@@ -262,6 +270,26 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
             return Ok(Command {
                 id,
                 action: Action::DisconnectUser(user),
+            });
+        }
+        Some("presence") => {
+            let (Some(channel), None, None, None, DataField::Missing, None, None) = (
+                raw.channel,
+                raw.channels,
+                raw.broadcast,
+                raw.user,
+                raw.data,
+                raw.idem,
+                raw.ack,
+            ) else {
+                return fail("presence takes exactly a channel".into());
+            };
+            if let Err(why) = check_channel(&channel) {
+                return fail(why.into());
+            }
+            return Ok(Command {
+                id,
+                action: Action::Presence(channel),
             });
         }
         Some(other) => return fail(format!("unknown op {other:?}")),
@@ -428,6 +456,10 @@ impl Render {
     pub fn line(&self, outcome: &Outcome) -> (String, bool) {
         match outcome {
             Outcome::Done(published) => (self.ok_line(published), true),
+            Outcome::Members(roll) => (
+                format!("{{\"id\":{},\"ok\":true,{}\n", self.id, &roll[1..]),
+                true,
+            ),
             Outcome::Unavailable | Outcome::Waiting(_) => (unavailable_line(&self.id), false),
             Outcome::Refused { error, retry } => (error_line(&self.id, error, *retry), false),
         }
@@ -497,6 +529,10 @@ pub fn execute(line: &[u8], sink: &mut impl Sink) -> Option<Executed> {
             id,
             action: Action::DisconnectUser(user),
         }) => (id, Render::new(id, None), sink.disconnect_user(&user)),
+        Ok(Command {
+            id,
+            action: Action::Presence(channel),
+        }) => (id, Render::new(id, None), sink.presence(&channel)),
         Err(error) => {
             return Some(Executed {
                 answer: Answer::Ready {

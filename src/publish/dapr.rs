@@ -231,7 +231,7 @@ impl Dapr {
         let (sub, destination) = &self.subscriptions[n];
         match self.map(destination, event) {
             Ok((target, data, key)) => match sink.publish(&target, &data, Some(&key), None) {
-                Outcome::Done(_) => Status::Success,
+                Outcome::Done(_) | Outcome::Members(_) => Status::Success,
                 Outcome::Unavailable | Outcome::Refused { retry: true, .. } => Status::Retry,
                 Outcome::Refused { retry: false, .. } => Status::Drop,
                 Outcome::Waiting(ticket) => Status::Waiting(ticket),

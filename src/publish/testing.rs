@@ -74,6 +74,11 @@ impl Sink for Recorder {
         })
     }
 
+    /// An empty roll of `channel`.
+    fn presence(&mut self, channel: &str) -> Outcome {
+        Outcome::Members(format!("{{\"channel\":\"{channel}\",\"members\":[]}}"))
+    }
+
     fn has_capacity(&self) -> bool {
         self.budget > 0
     }

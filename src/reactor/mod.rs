@@ -53,7 +53,7 @@ use crate::base::time::{Tick, TickSource};
 use crate::config::{Config, TIMER_TICK};
 use crate::engine;
 use crate::error::StartupError;
-use crate::fanout::{AckReport, Fanout, PublisherRef, SessionSettings};
+use crate::fanout::{AckReport, Fanout, PresenceSettings, PublisherRef, SessionSettings};
 use crate::ops::stats::StatsFeed;
 use crate::publish::http::HttpRules;
 use crate::publish::port::PortRules;
@@ -187,7 +187,14 @@ impl Server {
         let node_id = (config.node_id.clone()).unwrap_or_else(|| format!("{:08x}", random_u32()));
         let engine = engine::start(&config, registry, token_of, ticks, node_id.clone())?;
         timers.insert(Tick(1), TimerEvent::EngineTick);
-        let fanout = Fanout::new(engine, auth, settings, &node_id);
+        let presence = PresenceSettings {
+            patterns: (config.presence_channels.iter())
+                .map(|p| p.as_str().into())
+                .collect(),
+            window: ticks.ticks_in(config.presence_window),
+            max_members: config.max_presence_members,
+        };
+        let fanout = Fanout::new(engine, auth, settings, &node_id, presence);
         let stats = config
             .dashboard_enabled()
             .then(|| StatsFeed::new(fanout.metrics(), started));
@@ -277,9 +284,9 @@ impl Server {
             // resumes without waiting.
             let timeout = if self.paused_publishers.is_empty() && self.ready_clients.is_empty() {
                 let next = self.timers.next_deadline();
-                let acks = self.fanout.next_ack_deadline();
+                let fanout = self.fanout.next_deadline();
                 next.into_iter()
-                    .chain(acks)
+                    .chain(fanout)
                     .min()
                     .map(|t| self.ticks.until(t, self.clock.now()))
             } else {
@@ -464,7 +471,7 @@ impl Server {
     }
 
     fn fire_timers(&mut self, now: Tick) {
-        self.fanout.expire_acks(now);
+        self.fanout.fire_deadlines(now);
         let mut expired = std::mem::take(&mut self.expired);
         self.timers.advance(now, &mut expired);
         for event in expired.drain(..) {

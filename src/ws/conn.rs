@@ -507,6 +507,12 @@ impl ClientConn {
         self.send(bytes);
     }
 
+    /// Queues a frame encoded once for many WebSockets (a presence message); false when the
+    /// connection is closing or over `max_output_buffer` (then closed as a slow consumer).
+    pub fn send_frame(&mut self, frame: Bytes) -> bool {
+        self.send(frame)
+    }
+
     /// Queues a keepalive: a protocol-level Ping with an empty payload, or an event stream's
     /// comment line; static bytes, no allocation.
     pub fn send_heartbeat(&mut self) {

@@ -82,6 +82,13 @@ pub enum Verdict {
         /// The seqs.
         seqs: Vec<u64>,
     },
+    /// Answer how many are on presence channel `channel` (which the token allows).
+    PresenceStats {
+        /// The channel.
+        channel: ChannelName,
+        /// Echoed.
+        id: Option<RequestId>,
+    },
     /// The token was refreshed: adopt `identity` and reply `refreshed`.
     Refresh {
         /// The new token's identity (same user).
@@ -235,6 +242,23 @@ impl Session {
             }
             Request::Ping { id } => Verdict::Pong { id },
             Request::Ack { channel, seqs } => Verdict::Ack { channel, seqs },
+            Request::PresenceStats { channel, id } => {
+                if self
+                    .identity()
+                    .is_some_and(|(who, _)| !who.may_subscribe(channel.as_str()))
+                {
+                    Verdict::Reject(Rejection {
+                        channel: Some(channel.as_str().to_string()),
+                        id,
+                        ..Rejection::new(
+                            ErrorCode::Forbidden,
+                            "your token does not allow this channel",
+                        )
+                    })
+                } else {
+                    Verdict::PresenceStats { channel, id }
+                }
+            }
             Request::Refresh { token, id } => {
                 let (Some(verifier), Some((current, _))) = (rules.verifier, self.identity()) else {
                     let message = "authentication is off: there is nothing to refresh".into();

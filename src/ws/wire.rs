@@ -37,6 +37,8 @@ pub enum ErrorCode {
     Forbidden,
     /// A `refresh` carried a token that is invalid, expired, or for another user.
     InvalidToken,
+    /// `presence_stats` on a channel without presence (`presence_channels`).
+    NoPresence,
 }
 
 /// A request id, echoed in the reply: a JSON number or string, kept verbatim.
@@ -89,6 +91,14 @@ pub enum Request {
         /// Their seqs, at most [`MAX_ACK_BATCH`].
         seqs: Vec<u64>,
     },
+    /// `{"type":"presence_stats","channel":...}`: how many members and connections a
+    /// presence channel has.
+    PresenceStats {
+        /// The channel.
+        channel: ChannelName,
+        /// Echoed in the reply.
+        id: Option<RequestId>,
+    },
     /// `{"type":"refresh","token":...}`: extend an authenticated connection.
     Refresh {
         /// The new token.
@@ -120,9 +130,9 @@ impl Request {
     /// The request's channel and id, for an error reply about it.
     pub fn channel_and_id(&self) -> (Option<&str>, Option<&RequestId>) {
         match self {
-            Request::Subscribe { channel, id, .. } | Request::Unsubscribe { channel, id } => {
-                (Some(channel.as_str()), id.as_ref())
-            }
+            Request::Subscribe { channel, id, .. }
+            | Request::Unsubscribe { channel, id }
+            | Request::PresenceStats { channel, id } => (Some(channel.as_str()), id.as_ref()),
             Request::Ack { channel, .. } => (Some(channel.as_str()), None),
             Request::SubscribeMany { id, .. }
             | Request::UnsubscribeMany { id, .. }
@@ -378,6 +388,16 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
                 Err(why) => reject(ErrorCode::InvalidChannel, why.into(), Some(name), id),
             }
         }
+        "presence_stats" => {
+            let Some(name) = channel else {
+                let message = "presence_stats needs a channel".into();
+                return reject(ErrorCode::InvalidMessage, message, None, id);
+            };
+            match ChannelName::parse(&name) {
+                Ok(channel) => Ok(Request::PresenceStats { channel, id }),
+                Err(why) => reject(ErrorCode::InvalidChannel, why.into(), Some(name), id),
+            }
+        }
         "refresh" => match fields.remove("token") {
             Some(Value::String(token)) => Ok(Request::Refresh { token, id }),
             _ => reject(
@@ -457,6 +477,19 @@ pub enum Reply<'a> {
     Unsubscribed {
         /// The channel.
         channel: &'a str,
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    },
+    /// Answer to `presence_stats`.
+    #[serde(rename = "presence_stats")]
+    PresenceStats {
+        /// The channel.
+        channel: &'a str,
+        /// Members (users, or connections without authentication).
+        members: usize,
+        /// Their open connections.
+        connections: usize,
         /// The request's id.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RequestId>,

@@ -48,6 +48,7 @@ use bytes::{Bytes, BytesMut};
 use mio::Registry;
 
 use super::memory::MemoryEngine;
+use super::presence::Present;
 use super::{
     AckTag, Engine, EngineGauges, Event, Happening, OpId, Part, SharedState, TokenOf, Unavailable,
 };
@@ -558,6 +559,30 @@ impl Engine for RedisEngine {
         if last {
             self.unwatch_shared(&user_channel(user), now);
         }
+    }
+
+    fn present(&mut self, channel: &str, present: &Present<'_>, now: Tick) {
+        self.local.present(channel, present, now);
+        self.take_local();
+    }
+
+    fn absent(&mut self, channel: &str, member: &str, client: &str, now: Tick) {
+        self.local.absent(channel, member, client, now);
+        self.take_local();
+    }
+
+    fn members(&mut self, channel: &str, ask: usize, now: Tick) {
+        self.local.members(channel, ask, now);
+        self.take_local();
+    }
+
+    fn presence_due(&self) -> Option<Tick> {
+        self.local.presence_due()
+    }
+
+    fn expire_presence(&mut self, now: Tick) {
+        self.local.expire_presence(now);
+        self.take_local();
     }
 
     /// Mail to this node is answered at once; to another, an `SPUBLISH` on its mailbox that
