@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{PATIENCE, TestServer, Ws};
+use common::{TestServer, Ws};
 use serde_json::{Value, json};
 use sidecast::auth::JwtKey;
 use sidecast::config::Config;
@@ -17,8 +17,8 @@ const SECRET: &str = "presence-secret";
 fn presence_config(c: &mut Config) {
     c.jwt = Some(JwtKey::Secret(SECRET.into()));
     c.presence_channels = vec!["doc:*".into()];
-    c.presence_linger = Duration::from_millis(400).into();
-    c.presence_window = Duration::from_millis(50).into();
+    c.presence_linger = Duration::from_millis(400);
+    c.presence_window = Duration::from_millis(50);
     c.max_connections_per_user = 10;
 }
 
@@ -273,8 +273,8 @@ fn presence_is_shown_only_where_the_token_allows_and_workers_can_ask() {
 fn without_authentication_each_connection_is_a_member_and_event_streams_are_not() {
     let server = TestServer::start_with(|c| {
         c.presence_channels = vec!["room:*".into()];
-        c.presence_window = Duration::from_millis(20).into();
-        c.presence_linger = Duration::ZERO.into();
+        c.presence_window = Duration::from_millis(20);
+        c.presence_linger = Duration::ZERO;
     });
     let mut first = server.ws();
     let mine = join(&mut first, "room:1");
