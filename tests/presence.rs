@@ -7,12 +7,13 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, Ws};
+use common::redis::{Node, RedisServer, wait_for};
+use common::{PATIENCE, TestServer, Ws};
 use serde_json::{Value, json};
 use sidecast::auth::JwtKey;
 use sidecast::config::Config;
 
-const SECRET: &str = "presence-secret";
+const SECRET: &str = "presence-secret-of-at-least-32-bytes";
 
 fn presence_config(c: &mut Config) {
     c.jwt = Some(JwtKey::Secret(SECRET.into()));
@@ -75,6 +76,11 @@ fn ids(members: &Value) -> BTreeSet<String> {
 fn diff(ws: &mut Ws) -> (BTreeSet<String>, BTreeSet<String>, Value) {
     let diff = ws.recv();
     assert_eq!(diff["type"], "presence_diff", "{diff}");
+    parse_diff(diff)
+}
+
+/// A `presence_diff`'s joins' ids and leaves.
+fn parse_diff(diff: Value) -> (BTreeSet<String>, BTreeSet<String>, Value) {
     let leaves = (diff["leaves"].as_array().unwrap().iter())
         .map(|l| l.as_str().unwrap().to_string())
         .collect();
@@ -91,6 +97,8 @@ struct View {
     version: u64,
     members: BTreeSet<String>,
     news: Vec<String>,
+    /// Every leave read, newer or not: a leave announced twice shows here.
+    leaves_read: Vec<String>,
 }
 
 impl View {
@@ -99,14 +107,36 @@ impl View {
             version: snapshot["version"].as_u64().unwrap(),
             members: ids(&snapshot["members"]),
             news: Vec::new(),
+            leaves_read: Vec::new(),
         }
     }
 
-    /// Reads diffs from `ws` until `done` holds of the view.
+    /// Reads presence messages from `ws` until `done` holds of the view: diffs newer than
+    /// what it has, and snapshots (a resync), which replace it.
     #[track_caller]
     fn follow(&mut self, ws: &mut Ws, done: impl Fn(&View) -> bool) {
         while !done(self) {
-            let (joins, leaves, diff) = diff(ws);
+            let message = ws.recv();
+            if message["type"] == "presence" {
+                let members = ids(&message["members"]);
+                for id in members.difference(&self.members) {
+                    self.news.push(format!("+{id}"));
+                }
+                for id in self.members.difference(&members) {
+                    self.news.push(format!("-{id}"));
+                }
+                *self = View {
+                    news: std::mem::take(&mut self.news),
+                    leaves_read: std::mem::take(&mut self.leaves_read),
+                    ..View::of(&message)
+                };
+                continue;
+            }
+            if message["type"] != "presence_diff" {
+                continue; // a gap, after Redis lost the channel's events too
+            }
+            let (joins, leaves, diff) = parse_diff(message);
+            self.leaves_read.extend(leaves.iter().cloned());
             let version = diff["version"].as_u64().unwrap();
             if version <= self.version {
                 continue;
@@ -303,4 +333,165 @@ fn without_authentication_each_connection_is_a_member_and_event_streams_are_not(
     drop(second);
     view.follow(&mut first, |v| v.members.len() == 1);
     assert_eq!(view.news.len(), 2, "one join, one leave: {:?}", view.news);
+}
+
+// ---- across nodes, with a real Redis ----
+
+const NODE_FLAGS: [&str; 12] = [
+    "--jwt-secret",
+    SECRET,
+    "--presence-channels",
+    "doc:*",
+    "--presence-linger",
+    "1s",
+    "--presence-window",
+    "50ms",
+    "--user-lease-ttl",
+    "3s",
+    "--max-connections-per-user",
+    "10",
+];
+
+/// A page of `sub` on `node`.
+#[track_caller]
+fn page_on(node: &Node, sub: &str) -> Ws {
+    node.ws_path(&format!("/ws?token={}", token(sub, json!({}))))
+}
+
+/// Connections in `channel`'s roster in Redis.
+fn roster_connections(redis: &RedisServer, channel: &str) -> Option<usize> {
+    let reply = redis.command(&["ZCARD", &format!("sidecast:{{{channel}}}:pc")])?;
+    reply.trim().strip_prefix(':')?.parse().ok()
+}
+
+#[test]
+fn nodes_share_one_roster_and_a_killed_nodes_members_leave_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let urls = [redis.url()];
+    let (a, mut b, c) = (
+        Node::start(&urls, &NODE_FLAGS),
+        Node::start(&urls, &NODE_FLAGS),
+        Node::start(&urls, &NODE_FLAGS),
+    );
+    let mut ann = page_on(&a, "ann");
+    let mut view = View::of(&join(&mut ann, "doc:1"));
+    let mut bob = page_on(&b, "bob");
+    let mut cid = page_on(&b, "cid");
+    let mut eve = page_on(&c, "eve");
+    join(&mut bob, "doc:1");
+    join(&mut cid, "doc:1");
+    let union = join(&mut eve, "doc:1");
+    assert_eq!(
+        ids(&union["members"]),
+        set(&["ann", "bob", "cid", "eve"]),
+        "{union}"
+    );
+    view.follow(&mut ann, |v| v.members.len() == 4);
+    assert_eq!(view.news, ["+bob", "+cid", "+eve"]);
+
+    // B dies without a word: its connections' leases expire (3 s), Bob and Cid linger (1 s),
+    // and each leaves once, whichever of A and C reaps first.
+    let killed = Instant::now();
+    b.kill();
+    drop((bob, cid));
+    view.follow(&mut ann, |v| v.members.len() == 2);
+    let waited = killed.elapsed();
+    eprintln!("a killed node's members left {waited:?} after the kill");
+    assert!(
+        waited < Duration::from_secs(3 + 1) + PATIENCE / 2,
+        "{waited:?}"
+    );
+    let mut left = view.leaves_read.clone();
+    left.sort();
+    assert_eq!(left, ["bob", "cid"], "each leave announced once");
+    // C's page saw the same.
+    let mut evs = View::of(&union);
+    evs.follow(&mut eve, |v| v.members.len() == 2);
+    let mut left = evs.leaves_read.clone();
+    left.sort();
+    assert_eq!(left, ["bob", "cid"]);
+    assert_eq!(roster_connections(&redis, "doc:1"), Some(2));
+
+    // A worker on any node reads the same roster.
+    let reply = c.publish(&json!({"id": 1, "op": "presence", "channel": "doc:1"}));
+    assert_eq!(ids(&reply["members"]), set(&["ann", "eve"]), "{reply}");
+}
+
+#[test]
+fn a_rolling_restart_and_a_redis_that_lost_everything_send_no_leave_and_no_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(dir.path());
+    let urls = [redis.url()];
+    let mut stays = Node::start(&urls, &NODE_FLAGS);
+    let mut a = Node::start(&urls, &NODE_FLAGS);
+    let mut watcher = page_on(&stays, "wat");
+    let mut view = View::of(&join(&mut watcher, "doc:1"));
+    let mut ann = page_on(&a, "ann");
+    join(&mut ann, "doc:1");
+    view.follow(&mut watcher, |v| v.members.contains("ann"));
+    assert_eq!(view.news, ["+ann"]);
+
+    // Node A is replaced: Ann's page reconnects to the new one at once.
+    a.kill();
+    drop(ann);
+    let a2 = Node::start(&urls, &NODE_FLAGS);
+    let mut ann = page_on(&a2, "ann");
+    let mut anns = View::of(&join(&mut ann, "doc:1"));
+    // The dead node's connection is reaped once its lease expires: Ann stays.
+    wait_for("the dead node's connection is reaped", PATIENCE, || {
+        roster_connections(&redis, "doc:1") == Some(2)
+    });
+    // The watcher heard nothing of it: the next change it hears of is Bea's arrival.
+    let mut bea = page_on(&stays, "bea");
+    join(&mut bea, "doc:1");
+    view.follow(&mut watcher, |v| v.members.contains("bea"));
+    assert_eq!(view.news, ["+ann", "+bea"]);
+    assert!(view.leaves_read.is_empty(), "{:?}", view.leaves_read);
+
+    // Redis restarts empty: the nodes put their connections back without a word, and each
+    // page gets a fresh snapshot instead.
+    redis.kill();
+    redis.wipe();
+    redis.restart();
+    let snapshot = loop {
+        let message = watcher.recv();
+        match message["type"].as_str() {
+            Some("presence") => break message,
+            Some("presence_diff") => panic!("nothing changed: {message}"),
+            _ => {}
+        }
+    };
+    assert_eq!(
+        ids(&snapshot["members"]),
+        set(&["ann", "bea", "wat"]),
+        "{snapshot}"
+    );
+    let mut view = View::of(&snapshot);
+
+    // Nothing else was said: the next change the watcher hears of is Dan's arrival.
+    let mut dan = page_on(&a2, "dan");
+    join(&mut dan, "doc:1");
+    view.follow(&mut watcher, |v| v.members.contains("dan"));
+    assert_eq!(view.news, ["+dan"]);
+    assert!(view.leaves_read.is_empty(), "{:?}", view.leaves_read);
+
+    // The other node is replaced too: its pages move to A's successor, and Ann, who stayed
+    // there, sees only what really changed (Bea and Dan came; nobody left).
+    stays.kill();
+    drop((watcher, bea));
+    let mut watcher = page_on(&a2, "wat");
+    join(&mut watcher, "doc:1");
+    let mut bea = page_on(&a2, "bea");
+    join(&mut bea, "doc:1");
+    wait_for(
+        "the second dead node's connections are reaped",
+        PATIENCE,
+        || roster_connections(&redis, "doc:1") == Some(4),
+    );
+    let mut eli = page_on(&a2, "eli");
+    join(&mut eli, "doc:1");
+    anns.follow(&mut ann, |v| v.members.contains("eli"));
+    assert_eq!(anns.news, ["+bea", "+dan", "+eli"]);
+    assert!(anns.leaves_read.is_empty(), "{:?}", anns.leaves_read);
 }

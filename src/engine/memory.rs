@@ -410,7 +410,7 @@ impl Engine for MemoryEngine {
     }
 
     fn members(&mut self, channel: &str, ask: usize, _now: Tick) {
-        let members = self.roster.members(channel);
+        let members = Ok(self.roster.members(channel));
         self.out.push(Happening::Members { ask, members });
     }
 

@@ -243,9 +243,12 @@ pub enum Happening {
     Members {
         /// The fan-out's key for the question.
         ask: usize,
-        /// The channel's presence.
-        members: Members,
+        /// The channel's presence, or why it could not be read.
+        members: Result<Members, Unavailable>,
     },
+    /// Presence changes of `channel` may have been missed (its shard came back): its pages
+    /// need a fresh snapshot.
+    PresenceStale(Arc<str>),
 }
 
 /// The state of an engine shared by several nodes, for `/health` and `/metrics`.
@@ -460,6 +463,7 @@ pub fn start(
         idempotency_window: config.idempotency_window,
         timeout: config.redis_timeout,
         lease_ttl: config.user_lease_ttl,
+        presence_linger: config.presence_linger,
         check_interval: config.redis_check_interval,
         max_in_flight: config.redis_max_in_flight,
         max_in_flight_bytes: config.redis_max_in_flight_bytes,

@@ -61,8 +61,8 @@ pub use clients::Clients;
 pub use hub::Hub;
 use ops::Ops;
 pub use ops::{Completion, PublisherRef, Serving};
-use presence::Presence;
 pub use presence::PresenceSettings;
+use presence::{Ask, Presence};
 use sessions::Join;
 pub use users::Users;
 
@@ -331,7 +331,10 @@ impl Fanout {
                     joined,
                     left,
                 } => (self.presence).changed(channel, version, joined, left, self.pass.now),
-                Happening::Members { ask, members } => self.on_members(ask, &members),
+                Happening::Members { ask, members } => {
+                    self.on_members(ask, members.as_ref().map_err(|&e| e));
+                }
+                Happening::PresenceStale(channel) => self.ask_members(&channel, Ask::Resync),
                 Happening::LeaseRefused(conn) => {
                     if self.clients.is_current(conn) {
                         log::debug!("conn={}: user at max_connections_per_user", conn.generation);

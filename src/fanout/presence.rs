@@ -22,9 +22,10 @@ use super::sessions::client_id;
 use super::{Fanout, PublisherRef};
 use crate::base::ids::ConnId;
 use crate::base::time::Tick;
+use crate::engine::Unavailable;
 use crate::engine::presence::{Member, Members, Present};
 use crate::publish::Outcome;
-use crate::ws::wire::{self, Reply, RequestId};
+use crate::ws::wire::{self, ErrorCode, Rejection, Reply, RequestId};
 
 /// Which channels have presence, and how their changes reach pages.
 #[derive(Clone, Debug, Default)]
@@ -49,6 +50,8 @@ pub(super) enum Ask {
         /// Its request's id.
         id: Option<RequestId>,
     },
+    /// Every page of a channel whose changes may have been missed: a fresh snapshot each.
+    Resync,
     /// A worker's `{"op":"presence"}`.
     Worker {
         /// The publisher.
@@ -278,11 +281,35 @@ impl Fanout {
         self.apply();
     }
 
-    /// The engine's answer to question `ask`: a page's snapshot or counts, or a worker's
-    /// reply.
-    pub(super) fn on_members(&mut self, ask: usize, members: &Members) {
-        match self.presence.answered(ask) {
-            Some(Ask::Snapshot(conn)) => {
+    /// The engine's answer to question `ask`: a page's snapshot or counts, every page's
+    /// snapshot, or a worker's reply. When the engine could not read the roster, a page that
+    /// asked is told `unavailable`, a worker too; a snapshot comes with the next resync.
+    pub(super) fn on_members(&mut self, ask: usize, members: Result<&Members, Unavailable>) {
+        let Some(ask) = self.presence.answered(ask) else {
+            return;
+        };
+        let members = match (members, ask) {
+            (Ok(members), ask) => (members, ask),
+            (Err(Unavailable), Ask::Stats { conn, id }) => {
+                if let Some(mut page) = self.clients.get_mut(conn.key as usize)
+                    && page.id() == conn
+                {
+                    let message = "presence cannot be read now: try again";
+                    page.send_reply(&Reply::from(&Rejection {
+                        id,
+                        ..Rejection::new(ErrorCode::Unavailable, message)
+                    }));
+                }
+                return;
+            }
+            (Err(Unavailable), Ask::Worker { from, ticket }) => {
+                self.complete(from, ticket, Outcome::Unavailable);
+                return;
+            }
+            (Err(Unavailable), Ask::Snapshot(_) | Ask::Resync) => return,
+        };
+        match members {
+            (members, Ask::Snapshot(conn)) => {
                 let subscribed = self.hub.find(&members.channel);
                 if let Some(mut page) = self.clients.get_mut(conn.key as usize)
                     && page.id() == conn
@@ -293,7 +320,11 @@ impl Fanout {
                     self.metrics.presence_messages += 1;
                 }
             }
-            Some(Ask::Stats { conn, id }) => {
+            (members, Ask::Resync) => {
+                let snapshot = self.presence.snapshot(members);
+                self.send_to_members(&members.channel, &snapshot);
+            }
+            (members, Ask::Stats { conn, id }) => {
                 if let Some(mut page) = self.clients.get_mut(conn.key as usize)
                     && page.id() == conn
                 {
@@ -305,11 +336,10 @@ impl Fanout {
                     });
                 }
             }
-            Some(Ask::Worker { from, ticket }) => {
+            (members, Ask::Worker { from, ticket }) => {
                 let outcome = Outcome::Members(self.presence.roll(members));
                 self.complete(from, ticket, outcome);
             }
-            None => {}
         }
     }
 

@@ -39,6 +39,8 @@ pub enum ErrorCode {
     InvalidToken,
     /// `presence_stats` on a channel without presence (`presence_channels`).
     NoPresence,
+    /// The shared engine cannot answer now (Redis is down): try again.
+    Unavailable,
 }
 
 /// A request id, echoed in the reply: a JSON number or string, kept verbatim.

@@ -104,6 +104,17 @@ pub(super) enum Purpose {
         conn: ConnId,
         fresh: bool,
     },
+    /// A presence roster's change: nothing waits for the answer.
+    Presence,
+    /// This node's connections put back in `channel`'s roster after its shard came back.
+    Restore {
+        channel: Arc<str>,
+    },
+    /// A presence roster's read, for the fan-out's question `ask`.
+    Members {
+        channel: Arc<str>,
+        ask: usize,
+    },
 }
 
 /// Why a channel's stream is read.

@@ -110,8 +110,8 @@ impl RedisEngine {
     }
 
     /// Subscribes shard `key` to every watched channel it owns (and to the broadcasts and this
-    /// node's mailbox if it owns their channels), reads what each missed, sends queued joins
-    /// and takes leases again.
+    /// node's mailbox if it owns their channels), reads what each missed, sends queued joins,
+    /// takes leases again and puts this node's presence connections back.
     pub(super) fn resubscribe(&mut self, key: usize, now: Tick) {
         if let Some(shard) = self.shards.get_mut(key) {
             shard.subscribed = true;
@@ -138,6 +138,7 @@ impl RedisEngine {
                 self.send_lease(&user, conn, Bytes::from_static(RENEW), false, now);
             }
         }
+        self.renew_presence(Some(key), now);
     }
 
     /// The shard channels every node subscribes to besides its watched channels: the

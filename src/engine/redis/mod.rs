@@ -30,6 +30,7 @@ mod calls;
 mod channels;
 pub mod cluster;
 pub mod link;
+mod presence;
 mod replies;
 pub mod resp;
 pub mod scripts;
@@ -103,8 +104,10 @@ pub struct RedisSettings {
     pub idempotency_window: Duration,
     /// A reply later than this fails the connection (`redis_timeout`).
     pub timeout: Duration,
-    /// `user_lease_ttl`.
+    /// `user_lease_ttl`: also the lease of a connection in a presence roster.
     pub lease_ttl: Duration,
+    /// `presence_linger`.
+    pub presence_linger: Duration,
     /// `redis_check_interval`: how often each watched channel's delivered position is
     /// compared with Redis's.
     pub check_interval: Duration,
@@ -127,6 +130,7 @@ impl RedisSettings {
 /// The settings' periods, in ticks.
 struct Periods {
     tick: u64,
+    reap: u64,
     timeout: u64,
     renew: u64,
     refresh: u64,
@@ -149,6 +153,7 @@ struct Watched {
 /// When the periodic work is next due.
 struct Due {
     renewal: Tick,
+    reap: Tick,
     refresh: Tick,
     check: Tick,
 }
@@ -166,6 +171,12 @@ pub struct RedisEngine {
     mailbox: Keys,
     /// Leases this node holds: connection → its user.
     leases: HashMap<ConnId, Arc<str>>,
+    /// This node's connections on presence channels, by channel.
+    presence: HashMap<Arc<str>, Vec<presence::Here>>,
+    /// The highest presence version seen, by channel.
+    versions: HashMap<Arc<str>, u64>,
+    /// Presence channels whose pages get a fresh snapshot when their time comes.
+    stale_presence: Vec<(Tick, Arc<str>)>,
     /// The node's own `sidecast:` channels.
     local: MemoryEngine,
     out: Vec<Happening>,
@@ -199,8 +210,12 @@ impl RedisEngine {
         ticks: TickSource,
         now: Tick,
     ) -> std::io::Result<RedisEngine> {
+        // A few reaps per linger (and per lease), between 100 ms and 1 s apart.
+        let reap = (settings.presence_linger.min(settings.lease_ttl) / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
         let periods = Periods {
             tick: ticks.ticks_in(TICK),
+            reap: ticks.ticks_in(reap),
             timeout: ticks.ticks_in(settings.timeout),
             renew: ticks.ticks_in(settings.lease_ttl / 3),
             refresh: ticks.ticks_in(settings.meta_ttl() / 4),
@@ -232,6 +247,7 @@ impl RedisEngine {
         let mut engine = RedisEngine {
             due: Due {
                 renewal: now.after(periods.renew),
+                reap: now.after(periods.reap),
                 refresh: now.after(periods.refresh),
                 check: now.after(periods.check),
             },
@@ -242,6 +258,9 @@ impl RedisEngine {
             broadcast: Keys::of(&settings.prefix, BROADCAST_CHANNEL),
             mailbox: mailbox(&settings.prefix, &settings.node_id),
             leases: HashMap::new(),
+            presence: HashMap::new(),
+            versions: HashMap::new(),
+            stale_presence: Vec::new(),
             local,
             out: Vec::new(),
             incoming: Vec::new(),
@@ -415,6 +434,12 @@ impl RedisEngine {
                 self.out.push(Happening::Done { part, result });
             }
             Purpose::Read { channel, read } => self.abandon_read(&channel, read),
+            // Mended by the next renewal or reap, or the next time the shard comes back.
+            Purpose::Presence | Purpose::Restore { .. } => {}
+            Purpose::Members { ask, .. } => {
+                let members = Err(Unavailable);
+                self.out.push(Happening::Members { ask, members });
+            }
             // Admitted on this node's count; the lease is taken again on heal.
             Purpose::Lease { conn, fresh } => {
                 if fresh && self.leases.contains_key(&conn) {
@@ -562,28 +587,23 @@ impl Engine for RedisEngine {
     }
 
     fn present(&mut self, channel: &str, present: &Present<'_>, now: Tick) {
-        self.local.present(channel, present, now);
-        self.take_local();
+        self.present_shared(channel, present, now);
     }
 
     fn absent(&mut self, channel: &str, member: &str, client: &str, now: Tick) {
-        self.local.absent(channel, member, client, now);
-        self.take_local();
+        self.absent_shared(channel, member, client, now);
     }
 
     fn members(&mut self, channel: &str, ask: usize, now: Tick) {
-        self.local.members(channel, ask, now);
-        self.take_local();
+        self.members_shared(channel, ask, now);
     }
 
+    /// Lingers end in Redis, found by the reaps of [`Engine::tick`].
     fn presence_due(&self) -> Option<Tick> {
-        self.local.presence_due()
+        None
     }
 
-    fn expire_presence(&mut self, now: Tick) {
-        self.local.expire_presence(now);
-        self.take_local();
-    }
+    fn expire_presence(&mut self, _now: Tick) {}
 
     /// Mail to this node is answered at once; to another, an `SPUBLISH` on its mailbox that
     /// nothing waits for (a node that is gone has no subscriber to it).
@@ -686,7 +706,13 @@ impl Engine for RedisEngine {
             for (conn, user) in self.held_leases() {
                 self.send_lease(&user, conn, Bytes::from_static(RENEW), false, now);
             }
+            self.renew_presence(None, now);
         }
+        if now >= self.due.reap {
+            self.due.reap = now.after(self.periods.reap);
+            self.reap_presence(now);
+        }
+        self.resync_presence(now);
         Some(now.after(self.periods.tick))
     }
 

@@ -122,6 +122,9 @@ impl RedisEngine {
                 });
             }
             Purpose::Read { channel, read } => self.on_read(channel, read, frame, now),
+            Purpose::Presence => {}
+            Purpose::Restore { channel } => self.on_restored(channel, frame, now),
+            Purpose::Members { channel, ask } => self.on_members(channel, ask, frame),
             Purpose::Lease { conn, fresh } => {
                 if fresh && self.leases.contains_key(&conn) {
                     self.out.push(if resp::int(frame) == Some(0) {
@@ -188,6 +191,11 @@ impl RedisEngine {
             Some(tag::BROADCAST) if &**channel == BROADCAST_CHANNEL => {
                 let data = payload.slice(1..);
                 self.out.push(Happening::Broadcast { data, from: None });
+            }
+            Some(tag::PRESENCE) => {
+                if self.channels.contains_key(channel) {
+                    self.on_presence_change(channel, &payload[1..]);
+                }
             }
             Some(tag::DISCONNECT) => {
                 if let Some(user) = user_of(channel)

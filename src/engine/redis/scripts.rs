@@ -6,7 +6,13 @@
 //! <prefix>{<channel>}:m        hash: e = epoch, s = last seq
 //! <prefix>{<channel>}:h        stream: one entry per event, id <seq>-0, fields k (kind), d (data), a (ack tag, if any)
 //! <prefix>{<channel>}:i:<key>  string "<seq>:<nodes>": a publish made under idempotency key <key>
-//! <prefix>{<channel>}          shard channel: "<kind><seq>:<epoch>:<data>", "a<ack tag>:<kind><seq>:<epoch>:<data>", "d" (disconnect)
+//! <prefix>{<channel>}          shard channel: "<kind><seq>:<epoch>:<data>", "a<ack tag>:<kind><seq>:<epoch>:<data>", "d" (disconnect), "p<presence change>"
+//! <prefix>{<channel>}:p        hash: presence members, member id → {"user":…,"info":…}
+//! <prefix>{<channel>}:pc       sorted set: their connections, "<member id>\n<client id>", score = lease expiry (ms)
+//! <prefix>{<channel>}:pn       hash: member id → connections in :pc
+//! <prefix>{<channel>}:pl       sorted set: members whose last connection left, score = when they leave (ms)
+//! <prefix>{<channel>}:pv       string: the presence version, one more per join or leave
+//! <prefix>{<channel>}:pr       string: the roster is being restored after Redis lost it (for a lease)
 //! <prefix>{user:<id>}:l        sorted set: the user's connections, member <node>:<conn>, score = lease expiry (ms)
 //! <prefix>{sidecast:all}       shard channel of broadcasts: "b<data>"
 //! <prefix>{sidecast:node:<id>} shard channel of one node's mail: the message as sent
@@ -29,6 +35,9 @@ pub mod tag {
     pub const DISCONNECT: u8 = b'd';
     /// An acknowledged event: `a<ack tag>:` before the event's own message.
     pub const ACKED: u8 = b'a';
+    /// A presence change: `p{"v":<version>,"id":<member>}` for a leave, with `"c"` (its
+    /// client) and `"m"` (its `{"user":…,"info":…}`) for a join.
+    pub const PRESENCE: u8 = b'p';
 }
 
 /// The fields of a stream entry (the scripts write them as `'k'` and `'d'`).
@@ -133,8 +142,110 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 ";
 
+/// Adds connections to a channel's presence (renews those there): a member new to the
+/// roster joins, announced on the shard channel with the next presence version; a lingering
+/// member is back, and says nothing.
+///
+/// A node putting its connections back after its shard came back says `restore` and the
+/// highest version it saw. A version behind that means Redis lost the roster: the version is
+/// set back to it (so pages, which saw it, take later changes as newer), and for a lease every
+/// node's connections are put back without a word (pages still have them). Returns 1 when
+/// they were put back that way, else 0.
+///
+/// KEYS: roster, connections, counts, leaving, version, restoring. ARGV: shard channel, lease
+/// (ms), keys' TTL (ms), `1` for restore, the version seen, then member id, client id, member
+/// JSON per connection.
+pub const PRESENCE_ENTER: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local silent = false
+if ARGV[4] == '1' then
+  if tonumber(redis.call('GET', KEYS[5]) or '0') < tonumber(ARGV[5]) then
+    redis.call('SET', KEYS[5], ARGV[5])
+    redis.call('SET', KEYS[6], '1', 'PX', ARGV[2])
+  end
+  silent = redis.call('EXISTS', KEYS[6]) == 1
+end
+for i = 6, #ARGV, 3 do
+  local member = ARGV[i]
+  if redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), member .. '\n' .. ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[3], member, 1)
+  end
+  redis.call('ZREM', KEYS[4], member)
+  if redis.call('HSETNX', KEYS[1], member, ARGV[i + 2]) == 1 and not silent then
+    local v = redis.call('INCR', KEYS[5])
+    redis.call('SPUBLISH', ARGV[1], 'p' .. cjson.encode({v = v, id = member, c = ARGV[i + 1], m = ARGV[i + 2]}))
+  end
+end
+for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+if silent then return 1 end
+return 0
+";
+
+/// Removes a connection from a channel's presence: with its member's last one gone, the
+/// member lingers until now + linger.
+///
+/// KEYS: roster, connections, counts, leaving. ARGV: member id, client id, linger (ms).
+pub const PRESENCE_LEAVE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('ZREM', KEYS[2], ARGV[1] .. '\n' .. ARGV[2]) == 1
+  and redis.call('HINCRBY', KEYS[3], ARGV[1], -1) <= 0 then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), ARGV[1])
+end
+return 0
+";
+
+/// Ends what is due in a channel's presence: connections whose lease expired (their node
+/// stopped renewing them: it died) leave, their member lingering as after a close; members
+/// whose linger ended leave the roster, each announced once (whichever node runs this first
+/// removes them). At most 1000 of each per call.
+///
+/// KEYS: roster, connections, counts, leaving, version. ARGV: shard channel, linger (ms).
+/// Returns how many members left.
+pub const PRESENCE_REAP: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, conn in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)) do
+  redis.call('ZREM', KEYS[2], conn)
+  local cut = #conn - string.find(string.reverse(conn), '\n', 1, true)
+  local member = string.sub(conn, 1, cut)
+  if redis.call('HINCRBY', KEYS[3], member, -1) <= 0 then
+    redis.call('HDEL', KEYS[3], member)
+    redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[2]), member)
+  end
+end
+local left = 0
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 1000)) do
+  redis.call('ZREM', KEYS[4], member)
+  if redis.call('HDEL', KEYS[1], member) == 1 then
+    local v = redis.call('INCR', KEYS[5])
+    redis.call('SPUBLISH', ARGV[1], 'p' .. cjson.encode({v = v, id = member}))
+    left = left + 1
+  end
+end
+return left
+";
+
+/// Reads a channel's presence in one step: `{version, {member id, member JSON, ...},
+/// {connection, ...}}`.
+///
+/// KEYS: roster, connections, version.
+pub const PRESENCE_READ: &str = r"
+return {tonumber(redis.call('GET', KEYS[3]) or '0'), redis.call('HGETALL', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1)}
+";
+
 /// The scripts, in the order their SHA1s are kept.
-pub const ALL: [&str; 3] = [PUBLISH, READ, LEASE];
+pub const ALL: [&str; 7] = [
+    PUBLISH,
+    READ,
+    LEASE,
+    PRESENCE_ENTER,
+    PRESENCE_LEAVE,
+    PRESENCE_REAP,
+    PRESENCE_READ,
+];
 
 /// A script, by its index in [`ALL`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +256,14 @@ pub enum Script {
     Read = 1,
     /// [`LEASE`].
     Lease = 2,
+    /// [`PRESENCE_ENTER`].
+    PresenceEnter = 3,
+    /// [`PRESENCE_LEAVE`].
+    PresenceLeave = 4,
+    /// [`PRESENCE_REAP`].
+    PresenceReap = 5,
+    /// [`PRESENCE_READ`].
+    PresenceRead = 6,
 }
 
 impl Script {
@@ -184,6 +303,12 @@ impl Keys {
         format!("{}:i:{key}", self.shard_channel)
     }
 
+    /// The presence roster, and the keys beside it, in the order the presence scripts take
+    /// them: roster, connections, counts, leaving, version, restoring.
+    pub fn presence(&self) -> [String; 6] {
+        ["p", "pc", "pn", "pl", "pv", "pr"].map(|k| format!("{}:{k}", self.shard_channel))
+    }
+
     /// The lease set, for a `user:<id>` channel.
     pub fn leases(&self) -> String {
         format!("{}:l", self.shard_channel)
@@ -217,7 +342,10 @@ mod tests {
             keys.stream(),
             keys.idempotency("job-7"),
             keys.leases(),
-        ] {
+        ]
+        .into_iter()
+        .chain(keys.presence())
+        {
             assert_eq!(redis_protocol::redis_keyslot(key.as_bytes()), slot, "{key}");
         }
         assert_eq!(slot, redis_protocol::redis_keyslot(b"project:42"));

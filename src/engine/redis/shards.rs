@@ -85,7 +85,7 @@ pub(super) struct Shards {
     map: Option<SlotMap>,
     /// Which seed to try next while no map is known.
     next_seed: usize,
-    shas: [Option<Box<str>>; 3],
+    shas: [Option<Box<str>>; super::scripts::ALL.len()],
     jitter: RandomState,
     min_backoff: u64,
     max_backoff: u64,
@@ -115,7 +115,7 @@ impl Shards {
             by_addr: HashMap::new(),
             map: None,
             next_seed: 0,
-            shas: [None, None, None],
+            shas: Default::default(),
             jitter: RandomState::new(),
             min_backoff: ticks.ticks_in(MIN_BACKOFF),
             max_backoff: ticks.ticks_in(MAX_BACKOFF),
