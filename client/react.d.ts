@@ -1,5 +1,5 @@
 // Type declarations for sidecast/react.
-import type { EventMeta, Json, Sidecast, Status } from "./sidecast.js";
+import type { EventMeta, Json, Member, Sidecast, Status } from "./sidecast.js";
 
 export interface ChannelEvent<T = Json> extends EventMeta {
   data: T;
@@ -22,3 +22,6 @@ export declare function useChannel<T = Json>(
   /** `rewind`: start from the channel's latest events (see `SubscribeOptions.rewind`). */
   options?: { keep?: number; rewind?: number },
 ): ChannelState<T>;
+
+/** Who is on presence channel `channel` while mounted, kept current; a falsy channel: none. */
+export declare function usePresence(client: Sidecast, channel: string | null | undefined): Member[];

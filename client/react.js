@@ -1,4 +1,4 @@
-// sidecast/react: the `useChannel` hook. React is the app's own dependency, imported here as
+// sidecast/react: the `useChannel` and `usePresence` hooks. React is the app's own dependency, imported here as
 // "react" and resolved by the app's bundler. Guide: docs/client.md.
 
 import { useEffect, useState } from "react";
@@ -35,4 +35,27 @@ export function useChannel(client, channel, { keep = 100, rewind = 0 } = {}) {
 
   const lastEvent = feed.events.length > 0 ? feed.events[feed.events.length - 1] : null;
   return { status, lastEvent, events: feed.events, gap: feed.gap };
+}
+
+/**
+ * Who is on presence channel `channel` (one of the server's `presence_channels`) while the
+ * component is mounted: the members ({ id, user, clients, info }), kept current as they join
+ * and leave, and replaced by the server's list after a reconnect.
+ */
+export function usePresence(client, channel) {
+  const [members, setMembers] = useState([]);
+
+  useEffect(() => {
+    setMembers([]);
+    if (!channel) return undefined;
+    const sub = client.subscribe(channel, () => {});
+    const stop = sub.on("presence", (list) => setMembers(list));
+    setMembers(sub.presence());
+    return () => {
+      stop();
+      sub.unsubscribe();
+    };
+  }, [client, channel]);
+
+  return members;
 }

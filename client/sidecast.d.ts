@@ -106,10 +106,36 @@ export interface SubscribeOptions {
   manualAck?: boolean;
 }
 
+/** One member of a presence channel: a user (all its tabs), or without authentication one
+ * connection. */
+export interface Member {
+  /** The user (`sub`), or without authentication the connection's client id. */
+  id: string;
+  /** The user, when authenticated. */
+  user?: string;
+  /** The client ids of its connections, as of when it joined (or the last snapshot). */
+  clients: string[];
+  /** Public information from its token's `presence` claim. */
+  info?: Json;
+}
+
+export interface PresenceEvents {
+  /** A member arrived (its first tab). */
+  join: Member;
+  /** A member left (its last tab closed, and it did not come back within the linger). */
+  leave: Member;
+  /** The list changed, or was replaced by the server's after a reconnect. */
+  presence: Member[];
+}
+
 export interface Subscription {
   readonly channel: string;
   /** Stops the callbacks; the channel is left once its last subscription is gone. */
   unsubscribe(): void;
+  /** Who is on the channel, when it is one of the server's `presence_channels` (else empty). */
+  presence(): Member[];
+  /** Listens to presence changes; returns a function that stops listening. */
+  on<K extends keyof PresenceEvents>(event: K, listener: (value: PresenceEvents[K]) => void): () => void;
 }
 
 export interface SidecastEvents {

@@ -39,6 +39,9 @@ const BATCH = 100;
 const MAX_ACK_BATCH = 100;
 /** Acked seqs per channel sent again after a reconnect, in case the old connection lost them. */
 const RESENT_ACKS = 20;
+// Presence changes kept while a channel's snapshot is on its way (more are dropped: the
+// snapshot, when it comes, has them).
+const MAX_EARLY_PRESENCE = 1000;
 /** setTimeout's longest delay; a longer one would fire at once. */
 const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 
@@ -169,7 +172,12 @@ export class Sidecast {
    * when events were lost (the server could not replay them); `options.onError(error)` when
    * the server refuses the subscription. An event published with `ack` is acknowledged once
    * `onEvent` returns without throwing (or the Promise it returns resolves); with
-   * `options.manualAck`, once the page calls `meta.ack()`. Returns `{channel, unsubscribe()}`.
+   * `options.manualAck`, once the page calls `meta.ack()`. Returns `{channel, unsubscribe(),
+   * presence(), on(event, listener)}`: on a presence channel (the server's
+   * `presence_channels`), `presence()` lists who is here (one member per user, with the
+   * client ids of its tabs), and `on("join" | "leave", member => ...)` and
+   * `on("presence", members => ...)` tell of changes; a reconnect replaces the list with the
+   * server's and tells only what differs.
    */
   subscribe(channel, onEvent, options = {}) {
     if (typeof channel !== "string" || !CHANNEL_NAME.test(channel)) {
@@ -178,10 +186,25 @@ export class Sidecast {
     if (typeof onEvent !== "function") throw new TypeError("onEvent must be a function");
     const rewind = options.rewind ?? 0;
     if (!Number.isInteger(rewind) || rewind < 0) throw new TypeError("rewind must be a whole number");
-    const sub = { onEvent, onGap: options.onGap, onError: options.onError, manualAck: Boolean(options.manualAck) };
+    const sub = {
+      onEvent,
+      onGap: options.onGap,
+      onError: options.onError,
+      manualAck: Boolean(options.manualAck),
+      listeners: new Map(),
+    };
     let state = this.#channels.get(channel);
     if (!state) {
-      state = { seq: null, epoch: null, subs: new Set(), requestId: null, rewind, recent: [], acked: [] };
+      state = {
+        seq: null,
+        epoch: null,
+        subs: new Set(),
+        requestId: null,
+        rewind,
+        recent: [],
+        acked: [],
+        presence: { members: new Map(), version: -1, known: false, early: [], count: null },
+      };
       this.#channels.set(channel, state);
       if (this.#status === "connected") this.#subscribeOnServer(channel, state);
     } else if (rewind > 0) {
@@ -197,6 +220,12 @@ export class Sidecast {
     state.subs.add(sub);
     return {
       channel,
+      presence: () => [...state.presence.members.values()],
+      on: (event, listener) => {
+        if (!sub.listeners.has(event)) sub.listeners.set(event, new Set());
+        sub.listeners.get(event).add(listener);
+        return () => sub.listeners.get(event)?.delete(listener);
+      },
       unsubscribe: () => {
         if (this.#channels.get(channel) !== state || !state.subs.delete(sub)) return;
         if (state.subs.size > 0) return;
@@ -408,6 +437,12 @@ export class Sidecast {
       case "gap":
         this.#onGap(msg);
         break;
+      case "presence":
+        this.#onPresence(msg);
+        break;
+      case "presence_diff":
+        this.#onPresenceDiff(msg);
+        break;
       case "error":
         this.#onError(msg);
         break;
@@ -429,9 +464,69 @@ export class Sidecast {
     this.#emit("gap", { channel });
   }
 
+  /** The server's list of who is on a presence channel (after each `subscribed`): it replaces
+   * the page's, telling only what differs, then the changes that came meanwhile follow. */
+  #onPresence({ channel, version, members, count }) {
+    const state = this.#channels.get(channel);
+    if (!state) return;
+    const presence = state.presence;
+    const listed = new Map((members ?? []).map((member) => [member.id, member]));
+    const left = [...presence.members.values()].filter((m) => !listed.has(m.id));
+    const joined = [...listed.values()].filter((m) => !presence.members.has(m.id));
+    presence.members = listed;
+    presence.version = version;
+    presence.count = count ?? null;
+    presence.known = true;
+    for (const member of left) this.#emitPresence(state, "leave", member);
+    for (const member of joined) this.#emitPresence(state, "join", member);
+    const early = presence.early;
+    presence.early = [];
+    for (const diff of early) this.#onPresenceDiff(diff);
+    this.#emitPresence(state, "presence", [...presence.members.values()]);
+  }
+
+  /** Members joined or left: applied when newer than what the page has (a diff may repeat
+   * what its snapshot already said); kept until the snapshot when it comes first. */
+  #onPresenceDiff(diff) {
+    const state = this.#channels.get(diff.channel);
+    if (!state) return;
+    const presence = state.presence;
+    if (!presence.known) {
+      if (presence.early.length < MAX_EARLY_PRESENCE) presence.early.push(diff);
+      return;
+    }
+    if (diff.version <= presence.version) return;
+    presence.version = diff.version;
+    let changed = false;
+    for (const member of diff.joins ?? []) {
+      const known = presence.members.has(member.id);
+      presence.members.set(member.id, member);
+      if (!known) {
+        changed = true;
+        this.#emitPresence(state, "join", member);
+      }
+    }
+    for (const id of diff.leaves ?? []) {
+      const member = presence.members.get(id);
+      if (!member) continue;
+      presence.members.delete(id);
+      changed = true;
+      this.#emitPresence(state, "leave", member);
+    }
+    if (changed) this.#emitPresence(state, "presence", [...presence.members.values()]);
+  }
+
+  #emitPresence(state, event, value) {
+    for (const sub of [...state.subs]) {
+      for (const listener of [...(sub.listeners.get(event) ?? [])]) this.#call(listener, value);
+    }
+  }
+
   #onSubscribed({ channel, seq, epoch, recovered }) {
     const state = this.#channels.get(channel);
     if (!state) return;
+    // A snapshot of the channel's presence follows, if it has any: until then, changes wait.
+    state.presence.known = false;
     if (recovered === false) {
       for (const sub of state.subs) this.#call(sub.onGap, { channel });
       this.#emit("gap", { channel });

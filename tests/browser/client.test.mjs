@@ -361,13 +361,46 @@ test("reconnect attempts back off exponentially with full jitter, then connect",
 
 const SECRET = "browser-tests-secret-of-at-least-32-bytes";
 
-/** An HS256 JWT for user u1, valid for `seconds`, allowed on project:*. */
-function token(seconds) {
+/** An HS256 JWT for user `sub` (u1), valid for `seconds`, allowed on project:* and doc:*. */
+function token(seconds, sub = "u1") {
   const encode = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
   const exp = Math.floor(Date.now() / 1000) + seconds;
-  const unsigned = `${encode({ alg: "HS256", typ: "JWT" })}.${encode({ sub: "u1", exp, channels: ["project:*"] })}`;
+  const claims = { sub, exp, channels: ["project:*", "doc:*"], presence: { name: sub.toUpperCase() } };
+  const unsigned = `${encode({ alg: "HS256", typ: "JWT" })}.${encode(claims)}`;
   return `${unsigned}.${createHmac("sha256", SECRET).update(unsigned).digest("base64url")}`;
 }
+
+test("two pages on a presence channel see each other; one closes, the other sees it leave; a blip changes nothing", async () => {
+  const args = ["--jwt-secret", SECRET, "--presence-channels", "doc:*", "--presence-linger", "300ms"];
+  const server = await serve({ args });
+  const proxy = await startProxy(server.port);
+  const ann = await clientPage(server, { ws: proxy.wsUrl, channels: ["doc:1"], token: token(3600, "ann"), initialDelayMs: "100" });
+  const bob = await clientPage(server, { channels: ["doc:1"], token: token(3600, "bob") });
+  const presence = async (page) => (await recorded(page)).presence["doc:1"];
+  await waitFor("Ann sees Bob", async () => (await presence(ann)).members.includes("bob"));
+  await waitFor("Bob sees Ann", async () => (await presence(bob)).members.includes("ann"));
+  const members = await ann.evaluate(() => window.subscriptions["doc:1"].presence());
+  assert.deepEqual(members.find((m) => m.id === "bob")?.info, { name: "BOB" }, JSON.stringify(members));
+
+  // Ann's connection is cut and comes back: her list is the server's again, with nothing to
+  // tell, and Bob hears nothing of it.
+  const before = await presence(ann);
+  proxy.cut();
+  await waitFor("Ann sees the cut", async () => (await recorded(ann)).statuses.at(-1)?.status !== "connected");
+  proxy.restore();
+  await waitFor("Ann has the server's list again", async () => (await presence(ann)).lists > before.lists);
+  assert.deepEqual((await presence(ann)).changes, before.changes, "nothing changed for Ann");
+
+  await bob.close();
+  await waitFor("Ann sees Bob leave", async () => !(await presence(ann)).members.includes("bob"));
+  const { changes, members: left } = await presence(ann);
+  assert.deepEqual([changes.slice(0, -1).sort(), changes.at(-1)], [["+ann", "+bob"], "-bob"], JSON.stringify(changes));
+  assert.deepEqual(left, ["ann"]);
+  assert.deepEqual(ann.problems, []);
+  await ann.close();
+  await proxy.close();
+  await server.stop();
+});
 
 test("4001 stops the reconnects unless getToken gives a fresh token", async () => {
   const server = await serve({ args: ["--jwt-secret", SECRET] });

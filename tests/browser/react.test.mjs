@@ -1,4 +1,4 @@
-// The useChannel hook in a React page built from npm packages.
+// The useChannel and usePresence hooks in a React page built from npm packages.
 
 import assert from "node:assert/strict";
 import path from "node:path";
@@ -78,5 +78,21 @@ test("useChannel with rewind renders the current progress on first paint", async
   assert.deepEqual(page.problems, []);
   publisher.close();
   await page.close();
+  await server.stop();
+});
+
+test("usePresence lists who is on the channel and follows them", async () => {
+  const args = ["--allowed-origin", fixture.pages.origin, "--presence-channels", "doc:*", "--presence-linger", "0s"];
+  const server = await startServer({ args });
+  const url = `${fixture.pages.origin}/react.html?presence=doc:1&ws=${encodeURIComponent(server.wsUrl)}`;
+  const first = await openPage(fixture.browser, url);
+  const here = (page) => page.locator("#here li").count();
+  await waitFor("the first page lists itself", async () => (await here(first)) === 1);
+  const second = await openPage(fixture.browser, url);
+  await waitFor("each page lists both", async () => (await here(first)) === 2 && (await here(second)) === 2);
+  await second.close();
+  await waitFor("the first page sees the second leave", async () => (await here(first)) === 1);
+  assert.deepEqual(first.problems, []);
+  await first.close();
   await server.stop();
 });

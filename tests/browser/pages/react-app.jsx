@@ -2,7 +2,7 @@
 import { useState } from "react";
 import { createRoot } from "react-dom/client";
 import { Sidecast } from "../../../client/sidecast.js";
-import { useChannel } from "../../../client/react.js";
+import { useChannel, usePresence } from "../../../client/react.js";
 
 function Progress({ client, channel, rewind }) {
   const { status, lastEvent, events } = useChannel(client, channel, { rewind });
@@ -15,7 +15,12 @@ function Progress({ client, channel, rewind }) {
   );
 }
 
-function App({ client, rewind }) {
+function WhoIsHere({ client, channel }) {
+  const members = usePresence(client, channel);
+  return <ul id="here">{members.map((m) => <li key={m.id}>{m.user ?? m.id}</li>)}</ul>;
+}
+
+function App({ client, rewind, presence }) {
   const [channel, setChannel] = useState("project:42");
   const [mounted, setMounted] = useState(true);
   return (
@@ -23,6 +28,7 @@ function App({ client, rewind }) {
       <button id="switch" onClick={() => setChannel("order:7")}>Watch order:7</button>
       <button id="unmount" onClick={() => setMounted(false)}>Unmount</button>
       {mounted && <Progress client={client} channel={channel} rewind={rewind} />}
+      {mounted && presence && <WhoIsHere client={client} channel={presence} />}
     </main>
   );
 }
@@ -30,4 +36,5 @@ function App({ client, rewind }) {
 const params = new URLSearchParams(location.search);
 const client = new Sidecast(params.get("ws"));
 const rewind = Number(params.get("rewind") ?? 0);
-createRoot(document.getElementById("root")).render(<App client={client} rewind={rewind} />);
+const presence = params.get("presence");
+createRoot(document.getElementById("root")).render(<App client={client} rewind={rewind} presence={presence} />);

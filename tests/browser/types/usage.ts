@@ -1,7 +1,7 @@
 // Type-checked with `tsc --noEmit --strict` by types.test.mjs: the declarations describe the API
 // as docs/client.md shows it, and reject misuse.
 import { Sidecast, type Status, type Transport } from "../../../client/sidecast.js";
-import { useChannel } from "../../../client/react.js";
+import { useChannel, usePresence } from "../../../client/react.js";
 
 const client = new Sidecast("ws://localhost:3001/ws", {
   getToken: async () => "jwt",
@@ -32,6 +32,12 @@ const sub = client.subscribe<Progress>(
   (data, meta) => console.log(data.progress, meta.channel, meta.seq),
   { onGap: ({ channel }) => console.log(channel), onError: (e) => console.log(e.code) },
 );
+// Who is here, on a presence channel.
+const room = client.subscribe("doc:1", () => {});
+const here: string[] = room.presence().map((m) => m.user ?? m.id);
+const stopJoins = room.on("join", (m) => console.log(m.id, m.clients.length, m.info));
+room.on("presence", (members) => console.log(members.length, here));
+stopJoins();
 sub.unsubscribe();
 // An async handler: the event is acknowledged once it resolves.
 client.subscribe<Progress>("job:1", async (data) => {
@@ -40,6 +46,11 @@ client.subscribe<Progress>("job:1", async (data) => {
 // manualAck: the page confirms later.
 client.subscribe("order:7", (_data, meta) => setTimeout(() => meta.ack?.(), 10), { manualAck: true });
 client.close();
+
+export function WhoIsHere({ doc }: { doc: number }) {
+  const members = usePresence(client, `doc:${doc}`);
+  return members.map((m) => m.user ?? m.id).join(", ");
+}
 
 export function RenderProgress({ id }: { id: number }) {
   const { status: s, lastEvent, events, gap } = useChannel<Progress>(client, `project:${id}`);
