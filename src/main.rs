@@ -340,20 +340,32 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             .to_vec(),
         None => Vec::new(),
     };
+    if args.preset == Preset::Presence {
+        let presence = ["--presence-channels", bench::presence::CHANNEL];
+        server_args.extend(presence.map(String::from));
+        server_args.extend(["--max-presence-members", "100000"].map(String::from));
+    }
     if plan.ack.is_some() {
         // Every client acks every event as it comes, one message each (the worst case for
         // the server; sidecast.js batches them): 200 a second, over the default budget.
         server_args.extend(["--rate-limit", "1000", "--rate-burst", "1000"].map(String::from));
     }
+    // Its WebSocket port takes half the pages of the presence preset.
+    let other_addr = match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("sidecast: no free loopback port: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let publishing_node = match &redis {
         Some(_) => {
-            let any_port = "127.0.0.1:0".parse().expect("an address");
             let node = SpawnedServer::start(
                 &exe,
-                any_port,
+                other_addr,
                 &args.socket,
                 args.redis_cpu,
-                100,
+                plan.connections + 100,
                 &server_args,
             );
             match node {
@@ -410,6 +422,18 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             if args.spawn { Some(&mut restart) } else { None };
         let result = soak::run(&soak, addr, args.socket.clone(), pid, hook, !args.json);
         return print_report(result, args.json, SoakReport::render);
+    }
+    if args.preset == Preset::Presence {
+        let pid = args.pid.or(spawned.as_ref().map(SpawnedServer::pid));
+        let mut addrs = vec![addr];
+        let mut pids: Vec<u32> = pid.into_iter().collect();
+        if let Some(node) = &publishing_node {
+            addrs.push(other_addr);
+            pids.push(node.pid());
+        }
+        let result = bench::presence::run(plan.connections, &addrs, &pids, !args.json);
+        drop((spawned, publishing_node, redis));
+        return print_report(result, args.json, bench::presence::PresenceReport::render);
     }
     let target = Target {
         addr,

@@ -25,6 +25,16 @@ pub enum Seen {
     Subscribed(u64),
     /// An ack of this seq of its channel was queued, to be written at the end of this read.
     Acked(u64),
+    /// A presence snapshot (`snapshot`) or diff of its channel: its version, and the members
+    /// it lists (a diff: those that joined).
+    Presence {
+        /// A snapshot, not a diff.
+        snapshot: bool,
+        /// Its version.
+        version: u64,
+        /// Members listed.
+        members: usize,
+    },
     /// An event with the publish timestamp `t` from its data.
     Event {
         /// Microseconds since the bench started, written by the publisher.
@@ -74,6 +84,8 @@ pub struct BenchConn {
     /// `{"type":"event","channel":"<channel>","seq":`: events are parsed at fixed offsets
     /// after it rather than searched, which keeps the generator off the critical path.
     event_prefix: Box<[u8]>,
+    /// `{"type":"presence","channel":"<channel>","version":`, and the same for diffs.
+    presence_prefixes: [Box<[u8]>; 2],
     channel_name: Box<str>,
     transport: Transport,
     /// It offered permessage-deflate, and needs the server to agree.
@@ -194,7 +206,15 @@ impl BenchConn {
             .into_bytes(),
         };
         let event_prefix = format!(r#"{{"type":"event","channel":"{channel_name}","seq":"#);
+        let presence_prefix = |kind: &str| {
+            let prefix = format!(r#"{{"type":"{kind}","channel":"{channel_name}","version":"#);
+            prefix.into_bytes().into_boxed_slice()
+        };
         BenchConn {
+            presence_prefixes: [
+                presence_prefix("presence"),
+                presence_prefix("presence_diff"),
+            ],
             event_prefix: event_prefix.into_bytes().into_boxed_slice(),
             channel_name: channel_name.into(),
             socket,
@@ -376,6 +396,18 @@ impl BenchConn {
             }
             return self.on_event(seq, sent_us, seen);
         }
+        // Presence: the version, and the members listed (one `"clients":[` each), counted
+        // without parsing lists that may hold thousands.
+        for (prefix, snapshot) in self.presence_prefixes.iter().zip([true, false]) {
+            if let Some((version, rest)) = text.strip_prefix(&**prefix).and_then(leading_number) {
+                let members = count(rest, br#""clients":["#);
+                return seen(Seen::Presence {
+                    snapshot,
+                    version,
+                    members,
+                });
+            }
+        }
         // Anything else is parsed as JSON: a server may order an object's fields as it likes.
         let Ok(message) = serde_json::from_slice::<serde_json::Value>(text) else {
             return;
@@ -424,6 +456,17 @@ impl BenchConn {
             repeated,
         });
     }
+}
+
+/// Occurrences of `needle` in `haystack`.
+fn count(haystack: &[u8], needle: &[u8]) -> usize {
+    let mut found = 0;
+    let mut at = 0;
+    while let Some(i) = find(&haystack[at..], needle) {
+        found += 1;
+        at += i + needle.len();
+    }
+    found
 }
 
 /// A complete frame at the start of a buffer.

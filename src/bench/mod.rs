@@ -14,6 +14,7 @@
 //! generator, not the server.
 
 pub mod conn;
+pub mod presence;
 mod probe;
 pub mod report;
 pub mod soak;
@@ -66,6 +67,10 @@ pub enum Preset {
     /// publishes/s, while others churn, stall and flood, and the server restarts half way
     /// (with `--spawn`): memory over time, loss among the steady ones (see [`soak`]).
     Soak,
+    /// 5000 pages joining one presence channel at once (over two nodes with
+    /// `--cross-node`): the time until every page lists everyone, the presence messages, and
+    /// the server CPU (see [`presence`]).
+    Presence,
 }
 
 /// One rate step.
@@ -174,6 +179,7 @@ impl Plan {
                 (1000, 1, steps.collect(), true)
             }
             Preset::Channels => (5000, 5000, steady(2000), false),
+            Preset::Presence => (5000, 1, steady(0), false),
             Preset::Soak => (
                 200,
                 50,
@@ -469,6 +475,7 @@ impl Runner {
                 *lost += skipped;
                 *duplicated += u64::from(repeated);
             }
+            Seen::Presence { .. } => {} // the presence preset's, see `presence`
         };
         let result = conn
             .flush()
