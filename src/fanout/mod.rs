@@ -514,8 +514,8 @@ impl Fanout {
         self.reports.expire(now);
         self.engine.expire_presence(now);
         self.apply();
-        for (channel, diff) in self.presence.closed(now) {
-            self.send_to_members(&channel, &diff);
+        for closed in self.presence.closed(now) {
+            self.close_window(closed);
         }
     }
 

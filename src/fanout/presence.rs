@@ -1,15 +1,18 @@
 //! Presence as this node's pages see it: which channels have it (`presence_channels`), the
-//! questions asked of the engine (a page's snapshot once it joined, counts for a page or a
-//! worker), and each channel's window of changes, sent as one `presence_diff` per page when
-//! it closes, however many members joined and left in it.
+//! questions asked of the engine (snapshots, counts for a page or a worker), and each
+//! channel's window: the changes gathered in it, sent as one `presence_diff` per page when it
+//! closes, however many members joined and left in it, and the pages that joined in it, which
+//! get one snapshot read once for all of them (instead of the diff: it holds the changes).
 //!
 //! The engine keeps the roster and decides joins and leaves (see
 //! [`crate::engine::presence`]); every subscriber of a presence channel (a WebSocket: event
 //! streams cannot be seen) is a member of it.
 //!
 //! Invariants: a window holds each member's latest change once, so a mass join of N members
-//! costs every page one message per window, not N; each question is answered once.
+//! costs every page one message per window, not N, and the engine one roster read per window,
+//! not N; each question is answered once.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -41,8 +44,8 @@ pub struct PresenceSettings {
 /// Who asked the engine for a channel's members.
 #[derive(Debug)]
 pub(super) enum Ask {
-    /// A page that just joined: its snapshot.
-    Snapshot(ConnId),
+    /// The pages that joined in one window: a snapshot each, the same.
+    Snapshots(Vec<ConnId>),
     /// A page's `presence_stats`.
     Stats {
         /// The page.
@@ -61,11 +64,22 @@ pub(super) enum Ask {
     },
 }
 
-/// One channel's changes since its window opened: each member's latest (joined, or left).
+/// One channel's window: the changes since it opened, each member's latest (joined, or
+/// left), and the pages that joined meanwhile.
 #[derive(Default)]
 pub(super) struct Window {
     version: u64,
     changes: HashMap<Box<str>, Option<Member>>,
+    joined: Vec<ConnId>,
+}
+
+/// A window that closed.
+pub(super) struct Closed {
+    pub channel: Arc<str>,
+    /// Its `presence_diff`, when something changed.
+    pub diff: Option<String>,
+    /// The pages that joined in it, due a snapshot.
+    pub joined: Vec<ConnId>,
 }
 
 /// This node's side of presence.
@@ -120,14 +134,7 @@ impl Presence {
         left: Vec<Box<str>>,
         now: Tick,
     ) {
-        let window = match self.windows.get_mut(&channel) {
-            Some(window) => window,
-            None => {
-                let closes = now.after(self.settings.window);
-                self.closing.push_back((closes, Arc::clone(&channel)));
-                self.windows.entry(channel).or_default()
-            }
-        };
+        let window = self.window(channel, now);
         window.version = window.version.max(version);
         for member in joined {
             window.changes.insert(member.id.clone(), Some(member));
@@ -137,21 +144,42 @@ impl Presence {
         }
     }
 
+    /// Page `conn` joined `channel`: it gets a snapshot when the window closes.
+    pub fn joined(&mut self, channel: Arc<str>, conn: ConnId, now: Tick) {
+        self.window(channel, now).joined.push(conn);
+    }
+
+    /// `channel`'s window, opened now if it is not open.
+    fn window(&mut self, channel: Arc<str>, now: Tick) -> &mut Window {
+        match self.windows.entry(channel) {
+            Entry::Occupied(open) => open.into_mut(),
+            Entry::Vacant(new) => {
+                let closes = now.after(self.settings.window);
+                self.closing.push_back((closes, Arc::clone(new.key())));
+                new.insert(Window::default())
+            }
+        }
+    }
+
     /// When the next window closes.
     pub fn next_due(&self) -> Option<Tick> {
         self.closing.front().map(|(at, _)| *at)
     }
 
-    /// The windows closed by `now`, each as its `presence_diff` message.
-    pub fn closed(&mut self, now: Tick) -> Vec<(Arc<str>, String)> {
+    /// The windows closed by `now`.
+    pub fn closed(&mut self, now: Tick) -> Vec<Closed> {
         let mut closed = Vec::new();
         while let Some((at, _)) = self.closing.front()
             && *at <= now
         {
             let (_, channel) = self.closing.pop_front().expect("front");
             if let Some(window) = self.windows.remove(&channel) {
-                let diff = self.diff(&channel, &window);
-                closed.push((channel, diff));
+                let diff = (!window.changes.is_empty()).then(|| self.diff(&channel, &window));
+                closed.push(Closed {
+                    channel,
+                    diff,
+                    joined: window.joined,
+                });
             }
         }
         closed
@@ -306,23 +334,25 @@ impl Fanout {
                 self.complete(from, ticket, Outcome::Unavailable);
                 return;
             }
-            (Err(Unavailable), Ask::Snapshot(_) | Ask::Resync) => return,
+            (Err(Unavailable), Ask::Snapshots(_) | Ask::Resync) => return,
         };
         match members {
-            (members, Ask::Snapshot(conn)) => {
+            (members, Ask::Snapshots(pages)) => {
                 let subscribed = self.hub.find(&members.channel);
-                if let Some(mut page) = self.clients.get_mut(conn.key as usize)
-                    && page.id() == conn
-                    && subscribed.is_some_and(|c| page.is_subscribed(c))
-                {
-                    let snapshot = self.presence.snapshot(members);
-                    page.send_frame(wire::text_frame(snapshot.as_bytes()));
-                    self.metrics.presence_messages += 1;
+                let frame = wire::text_frame(self.presence.snapshot(members).as_bytes());
+                for conn in pages {
+                    if let Some(mut page) = self.clients.get_mut(conn.key as usize)
+                        && page.id() == conn
+                        && subscribed.is_some_and(|c| page.is_subscribed(c))
+                        && page.send_frame(frame.clone())
+                    {
+                        self.metrics.presence_messages += 1;
+                    }
                 }
             }
             (members, Ask::Resync) => {
                 let snapshot = self.presence.snapshot(members);
-                self.send_to_members(&members.channel, &snapshot);
+                self.send_to_members(&members.channel, &snapshot, &[]);
             }
             (members, Ask::Stats { conn, id }) => {
                 if let Some(mut page) = self.clients.get_mut(conn.key as usize)
@@ -343,13 +373,26 @@ impl Fanout {
         }
     }
 
-    /// `message`, encoded once, to every live WebSocket subscriber of `channel`.
-    pub(super) fn send_to_members(&mut self, channel: &str, message: &str) {
+    /// A presence window of `channel` closed: its diff to the pages that were there, and
+    /// one snapshot, read once, to those that joined in it.
+    pub(super) fn close_window(&mut self, closed: Closed) {
+        if let Some(diff) = &closed.diff {
+            self.send_to_members(&closed.channel, diff, &closed.joined);
+        }
+        if !closed.joined.is_empty() {
+            self.ask_members(&closed.channel, Ask::Snapshots(closed.joined));
+        }
+    }
+
+    /// `message`, encoded once, to every live WebSocket subscriber of `channel` but those of
+    /// `except` (their snapshot, which holds it, is on its way).
+    pub(super) fn send_to_members(&mut self, channel: &str, message: &str, except: &[ConnId]) {
         let frame = wire::text_frame(message.as_bytes());
         let joins = self.joins.get(channel);
         let mut sent = 0;
         for id in self.hub.subscribers(channel) {
-            if joins.is_some_and(|joins| joins.iter().any(|j| j.conn == *id)) {
+            if joins.is_some_and(|joins| joins.iter().any(|j| j.conn == *id)) || except.contains(id)
+            {
                 continue; // its snapshot, after its `subscribed`, is still to come
             }
             let mut conn = self.clients.live_mut(id.key as usize);
@@ -420,11 +463,22 @@ mod tests {
         presence.changed(Arc::clone(&channel), 2, vec![member("u2")], vec![], Tick(5));
         presence.changed(Arc::clone(&channel), 3, vec![], vec!["u1".into()], Tick(6));
         presence.changed(Arc::clone(&channel), 4, vec![member("u3")], vec![], Tick(7));
+        let page = ConnId {
+            key: 1,
+            generation: 1,
+        };
+        presence.joined(Arc::clone(&channel), page, Tick(8));
         assert_eq!(presence.next_due(), Some(Tick(10)));
         assert!(presence.closed(Tick(9)).is_empty());
         let closed = presence.closed(Tick(10));
         assert_eq!(closed.len(), 1, "one message for the window");
-        let diff: serde_json::Value = serde_json::from_str(&closed[0].1).unwrap();
+        assert_eq!(
+            closed[0].joined,
+            [page],
+            "and one snapshot for who joined in it"
+        );
+        let diff = closed[0].diff.as_deref().expect("a diff");
+        let diff: serde_json::Value = serde_json::from_str(diff).unwrap();
         assert_eq!(diff["type"], "presence_diff");
         assert_eq!(diff["version"], 4);
         let mut joins: Vec<_> = (diff["joins"].as_array().unwrap().iter())

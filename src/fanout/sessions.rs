@@ -327,7 +327,8 @@ impl Fanout {
             }
         }
         if !stream && self.presence.covers(&channel) {
-            self.ask_members(&channel, Ask::Snapshot(conn_id));
+            self.presence
+                .joined(Arc::clone(&channel), conn_id, self.pass.now);
         }
         let joins = self.joins.get_mut(&channel).expect("listed");
         match floor {
