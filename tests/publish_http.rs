@@ -542,3 +542,26 @@ fn dapr_bulk_deliveries_are_answered_entry_by_entry() {
     assert_eq!(ws.recv()["data"]["progress"], 30);
     assert_eq!(server.metric("sidecast_events_published_total"), 2);
 }
+
+#[test]
+fn a_worker_asks_who_is_on_a_presence_channel_over_http() {
+    let server = TestServer::start_with(|c| c.presence_channels = vec!["doc:*".into()]);
+    let mut page = server.ws();
+    page.subscribe("doc:1");
+    assert_eq!(page.recv()["type"], "presence", "the page's snapshot");
+    let mut http = Http::unix(&server);
+    let response = http.post("/publish", r#"{"id":1,"op":"presence","channel":"doc:1"}"#);
+    assert_eq!(response.status, 200, "{}", response.body);
+    let reply = &response.lines()[0];
+    assert_eq!(
+        reply["count"],
+        json!({"members": 1, "connections": 1}),
+        "{reply}"
+    );
+    assert_eq!(
+        reply["members"][0]["clients"].as_array().map(Vec::len),
+        Some(1)
+    );
+    let refused = http.post("/publish", r#"{"id":2,"op":"presence","channel":"other"}"#);
+    assert_eq!(refused.status, 400, "{}", refused.body);
+}
