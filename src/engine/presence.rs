@@ -83,8 +83,9 @@ impl Entry {
 }
 
 /// One channel's members.
-#[derive(Default)]
 struct Channel {
+    /// Its name, shared with the map's key.
+    name: Arc<str>,
     version: u64,
     members: HashMap<Box<str>, Entry>,
     connections: usize,
@@ -115,7 +116,12 @@ impl Roster {
             Some((name, _)) => Arc::clone(name),
             None => Arc::from(channel),
         };
-        let roster = self.channels.entry(Arc::clone(&name)).or_default();
+        let roster = (self.channels.entry(Arc::clone(&name))).or_insert_with(|| Channel {
+            name: Arc::clone(&name),
+            version: 0,
+            members: HashMap::new(),
+            connections: 0,
+        });
         if let Some(entry) = roster.members.get_mut(present.member) {
             if let Some(timer) = entry.leaving.take() {
                 self.leaving.cancel(timer); // back within the linger: nothing to say
@@ -154,14 +160,9 @@ impl Roster {
         now: Tick,
         out: &mut Vec<Happening>,
     ) {
-        let Some(name) = self
-            .channels
-            .get_key_value(channel)
-            .map(|(n, _)| Arc::clone(n))
-        else {
+        let Some(roster) = self.channels.get_mut(channel) else {
             return;
         };
-        let roster = self.channels.get_mut(channel).expect("listed");
         let Some(entry) = roster.members.get_mut(member) else {
             return;
         };
@@ -171,7 +172,7 @@ impl Roster {
         entry.clients.swap_remove(at);
         roster.connections -= 1;
         if entry.clients.is_empty() {
-            let key = (name, Box::from(member));
+            let key = (Arc::clone(&roster.name), Box::from(member));
             if self.linger == 0 {
                 self.leave(&key, out);
             } else {
@@ -182,7 +183,7 @@ impl Roster {
 
     /// The members of `channel`, now.
     pub fn members(&self, channel: &str) -> Members {
-        let Some((name, roster)) = self.channels.get_key_value(channel) else {
+        let Some(roster) = self.channels.get(channel) else {
             return Members {
                 channel: channel.into(),
                 version: 0,
@@ -191,7 +192,7 @@ impl Roster {
             };
         };
         Members {
-            channel: Arc::clone(name),
+            channel: Arc::clone(&roster.name),
             version: roster.version,
             members: (roster.members.iter())
                 .map(|(id, entry)| entry.member(id))

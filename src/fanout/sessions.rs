@@ -219,14 +219,10 @@ impl Fanout {
             }
             Verdict::PresenceStats { channel, id } => {
                 if !self.presence.covers(channel.as_str()) {
-                    conn.send_reply(&Reply::from(&Rejection {
-                        channel: Some(channel.as_str().to_string()),
-                        id,
-                        ..Rejection::new(
-                            ErrorCode::NoPresence,
-                            "this channel has no presence (see presence_channels)",
-                        )
-                    }));
+                    let message = "this channel has no presence (see presence_channels)";
+                    let refused =
+                        Rejection::on_channel(ErrorCode::NoPresence, message, &channel, id);
+                    conn.send_reply(&Reply::from(&refused));
                 } else {
                     drop(conn);
                     let ask = Ask::Stats { conn: conn_id, id };

@@ -247,14 +247,10 @@ impl Session {
                     .identity()
                     .is_some_and(|(who, _)| !who.may_subscribe(channel.as_str()))
                 {
-                    Verdict::Reject(Rejection {
-                        channel: Some(channel.as_str().to_string()),
-                        id,
-                        ..Rejection::new(
-                            ErrorCode::Forbidden,
-                            "your token does not allow this channel",
-                        )
-                    })
+                    let message = "your token does not allow this channel";
+                    let refused =
+                        Rejection::on_channel(ErrorCode::Forbidden, message, &channel, id);
+                    Verdict::Reject(refused)
                 } else {
                     Verdict::PresenceStats { channel, id }
                 }
@@ -292,11 +288,7 @@ impl Session {
     ) -> Verdict {
         let name = channel.as_str();
         let refuse = |code, message: String, channel: &ChannelName, id| {
-            Verdict::Reject(Rejection {
-                channel: Some(channel.as_str().to_string()),
-                id,
-                ..Rejection::new(code, message)
-            })
+            Verdict::Reject(Rejection::on_channel(code, message, channel, id))
         };
         if self
             .identity()

@@ -255,6 +255,20 @@ impl Rejection {
             id: None,
         }
     }
+
+    /// A rejection of a request on `channel`, echoing its `id`.
+    pub fn on_channel(
+        code: ErrorCode,
+        message: impl Into<String>,
+        channel: &ChannelName,
+        id: Option<RequestId>,
+    ) -> Rejection {
+        Rejection {
+            channel: Some(channel.as_str().to_string()),
+            id,
+            ..Rejection::new(code, message)
+        }
+    }
 }
 
 const SINCE_SHAPE: &str = "since must be {\"seq\": <number>, \"epoch\": <string>}";
