@@ -8,7 +8,8 @@
 //!                                         └─► Sequencer (order, gaps) ─► Happening::Deliver
 //! ```
 //! A node delivers from its subscription only, the publishing node too, so every node sees
-//! Redis's one order. It implements [`Engine`]: the fan-out asks, and the answers come back
+//! Redis's one order. Each node also has a mailbox, a shard channel of its own, where other
+//! nodes send it the counts of its acknowledged events ([`Engine::mail`]). It implements [`Engine`]: the fan-out asks, and the answers come back
 //! as [`Happening`]s when Redis answers. The node's own `sidecast:` channels (its stats feed)
 //! are not shared: an inner [`MemoryEngine`] keeps them, answering through the same values.
 //!
@@ -17,7 +18,8 @@
 //!   channel's order.
 //! - `calls`: requests and what their answers are for. `shards`: the connections (one per
 //!   master), backoff, the slot map, writing calls. `channels`: subscriptions, reads, joins,
-//!   the position check. `replies`: replies and pushes → happenings.
+//!   the position check. `replies`: replies and pushes → happenings. `presence`: presence
+//!   rosters in Redis, their leases, reaps and restores.
 //!
 //! Invariants: a request is answered exactly once, by Redis or as [`Unavailable`] when its
 //! connection fails (a publish is never retried by the node: the worker decides, with an
