@@ -252,45 +252,34 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, CommandError<'_>> {
     }
     match raw.op.as_deref() {
         None => {}
-        Some("disconnect") => {
-            let (Some(user), None, None, None, DataField::Missing, None, None) = (
-                raw.user,
-                raw.channel,
-                raw.channels,
-                raw.broadcast,
-                raw.data,
-                raw.idem,
-                raw.ack,
-            ) else {
-                return fail("disconnect takes exactly a user".into());
+        Some(op @ ("disconnect" | "presence")) => {
+            // An op names a user or a channel, and carries nothing of a publish.
+            let publish_fields = raw.channels.is_some()
+                || raw.broadcast.is_some()
+                || !matches!(raw.data, DataField::Missing)
+                || raw.idem.is_some()
+                || raw.ack.is_some();
+            let action = match (op, raw.user, raw.channel) {
+                _ if publish_fields => None,
+                ("disconnect", Some(user), None) => Some(match check_user(&user) {
+                    Ok(()) => Action::DisconnectUser(user),
+                    Err(why) => return fail(why),
+                }),
+                ("presence", None, Some(channel)) => Some(match check_channel(&channel) {
+                    Ok(()) => Action::Presence(channel),
+                    Err(why) => return fail(why.into()),
+                }),
+                _ => None,
             };
-            if let Err(why) = check_user(&user) {
-                return fail(why);
-            }
-            return Ok(Command {
-                id,
-                action: Action::DisconnectUser(user),
-            });
-        }
-        Some("presence") => {
-            let (Some(channel), None, None, None, DataField::Missing, None, None) = (
-                raw.channel,
-                raw.channels,
-                raw.broadcast,
-                raw.user,
-                raw.data,
-                raw.idem,
-                raw.ack,
-            ) else {
-                return fail("presence takes exactly a channel".into());
+            let Some(action) = action else {
+                let what = if op == "disconnect" {
+                    "a user"
+                } else {
+                    "a channel"
+                };
+                return fail(format!("{op} takes exactly {what}"));
             };
-            if let Err(why) = check_channel(&channel) {
-                return fail(why.into());
-            }
-            return Ok(Command {
-                id,
-                action: Action::Presence(channel),
-            });
+            return Ok(Command { id, action });
         }
         Some(other) => return fail(format!("unknown op {other:?}")),
     }
