@@ -16,8 +16,6 @@ use slab::Slab;
 use super::acks::Asker;
 use super::{DELIVERIES_PER_PASS, Fanout};
 use crate::base::channel::user_channel;
-use crate::base::time::Tick;
-use crate::config::TIMER_TICK;
 use crate::engine::{AckTag, Event, OpId, Part, Stored, Unavailable};
 use crate::publish::{AckAsk, Outcome, Published, Reach, Seqs, Sink, Target};
 
@@ -85,9 +83,7 @@ struct Op {
 struct AckTerms {
     /// The command's id, as written.
     id: Box<str>,
-    /// When its pages' wait ends, as a tick of this node.
-    deadline: Tick,
-    /// The same, in Unix milliseconds, for every node.
+    /// When its pages' wait ends, in Unix milliseconds (the same for every node).
     deadline_ms: u64,
 }
 
@@ -279,31 +275,27 @@ impl Fanout {
                 retry: false,
             });
         }
-        let deadline_ms = self.pass.unix_ms + ack.timeout.as_millis() as u64;
         Ok(AckTerms {
             id: ack.id.get().into(),
-            deadline: self.pass.tick_of(deadline_ms, max),
-            deadline_ms,
+            deadline_ms: self.pass.unix_ms + ack.timeout.as_millis() as u64,
         })
     }
 
-    /// Awaits the report of acknowledged publish `op` on `channel`: the tag its event carries
-    /// to every node.
+    /// Awaits the report of acknowledged publish `op` on `channel`, until its deadline and
+    /// `ack_grace` past it: the tag its event carries to every node.
     fn open_report(&mut self, op: OpId, terms: AckTerms, channel: &str) -> AckTag {
-        let grace = self
-            .settings
-            .ack_grace
-            .as_nanos()
-            .div_ceil(TIMER_TICK.as_nanos());
+        let grace = self.settings.ack_grace;
+        let deadline = self.pass.tick_of(
+            terms.deadline_ms + grace.as_millis() as u64,
+            self.settings.max_ack_timeout + grace,
+        );
         let op_entry = &mut self.ops.table[op];
         let asker = Asker {
             publisher: op_entry.from,
             id: &terms.id,
             idem: op_entry.idem.as_deref(),
         };
-        let report = self
-            .reports
-            .open(asker, channel, terms.deadline.after(grace as u64));
+        let report = self.reports.open(asker, channel, deadline);
         op_entry.ack = Some(report);
         AckTag {
             origin: Arc::clone(&self.node),

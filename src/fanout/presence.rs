@@ -375,8 +375,11 @@ impl Fanout {
 
     /// A presence window of `channel` closed: its diff to the pages that were there, and
     /// one snapshot, read once, to those that joined in it.
-    pub(super) fn close_window(&mut self, closed: Closed) {
+    pub(super) fn close_window(&mut self, mut closed: Closed) {
         if let Some(diff) = &closed.diff {
+            closed
+                .joined
+                .sort_unstable_by_key(|c| (c.key, c.generation));
             self.send_to_members(&closed.channel, diff, &closed.joined);
         }
         if !closed.joined.is_empty() {
@@ -385,14 +388,19 @@ impl Fanout {
     }
 
     /// `message`, encoded once, to every live WebSocket subscriber of `channel` but those of
-    /// `except` (their snapshot, which holds it, is on its way).
+    /// `except`, sorted (their snapshot, which holds it, is on its way): a mass join's window
+    /// is thousands of both, looked up in O(log n).
     pub(super) fn send_to_members(&mut self, channel: &str, message: &str, except: &[ConnId]) {
         let frame = wire::text_frame(message.as_bytes());
         let joins = self.joins.get(channel);
+        let excepted = |id: &ConnId| {
+            except
+                .binary_search_by_key(&(id.key, id.generation), |c| (c.key, c.generation))
+                .is_ok()
+        };
         let mut sent = 0;
         for id in self.hub.subscribers(channel) {
-            if joins.is_some_and(|joins| joins.iter().any(|j| j.conn == *id)) || except.contains(id)
-            {
+            if joins.is_some_and(|joins| joins.iter().any(|j| j.conn == *id)) || excepted(id) {
                 continue; // its snapshot, after its `subscribed`, is still to come
             }
             let mut conn = self.clients.live_mut(id.key as usize);

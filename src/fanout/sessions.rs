@@ -184,12 +184,17 @@ impl Fanout {
                     channel: channel.as_str(),
                     id: id.as_ref(),
                 });
-                let user = conn.session().and_then(|s| s.identity());
-                let user: Option<Box<str>> = user.map(|(who, _)| who.user.clone());
-                let left = left && !conn.is_event_stream();
+                // A member of a presence channel leaves it: the user is read before the
+                // connection is let go.
+                let member =
+                    left && !conn.is_event_stream() && self.presence.covers(channel.as_str());
+                let user = member.then(|| {
+                    let session = conn.session().and_then(|s| s.identity());
+                    session.map(|(who, _)| who.user.clone())
+                });
                 drop(conn);
                 self.forget_join(channel.as_str(), conn_id);
-                if left && self.presence.covers(channel.as_str()) {
+                if let Some(user) = user {
                     self.leave_presence(conn_id, user.as_deref(), channel.as_str());
                 }
                 if let Some(name) = last {

@@ -189,11 +189,10 @@ impl RedisEngine {
 
     /// Channels whose pages are due a fresh snapshot by `now`.
     pub(super) fn resync_presence(&mut self, now: Tick) {
-        let (due, later) = std::mem::take(&mut self.stale_presence)
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.stale_presence)
             .into_iter()
             .partition(|(at, _)| *at <= now);
         self.stale_presence = later;
-        let due: Vec<(Tick, Arc<str>)> = due;
         for (_, channel) in due {
             if self.presence.contains_key(&channel) {
                 self.out.push(Happening::PresenceStale(channel));
