@@ -28,11 +28,11 @@ impl ChannelId {
     }
 }
 
-/// Identifies an acknowledged event awaiting its pages' acks, across slot reuse: a stale key
-/// (its report already sent) is told apart by its serial.
+/// Identifies this node's tally of an acknowledged event awaiting its pages' acks, across
+/// slot reuse: a stale key (its count already final) is told apart by its serial.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AckKey {
-    /// The slot in the fan-out's table of pending acks.
+    /// The slot in the fan-out's tallies.
     pub slot: u32,
     /// Unique per acknowledged event.
     pub serial: u32,

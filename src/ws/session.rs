@@ -111,7 +111,7 @@ pub struct Session {
     /// The authenticated user and when their token expires; `None` with auth off.
     auth: Option<Box<(Identity, Tick)>>,
     /// Acknowledged events this connection was sent and has not acked (some may be stale:
-    /// reported already).
+    /// counted already).
     awaiting: Vec<AckKey>,
 }
 
